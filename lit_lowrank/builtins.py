@@ -1,0 +1,9 @@
+"""The in-tree plugins. Each module registers its components through the same hooks that
+third-party packages implement; the plugin manager imports these by name."""
+
+BUILTIN_MODULES = (
+    "lit_lowrank.projectors.svd",
+    "lit_lowrank.schedules.fixed",
+    "lit_lowrank.inner.adamw",
+    "lit_lowrank.rules.galore",
+)

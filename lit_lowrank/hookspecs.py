@@ -1,0 +1,42 @@
+"""The plugin contract: one hook per kind of component, each handed a ``register`` callback.
+
+A plugin module implements any of these with ``@lit_lowrank.hookimpl`` and calls
+``register(name, cls)`` once per component it provides. Built-in components are registered
+through exactly these hooks (see ``lit_lowrank/builtins.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("lit_lowrank")
+hookimpl = pluggy.HookimplMarker("lit_lowrank")
+
+Register = Callable[[str, type], None]
+
+
+@hookspec
+def register_projectors(register: Register) -> None:
+    """Call ``register(name, cls)`` for each :class:`~lit_lowrank.Projector` subclass."""
+
+
+@hookspec
+def register_quantizers(register: Register) -> None:
+    """Call ``register(name, cls)`` for each :class:`~lit_lowrank.Quantizer` subclass."""
+
+
+@hookspec
+def register_update_rules(register: Register) -> None:
+    """Call ``register(name, cls)`` for each :class:`~lit_lowrank.UpdateRule` subclass."""
+
+
+@hookspec
+def register_inner_optimizers(register: Register) -> None:
+    """Call ``register(name, cls)`` for each :class:`~lit_lowrank.InnerOptimizer` subclass."""
+
+
+@hookspec
+def register_schedules(register: Register) -> None:
+    """Call ``register(name, cls)`` for each :class:`~lit_lowrank.Schedule` subclass."""

@@ -1,0 +1,73 @@
+"""The InnerOptimizer contract: the moment update in low-rank space (DESIGN.md §2).
+
+An inner optimizer turns projected gradients ``R`` into normalized directions ``N`` (same
+shape), keeping its moments in each parameter's optimizer state. It is called once per step
+with every low-rank tensor that shares a step count, so implementations can use ``_foreach``
+or fused kernels.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+ON_REFRESH = ("keep", "reset", "rotate")
+
+
+class InnerOptimizer(ABC):
+    """Base class. ``linear_state`` names the state tensors that transform like ``R`` (first
+    moments); ``quadratic_state`` those that transform like ``R²`` (second moments)."""
+
+    linear_state: tuple[str, ...] = ()
+    quadratic_state: tuple[str, ...] = ()
+
+    @abstractmethod
+    def init_state(self, low: Tensor) -> dict[str, Tensor]:
+        """Fresh state tensors for a low-rank gradient shaped like ``low``."""
+
+    @abstractmethod
+    def directions(self, lows: list[Tensor], states: list[dict[str, Tensor]], step: int) -> list[Tensor]:
+        """Update the moments with ``lows`` and return the directions ``N``.
+
+        ``step`` is the 1-based step number after this update, equal for every tensor.
+        """
+
+    def on_refresh(self, state: dict[str, Tensor], mode: str, left: Tensor | None, right: Tensor | None) -> None:
+        """Adapt the moments to a new basis.
+
+        ``left`` (r×r) = L_newᵀ L_old and ``right`` (r×r) = Q_newᵀ Q_old map old low-rank
+        coordinates to new ones: ``R_new ≈ left · R_old · rightᵀ``. ``keep`` leaves the moments
+        as they are (the papers' code), ``reset`` zeroes them, ``rotate`` maps first moments
+        exactly and second moments with the squared maps (exact for diagonal covariance).
+        """
+        if mode == "keep":
+            return
+        if mode == "reset":
+            for key in self.linear_state + self.quadratic_state:
+                state[key].zero_()
+            return
+        if mode != "rotate":
+            raise ValueError(f"unknown on_refresh {mode!r}; expected one of {ON_REFRESH}")
+        for key in self.linear_state:
+            state[key].copy_(change_basis(state[key], left, right))
+        for key in self.quadratic_state:
+            squared = (None if left is None else left.square(), None if right is None else right.square())
+            state[key].copy_(change_basis(state[key], *squared).clamp_(min=0))
+
+
+def change_basis(low: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``left · low · rightᵀ`` with either factor optional."""
+    out = low if left is None else left @ low
+    return out if right is None else out @ right.T
+
+
+def bias_corrections(betas: tuple[float, float], step: int) -> tuple[float, float]:
+    """Adam's ``(1 - β1^t, 1 - β2^t)``."""
+    beta1, beta2 = betas
+    return 1 - beta1**step, 1 - beta2**step
+
+
+def zeros_like_state(low: Tensor, *keys: str) -> dict[str, Tensor]:
+    return {key: torch.zeros_like(low, memory_format=torch.preserve_format) for key in keys}

@@ -1,0 +1,304 @@
+"""``LowRankOptimizer``: one ``torch.optim.Optimizer`` for low-rank-projected and dense weights.
+
+Per low-rank weight with gradient ``G`` (m×n), each step (DESIGN.md §1):
+
+1. ``schedule.should_refresh(step)`` → ``projector.refresh(G)`` (moments kept, reset or rotated);
+2. ``R = projector.project(G)``;
+3. ``N = inner.directions(R)`` (moments in R's shape);
+4. decoupled weight decay ``W ← (1 − ηλ) W``, then ``rule.apply_``: ``W ← W − η U``.
+
+Parameters in groups without ``lowrank=True`` get torch's AdamW (fused kernel where available).
+Components are looked up by registered name, so any installed plugin can be named here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.adamw import adamw as adamw_functional
+
+from lit_lowrank import plugins
+from lit_lowrank.inner.base import ON_REFRESH, InnerOptimizer
+from lit_lowrank.projectors.base import Projector
+from lit_lowrank.rules.base import UpdateRule
+from lit_lowrank.schedules.base import Schedule
+
+
+@dataclass
+class LowRankSlot:
+    """The per-weight objects that are not plain tensors; saved through their state dicts."""
+
+    projector: Projector
+    schedule: Schedule
+
+
+class LowRankOptimizer(torch.optim.Optimizer):
+    """AdamW whose ``lowrank=True`` param groups are updated in a low-rank subspace.
+
+    Args:
+        params: parameters or param groups, as for ``torch.optim.AdamW``. Groups with
+            ``lowrank=True`` must hold 2-D tensors only; ``build_optimizer`` makes them.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, before the step).
+        rank: subspace rank r; clamped to ``min(m, n)`` with a warning.
+        projector: registered projector name (``svd``, ...).
+        side: ``std | reverse_std | left | right | full`` (see :func:`choose_side`).
+        update_gap: steps between refreshes, T (passed to schedules that take ``gap``).
+        scale: the update scale α.
+        rule: registered update rule (``galore``, ...).
+        inner: registered inner optimizer (``adamw``, ...).
+        schedule: registered schedule (``fixed``, ...).
+        on_refresh: what happens to the moments when the basis changes: ``keep | reset | rotate``.
+        projector_args, rule_args, inner_args, schedule_args: extra keyword arguments of each
+            component.
+
+    Every option can also be set per param group.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 128,
+        projector: str = "svd",
+        side: str = "std",
+        update_gap: int = 200,
+        scale: float = 0.25,
+        rule: str = "galore",
+        inner: str = "adamw",
+        schedule: str = "fixed",
+        on_refresh: str = "keep",
+        projector_args: dict[str, Any] | None = None,
+        rule_args: dict[str, Any] | None = None,
+        inner_args: dict[str, Any] | None = None,
+        schedule_args: dict[str, Any] | None = None,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"learning rate must be >= 0, got {lr}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lowrank=False,
+            rank=rank, projector=projector, side=side, update_gap=update_gap, scale=scale,
+            rule=rule, inner=inner, schedule=schedule, on_refresh=on_refresh,
+            projector_args=dict(projector_args or {}), rule_args=dict(rule_args or {}),
+            inner_args=dict(inner_args or {}), schedule_args=dict(schedule_args or {}),
+        )
+        super().__init__(params, defaults)
+        self._slots: dict[Tensor, LowRankSlot] = {}
+        self._components: dict[int, tuple[InnerOptimizer, UpdateRule]] = {}
+        self._index = {p: i for i, p in enumerate(self._params())}
+        self._warned_ranks: set[tuple[int, int, int]] = set()
+        self.refresh_count = 0
+        for group in self.param_groups:
+            if group["lowrank"]:
+                self._validate(group)
+
+    # ------------------------------------------------------------------ setup
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            if p.ndim != 2:
+                raise ValueError(
+                    f"low-rank param groups take 2-D weights only, got shape {tuple(p.shape)}; "
+                    "put it in a group without lowrank=True (build_optimizer does this)."
+                )
+        if group["on_refresh"] not in ON_REFRESH:
+            raise ValueError(f"on_refresh={group['on_refresh']!r}; expected one of {ON_REFRESH}")
+        for kind, name in (("projectors", group["projector"]), ("update_rules", group["rule"]),
+                           ("inner_optimizers", group["inner"]), ("schedules", group["schedule"])):
+            plugins.get(kind, name)
+        self._group_components(group)
+
+    def _group_components(self, group: dict[str, Any]) -> tuple[InnerOptimizer, UpdateRule]:
+        key = id(group)
+        if key not in self._components:
+            inner = construct(plugins.get_inner_optimizer(group["inner"]), group["inner_args"],
+                              betas=group["betas"], eps=group["eps"])
+            rule = construct(plugins.get_update_rule(group["rule"]), group["rule_args"], scale=group["scale"])
+            self._components[key] = (inner, rule)
+        return self._components[key]
+
+    def _slot(self, p: Tensor, group: dict[str, Any]) -> LowRankSlot:
+        slot = self._slots.get(p)
+        if slot is None:
+            slot = self._slots[p] = self._make_slot(p, group)
+        return slot
+
+    def _make_slot(self, p: Tensor, group: dict[str, Any]) -> LowRankSlot:
+        m, n = p.shape
+        rank = group["rank"]
+        if rank > min(m, n):
+            if (m, n, rank) not in self._warned_ranks:
+                warnings.warn(f"rank {rank} exceeds min{(m, n)} of a {m}×{n} weight; clamped to "
+                              f"{min(m, n)} (full rank, no memory saved for it).", stacklevel=4)
+                self._warned_ranks.add((m, n, rank))
+            rank = min(m, n)
+        projector = construct(plugins.get_projector(group["projector"]), group["projector_args"],
+                              rank=rank, side=group["side"], seed=self._index[p])
+        schedule = construct(plugins.get_schedule(group["schedule"]), group["schedule_args"],
+                             gap=group["update_gap"])
+        return LowRankSlot(projector, schedule)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self.step_group(group, [p for p in group["params"] if p.grad is not None])
+        return loss
+
+    @torch.no_grad()
+    def step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Update ``params`` (members of ``group`` that have gradients); layer-wise mode calls
+        this with one parameter at a time."""
+        if not params:
+            return
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("LowRankOptimizer does not support sparse gradients")
+        if group["lowrank"]:
+            self._lowrank_step(group, params)
+        else:
+            self._dense_step(group, params)
+
+    def _dense_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        states = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif fused and state["step"].device != p.device:  # torch loads steps onto the CPU
+                state["step"] = state["step"].to(p.device)
+            states.append(state)
+        beta1, beta2 = group["betas"]
+        adamw_functional(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+            foreach=None if fused else True, fused=fused or None, amsgrad=False, beta1=beta1,
+            beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+            maximize=False,
+        )
+
+    def _lowrank_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        inner, rule = self._group_components(group)
+        by_step: dict[int, list[tuple[Tensor, Tensor, dict, LowRankSlot]]] = defaultdict(list)
+        for p in params:
+            state, slot = self.state[p], self._slot(p, group)
+            fresh = "step" not in state
+            step = 0 if fresh else int(state["step"])
+            if slot.schedule.should_refresh(step):
+                self._refresh(p.grad, slot, state, inner, group, step)
+            low = slot.projector.project(p.grad)
+            if fresh:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state.update(inner.init_state(low))
+            state["step"] += 1
+            by_step[step + 1].append((p, low, state, slot))
+        lr, decay = group["lr"], group["weight_decay"]
+        for step, items in by_step.items():
+            directions = inner.directions([low for _, low, _, _ in items], [s for _, _, s, _ in items], step)
+            for (p, low, state, slot), direction in zip(items, directions):
+                if decay:
+                    p.mul_(1 - lr * decay)
+                rule.apply_(p, p.grad, low, direction, slot.projector, state, step_size=lr)
+
+    def _refresh(self, grad: Tensor, slot: LowRankSlot, state: dict, inner: InnerOptimizer,
+                 group: dict[str, Any], step: int) -> None:
+        projector = slot.projector
+        old = projector.bases() if projector.refreshes else None
+        projector.refresh(grad)
+        similarity = None
+        if old is not None:
+            new = projector.bases()
+            similarity = leading_similarity(old, new)
+            if "step" in state:
+                maps = [None if n is None else n.T @ o for o, n in zip(old, new)]
+                inner.on_refresh(state, group["on_refresh"], *maps)
+        slot.schedule.after_refresh(step, similarity)
+        self.refresh_count += 1
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"lowrank"``: per param index, the projector's and the
+        schedule's tensor-only state dicts."""
+        state_dict = super().state_dict()
+        state_dict["lowrank"] = {
+            self._index[p]: {"projector": slot.projector.state_dict(), "schedule": slot.schedule.state_dict()}
+            for p, slot in self._slots.items()
+        }
+        state_dict["refresh_count"] = self.refresh_count
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        lowrank = state_dict.pop("lowrank", {})
+        self.refresh_count = int(state_dict.pop("refresh_count", 0))
+        super().load_state_dict(state_dict)
+        params, self._slots = self._params(), {}
+        groups = {p: group for group in self.param_groups for p in group["params"]}
+        for index, entry in lowrank.items():
+            p = params[int(index)]
+            slot = self._make_slot(p, groups[p])
+            slot.projector.load_state_dict(_to_device(entry["projector"], p.device))
+            slot.schedule.load_state_dict(entry["schedule"])
+            self._slots[p] = slot
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state by role: ``moments`` (low-rank moments and rule state),
+        ``projectors`` (bases and their metadata), ``dense`` (AdamW moments of dense params)."""
+        sizes = {"moments": 0, "projectors": 0, "dense": 0}
+        for group in self.param_groups:
+            role = "moments" if group["lowrank"] else "dense"
+            for p in group["params"]:
+                sizes[role] += sum(_nbytes(v) for k, v in self.state.get(p, {}).items() if k != "step")
+        for slot in self._slots.values():
+            sizes["projectors"] += sum(_nbytes(v) for v in slot.projector.state_dict().values())
+        return sizes
+
+
+def leading_similarity(old: tuple[Tensor | None, ...], new: tuple[Tensor | None, ...]) -> float:
+    """|cos| between the first basis vectors of two bases (sign-invariant: SVD signs are arbitrary)."""
+    old_basis, new_basis = (old[0], new[0]) if old[0] is not None else (old[1], new[1])
+    return F.cosine_similarity(old_basis[:, 0].float(), new_basis[:, 0].float(), dim=0).abs().item()
+
+
+def construct(cls: type, explicit: dict[str, Any], **offered: Any) -> Any:
+    """``cls(**offered, **explicit)``, offering only the keywords ``cls`` accepts; an unknown
+    explicit keyword raises a TypeError naming what ``cls`` does accept."""
+    parameters = inspect.signature(cls).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs = {k: v for k, v in offered.items() if var_kw or k in parameters}
+    unknown = [k for k in explicit if not var_kw and k not in parameters]
+    if unknown:
+        accepted = ", ".join(k for k in parameters if k not in ("self",))
+        raise TypeError(f"{cls.__name__} got unknown option(s) {unknown}; it accepts: {accepted}")
+    return cls(**{**kwargs, **explicit})
+
+
+def _nbytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, Tensor) else 0
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    return tree

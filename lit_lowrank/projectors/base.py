@@ -1,0 +1,155 @@
+"""The Projector contract: an m×n gradient to a low-rank tensor and back (DESIGN.md §2).
+
+A projector holds one orthonormal basis per projected side:
+
+* ``Side.LEFT``  — ``L`` (m×r): ``R = Lᵀ G`` (r×n), lifted back as ``L R``;
+* ``Side.RIGHT`` — ``Q`` (n×r): ``R = G Q`` (m×r), lifted back as ``R Qᵀ``;
+* ``Side.BOTH``  — both: ``R = Lᵀ G Q`` (r×r), lifted back as ``L R Qᵀ``.
+
+The side is chosen once, at the first refresh, from the gradient's shape and the ``side``
+policy, and is stored in the state — it is never re-derived from a tensor's shape.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+SIDE_POLICIES = ("std", "reverse_std", "left", "right", "full")
+
+
+class Side(enum.IntEnum):
+    LEFT = 0
+    RIGHT = 1
+    BOTH = 2
+
+
+def choose_side(policy: str, shape: torch.Size | tuple[int, int]) -> Side:
+    """GaLore's side policies. ``std`` projects the smaller dimension, so the low-rank
+    tensor has ``r·max(m, n)`` entries; ``reverse_std`` the larger one."""
+    m, n = shape
+    if policy == "std":
+        return Side.RIGHT if m >= n else Side.LEFT
+    if policy == "reverse_std":
+        return Side.LEFT if m >= n else Side.RIGHT
+    if policy == "left":
+        return Side.LEFT
+    if policy == "right":
+        return Side.RIGHT
+    if policy == "full":
+        return Side.BOTH
+    raise ValueError(f"unknown side policy {policy!r}; expected one of {SIDE_POLICIES}")
+
+
+class Projector(ABC):
+    """Projects one weight's gradient onto a rank-``rank`` subspace.
+
+    Args:
+        rank: subspace dimension r (already clamped to ``min(m, n)`` by the optimizer).
+        side: one of :data:`SIDE_POLICIES`.
+        seed: a per-parameter integer; random projectors derive their generator from it.
+
+    Subclasses implement :meth:`_refresh` (recompute the basis from a gradient) and
+    :meth:`bases` (the dense bases in the gradient's dtype), and extend
+    :meth:`state_dict`/:meth:`load_state_dict` with their own tensors.
+    """
+
+    def __init__(self, rank: int, *, side: str = "std", seed: int = 0) -> None:
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        choose_side(side, (1, 1))  # validates the policy name early
+        self.rank = rank
+        self.side_policy = side
+        self.seed = seed
+        self.side: Side | None = None
+        self.refreshes = 0
+
+    def refresh(self, grad: Tensor) -> None:
+        """Recompute the subspace from ``grad`` (m×n)."""
+        if grad.ndim != 2:
+            raise ValueError(f"projectors take 2-D gradients, got shape {tuple(grad.shape)}")
+        if self.side is None:
+            self.side = choose_side(self.side_policy, grad.shape)
+        self._refresh(grad)
+        self.refreshes += 1
+
+    @abstractmethod
+    def _refresh(self, grad: Tensor) -> None:
+        """Recompute the basis for ``self.side`` from ``grad`` (m×n)."""
+
+    @abstractmethod
+    def bases(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(L, Q)``: left basis m×r (or None) and right basis n×r (or None)."""
+
+    def project(self, grad: Tensor) -> Tensor:
+        """``G`` (m×n) → ``R``: r×n (left), m×r (right) or r×r (both)."""
+        left, right = self.bases()
+        low = grad if left is None else left.T @ grad
+        return low if right is None else low @ right
+
+    def project_back(self, low: Tensor) -> Tensor:
+        """``R`` → the m×n lift ``L R``, ``R Qᵀ`` or ``L R Qᵀ`` (unscaled)."""
+        left, right = self.bases()
+        full = low if left is None else left @ low
+        return full if right is None else full @ right.T
+
+    def add_back_(self, target: Tensor, low: Tensor, alpha: float) -> Tensor:
+        """``target += alpha · project_back(low)`` in one fused ``addmm_`` (no m×n temporary
+        beyond ``target`` for one-sided projections)."""
+        left, right = self.bases()
+        if left is None:
+            return target.addmm_(low, right.T, alpha=alpha)
+        if right is None:
+            return target.addmm_(left, low, alpha=alpha)
+        return target.addmm_(left @ low, right.T, alpha=alpha)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        side = -1 if self.side is None else int(self.side)
+        return {"side": torch.tensor(side), "refreshes": torch.tensor(self.refreshes)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        side = int(state["side"])
+        self.side = None if side < 0 else Side(side)
+        self.refreshes = int(state["refreshes"])
+
+
+class DenseBasisProjector(Projector):
+    """A projector that stores its bases as dense matrices (SVD-like projectors).
+
+    Subclasses implement :meth:`fit`, returning new bases from a float32 gradient. Bases are
+    stored in the gradient's dtype, the computation happens in float32 (as in GaLore).
+    """
+
+    def __init__(self, rank: int, *, side: str = "std", seed: int = 0) -> None:
+        super().__init__(rank, side=side, seed=seed)
+        self._left: Tensor | None = None
+        self._right: Tensor | None = None
+
+    @abstractmethod
+    def fit(self, grad: Tensor, side: Side) -> tuple[Tensor | None, Tensor | None]:
+        """New ``(L, Q)`` for ``side`` from ``grad`` (m×n, float32); L m×r, Q n×r."""
+
+    def _refresh(self, grad: Tensor) -> None:
+        left, right = self.fit(grad.float(), self.side)
+        self._left = None if left is None else left.to(grad.dtype)
+        self._right = None if right is None else right.to(grad.dtype)
+
+    def bases(self) -> tuple[Tensor | None, Tensor | None]:
+        if self._left is None and self._right is None:
+            raise RuntimeError("projector used before its first refresh()")
+        return self._left, self._right
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = super().state_dict()
+        for key, basis in (("left", self._left), ("right", self._right)):
+            if basis is not None:
+                state[key] = basis
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        self._left = state.get("left")
+        self._right = state.get("right")

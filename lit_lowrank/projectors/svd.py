@@ -1,0 +1,28 @@
+"""GaLore's exact-SVD projector (Zhao et al. 2024, Alg. 2): the top-r singular vectors of G."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_lowrank.hookspecs import hookimpl
+from lit_lowrank.projectors.base import DenseBasisProjector, Side
+
+
+class SVDProjector(DenseBasisProjector):
+    """Thin SVD ``G = U S Vᵀ`` in float32; ``L = U[:, :r]`` (m×r), ``Q = V[:, :r]`` (n×r).
+
+    Both sides come from one SVD of G itself (not of Gᵀ), so singular-vector signs match
+    galore-torch's and moment trajectories can be compared with it.
+    """
+
+    def fit(self, grad: Tensor, side: Side) -> tuple[Tensor | None, Tensor | None]:
+        u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+        left = u[:, : self.rank].clone() if side in (Side.LEFT, Side.BOTH) else None
+        right = vh[: self.rank].clone().T if side in (Side.RIGHT, Side.BOTH) else None
+        return left, right
+
+
+@hookimpl
+def register_projectors(register) -> None:
+    register("svd", SVDProjector)

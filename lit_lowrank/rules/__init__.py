@@ -1,0 +1,5 @@
+"""Update rules: GaLore, Fira, APOLLO — from low-rank direction to full-rank step."""
+
+from lit_lowrank.rules.base import UpdateRule
+
+__all__ = ["UpdateRule"]

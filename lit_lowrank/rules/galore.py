@@ -1,0 +1,32 @@
+"""GaLore's update (Zhao et al. 2024, Alg. 1): ``W ← W − η · α · P N``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lit_lowrank.hookspecs import hookimpl
+from lit_lowrank.projectors.base import Projector
+from lit_lowrank.rules.base import UpdateRule
+
+
+class GaLoreRule(UpdateRule):
+    """Lift the low-rank direction with the projector and scale it by α; the lift is fused into
+    the weight update (``addmm_``)."""
+
+    def apply_(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        low: Tensor,
+        direction: Tensor,
+        projector: Projector,
+        state: dict[str, Tensor],
+        *,
+        step_size: float,
+    ) -> None:
+        projector.add_back_(param, direction, alpha=-step_size * self.scale)
+
+
+@hookimpl
+def register_update_rules(register) -> None:
+    register("galore", GaLoreRule)

@@ -1,0 +1,32 @@
+"""The Schedule contract: when a parameter's projector is refreshed (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Schedule:
+    """Decides, per parameter, at which optimizer steps the subspace is recomputed.
+
+    ``step`` is the number of updates the parameter has already received (0 on its first
+    step). The base class refreshes on the first step only; subclasses set
+    :attr:`next_refresh` in :meth:`after_refresh`.
+    """
+
+    def __init__(self) -> None:
+        self.next_refresh = 0
+
+    def should_refresh(self, step: int) -> bool:
+        return step >= self.next_refresh
+
+    def after_refresh(self, step: int, similarity: float | None) -> None:
+        """Called after each refresh. ``similarity`` is |cos| between the previous and the new
+        leading basis vector (None on the first refresh)."""
+        self.next_refresh = torch.iinfo(torch.int64).max
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"next_refresh": torch.tensor(self.next_refresh)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.next_refresh = int(state["next_refresh"])
