@@ -262,7 +262,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state by role: ``moments`` (low-rank moments and rule state),
-        ``projectors`` (bases and their metadata), ``dense`` (AdamW moments of dense params)."""
+        ``projectors`` (bases, indices, packed bases), ``dense`` (AdamW moments of dense params).
+        Scalar bookkeeping (step counters, sides, seeds) is not counted."""
         sizes = {"moments": 0, "projectors": 0, "dense": 0}
         for group in self.param_groups:
             role = "moments" if group["lowrank"] else "dense"
@@ -293,7 +294,11 @@ def construct(cls: type, explicit: dict[str, Any], **offered: Any) -> Any:
 
 
 def _nbytes(value: Any) -> int:
-    return value.numel() * value.element_size() if isinstance(value, Tensor) else 0
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, Tensor) and value.ndim > 0:
+        return value.numel() * value.element_size()
+    return 0
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:

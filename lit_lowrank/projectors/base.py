@@ -120,7 +120,7 @@ class DenseBasisProjector(Projector):
     """A projector that stores its bases as dense matrices (SVD-like projectors).
 
     Subclasses implement :meth:`fit`, returning new bases from a float32 gradient. Bases are
-    stored in the gradient's dtype, the computation happens in float32 (as in GaLore).
+    stored in the gradient's dtype; half-precision gradients are fitted in float32 (as in GaLore).
     """
 
     def __init__(self, rank: int, *, side: str = "std", seed: int = 0) -> None:
@@ -130,10 +130,11 @@ class DenseBasisProjector(Projector):
 
     @abstractmethod
     def fit(self, grad: Tensor, side: Side) -> tuple[Tensor | None, Tensor | None]:
-        """New ``(L, Q)`` for ``side`` from ``grad`` (m×n, float32); L m×r, Q n×r."""
+        """New ``(L, Q)`` for ``side`` from ``grad`` (m×n, float32 or float64); L m×r, Q n×r."""
 
     def _refresh(self, grad: Tensor) -> None:
-        left, right = self.fit(grad.float(), self.side)
+        precise = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+        left, right = self.fit(precise, self.side)
         self._left = None if left is None else left.to(grad.dtype)
         self._right = None if right is None else right.to(grad.dtype)
 

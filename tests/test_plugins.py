@@ -1,0 +1,131 @@
+"""The plugin manager: lookup by name, in-test plugins, entry points, broken plugins."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+import lit_lowrank
+from lit_lowrank import hookimpl
+from lit_lowrank.projectors.svd import SVDProjector
+
+
+def test_builtins_register_through_the_hooks(fresh_plugins):
+    entry = fresh_plugins.registered("projectors")["svd"]
+    assert entry.cls is SVDProjector
+    assert entry.provider == "lit_lowrank.projectors.svd"
+
+
+def test_unknown_name_lists_registered_names(fresh_plugins):
+    with pytest.raises(lit_lowrank.UnknownComponentError) as excinfo:
+        fresh_plugins.get_projector("no-such-projector")
+    message = str(excinfo.value)
+    assert "'no-such-projector'" in message
+    for name in fresh_plugins.registered("projectors"):
+        assert name in message
+    assert "python -m lit_lowrank plugins" in message
+
+
+def test_unknown_name_fails_when_the_optimizer_is_built(fresh_plugins):
+    import torch
+
+    with pytest.raises(lit_lowrank.UnknownComponentError, match="unknown update rule 'nope'"):
+        lit_lowrank.LowRankOptimizer([{"params": [torch.zeros(4, 4, requires_grad=True)], "lowrank": True}], rule="nope")
+
+
+class _EchoProjector(SVDProjector):
+    pass
+
+
+class _InTestPlugin:
+    @hookimpl
+    def register_projectors(self, register):
+        register("echo", _EchoProjector)
+
+
+def test_in_test_plugin_is_found_by_name(fresh_plugins):
+    fresh_plugins.register_plugin(_InTestPlugin(), name="in-test")
+    assert fresh_plugins.get_projector("echo") is _EchoProjector
+    assert fresh_plugins.registered("projectors")["echo"].provider == "in-test"
+    fresh_plugins.unregister_plugin("in-test")
+    with pytest.raises(lit_lowrank.UnknownComponentError):
+        fresh_plugins.get_projector("echo")
+
+
+def test_plugin_whose_hook_raises_warns_and_the_rest_works(fresh_plugins):
+    class Broken:
+        @hookimpl
+        def register_projectors(self, register):
+            raise ImportError("needs libfoo")
+
+    fresh_plugins.register_plugin(Broken(), name="broken-plugin")
+    with pytest.warns(RuntimeWarning, match="broken-plugin.*needs libfoo"):
+        names = fresh_plugins.registered("projectors")
+    assert "svd" in names
+
+
+def _install_fake_distribution(tmp_path, monkeypatch, name: str, entry_point: str, module_source: str | None):
+    """A real (unzipped) distribution on sys.path, as pip would leave it."""
+    dist_info = tmp_path / f"{name}-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(f"[lit_lowrank]\n{entry_point}\n")
+    if module_source is not None:
+        module = entry_point.split("=")[1].strip()
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(module_source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch, fresh_plugins):
+    _install_fake_distribution(tmp_path, monkeypatch, "lit-lowrank-fake", "fake = lit_lowrank_fake_mod", """
+        from lit_lowrank import hookimpl
+        from lit_lowrank.projectors.svd import SVDProjector
+
+        class FakeProjector(SVDProjector):
+            pass
+
+        @hookimpl
+        def register_projectors(register):
+            register("fake", FakeProjector)
+    """)
+    monkeypatch.delenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV)
+    fresh_plugins.reset()
+    entry = fresh_plugins.registered("projectors")["fake"]
+    assert entry.cls.__name__ == "FakeProjector"
+    assert entry.provider == "lit-lowrank-fake:fake"
+    monkeypatch.setenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV, "1")
+    sys.modules.pop("lit_lowrank_fake_mod", None)
+
+
+def test_broken_entry_point_warns_with_package_name(tmp_path, monkeypatch, fresh_plugins):
+    _install_fake_distribution(tmp_path, monkeypatch, "lit-lowrank-broken", "broken = lit_lowrank_missing_module", None)
+    monkeypatch.delenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV)
+    fresh_plugins.reset()
+    with pytest.warns(RuntimeWarning, match="'lit-lowrank-broken' failed to load"):
+        projectors = fresh_plugins.registered("projectors")
+    assert "svd" in projectors
+    monkeypatch.setenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV, "1")
+
+
+def test_hook_typo_in_entry_point_is_refused(tmp_path, monkeypatch, fresh_plugins):
+    _install_fake_distribution(tmp_path, monkeypatch, "lit-lowrank-typo", "typo = lit_lowrank_typo_mod", """
+        from lit_lowrank import hookimpl
+
+        @hookimpl
+        def register_projector(register):  # missing "s": not a hook
+            pass
+    """)
+    monkeypatch.delenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV)
+    fresh_plugins.reset()
+    with pytest.warns(RuntimeWarning, match="lit-lowrank-typo"):
+        fresh_plugins.plugin_manager()
+    assert fresh_plugins.plugin_manager().get_plugin("lit-lowrank-typo:typo") is None
+    monkeypatch.setenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV, "1")
+    sys.modules.pop("lit_lowrank_typo_mod", None)
+
+
+def test_unknown_kind_is_an_error(fresh_plugins):
+    with pytest.raises(ValueError, match="unknown component kind"):
+        fresh_plugins.registered("optimisers")
