@@ -1,0 +1,89 @@
+"""``LowRankConfig``: the ``lowrank:`` section of a YAML config, mapped onto
+:func:`lit_lowrank.build_optimizer` by registered component names."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, build_optimizer
+
+
+@dataclass
+class LowRankConfig:
+    """Which optimizer to build and its learning-rate schedule.
+
+    Component fields (``projector``, ``rule``, ``inner``, ``schedule``) are *registered names*
+    (``python -m lit_lowrank plugins`` lists them), so a projector from a pip-installed plugin
+    is usable by writing its name here. ``*_args`` are that component's extra keyword arguments.
+
+    Args:
+        enabled: ``False`` trains every parameter with plain ``torch.optim.AdamW`` (the papers'
+            full-rank baseline) through the same module, schedule and telemetry.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        targets, exclude: module-name patterns of the weights to project (see
+            :func:`lit_lowrank.select_targets`); everything else gets dense AdamW.
+        rank, projector, side, update_gap, scale, rule, inner, schedule, on_refresh,
+        projector_args, rule_args, inner_args, schedule_args: :class:`LowRankOptimizer`'s options.
+        warmup: linear warm-up length, in steps (int ≥ 1) or as a fraction of the run (float < 1).
+        min_lr_ratio: the cosine decay ends at ``min_lr_ratio · lr`` (0.1 in the GaLore papers).
+        lr_schedule: ``cosine`` (warm-up then cosine decay) or ``constant`` (warm-up then flat).
+    """
+
+    enabled: bool = True
+    lr: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    rank: int = 128
+    projector: str = "svd"
+    side: str = "std"
+    update_gap: int = 200
+    scale: float = 0.25
+    rule: str = "galore"
+    inner: str = "adamw"
+    schedule: str = "fixed"
+    on_refresh: str = "keep"
+    projector_args: dict[str, Any] = field(default_factory=dict)
+    rule_args: dict[str, Any] = field(default_factory=dict)
+    inner_args: dict[str, Any] = field(default_factory=dict)
+    schedule_args: dict[str, Any] = field(default_factory=dict)
+    warmup: float = 0.1
+    min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 (steps, or a fraction < 1), got {self.warmup}")
+
+    def optimizer_options(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""
+        options = asdict(self)
+        for key in ("enabled", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule"):
+            options.pop(key)
+        options["betas"] = tuple(options["betas"])
+        return options
+
+    def build(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer for ``model``: a :class:`LowRankOptimizer`, or AdamW if not ``enabled``."""
+        if not self.enabled:
+            params = [p for p in model.parameters() if p.requires_grad]
+            return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), eps=self.eps,
+                                     weight_decay=self.weight_decay)
+        return build_optimizer(model, targets=self.targets, exclude=self.exclude, **self.optimizer_options())
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """``warmup`` in steps for a run of ``total_steps``."""
+        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * total_steps))
+
+
+LR_SCHEDULES = ("cosine", "constant")

@@ -1,0 +1,47 @@
+"""``LowRankTelemetry``: per-step learning rate, optimizer-state bytes and subspace refreshes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lit_lowrank.optim.lowrank import LowRankOptimizer
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """``LowRankOptimizer.state_bytes()``; for any other optimizer, all its state tensors as
+    ``dense`` — so a full-rank AdamW baseline reports comparable figures."""
+    if isinstance(optimizer, LowRankOptimizer):
+        return optimizer.state_bytes()
+    dense = sum(v.numel() * v.element_size() for state in optimizer.state.values()
+                for v in state.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
+    return {"moments": 0, "projectors": 0, "dense": dense}
+
+
+class LowRankTelemetry(Callback):
+    """Logs after every optimizer step, for the first optimizer of the run:
+
+    * ``train/lr`` — the first param group's learning rate;
+    * ``optim/state_bytes`` and ``optim/{moments,projectors,dense}_bytes``;
+    * ``optim/refreshes`` — subspace refreshes so far (low-rank optimizers only).
+
+    ``LowRankModule`` adds it automatically; add it to ``Trainer(callbacks=...)`` otherwise.
+    """
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if not trainer.optimizers:
+            return
+        optimizer = trainer.optimizers[0]
+        sizes = optimizer_state_bytes(optimizer)
+        metrics = {"train/lr": float(optimizer.param_groups[0]["lr"]),
+                   "optim/state_bytes": float(sum(sizes.values()))}
+        metrics.update({f"optim/{role}_bytes": float(size) for role, size in sizes.items()})
+        if isinstance(optimizer, LowRankOptimizer):
+            metrics["optim/refreshes"] = float(optimizer.refresh_count)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -1,0 +1,52 @@
+"""LLaMA decoders by named size, as in GaLore's pretraining table (Zhao et al. 2024, Table 11 /
+DESIGN.md §4), built with ``transformers.LlamaConfig``/``LlamaForCausalLM`` and random init."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# size: (hidden, intermediate, attention heads, layers)
+LLAMA_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (64, 172, 4, 2),  # CPU demo and tests, not from the paper
+    "60m": (512, 1376, 8, 8),
+    "130m": (768, 2048, 12, 12),
+    "350m": (1024, 2736, 16, 24),
+    "1b": (2048, 5461, 32, 24),
+    "7b": (4096, 11008, 32, 32),
+}
+
+
+def llama_config(size: str, *, vocab_size: int = 32000, max_seq_len: int = 1024, **overrides: Any) -> LlamaConfig:
+    """The ``LlamaConfig`` of a named size (GaLore's: RMSNorm ε 1e-6, SiLU, untied embeddings,
+    init std 0.02). ``overrides`` set any other ``LlamaConfig`` field.
+
+    Raises:
+        ValueError: for an unknown size (the message lists the known ones).
+    """
+    if size not in LLAMA_SIZES:
+        raise ValueError(f"unknown LLaMA size {size!r}; expected one of {list(LLAMA_SIZES)}")
+    hidden, intermediate, heads, layers = LLAMA_SIZES[size]
+    fields = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                  num_attention_heads=heads, num_key_value_heads=heads, num_hidden_layers=layers,
+                  max_position_embeddings=max_seq_len, rms_norm_eps=1e-6, hidden_act="silu",
+                  initializer_range=0.02, tie_word_embeddings=False, use_cache=False)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+class Llama(LlamaForCausalLM):
+    """A randomly initialised ``LlamaForCausalLM`` of a named size; usable as a YAML
+    ``class_path`` (``lit_lowrank.models.Llama`` with ``init_args: {size: 60m}``).
+
+    Args:
+        size: one of :data:`LLAMA_SIZES` (``tiny``, ``60m``, ``130m``, ``350m``, ``1b``, ``7b``).
+        vocab_size: must equal the tokenizer's vocabulary size (the data module's).
+        max_seq_len: rotary-embedding length (≥ the training sequence length).
+        overrides: other ``LlamaConfig`` fields.
+    """
+
+    def __init__(self, size: str = "tiny", vocab_size: int = 32000, max_seq_len: int = 1024,
+                 **overrides: Any) -> None:
+        super().__init__(llama_config(size, vocab_size=vocab_size, max_seq_len=max_seq_len, **overrides))

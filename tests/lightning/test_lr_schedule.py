@@ -1,0 +1,33 @@
+"""Warm-up + cosine schedule against its closed form (GaLore's cosine-with-min-lr)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_lowrank.lightning.lr_schedule import warmup_cosine, warmup_cosine_factor
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0, 0.0), (5, 0.5), (10, 1.0),
+    (55, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))),
+    (100, 0.1), (150, 0.1),
+])
+def test_factor_closed_form(step, expected):
+    assert warmup_cosine_factor(step, warmup=10, total=100, min_ratio=0.1) == pytest.approx(expected)
+
+
+def test_constant_after_warmup():
+    assert warmup_cosine_factor(70, warmup=10, total=100, min_ratio=0.1, cosine=False) == 1.0
+
+
+def test_scheduler_sets_every_group_lr():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [w], "lr": 1.0}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2.0}])
+    sched = warmup_cosine(opt, warmup=4, total=8, min_ratio=0.1)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 1.0])
