@@ -6,4 +6,7 @@ BUILTIN_MODULES = (
     "lit_lowrank.schedules.fixed",
     "lit_lowrank.inner.adamw",
     "lit_lowrank.rules.galore",
+    "lit_lowrank.quantizers.int",
+    "lit_lowrank.quantizers.bnb",
+    "lit_lowrank.schedules.lazy",
 )

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lit_lowrank.projectors.storage import BasisStorage, Stored
 
 SIDE_POLICIES = ("std", "reverse_std", "left", "right", "full")
 
@@ -121,12 +124,19 @@ class DenseBasisProjector(Projector):
 
     Subclasses implement :meth:`fit`, returning new bases from a float32 gradient. Bases are
     stored in the gradient's dtype; half-precision gradients are fitted in float32 (as in GaLore).
+    With ``quantizer`` (a registered name) and ``quantizer_args`` they are stored packed and
+    dequantized on use — Q-GaLore's INT4 basis is ``quantizer="int"``,
+    ``quantizer_args={"bits": 4, "group_size": 256}``.
     """
 
-    def __init__(self, rank: int, *, side: str = "std", seed: int = 0) -> None:
+    def __init__(
+        self, rank: int, *, side: str = "std", seed: int = 0, quantizer: str | None = None,
+        quantizer_args: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(rank, side=side, seed=seed)
-        self._left: Tensor | None = None
-        self._right: Tensor | None = None
+        self._storage = BasisStorage(quantizer, quantizer_args)  # plain, or e.g. INT4 (Q-GaLore)
+        self._left: Stored | None = None
+        self._right: Stored | None = None
 
     @abstractmethod
     def fit(self, grad: Tensor, side: Side) -> tuple[Tensor | None, Tensor | None]:
@@ -135,22 +145,21 @@ class DenseBasisProjector(Projector):
     def _refresh(self, grad: Tensor) -> None:
         precise = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
         left, right = self.fit(precise, self.side)
-        self._left = None if left is None else left.to(grad.dtype)
-        self._right = None if right is None else right.to(grad.dtype)
+        self._left = self._storage.pack(left, grad.dtype)
+        self._right = self._storage.pack(right, grad.dtype)
 
     def bases(self) -> tuple[Tensor | None, Tensor | None]:
         if self._left is None and self._right is None:
             raise RuntimeError("projector used before its first refresh()")
-        return self._left, self._right
+        return self._storage.unpack(self._left), self._storage.unpack(self._right)
 
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()
         for key, basis in (("left", self._left), ("right", self._right)):
-            if basis is not None:
-                state[key] = basis
+            state.update(self._storage.state(key, basis))
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         super().load_state_dict(state)
-        self._left = state.get("left")
-        self._right = state.get("right")
+        self._left = self._storage.load("left", state)
+        self._right = self._storage.load("right", state)

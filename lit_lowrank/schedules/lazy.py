@@ -1,0 +1,83 @@
+"""Q-GaLore's layer-adaptive lazy refresh (Zhang et al. 2024, §3.3): a layer whose subspace
+has settled gets its refresh gap multiplied, so it takes fewer SVDs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_lowrank.hookspecs import hookimpl
+from lit_lowrank.schedules.base import Schedule
+
+
+class LazyGap(Schedule):
+    """Refresh every ``gap`` steps, where ``gap`` grows by ``gamma`` once the subspace settles.
+
+    After each refresh the optimizer reports ``similarity`` = |cos| between the previous and the
+    new leading basis vector (sign-invariant, unlike q-galore-torch's signed cosine). The last
+    ``queue_size`` values are kept; when the queue is full and its mean is ``>= threshold``,
+    ``gap ← ⌊gap · gamma⌋``. With ``reset_queue`` (default) the queue is then emptied, so every
+    further growth needs ``queue_size`` fresh similar refreshes; ``reset_queue=False`` keeps
+    the rolling window, as q-galore-torch does, and the gap then grows at every refresh while
+    the mean stays above the threshold.
+
+    Args:
+        gap: initial refresh gap T (Q-GaLore: 200 for LLaMA pretraining).
+        threshold: mean-similarity threshold (0.4).
+        gamma: gap multiplier (2).
+        queue_size: similarities averaged, k (5).
+        reset_queue: empty the queue after each growth.
+
+    State (tensors only): ``next_refresh``, ``gap``, ``queue`` (k values, NaN = empty slot),
+    ``refreshes`` (SVDs taken by this layer) and ``growths``.
+    """
+
+    def __init__(
+        self, gap: int = 200, threshold: float = 0.4, gamma: float = 2.0, queue_size: int = 5,
+        reset_queue: bool = True,
+    ) -> None:
+        super().__init__()
+        if gap < 1:
+            raise ValueError(f"refresh gap must be >= 1 step, got {gap}")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if gamma < 1:
+            raise ValueError(f"gamma must be >= 1 (the gap only grows), got {gamma}")
+        self.gap = gap
+        self.threshold = threshold
+        self.gamma = gamma
+        self.queue_size = queue_size
+        self.reset_queue = reset_queue
+        self.queue: list[float] = []
+        self.refreshes = 0
+        self.growths = 0
+
+    def after_refresh(self, step: int, similarity: float | None) -> None:
+        self.refreshes += 1
+        if similarity is not None:
+            self.queue = (self.queue + [float(similarity)])[-self.queue_size :]
+            if len(self.queue) == self.queue_size and sum(self.queue) / self.queue_size >= self.threshold:
+                self.gap = max(self.gap, int(self.gap * self.gamma))
+                self.growths += 1
+                if self.reset_queue:
+                    self.queue = []
+        self.next_refresh = step + self.gap
+
+    def state_dict(self) -> dict[str, Tensor]:
+        queue = torch.full((self.queue_size,), float("nan"), dtype=torch.float64)
+        queue[: len(self.queue)] = torch.tensor(self.queue, dtype=torch.float64)
+        return {**super().state_dict(), "gap": torch.tensor(self.gap), "queue": queue,
+                "refreshes": torch.tensor(self.refreshes), "growths": torch.tensor(self.growths)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        self.gap = int(state["gap"])
+        queue = state["queue"]
+        self.queue = queue[~queue.isnan()].tolist()
+        self.refreshes = int(state["refreshes"])
+        self.growths = int(state["growths"])
+
+
+@hookimpl
+def register_schedules(register) -> None:
+    register("lazy", LazyGap)
