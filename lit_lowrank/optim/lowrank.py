@@ -101,6 +101,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["lowrank"]:
                 self._validate(group)
+            elif any(hasattr(p, "weight_store") for p in group["params"]):
+                raise ValueError("a quantized weight (with a weight_store) is in a dense group; "
+                                 "add its module name to the low-rank `targets`.")
 
     # ------------------------------------------------------------------ setup
     def _params(self) -> list[Tensor]:
@@ -215,9 +218,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for step, items in by_step.items():
             directions = inner.directions([low for _, low, _, _ in items], [s for _, _, s, _ in items], step)
             for (p, low, state, slot), direction in zip(items, directions):
+                weight = float_weight(p)
                 if decay:
-                    p.mul_(1 - lr * decay)
-                rule.apply_(p, p.grad, low, direction, slot.projector, state, step_size=lr)
+                    weight.mul_(1 - lr * decay)
+                rule.apply_(weight, p.grad, low, direction, slot.projector, state, step_size=lr)
+                if weight is not p:
+                    p.weight_store.store_(weight)
 
     def _refresh(self, grad: Tensor, slot: LowRankSlot, state: dict, inner: InnerOptimizer,
                  group: dict[str, Any], step: int) -> None:
@@ -272,6 +278,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for slot in self._slots.values():
             sizes["projectors"] += sum(_nbytes(v) for v in slot.projector.state_dict().values())
         return sizes
+
+
+def float_weight(p: Tensor) -> Tensor:
+    """The tensor an update is applied to: ``p`` itself, or, for a parameter whose values live
+    elsewhere (a ``p.weight_store`` such as an INT8 ``QuantizedLinear``; Q-GaLore §3.4), a float
+    copy ``store.float_weight()`` that ``store.store_(weight)`` re-quantizes after the update."""
+    store = getattr(p, "weight_store", None)
+    return p if store is None else store.float_weight()
 
 
 def leading_similarity(old: tuple[Tensor | None, ...], new: tuple[Tensor | None, ...]) -> float:
