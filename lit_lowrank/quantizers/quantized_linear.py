@@ -1,0 +1,207 @@
+"""Linear layers whose weight lives quantized between steps (Q-GaLore §3.4: INT8 weights with
+stochastic-rounding updates).
+
+:class:`QuantizedLinear` keeps its weight as group-wise integer codes (the ``int`` quantizer:
+INT8, group 256, per-group scale and offset). The forward pass dequantizes it; the backward
+pass produces the usual m×n float weight gradient on a parameter ``weight`` that has the
+weight's shape but no storage of its own (a stride-0 view of one element), so the optimizer
+sees an ordinary parameter with an ordinary ``.grad``. That parameter carries
+``weight_store`` — this layer — and :class:`~lit_lowrank.LowRankOptimizer` updates a float copy
+``W = float_weight()`` and hands it back through ``store_(W)``, which re-quantizes it with
+stochastic rounding, ``w_q ← SR((W − min) / s)``: an update far below one quantization step
+survives in expectation instead of being rounded away.
+
+Unlike q-galore-torch's ``float_grad`` attribute on a uint8 parameter, the gradient goes through
+autograd's own accumulation (gradient accumulation, hooks and layer-wise mode work unchanged),
+and a layer without a gradient is simply skipped by the optimizer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lit_lowrank.quantizers.base import Packed
+from lit_lowrank.quantizers.int import IntQuantizer
+
+_PREFIX = "weight_"  # buffers: weight_codes, weight_scales, weight_mins, weight_shape
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """``y = x Ŵᵀ`` with ``Ŵ`` dequantized from ``layer`` in the forward and again in the
+    backward (no float weight is kept alive between them); ``∂L/∂W = Σ_batch gᵀ x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, handle: Tensor, layer: QuantizedLinear) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # run in the autocast dtype, as F.linear would
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return x @ layer.dequantized(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        grad_out = grad_out.to(x.dtype)
+        grad_x = grad_out @ ctx.layer.dequantized(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        return grad_x, grad_w, None
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x Ŵᵀ + b`` with ``Ŵ`` stored as ``bits``-bit group-wise codes.
+
+    Args:
+        in_features, out_features, bias: as :class:`torch.nn.Linear`.
+        bits: code width (8 in Q-GaLore; 2–8 accepted, packed densely for 2 and 4).
+        group_size: consecutive weight entries sharing a scale (256 in Q-GaLore).
+        stochastic: re-quantize updated weights with stochastic rounding (True, Q-GaLore) or
+            nearest rounding (updates below half a step are then lost).
+        seed: seeds the rounding noise; the k-th update of the layer draws from a generator
+            seeded with ``(seed, k)``, so a resumed run rounds exactly like an uninterrupted one.
+
+    The state dict holds the packed codes, scales and offsets and ``(seed, updates)``; it has no
+    float weight. ``weight`` is the zero-storage gradient carrier described in the module doc.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8, group_size: int = 256,
+        stochastic: bool = True, seed: int = 0, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.stochastic, self.seed, self.updates = stochastic, seed, 0
+        self.initial = IntQuantizer(bits=bits, group_size=group_size, rounding="nearest")
+        self.rounding = IntQuantizer(bits=bits, group_size=group_size,
+                                     rounding="stochastic" if stochastic else "nearest")
+        dtype = dtype or torch.get_default_dtype()
+        self.weight = nn.Parameter(self._handle(torch.zeros((), device=device, dtype=dtype)))
+        self.weight.weight_store = self
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._packed_keys: tuple[str, ...] = ()
+        self._set_packed(self.initial.quantize(torch.zeros(out_features, in_features, device=device)))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options: Any) -> QuantizedLinear:
+        """A quantized copy of ``linear`` (nearest rounding of its current weight)."""
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=weight.device,
+                    dtype=weight.dtype, **options)
+        layer._set_packed(layer.initial.quantize(weight))
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = _DequantizedLinear.apply(x, self.weight, self)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    # ------------------------------------------------------------------ weight store
+    def packed(self) -> Packed:
+        return {key: getattr(self, _PREFIX + key) for key in self._packed_keys}
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight Ŵ (out×in) the codes encode."""
+        return self.initial.dequantize(self.packed()).to(dtype)
+
+    def float_weight(self) -> Tensor:
+        """A fresh float copy of Ŵ in the parameter's dtype, for the optimizer to update."""
+        return self.dequantized(self.weight.dtype)
+
+    @torch.no_grad()
+    def store_(self, weight: Tensor) -> None:
+        """Re-quantize the updated ``weight`` (out×in): fresh per-group scales, then rounding."""
+        generator = torch.Generator(device=weight.device)
+        generator.manual_seed(self.seed * 2**32 + self.updates)
+        self._set_packed(self.rounding.quantize(weight, generator=generator))
+        self.updates += 1
+
+    def _set_packed(self, packed: Packed) -> None:
+        if not self._packed_keys:
+            self._packed_keys = tuple(packed)
+            for key, tensor in packed.items():
+                self.register_buffer(_PREFIX + key, tensor)
+            return
+        for key, tensor in packed.items():  # same shapes every time: copy, keep buffer identity
+            getattr(self, _PREFIX + key).copy_(tensor)
+
+    def _handle(self, scalar: Tensor) -> Tensor:
+        return scalar.expand(self.out_features, self.in_features)
+
+    # ------------------------------------------------------------------ module plumbing
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves reach the codes; dtype casts reach only the bias and the gradient
+        carrier (the codes and float32 scales keep their precision)."""
+        hidden = {key: self._buffers[_PREFIX + key] for key in self._packed_keys}
+        handle = self._parameters["weight"]
+        for key in hidden:
+            self._buffers[_PREFIX + key] = None
+        self._parameters["weight"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = handle
+            probe = fn(torch.zeros((), dtype=handle.dtype, device=handle.device))
+            handle.data = self._handle(probe.detach())
+            for key, tensor in hidden.items():
+                self._buffers[_PREFIX + key] = tensor.to(probe.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        handle, self._parameters["weight"] = self._parameters["weight"], None  # no float weight saved
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._parameters["weight"] = handle
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        handle, self._parameters["weight"] = self._parameters["weight"], None
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            self._parameters["weight"] = handle
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor([self.seed, self.updates], dtype=torch.int64)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.seed, self.updates = (int(v) for v in state.tolist())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.initial.bits}, group_size={self.initial.group_size}, stochastic={self.stochastic}")
+
+
+def quantize_linear_weights(
+    model: nn.Module, targets: Sequence[str], bits: int = 8, group_size: int = 256, stochastic: bool = True,
+    exclude: Sequence[str] = (),
+) -> list[str]:
+    """Replace, in place, every ``nn.Linear`` of ``model`` whose qualified name matches one of
+    ``targets`` (``re.search``) and none of ``exclude`` by a :class:`QuantizedLinear`.
+
+    Use the same ``targets`` as the optimizer's low-rank targets: the quantized weights must be
+    updated by the low-rank optimizer, which re-quantizes them. Returns the replaced names.
+
+    Raises:
+        ValueError: if no linear layer matches (the run would silently keep float weights).
+    """
+    chosen = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(re.search(t, name) for t in targets)
+        and not any(re.search(x, name) for x in exclude)
+    ]
+    if not chosen:
+        raise ValueError(f"no nn.Linear matches targets={list(targets)} (excluding {list(exclude)}); "
+                         "set them to module-name patterns of your model's linear layers, e.g. ['q_proj'].")
+    for seed, (name, linear) in enumerate(chosen):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, QuantizedLinear.from_linear(
+            linear, bits=bits, group_size=group_size, stochastic=stochastic, seed=seed))
+    return [name for name, _ in chosen]
