@@ -241,6 +241,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.refresh_count += 1
 
     # ------------------------------------------------------------------ state
+    @property
+    def projectors(self) -> dict[Tensor, Projector]:
+        """The projector of each low-rank weight that has been stepped, by parameter."""
+        return {p: slot.projector for p, slot in self._slots.items()}
+
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus ``"lowrank"``: per param index, the projector's and the
         schedule's tensor-only state dicts."""
@@ -265,6 +270,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
             slot.projector.load_state_dict(_to_device(entry["projector"], p.device))
             slot.schedule.load_state_dict(entry["schedule"])
             self._slots[p] = slot
+        for index, saved in state_dict.get("state", {}).items():
+            # torch casts every state tensor to the param's dtype; packed (quantized) moments
+            # must keep theirs (uint8 codes, float32 scales, int64 shape)
+            p = params[int(index)]
+            for key, value in saved.items():
+                if isinstance(value, dict):
+                    self.state[p][key] = {k: v.to(p.device, copy=True) for k, v in value.items()}
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state by role: ``moments`` (low-rank moments and rule state),

@@ -173,10 +173,10 @@ def test_on_refresh_modes_transform_the_moments():
             w.grad = grad
             optimizer.step()
         before = {k: optimizer.state[w][k].clone() for k in ("exp_avg", "exp_avg_sq")}
-        old_basis = optimizer._slots[w].projector.bases()[0]  # 10×16: std projects the left side
+        old_basis = optimizer.projectors[w].bases()[0]  # 10×16: std projects the left side
         w.grad = grads[2]
         optimizer.step()
-        new_basis = optimizer._slots[w].projector.bases()[0]
+        new_basis = optimizer.projectors[w].bases()[0]
         states[mode] = (before, old_basis, new_basis, optimizer.state[w])
     beta1, beta2 = 0.9, 0.999
     (before, old, new, after) = states["rotate"]
