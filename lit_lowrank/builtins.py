@@ -5,6 +5,7 @@ BUILTIN_MODULES = (
     "lit_lowrank.projectors.svd",
     "lit_lowrank.schedules.fixed",
     "lit_lowrank.inner.adamw",
+    "lit_lowrank.inner.adamw8bit",
     "lit_lowrank.rules.galore",
     "lit_lowrank.quantizers.int",
     "lit_lowrank.quantizers.bnb",
