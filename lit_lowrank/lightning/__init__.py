@@ -1,10 +1,14 @@
 """Lightning integration: :class:`LowRankModule` (wrap any network), :class:`LowRankCallback`
 and the ``"lowrank"``/``"ddp_lowrank"`` strategies (adopt in an existing project), telemetry."""
 
+from lit_lowrank.lightning.callback import LowRankCallback
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.module import LowRankModule
+from lit_lowrank.lightning.strategy import DDPLowRankStrategy, LowRankStrategy, register_strategies
 from lit_lowrank.lightning.tasks import CausalLM, SequenceClassification, Task, TaskOutput
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
-__all__ = ["CausalLM", "LowRankConfig", "LowRankModule", "LowRankTelemetry", "SequenceClassification",
-           "Task", "TaskOutput"]
+register_strategies()
+
+__all__ = ["CausalLM", "DDPLowRankStrategy", "LowRankCallback", "LowRankConfig", "LowRankModule",
+           "LowRankStrategy", "LowRankTelemetry", "SequenceClassification", "Task", "TaskOutput"]

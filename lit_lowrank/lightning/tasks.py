@@ -86,7 +86,7 @@ class CausalLM(Task):
     ``exp(mean loss)``, the mean taken over all tokens of the epoch."""
 
     def step(self, model: nn.Module, batch: Any) -> TaskOutput:
-        tokens = batch["input_ids"] if isinstance(batch, Mapping) else batch
+        tokens = (batch["input_ids"] if isinstance(batch, Mapping) else batch).long()
         inputs, target = tokens[:, :-1], tokens[:, 1:]
         logits = _logits(model(input_ids=inputs))
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1))

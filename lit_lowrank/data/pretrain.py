@@ -1,0 +1,181 @@
+"""Pretraining data: token chunks written by ``litdata.optimize`` and streamed back with
+``StreamingDataset``/``StreamingDataLoader`` from a local directory or any URI litdata reads
+(``s3://``, ``gs://``, ...).
+
+Layout of a prepared corpus (``scripts/prepare_corpus.py`` writes it)::
+
+    <data_dir>/train/   litdata chunks of uint16/int32 token ids, documents joined by EOS
+    <data_dir>/val/
+    <data_dir>/meta.json  {"vocab_size": ..., "tokenizer": ...}  (optional, checked when local)
+
+Without ``data_dir`` the embedded corpus (Shakespeare, :mod:`lit_lowrank.data.corpus`) is
+tokenized and written under the cache directory on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from litdata import StreamingDataLoader, StreamingDataset, optimize
+from litdata.streaming.item_loader import TokensLoader
+from tokenizers import Tokenizer
+
+from lit_lowrank.data.corpus import iter_texts, shakespeare_plays
+from lit_lowrank.data.tokenizer import EOS, load_or_train
+
+CACHE_ENV = "LIT_LOWRANK_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$LIT_LOWRANK_CACHE``, else ``$XDG_CACHE_HOME/lit_lowrank`` (``~/.cache/lit_lowrank``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lit_lowrank"
+
+
+class _Tokenize:
+    """litdata worker function: one document → its token ids followed by EOS (1-D tensor)."""
+
+    def __init__(self, tokenizer_path: str) -> None:
+        self.tokenizer_path = tokenizer_path
+        self._tokenizer: Tokenizer | None = None
+
+    def __call__(self, document: str) -> Iterator[torch.Tensor]:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_file(self.tokenizer_path)
+        ids = self._tokenizer.encode(document).ids + [self._tokenizer.token_to_id(EOS)]
+        yield torch.tensor(ids, dtype=torch.int32)
+
+
+def write_tokens(documents: Sequence[str], tokenizer_path: str | Path, output_dir: str | Path,
+                 *, chunk_tokens: int = 1 << 20, num_workers: int = 1) -> None:
+    """Tokenize ``documents`` with the ``tokenizer.json`` at ``tokenizer_path`` into litdata
+    token chunks of ``chunk_tokens`` ids at ``output_dir`` (a local path or a cloud URI)."""
+    optimize(fn=_Tokenize(str(tokenizer_path)), inputs=list(documents), output_dir=str(output_dir),
+             chunk_size=chunk_tokens, item_loader=TokensLoader(), num_workers=num_workers,
+             verbose=False, start_method="fork")
+
+
+def split_tail(text: str, fraction: float) -> tuple[str, str]:
+    """``(head, tail)`` with the last ``fraction`` of ``text`` in ``tail``, cut at the first
+    blank line (speech boundary) after that point."""
+    cut = int(len(text) * (1 - fraction))
+    boundary = text.find("\n\n", cut)
+    cut = len(text) if boundary < 0 else boundary + 2
+    return text[:cut], text[cut:]
+
+
+def prepare_embedded(cache_dir: str | Path, vocab_size: int = 4096, val_fraction: float = 0.05) -> Path:
+    """Tokenizer + train/val token chunks of the embedded corpus under ``cache_dir``, made once.
+
+    Validation is the last ``val_fraction`` of every play (all plays are represented in both
+    splits; no speech is in both). Returns the prepared directory.
+    """
+    root = Path(cache_dir) / f"shakespeare-bpe{vocab_size}-val{val_fraction:g}"
+    if (root / "meta.json").exists():
+        return root
+    plays = shakespeare_plays()
+    tokenizer_path = Path(cache_dir) / f"shakespeare-bpe{vocab_size}.json"
+    load_or_train(tokenizer_path, iter_texts(plays), vocab_size)
+    splits = [split_tail(text, val_fraction) for _, text in plays]
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=Path(cache_dir)))
+    try:
+        for index, name in enumerate(("train", "val")):
+            write_tokens([pair[index] for pair in splits if pair[index]], tokenizer_path, staging / name)
+        shutil.copy(tokenizer_path, staging / "tokenizer.json")
+        write_meta(staging, vocab_size, "tokenizer.json")
+        if root.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return root
+
+
+def write_meta(output_dir: str | Path, vocab_size: int, tokenizer: str) -> None:
+    Path(output_dir, "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "tokenizer": tokenizer}))
+
+
+class PretrainData(pl.LightningDataModule):
+    """Token blocks of ``seq_len + 1`` ids, streamed by litdata, for :class:`CausalLM`.
+
+    Args:
+        data_dir: a prepared corpus (local directory or URI, with ``train/`` and ``val/``).
+            ``None`` uses the embedded Shakespeare corpus, prepared into ``cache_dir`` on first use.
+        seq_len: tokens the model sees per sequence (batches are ``(batch_size, seq_len + 1)``).
+        batch_size: sequences per batch (per device).
+        vocab_size: the tokenizer's vocabulary size; for the embedded corpus it is the BPE size
+            trained; for a local ``data_dir`` it is checked against ``meta.json``.
+        num_workers: loader worker processes.
+        shuffle: shuffle training blocks (seeded by ``seed``, reproducible across resumes).
+        cache_dir: where the embedded corpus and remote chunks are cached
+            (default :func:`default_cache_dir`).
+        val_fraction: held-out fraction of every play (embedded corpus only).
+
+    The loaders are ``StreamingDataLoader``\\ s: Lightning saves their position in checkpoints,
+    so ``fit(ckpt_path=...)`` continues with the next unseen batch.
+    """
+
+    def __init__(self, data_dir: str | None = None, seq_len: int = 256, batch_size: int = 8,
+                 vocab_size: int = 4096, num_workers: int = 0, shuffle: bool = True, seed: int = 42,
+                 cache_dir: str | None = None, val_fraction: float = 0.05) -> None:
+        super().__init__()
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        self.data_dir, self.seq_len, self.batch_size = data_dir, seq_len, batch_size
+        self.vocab_size, self.num_workers, self.shuffle, self.seed = vocab_size, num_workers, shuffle, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.val_fraction = val_fraction
+        self._datasets: dict[str, StreamingDataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.data_dir is None:
+            prepare_embedded(self.cache_dir, self.vocab_size, self.val_fraction)
+
+    def resolved_dir(self) -> str:
+        if self.data_dir is None:
+            return str(prepare_embedded(self.cache_dir, self.vocab_size, self.val_fraction))
+        return self.data_dir
+
+    def setup(self, stage: str | None = None) -> None:
+        root = self.resolved_dir()
+        self._check_meta(root)
+        for split in ("train", "val"):
+            if split not in self._datasets:
+                self._datasets[split] = StreamingDataset(
+                    f"{root.rstrip('/')}/{split}", item_loader=TokensLoader(block_size=self.seq_len + 1),
+                    shuffle=self.shuffle and split == "train", drop_last=True, seed=self.seed,
+                    cache_dir=None if "://" not in root else str(self.cache_dir / "streams"))
+
+    def _check_meta(self, root: str) -> None:
+        meta = Path(root, "meta.json")
+        if "://" in root or not meta.exists():
+            return
+        vocab = json.loads(meta.read_text())["vocab_size"]
+        if vocab != self.vocab_size:
+            raise ValueError(f"{root} was tokenized with {vocab} tokens but data.vocab_size is "
+                             f"{self.vocab_size}; set data.vocab_size (and the model's) to {vocab}")
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> StreamingDataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> StreamingDataLoader:
+        return self._loader("val")
+
+    def _loader(self, split: str) -> StreamingDataLoader:
+        if split not in self._datasets:
+            self.setup()
+        return StreamingDataLoader(self._datasets[split], batch_size=self.batch_size,
+                                   num_workers=self.num_workers, drop_last=True)

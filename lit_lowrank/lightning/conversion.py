@@ -1,0 +1,90 @@
+"""Turn the optimizers an existing LightningModule configured into :class:`LowRankOptimizer`\\ s,
+keeping each param group's hyper-parameters and rebinding the LR schedulers that drove them.
+Shared by :class:`LowRankCallback` and the ``lowrank`` strategies."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch import nn
+
+from lit_lowrank.lightning.config import LowRankConfig
+from lit_lowrank.optim.factory import select_targets
+from lit_lowrank.optim.lowrank import LowRankOptimizer
+
+# torch-optimizer implementation switches that mean nothing to LowRankOptimizer
+_IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "capturable", "differentiable", "amsgrad",
+                         "decoupled_weight_decay", "maximize"}
+
+
+def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer],
+                       schedulers: list[LRSchedulerConfig], config: LowRankConfig,
+                       ) -> list[torch.optim.Optimizer]:
+    """Replace every optimizer holding a target weight of ``module`` by a LowRankOptimizer.
+
+    Each user param group is split into its low-rank part (target weights) and its dense part,
+    both keeping the group's ``lr``, ``weight_decay``, ``betas``, ``eps`` (and scheduler keys such
+    as ``initial_lr``); the ``config``'s values only fill what the user's groups lack. Schedulers
+    in ``schedulers`` are re-pointed at the new optimizer, in place.
+
+    Raises:
+        ValueError: if no weight matches ``config.targets``, or an optimizer maximizes.
+    """
+    low_rank, _ = select_targets(module, config.targets, config.exclude)
+    if not low_rank:
+        raise ValueError(f"no 2-D weight of {type(module).__name__} matches targets={config.targets} "
+                         f"(excluding {config.exclude}); set `targets` to its linear layers' names")
+    targets = {id(p) for p in low_rank.values()}
+    converted = []
+    for optimizer in optimizers:
+        if not any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
+            converted.append(optimizer)
+            continue
+        new, group_map = _lowrank_copy(optimizer, targets, config)
+        for scheduler_config in schedulers:
+            if scheduler_config.scheduler.optimizer is optimizer:
+                _rebind(scheduler_config.scheduler, len(optimizer.param_groups), new, group_map)
+        converted.append(new)
+    return converted
+
+
+def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: set[int], config: LowRankConfig,
+                  ) -> tuple[LowRankOptimizer, list[int]]:
+    groups, group_map = [], []
+    for index, group in enumerate(optimizer.param_groups):
+        if group.get("maximize"):
+            raise ValueError("LowRankOptimizer minimizes; the configured optimizer has maximize=True")
+        hyper = {k: v for k, v in group.items() if k not in _IMPLEMENTATION_FLAGS}
+        for lowrank in (True, False):
+            params = [p for p in group["params"] if (id(p) in targets) == lowrank]
+            if params:
+                groups.append({**hyper, "params": params, "lowrank": lowrank})
+                group_map.append(index)
+    return LowRankOptimizer(groups, **config.optimizer_options()), group_map
+
+
+def _rebind(scheduler: Any, old_groups: int, new: LowRankOptimizer, group_map: list[int]) -> None:
+    """Point ``scheduler`` at ``new``: its per-group lists (``base_lrs``, ``lr_lambdas``,
+    ``_last_lr``, ...) are re-indexed so new group ``i`` follows old group ``group_map[i]``."""
+    scheduler.optimizer = new
+    for key, value in vars(scheduler).items():
+        if isinstance(value, list) and len(value) == old_groups:
+            setattr(scheduler, key, [value[i] for i in group_map])
+    _track_step_calls(new)
+
+
+def _track_step_calls(optimizer: torch.optim.Optimizer) -> None:
+    # torch schedulers wrap optimizer.step at construction to check the call order (and warn
+    # "optimizer.step() has been overridden" otherwise); do the same for the new optimizer.
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        optimizer._opt_called = True
+        return step(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    optimizer.step = wrapper

@@ -1,0 +1,72 @@
+"""The ``"lowrank"`` and ``"ddp_lowrank"`` strategies: ``Trainer(strategy="lowrank")`` trains
+an existing LightningModule with LowRankOptimizers in place of the optimizers it configures.
+
+Registered in Lightning's ``StrategyRegistry`` when :mod:`lit_lowrank.lightning` is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from typing_extensions import override
+
+from lit_lowrank.lightning.config import LowRankConfig
+from lit_lowrank.lightning.conversion import convert_optimizers
+
+
+class _LowRankOptimizers:
+    """Mixin: after the wrapped strategy built the module's optimizers, convert them."""
+
+    lowrank: LowRankConfig
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        super().setup_optimizers(trainer)  # type: ignore[misc]
+        self.optimizers = convert_optimizers(self.lightning_module, self.optimizers,
+                                             self.lr_scheduler_configs, self.lowrank)
+
+
+class LowRankStrategy(_LowRankOptimizers, SingleDeviceStrategy):
+    """Single-device training with LowRankOptimizers.
+
+    Args:
+        lowrank: the :class:`LowRankConfig` (its ``lr``/``weight_decay`` are ignored: the
+            module's optimizer groups keep theirs).
+        device: default ``cuda:0`` if available, else ``cpu``.
+        options: :class:`LowRankConfig` fields (e.g. ``rank=128``) on top of ``lowrank``.
+    """
+
+    strategy_name = "lowrank"
+
+    def __init__(self, lowrank: LowRankConfig | None = None, device: str | torch.device | None = None,
+                 **options: Any) -> None:
+        device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+        super().__init__(device=device)
+        self.lowrank = _config(lowrank, options)
+
+
+class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
+    """DDP with LowRankOptimizers: gradients are all-reduced before the step, so every rank
+    computes the same SVD and holds the same projectors. ``ddp_kwargs`` go to ``DDPStrategy``."""
+
+    strategy_name = "ddp_lowrank"
+
+    def __init__(self, lowrank: LowRankConfig | None = None, ddp_kwargs: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        super().__init__(**(ddp_kwargs or {}))
+        self.lowrank = _config(lowrank, options)
+
+
+def _config(config: LowRankConfig | None, options: dict[str, Any]) -> LowRankConfig:
+    return LowRankConfig(**{**(vars(config) if config is not None else {}), **options})
+
+
+def register_strategies() -> None:
+    """Add ``lowrank`` and ``ddp_lowrank`` to Lightning's StrategyRegistry (idempotent)."""
+    for cls, description in ((LowRankStrategy, "single device, LowRankOptimizer in place of the module's"),
+                             (DDPLowRankStrategy, "DDP, LowRankOptimizer in place of the module's")):
+        if cls.strategy_name not in StrategyRegistry:
+            StrategyRegistry.register(cls.strategy_name, cls, description=description)

@@ -1,0 +1,89 @@
+"""An existing LightningModule, written as a user would (its own Adam and scheduler), trained
+through LowRankCallback or Trainer(strategy="lowrank"): the optimizer actually stepping is a
+LowRankOptimizer, the user's lr and schedule are kept, and target updates are low-rank."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_lowrank import LowRankOptimizer
+from lit_lowrank.lightning import LowRankCallback, LowRankStrategy
+
+RANK = 2
+
+
+class UserClassifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.encoder(x)), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=3e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(32, 12, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                      batch_size=8)
+
+
+ADOPTIONS = {
+    "callback": lambda: dict(callbacks=[LowRankCallback(targets=["encoder"], rank=RANK, scale=1.0)]),
+    "strategy": lambda: dict(strategy=LowRankStrategy(targets=["encoder"], rank=RANK, scale=1.0)),
+}
+
+
+def fit(adoption: str, steps: int) -> tuple[UserClassifier, pl.Trainer, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = UserClassifier()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", **ADOPTIONS[adoption]())
+    trainer.fit(model, loader())
+    return model, trainer, before
+
+
+@pytest.mark.parametrize("adoption", list(ADOPTIONS))
+def test_user_adam_is_replaced_and_target_updates_are_low_rank(adoption):
+    model, trainer, before = fit(adoption, steps=1)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, LowRankOptimizer)
+    assert trainer.lightning_module.trainer.strategy.optimizers[0] is optimizer
+    assert all(g["initial_lr"] == 3e-3 for g in optimizer.param_groups)  # the user's lr
+    for name in ("encoder.0.weight", "encoder.2.weight"):
+        delta = dict(model.named_parameters())[name].detach() - before[name]
+        assert delta.abs().sum() > 0
+        assert torch.linalg.matrix_rank(delta).item() <= RANK
+    head_delta = model.head.weight.detach() - before["head.weight"]
+    assert torch.linalg.matrix_rank(head_delta).item() == 3  # dense AdamW: full rank (3×16)
+
+
+@pytest.mark.parametrize("adoption", list(ADOPTIONS))
+def test_user_scheduler_drives_the_new_optimizer(adoption):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lr_scheduler.*")  # no step-order/override warnings
+        _, trainer, _ = fit(adoption, steps=3)
+    optimizer = trainer.optimizers[0]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([3e-3 * 0.5 ** 3] * len(optimizer.param_groups))
+    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
+
+
+def test_no_matching_target_names_the_fix():
+    with pytest.raises(ValueError, match="set `targets`"):
+        trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             callbacks=[LowRankCallback(targets=["q_proj"])])
+        trainer.fit(UserClassifier(), loader())
