@@ -7,6 +7,7 @@ import re
 from typing import Any, Sequence
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 
@@ -26,22 +27,37 @@ def select_targets(
 
     A parameter is low-rank iff it is the 2-D ``weight`` of a module whose qualified name
     matches one of ``targets`` (``re.search``) and none of ``exclude``. Everything else —
-    embeddings, norms, biases, heads — is dense.
+    embeddings, norms, biases, heads — is dense. A parametrized weight
+    (``torch.nn.utils.parametrize``) is represented by its original of the weight's shape: for
+    GradNormLoRP's weight normalization that is the direction V, and the magnitude g is dense.
     """
     low_rank: dict[str, Tensor] = {}
     for module_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if (
-            isinstance(weight, nn.Parameter)
-            and weight.requires_grad
-            and weight.ndim == 2
-            and any(re.search(t, module_name) for t in targets)
-            and not any(re.search(x, module_name) for x in exclude)
-        ):
-            low_rank[f"{module_name}.weight" if module_name else "weight"] = weight
+        if not any(re.search(t, module_name) for t in targets) or any(re.search(x, module_name) for x in exclude):
+            continue
+        name, weight = _matrix(module)
+        if isinstance(weight, nn.Parameter) and weight.requires_grad and weight.ndim == 2:
+            low_rank[f"{module_name}.{name}" if module_name else name] = weight
     chosen = {id(p) for p in low_rank.values()}
     dense = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in chosen}
     return low_rank, dense
+
+
+def _matrix(module: nn.Module) -> tuple[str, Tensor | None]:
+    """``(name, parameter)`` of the matrix a module trains: ``weight``, or the one original of a
+    parametrized ``weight`` that has the weight's shape."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return "weight", getattr(module, "weight", None)
+    originals = module.parametrizations.weight
+    shape = module.weight.shape
+    same = [(n, p) for n, p in originals.named_parameters(recurse=False) if p.shape == shape]
+    if len(same) != 1:
+        raise ValueError(
+            f"cannot tell which of {[n for n, _ in same]} of a parametrized weight {tuple(shape)} "
+            "to project; pass its module to `exclude`, or parametrize with one original of the "
+            "weight's shape (as torch.nn.utils.parametrizations.weight_norm does)."
+        )
+    return f"parametrizations.weight.{same[0][0]}", same[0][1]
 
 
 def build_optimizer(

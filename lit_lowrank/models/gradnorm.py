@@ -1,0 +1,84 @@
+"""GradNormLoRP's reparameterization (Huang et al. 2024, arXiv 2412.19616, §3): each target
+linear weight becomes ``W = g · V / ‖V‖`` with one norm per output unit — Weight Normalization
+(Salimans & Kingma 2016, Eq. 2), the paper's column norm ``‖·‖_c`` of a d×k weight, i.e. the
+row norm of ``nn.Linear``'s out×in ``weight`` — built on
+``torch.nn.utils.parametrizations.weight_norm(dim=0)``.
+
+Training (a model transform; the optimizer core never imports this module):
+
+* ``apply_gradnorm(model, targets)`` parametrizes the target ``nn.Linear`` weights: the magnitude
+  ``g`` (out×1, ``…parametrizations.weight.original0``) and the direction ``V`` (out×in,
+  ``…original1``), initialised so that ``W`` is unchanged;
+* autograd gives the weight-norm gradients (Salimans & Kingma, Eq. 3):
+  ``∇g = Σ_j G_ij V_ij / ‖V_i‖`` and ``∇V_i = (g_i / ‖V_i‖) (G_i − (∇g_i / ‖V_i‖) V_i)``;
+* :func:`lit_lowrank.build_optimizer` projects ``V`` GaLore-style (it takes the original of the
+  weight's shape of a parametrized weight) and trains ``g`` with dense AdamW; ``inner="adamw8bit"``
+  keeps the low-rank moments in 8 bits (the paper's 8-bit GradNormLoRP).
+
+Inference: ``fold_gradnorm(model)`` writes ``g · V / ‖V‖`` back as a plain ``weight`` parameter,
+so the model has no extra cost.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm, weight_norm
+
+from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
+
+
+def apply_gradnorm(
+    model: nn.Module,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> nn.Module:
+    """Weight-normalize every ``nn.Linear`` whose qualified name matches one of ``targets``
+    (``re.search``, as :func:`lit_lowrank.select_targets`) and none of ``exclude``; in place.
+
+    Returns:
+        ``model``, whose target ``weight`` is now computed as ``g · V / ‖V‖`` (norm over each
+        output row, ``g`` and ``V`` shaped out×1 and out×in).
+
+    Raises:
+        ValueError: if no ``nn.Linear`` matches (training would silently be plain GaLore).
+    """
+    chosen = [
+        module for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and not parametrize.is_parametrized(module, "weight")
+        and any(re.search(t, name) for t in targets)
+        and not any(re.search(x, name) for x in exclude)
+    ]
+    if not chosen:
+        raise ValueError(
+            f"no nn.Linear matches targets={list(targets)} (excluding {list(exclude)}); set targets "
+            "to module-name patterns of your model's linear layers, e.g. ['query', 'value']."
+        )
+    for module in chosen:
+        weight_norm(module, name="weight", dim=0)
+    return model
+
+
+def fold_gradnorm(model: nn.Module) -> nn.Module:
+    """Replace every weight-normalized ``weight`` by the plain parameter ``g · V / ‖V‖``
+    (in place); other parametrizations are left alone.
+
+    Returns:
+        ``model`` with ordinary ``nn.Linear`` weights, giving the same outputs.
+    """
+    for module in model.modules():
+        if is_gradnorm(module):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+def is_gradnorm(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is weight-normalized by :func:`apply_gradnorm`."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return False
+    chain = module.parametrizations.weight
+    return len(chain) == 1 and isinstance(chain[0], _WeightNorm)
