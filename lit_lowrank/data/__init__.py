@@ -1,0 +1,1 @@
+"""Data modules: litdata pretraining streams (pretrain), the embedded corpus and tokenizer."""
