@@ -1,10 +1,21 @@
-"""Command line: ``python -m lit_lowrank plugins`` lists every registered component."""
+"""Command line.
+
+``python -m lit_lowrank plugins`` lists every registered component;
+``python -m lit_lowrank {fit,validate,test} --config x.yaml`` (and ``--print_config``) runs
+:class:`LowRankCLI`, a ``LightningCLI`` whose YAML has a top-level ``lowrank:`` section
+(:class:`~lit_lowrank.lightning.LowRankConfig`) naming components by their registered names.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_lowrank import plugins
+from lit_lowrank.lightning import LowRankConfig, LowRankModule
 
 
 def print_plugins() -> None:
@@ -14,9 +25,39 @@ def print_plugins() -> None:
             print(f"{kind:<17} {name:<16} {entry.cls.__module__}.{entry.cls.__qualname__}  [{entry.provider}]")
 
 
+class LowRankCLI(LightningCLI):
+    """``LightningCLI`` for :class:`LowRankModule` and any ``LightningDataModule``.
+
+    YAML layout::
+
+        trainer: {...}                    # lightning.pytorch.Trainer arguments
+        model:
+          network: {class_path: lit_lowrank.models.Llama, init_args: {size: 60m}}
+          task: {class_path: lit_lowrank.lightning.CausalLM}
+        lowrank: {rank: 128, projector: svd, update_gap: 200, scale: 0.25, lr: 0.01}
+        data: {class_path: lit_lowrank.data.PretrainData, init_args: {...}}
+
+    ``lowrank:`` is linked into ``model.lowrank``. Plugins are loaded before the parser is
+    built, so a misspelt component name fails at parse time with the registered names listed.
+    """
+
+    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        plugins.plugin_manager()
+        kwargs = {"subclass_mode_data": True, "auto_configure_optimizers": False,
+                  "save_config_kwargs": {"overwrite": True}, **kwargs}
+        super().__init__(LowRankModule, pl.LightningDataModule, args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_dataclass_arguments(LowRankConfig, "lowrank")
+        parser.link_arguments("lowrank", "model.lowrank", apply_on="instantiate")
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plugins"]:
+    """Entry point; ``argv`` defaults to the command line."""
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["plugins"]:
         print_plugins()
         return
-    raise SystemExit("usage: python -m lit_lowrank plugins")
+    try:
+        LowRankCLI(args=argv)
+    except plugins.UnknownComponentError as exc:  # a misspelt or uninstalled plugin: no traceback
+        raise SystemExit(f"error: {exc}") from exc

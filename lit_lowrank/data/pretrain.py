@@ -72,25 +72,37 @@ def split_tail(text: str, fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def prepare_embedded(cache_dir: str | Path, vocab_size: int = 4096, val_fraction: float = 0.05) -> Path:
-    """Tokenizer + train/val token chunks of the embedded corpus under ``cache_dir``, made once.
+def shakespeare_splits(val_fraction: float) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...]}``: validation is the last ``val_fraction`` of every play
+    (all plays are represented in both splits; no speech is in both)."""
+    pairs = [split_tail(text, val_fraction) for _, text in shakespeare_plays()]
+    return {"train": [head for head, _ in pairs], "val": [tail for _, tail in pairs if tail]}
 
-    Validation is the last ``val_fraction`` of every play (all plays are represented in both
-    splits; no speech is in both). Returns the prepared directory.
-    """
-    root = Path(cache_dir) / f"shakespeare-bpe{vocab_size}-val{val_fraction:g}"
+
+def write_splits(splits: dict[str, list[str]], tokenizer_path: str | Path, output: str,
+                 vocab_size: int, *, num_workers: int = 1) -> None:
+    """Token chunks of every split under ``output/<split>``; for a local ``output`` also
+    ``meta.json`` and a copy of the tokenizer."""
+    for split, documents in splits.items():
+        write_tokens(documents, tokenizer_path, f"{output.rstrip('/')}/{split}", num_workers=num_workers)
+    if "://" not in output:
+        shutil.copy(tokenizer_path, Path(output, "tokenizer.json"))
+        Path(output, "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "tokenizer": "tokenizer.json"}))
+
+
+def prepare_embedded(cache_dir: str | Path, vocab_size: int = 4096, val_fraction: float = 0.05) -> Path:
+    """Tokenizer + train/val token chunks of the embedded corpus under ``cache_dir``, made once
+    (written to a staging directory and renamed, so an interrupted run leaves nothing half-made).
+    Returns the prepared directory."""
+    cache_dir = Path(cache_dir)
+    root = cache_dir / f"shakespeare-bpe{vocab_size}-val{val_fraction:g}"
     if (root / "meta.json").exists():
         return root
-    plays = shakespeare_plays()
-    tokenizer_path = Path(cache_dir) / f"shakespeare-bpe{vocab_size}.json"
-    load_or_train(tokenizer_path, iter_texts(plays), vocab_size)
-    splits = [split_tail(text, val_fraction) for _, text in plays]
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=Path(cache_dir)))
+    tokenizer_path = cache_dir / f"shakespeare-bpe{vocab_size}.json"
+    load_or_train(tokenizer_path, iter_texts(shakespeare_plays()), vocab_size)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir))
     try:
-        for index, name in enumerate(("train", "val")):
-            write_tokens([pair[index] for pair in splits if pair[index]], tokenizer_path, staging / name)
-        shutil.copy(tokenizer_path, staging / "tokenizer.json")
-        write_meta(staging, vocab_size, "tokenizer.json")
+        write_splits(shakespeare_splits(val_fraction), tokenizer_path, str(staging), vocab_size)
         if root.exists():  # another process finished first
             shutil.rmtree(staging)
         else:
@@ -99,10 +111,6 @@ def prepare_embedded(cache_dir: str | Path, vocab_size: int = 4096, val_fraction
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return root
-
-
-def write_meta(output_dir: str | Path, vocab_size: int, tokenizer: str) -> None:
-    Path(output_dir, "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "tokenizer": tokenizer}))
 
 
 class PretrainData(pl.LightningDataModule):

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_lowrank import plugins
+from lit_lowrank.inner.base import ON_REFRESH
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, build_optimizer
 
 
@@ -64,6 +66,12 @@ class LowRankConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0 (steps, or a fraction < 1), got {self.warmup}")
+        if self.enabled:  # fail at parse time, listing the registered names
+            for kind, name in (("projectors", self.projector), ("update_rules", self.rule),
+                               ("inner_optimizers", self.inner), ("schedules", self.schedule)):
+                plugins.get(kind, name)
+            if self.on_refresh not in ON_REFRESH:
+                raise ValueError(f"on_refresh={self.on_refresh!r}; expected one of {ON_REFRESH}")
 
     def optimizer_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""

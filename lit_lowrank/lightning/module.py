@@ -43,6 +43,13 @@ class LowRankModule(pl.LightningModule):
         self.task = task if task is not None else CausalLM()
         self.lowrank = lowrank if lowrank is not None else LowRankConfig()
 
+    def setup(self, stage: str) -> None:
+        data_vocab = getattr(self.trainer.datamodule, "vocab_size", None)
+        model_vocab = getattr(getattr(self.network, "config", None), "vocab_size", None)
+        if data_vocab is not None and model_vocab is not None and data_vocab > model_vocab:
+            raise ValueError(f"the data has {data_vocab} token ids but the network's vocabulary has "
+                             f"{model_vocab}; set the network's vocab_size to {data_vocab}")
+
     # ------------------------------------------------------------------ steps
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.network(*args, **kwargs)

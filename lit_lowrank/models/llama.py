@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 # size: (hidden, intermediate, attention heads, layers)
 LLAMA_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (64, 172, 4, 2),  # CPU demo and tests, not from the paper
+    "tiny": (128, 344, 4, 4),  # the CPU demo, not from the paper
     "60m": (512, 1376, 8, 8),
     "130m": (768, 2048, 12, 12),
     "350m": (1024, 2736, 16, 24),
@@ -44,9 +44,14 @@ class Llama(LlamaForCausalLM):
         size: one of :data:`LLAMA_SIZES` (``tiny``, ``60m``, ``130m``, ``350m``, ``1b``, ``7b``).
         vocab_size: must equal the tokenizer's vocabulary size (the data module's).
         max_seq_len: rotary-embedding length (≥ the training sequence length).
-        overrides: other ``LlamaConfig`` fields.
+        hidden_size, intermediate_size, num_heads, num_layers: override the size's shape.
+        overrides: other ``LlamaConfig`` fields (Python only; YAML takes the named arguments).
     """
 
-    def __init__(self, size: str = "tiny", vocab_size: int = 32000, max_seq_len: int = 1024,
-                 **overrides: Any) -> None:
+    def __init__(self, size: str = "tiny", vocab_size: int = 32000, max_seq_len: int = 1024, *,
+                 hidden_size: int | None = None, intermediate_size: int | None = None,
+                 num_heads: int | None = None, num_layers: int | None = None, **overrides: Any) -> None:
+        shape = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     num_attention_heads=num_heads, num_key_value_heads=num_heads, num_hidden_layers=num_layers)
+        overrides.update({k: v for k, v in shape.items() if v is not None})
         super().__init__(llama_config(size, vocab_size=vocab_size, max_seq_len=max_seq_len, **overrides))

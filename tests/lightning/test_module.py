@@ -12,7 +12,6 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from lit_lowrank import LowRankOptimizer
 from lit_lowrank.lightning import LowRankConfig, LowRankModule, SequenceClassification
-from lit_lowrank.models import Llama
 
 
 def trainer(**kwargs) -> pl.Trainer:
@@ -26,10 +25,10 @@ def tokens(n: int = 48, length: int = 17, vocab: int = 64) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
 
 
-def test_lowrank_fit_logs_telemetry_and_perplexity():
+def test_lowrank_fit_logs_telemetry_and_perplexity(small_llama):
     torch.manual_seed(0)
     config = LowRankConfig(rank=4, update_gap=3, lr=0.01, warmup=2)
-    module = LowRankModule(Llama("tiny", vocab_size=64), lowrank=config)
+    module = LowRankModule(small_llama(), lowrank=config)
     data = tokens()
     t = trainer(limit_val_batches=2)
     t.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
@@ -46,8 +45,8 @@ def test_lowrank_fit_logs_telemetry_and_perplexity():
     assert logged["val/ppl"].item() == pytest.approx(torch.exp(logged["val/loss"]).item(), rel=1e-5)
 
 
-def test_disabled_is_plain_adamw_with_comparable_state_bytes():
-    module = LowRankModule(Llama("tiny", vocab_size=64), lowrank=LowRankConfig(enabled=False, lr=1e-3))
+def test_disabled_is_plain_adamw_with_comparable_state_bytes(small_llama):
+    module = LowRankModule(small_llama(), lowrank=LowRankConfig(enabled=False, lr=1e-3))
     t = trainer(max_steps=2)
     t.fit(module, DataLoader(tokens(), batch_size=8))
     optimizer = t.optimizers[0]
@@ -84,7 +83,7 @@ def test_sequence_classification_logs_metrics_per_named_loader():
     assert isinstance(t.optimizers[0], LowRankOptimizer)
 
 
-def test_infinite_run_is_rejected():
-    module = LowRankModule(Llama("tiny", vocab_size=64))
+def test_infinite_run_is_rejected(small_llama):
+    module = LowRankModule(small_llama())
     with pytest.raises(ValueError, match="max_steps"):
         trainer(max_steps=-1, max_epochs=-1).fit(module, DataLoader(tokens(), batch_size=8))

@@ -10,13 +10,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import BertConfig, BertForSequenceClassification
 
 from lit_lowrank.lightning import CausalLM, SequenceClassification
-from lit_lowrank.models import Llama
 
 
-@pytest.fixture(scope="module")
-def llama():
+@pytest.fixture
+def llama(small_llama):
     torch.manual_seed(0)
-    return Llama("tiny", vocab_size=97).eval()
+    return small_llama(97).eval()
 
 
 def tiny_bert(num_labels: int) -> BertForSequenceClassification:

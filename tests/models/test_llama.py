@@ -29,7 +29,13 @@ def test_paper_sizes():
 
 def test_parameter_count_closed_form():
     model = Llama("tiny", vocab_size=300)
-    assert sum(p.numel() for p in model.parameters()) == llama_param_count(300, 64, 172, 2)
+    assert sum(p.numel() for p in model.parameters()) == llama_param_count(300, *LLAMA_SIZES["tiny"][:2], 4)
+
+
+def test_shape_arguments_override_the_size():
+    model = Llama("tiny", vocab_size=50, hidden_size=32, intermediate_size=40, num_heads=2, num_layers=1)
+    assert model.config.num_attention_heads == model.config.num_key_value_heads == 2
+    assert sum(p.numel() for p in model.parameters()) == llama_param_count(50, 32, 40, 1)
 
 
 def test_overrides_and_unknown_size():
