@@ -1,0 +1,211 @@
+"""Training-memory estimate per method — weights, gradients, optimizer states — from parameter
+shapes alone (build the model on the ``meta`` device: no weights are allocated).
+
+The figures follow what this library stores, tensor by tensor, so the optimizer-state figure of
+a method equals :meth:`LowRankOptimizer.state_bytes` after a step (tested):
+
+* target weights (``select_targets``) of shape m×n at rank r (clamped to ``min(m, n)``) on
+  GaLore's ``std`` side: low-rank moments of ``k = r·max(m, n)`` elements, a basis of
+  ``r·min(m, n)``; every other parameter gets dense AdamW moments (2 per element);
+* float moments and bases are in the parameter's dtype (moments are shaped like the gradient);
+* 8-bit moments (``adamw8bit`` inner): ``k + 4⌈k/B⌉ + 16`` bytes each — uint8 codes, a float32
+  absmax per block of B (256), the packed shape — when ``k ≥ min_8bit_size`` (4096), else float;
+* the INT4 basis of Q-GaLore (``int`` quantizer, asymmetric, group 256): ``⌈n/2⌉`` code bytes
+  over whole groups, float32 scale and minimum per group, the packed shape;
+* APOLLO's random projection is regenerated from its seed, so it stores no basis;
+* ``adamw8bit`` as a full-rank method is ``bitsandbytes.optim.AdamW8bit``: every tensor of at
+  least 4096 elements with uint8 moments and float32 absmax per 256, smaller ones float32.
+
+Weights: every parameter in its dtype; Q-GaLore's target weights as INT8 codes with a float32
+scale and minimum per group of 256 (``QuantizedLinear``). Gradients: one per trainable
+parameter in its dtype; layer-wise (optimizer step in the backward hook) only the largest one is
+alive at a time. Activations, the temporary dequantized/normalized weights and the CUDA context
+are not included (they depend on batch, sequence length and checkpointing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, select_targets
+
+LAYERWISE = "-layerwise"
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method stores its state (see the module docstring for the byte counts).
+
+    Args:
+        lowrank: target weights get projected moments (else full-rank Adam on everything).
+        moments: ``"float"`` or ``"8bit"`` (blockwise, bitsandbytes format).
+        basis: ``"float"`` (parameter dtype), ``"int4"`` (Q-GaLore) or ``"seed"`` (APOLLO).
+        rank: a fixed rank (APOLLO-Mini: 1) instead of the requested one.
+        int8_weights: target weights held as INT8 codes (Q-GaLore).
+        gradnorm: the model must be weight-normalized (``apply_gradnorm``): the direction V is
+            projected, the magnitude g is dense.
+    """
+
+    lowrank: bool = True
+    moments: str = "float"
+    basis: str = "float"
+    rank: int | None = None
+    int8_weights: bool = False
+    gradnorm: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "adamw": Method(lowrank=False),
+    "adamw8bit": Method(lowrank=False, moments="8bit"),
+    "galore": Method(),
+    "galore8bit": Method(moments="8bit"),
+    "fira": Method(),
+    "apollo": Method(basis="seed"),
+    "apollo-mini": Method(basis="seed", rank=1),
+    "q-galore": Method(moments="8bit", basis="int4", int8_weights=True),
+    "gradnorm": Method(gradnorm=True),
+    "gradnorm8bit": Method(moments="8bit", gradnorm=True),
+}
+"""Every method by name; append ``-layerwise`` to any of them for the layer-wise variant."""
+
+
+@dataclass(frozen=True)
+class Formats:
+    """Block and group sizes of the quantized formats (the library's defaults)."""
+
+    block_size: int = 256  # 8-bit moments: elements per absmax
+    min_8bit_size: int = 4096  # smaller low-rank tensors keep float moments
+    basis_bits: int = 4
+    basis_group: int = 256
+    weight_bits: int = 8
+    weight_group: int = 256
+
+
+@dataclass
+class Estimate:
+    """Bytes by role; ``states`` splits like :meth:`LowRankOptimizer.state_bytes`."""
+
+    weights: int
+    gradients: int
+    states: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def optimizer(self) -> int:
+        return sum(self.states.values())
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+
+def method(name: str) -> tuple[Method, bool]:
+    """``(Method, layerwise)`` for a name such as ``galore8bit`` or ``q-galore-layerwise``.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones).
+    """
+    base = name[: -len(LAYERWISE)] if name.endswith(LAYERWISE) else name
+    if base not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}, optionally with '{LAYERWISE}'")
+    return METHODS[base], name.endswith(LAYERWISE)
+
+
+def estimate(
+    model: nn.Module,
+    name: str,
+    *,
+    rank: int,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    formats: Formats = Formats(),
+) -> Estimate:
+    """The memory of training ``model`` (real or on the ``meta`` device) with method ``name``.
+
+    Raises:
+        ValueError: for an unknown method, or a ``gradnorm`` method on a model without
+            ``apply_gradnorm``.
+    """
+    spec, layerwise = method(name)
+    low_rank, dense = select_targets(model, targets, exclude)
+    if spec.gradnorm and not any(n.endswith("parametrizations.weight.original1") for n in low_rank):
+        raise ValueError(f"{name} needs a weight-normalized model: call "
+                         "lit_lowrank.models.gradnorm.apply_gradnorm(model, targets) first")
+    trainable = [*low_rank.values(), *dense.values()]
+    weights = sum(_nbytes(p) for p in model.parameters())
+    if spec.int8_weights:
+        weights += sum(int_bytes(p.numel(), formats.weight_bits, formats.weight_group, p.ndim) - _nbytes(p)
+                       for p in low_rank.values())
+    grads = [_nbytes(p) for p in trainable]
+    gradients = max(grads, default=0) if layerwise else sum(grads)
+    if not spec.lowrank:
+        states = {"moments": 0, "projectors": 0, "dense": sum(_full_rank_states(p, spec, formats) for p in trainable)}
+    else:
+        r = spec.rank or rank
+        states = {
+            "moments": sum(_lowrank_moments(p, r, spec, formats) for p in low_rank.values()),
+            "projectors": sum(_basis(p, r, spec, formats) for p in low_rank.values()),
+            "dense": sum(2 * _nbytes(p) for p in dense.values()),
+        }
+    return Estimate(weights, gradients, states)
+
+
+def int_bytes(numel: int, bits: int, group: int, ndim: int) -> int:
+    """Bytes of the ``int`` quantizer's packed form: codes over whole groups (``8 // bits`` per
+    byte for 2/4/8 bits), float32 scale and minimum per group, int64 shape."""
+    groups = math.ceil(numel / group)
+    per_byte = 8 // bits if 8 % bits == 0 else 1
+    return math.ceil(groups * group / per_byte) + 8 * groups + 8 * ndim
+
+
+def blockwise8_bytes(numel: int, block: int, ndim: int) -> int:
+    """Bytes of one ``bnb-8bit`` packed moment: uint8 codes, float32 absmax per block, shape."""
+    return numel + 4 * math.ceil(numel / block) + 8 * ndim
+
+
+def _nbytes(p: torch.Tensor) -> int:
+    return p.numel() * p.element_size()
+
+
+def _lowrank_moments(p: nn.Parameter, rank: int, spec: Method, formats: Formats) -> int:
+    m, n = p.shape
+    k = min(rank, m, n) * max(m, n)
+    if spec.moments == "8bit" and k >= formats.min_8bit_size:
+        return 2 * blockwise8_bytes(k, formats.block_size, 2)
+    return 2 * k * p.element_size()
+
+
+def _basis(p: nn.Parameter, rank: int, spec: Method, formats: Formats) -> int:
+    m, n = p.shape
+    numel = min(rank, m, n) * min(m, n)
+    if spec.basis == "seed":
+        return 0
+    if spec.basis == "int4":
+        return int_bytes(numel, formats.basis_bits, formats.basis_group, 2)
+    return numel * p.element_size()
+
+
+def _full_rank_states(p: nn.Parameter, spec: Method, formats: Formats) -> int:
+    if spec.moments != "8bit":
+        return 2 * _nbytes(p)
+    if p.numel() < 4096:  # bitsandbytes keeps float32 moments for small tensors
+        return 2 * 4 * p.numel()
+    return 2 * (p.numel() + 4 * math.ceil(p.numel() / 256))
+
+
+def llama_on_meta(size: str, *, dtype: torch.dtype = torch.bfloat16, gradnorm: bool = False,
+                  targets: Sequence[str] = DEFAULT_TARGETS) -> nn.Module:
+    """``LlamaForCausalLM`` of a named size (DESIGN.md §4) on the meta device, in ``dtype``;
+    weight-normalized when ``gradnorm``."""
+    from transformers import LlamaForCausalLM
+
+    from lit_lowrank.models.gradnorm import apply_gradnorm
+    from lit_lowrank.models.llama import llama_config
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(size)).to(dtype)
+    return apply_gradnorm(model, targets) if gradnorm else model
