@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, select_targets
+from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
 LAYERWISE = "-layerwise"
 
@@ -134,7 +135,7 @@ def estimate(
     low_rank, dense = select_targets(model, targets, exclude)
     if spec.gradnorm and not any(n.endswith("parametrizations.weight.original1") for n in low_rank):
         raise ValueError(f"{name} needs a weight-normalized model: call "
-                         "lit_lowrank.models.gradnorm.apply_gradnorm(model, targets) first")
+                         "lit_lowrank.reparam.apply_gradnorm(model, targets) first")
     trainable = [*low_rank.values(), *dense.values()]
     weights = sum(_nbytes(p) for p in model.parameters())
     if spec.int8_weights:
@@ -203,7 +204,6 @@ def llama_on_meta(size: str, *, dtype: torch.dtype = torch.bfloat16, gradnorm: b
     weight-normalized when ``gradnorm``."""
     from transformers import LlamaForCausalLM
 
-    from lit_lowrank.models.gradnorm import apply_gradnorm
     from lit_lowrank.models.llama import llama_config
 
     with torch.device("meta"):

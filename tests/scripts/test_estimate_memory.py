@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_lowrank import LowRankOptimizer, build_optimizer
 from lit_lowrank.memory import METHODS, estimate, llama_on_meta
-from lit_lowrank.models.gradnorm import apply_gradnorm
+from lit_lowrank.reparam.gradnorm import apply_gradnorm
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 

@@ -4,7 +4,7 @@ linear weight becomes ``W = g · V / ‖V‖`` with one norm per output unit —
 row norm of ``nn.Linear``'s out×in ``weight`` — built on
 ``torch.nn.utils.parametrizations.weight_norm(dim=0)``.
 
-Training (a model transform; the optimizer core never imports this module):
+Training (a model transform applied before the optimizer is built; usable from any loop):
 
 * ``apply_gradnorm(model, targets)`` parametrizes the target ``nn.Linear`` weights: the magnitude
   ``g`` (out×1, ``…parametrizations.weight.original0``) and the direction ``V`` (out×in,

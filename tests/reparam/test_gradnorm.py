@@ -9,7 +9,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from lit_lowrank import build_optimizer, select_targets
-from lit_lowrank.models.gradnorm import apply_gradnorm, fold_gradnorm, is_gradnorm
+from lit_lowrank.reparam.gradnorm import apply_gradnorm, fold_gradnorm, is_gradnorm
 
 
 class TinyNet(nn.Module):
