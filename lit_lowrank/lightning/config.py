@@ -12,6 +12,7 @@ from torch import nn
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import ON_REFRESH
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, build_optimizer
+from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
 
 @dataclass
@@ -33,6 +34,9 @@ class LowRankConfig:
         warmup: linear warm-up length, in steps (int ≥ 1) or as a fraction of the run (float < 1).
         min_lr_ratio: the cosine decay ends at ``min_lr_ratio · lr`` (0.1 in the GaLore papers).
         lr_schedule: ``cosine`` (warm-up then cosine decay) or ``constant`` (warm-up then flat).
+        gradnorm: GradNormLoRP — weight-normalize the target linear weights (``W = g·V/‖V‖``,
+            :func:`lit_lowrank.reparam.apply_gradnorm`) in :meth:`prepare`, so the direction V
+            is projected and the magnitude g trained densely; ``fold_gradnorm`` undoes it.
     """
 
     enabled: bool = True
@@ -58,6 +62,7 @@ class LowRankConfig:
     warmup: float = 0.1
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"
+    gradnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -76,10 +81,17 @@ class LowRankConfig:
     def optimizer_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""
         options = asdict(self)
-        for key in ("enabled", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule"):
+        for key in ("enabled", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm"):
             options.pop(key)
         options["betas"] = tuple(options["betas"])
         return options
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Apply the model transforms the method needs (GradNormLoRP's reparameterization), in
+        place, before any strategy wraps the model or an optimizer is built."""
+        if self.enabled and self.gradnorm:
+            apply_gradnorm(model, self.targets, self.exclude)
+        return model
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer for ``model``: a :class:`LowRankOptimizer`, or AdamW if not ``enabled``."""

@@ -42,6 +42,7 @@ class LowRankModule(pl.LightningModule):
         self.network = network
         self.task = task if task is not None else CausalLM()
         self.lowrank = lowrank if lowrank is not None else LowRankConfig()
+        self.lowrank.prepare(self.network)
 
     def setup(self, stage: str) -> None:
         data_vocab = getattr(self.trainer.datamodule, "vocab_size", None)

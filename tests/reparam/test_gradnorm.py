@@ -127,3 +127,15 @@ def test_fold_back_gives_identical_outputs_and_plain_linear_weights():
 def test_no_matching_linear_raises():
     with pytest.raises(ValueError, match="targets"):
         apply_gradnorm(TinyNet(), targets=["nothing_here"])
+
+
+def test_lightning_config_applies_gradnorm_before_the_optimizer():
+    from lit_lowrank.lightning import LowRankConfig, LowRankModule
+
+    module = LowRankModule(tiny_bert(), lowrank=LowRankConfig(gradnorm=True, rank=4))
+    assert is_gradnorm(module.network.bert.encoder.layer[0].attention.self.query)
+    optimizer = module.lowrank.build(module.network)
+    (low_rank,) = [group for group in optimizer.param_groups if group["lowrank"]]
+    assert low_rank["names"] and all(name.endswith("original1") for name in low_rank["names"])
+    plain = LowRankModule(tiny_bert(), lowrank=LowRankConfig(rank=4))
+    assert not is_gradnorm(plain.network.bert.encoder.layer[0].attention.self.query)
