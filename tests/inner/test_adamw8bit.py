@@ -14,6 +14,7 @@ from torch import nn
 from lit_lowrank import LowRankOptimizer, get_inner_optimizer
 
 BETAS, EPS, BLOCK = (0.9, 0.999), 1e-8, 256
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def gradients(shape, steps, seed=0):
@@ -26,7 +27,7 @@ def gradients(shape, steps, seed=0):
 def reference_adam8bit(lows):
     """Dequantize → Adam update in float32 → N → requantize, with bitsandbytes' functional API."""
     beta1, beta2 = BETAS
-    codes = {signed: create_dynamic_map(signed=signed) for signed in (True, False)}
+    codes = {signed: create_dynamic_map(signed=signed).to(lows[0].device) for signed in (True, False)}
 
     def roundtrip(x, signed):
         packed, state = quantize_blockwise(x.flatten(), code=codes[signed], blocksize=BLOCK)
@@ -86,12 +87,13 @@ def make_inner(**kwargs):
     return get_inner_optimizer("adamw8bit")(betas=BETAS, eps=EPS, block_size=BLOCK, **kwargs)
 
 
-def test_matches_plain_bitsandbytes_reference():
-    lows = gradients((64, 128), steps=6)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_matches_plain_bitsandbytes_reference(device):
+    lows = [low.to(device) for low in gradients((64, 128), steps=6)]
     directions, state = run_inner(make_inner(), lows)
     for got, want in zip(directions, reference_adam8bit(lows)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert state["exp_avg"]["codes"].dtype == torch.uint8
+    assert state["exp_avg"]["codes"].dtype == torch.uint8 and state["exp_avg"]["codes"].device == lows[0].device
 
 
 def test_within_quantization_bound_of_fp32_adam():
