@@ -12,7 +12,8 @@ a method equals :meth:`LowRankOptimizer.state_bytes` after a step (tested):
   absmax per block of B (256), the packed shape — when ``k ≥ min_8bit_size`` (4096), else float;
 * the INT4 basis of Q-GaLore (``int`` quantizer, asymmetric, group 256): ``⌈n/2⌉`` code bytes
   over whole groups, float32 scale and minimum per group, the packed shape;
-* APOLLO's random projection is regenerated from its seed, so it stores no basis;
+* APOLLO's random projection is regenerated from its seed: only the shape (m, n) is stored
+  (two int64);
 * ``adamw8bit`` as a full-rank method is ``bitsandbytes.optim.AdamW8bit``: every tensor of at
   least 4096 elements with uint8 moments and float32 absmax per 256, smaller ones float32.
 
@@ -184,7 +185,7 @@ def _basis(p: nn.Parameter, rank: int, spec: Method, formats: Formats) -> int:
     m, n = p.shape
     numel = min(rank, m, n) * min(m, n)
     if spec.basis == "seed":
-        return 0
+        return 8 * 2
     if spec.basis == "int4":
         return int_bytes(numel, formats.basis_bits, formats.basis_group, 2)
     return numel * p.element_size()

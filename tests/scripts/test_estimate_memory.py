@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_lowrank import LowRankOptimizer, build_optimizer
+from lit_lowrank import LowRankOptimizer, build_optimizer, plugins
 from lit_lowrank.memory import METHODS, estimate, llama_on_meta
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
@@ -22,6 +22,9 @@ INT4_BASIS = {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 25
 OPTIONS = {  # how each method is built with the library
     "galore": {},
     "galore8bit": {"inner": "adamw8bit"},
+    "fira": {"rule": "fira"},
+    "apollo": {"rule": "apollo", "projector": "random"},
+    "apollo-mini": {"rule": "apollo-mini", "projector": "random", "rank": 1},
     "q-galore": {"inner": "adamw8bit", "projector_args": INT4_BASIS, "schedule": "lazy"},
     "gradnorm": {},
     "gradnorm8bit": {"inner": "adamw8bit"},
@@ -43,7 +46,10 @@ def prepared(name: str) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
         quantize_linear_weights(model, DEFAULT_TARGETS, exclude=DEFAULT_EXCLUDE)
     if name == "adamw":
         return model, LowRankOptimizer([{"params": list(model.parameters())}])
-    return model, build_optimizer(model, rank=RANK, **OPTIONS[name])
+    for kind, key in (("update_rules", "rule"), ("projectors", "projector")):
+        if key in OPTIONS[name] and OPTIONS[name][key] not in plugins.registered(kind):
+            pytest.skip(f"{key} {OPTIONS[name][key]!r} is not registered")
+    return model, build_optimizer(model, **{"rank": RANK, **OPTIONS[name]})
 
 
 def backward(model: LlamaForCausalLM) -> None:
