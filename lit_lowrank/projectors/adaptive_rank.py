@@ -1,0 +1,125 @@
+"""Adaptive per-layer rank (in the spirit of WeLore, Jaiswal et al. 2024): each layer's rank is
+the smallest r whose top-r singular values hold a fraction τ of its gradient's energy, capped
+by a per-layer maximum and by a rank budget shared by the layers of a training run."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_lowrank.hookspecs import hookimpl
+from lit_lowrank.projectors.base import DenseBasisProjector, Side
+
+log = logging.getLogger(__name__)
+
+_LEDGERS: dict[str, dict[int, int]] = {}
+"""Granted ranks by budget key, then by parameter seed (index): the shared budget ledger."""
+
+
+def energy_rank(singular_values: Tensor, tau: float) -> int:
+    """Smallest r with ``Σ_{i<r} σᵢ² ≥ τ Σ σᵢ²`` (σ sorted descending); 1 for a zero matrix."""
+    energy = singular_values.double().square()
+    total = energy.sum()
+    if total == 0:
+        return 1
+    captured = torch.cumsum(energy, 0) / total
+    return int(torch.searchsorted(captured, torch.tensor(tau, dtype=captured.dtype) - 1e-12)) + 1
+
+
+def granted_ranks(budget_key: str = "default") -> dict[int, int]:
+    """The ranks granted so far under ``budget_key``, by parameter index (a copy)."""
+    return dict(_LEDGERS.get(budget_key, {}))
+
+
+def reset_budget(budget_key: str = "default") -> None:
+    """Forget the ranks granted under ``budget_key`` (call before building a second optimizer
+    that uses the same key in one process)."""
+    _LEDGERS.pop(budget_key, None)
+
+
+class AdaptiveRankProjector(DenseBasisProjector):
+    """Exact-SVD projector whose rank is chosen per layer at its first refresh.
+
+    ``r = clamp(energy_rank(σ(G), τ), min_rank, rank)``, then reduced to what is left of
+    ``budget`` (the sum of ranks over all layers sharing ``budget_key``), never below
+    ``min_rank``. The rank is then fixed (the moments are shaped by it); later refreshes take
+    the top-r SVD as GaLore does. Layers are served in the order of their first refresh — the
+    optimizer's parameter order — so with a budget smaller than the sum of the τ-ranks the
+    later layers are the ones cut; every grant is logged (logger
+    ``lit_lowrank.projectors.adaptive_rank``) and stored in the state dict.
+
+    Args:
+        rank: per-layer maximum (the optimizer's ``rank``).
+        side, seed, quantizer, quantizer_args: as :class:`DenseBasisProjector` (seed is the
+            parameter index and keys the layer's grant in the ledger).
+        tau: energy fraction τ in (0, 1].
+        budget: total rank over the layers of ``budget_key``; ``None`` for no budget.
+        min_rank: the least rank any layer gets.
+        budget_key: names the ledger; one training run (optimizer) per key.
+
+    State: the base state plus ``rank`` (granted), ``tau_rank`` (requested by τ) and
+    ``energy`` (fraction of the first gradient's energy the granted rank holds).
+    """
+
+    def __init__(
+        self, rank: int, *, side: str = "std", seed: int = 0, tau: float = 0.9, budget: int | None = None,
+        min_rank: int = 1, budget_key: str = "default", quantizer: str | None = None,
+        quantizer_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(rank, side=side, seed=seed, quantizer=quantizer, quantizer_args=quantizer_args)
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
+        if not 1 <= min_rank <= rank:
+            raise ValueError(f"min_rank must be in [1, rank={rank}], got {min_rank}")
+        if budget is not None and budget < min_rank:
+            raise ValueError(f"budget {budget} is below min_rank {min_rank}")
+        self.tau = tau
+        self.budget = budget
+        self.min_rank = min_rank
+        self.budget_key = budget_key
+        self.tau_rank = 0
+        self.energy = float("nan")
+
+    def fit(self, grad: Tensor, side: Side) -> tuple[Tensor | None, Tensor | None]:
+        u, singular_values, vh = torch.linalg.svd(grad, full_matrices=False)
+        if self.refreshes == 0:
+            self._choose_rank(singular_values)
+        left = u[:, : self.rank].clone() if side in (Side.LEFT, Side.BOTH) else None
+        right = vh[: self.rank].T.contiguous() if side in (Side.RIGHT, Side.BOTH) else None
+        return left, right
+
+    def _choose_rank(self, singular_values: Tensor) -> None:
+        self.tau_rank = energy_rank(singular_values, self.tau)
+        wanted = min(max(self.tau_rank, self.min_rank), self.rank)
+        ledger = _LEDGERS.setdefault(self.budget_key, {})
+        ledger.pop(self.seed, None)
+        if self.budget is not None:
+            left = self.budget - sum(ledger.values())
+            if left < wanted:
+                warnings.warn(f"adaptive-rank budget {self.budget} ({self.budget_key!r}) exhausted: layer "
+                              f"{self.seed} gets rank {max(left, self.min_rank)} instead of {wanted}", stacklevel=2)
+            wanted = max(min(wanted, left), self.min_rank)
+        self.rank = ledger[self.seed] = wanted
+        energy = singular_values.double().square()
+        self.energy = float(energy[: self.rank].sum() / energy.sum()) if energy.sum() > 0 else 1.0
+        log.info("adaptive-rank layer %d: rank %d (τ=%.3g asks %d, energy %.4f)",
+                 self.seed, self.rank, self.tau, self.tau_rank, self.energy)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**super().state_dict(), "rank": torch.tensor(self.rank), "tau_rank": torch.tensor(self.tau_rank),
+                "energy": torch.tensor(self.energy, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        self.rank, self.tau_rank, self.energy = int(state["rank"]), int(state["tau_rank"]), float(state["energy"])
+        if self.refreshes:
+            _LEDGERS.setdefault(self.budget_key, {})[self.seed] = self.rank
+
+
+@hookimpl
+def register_projectors(register) -> None:
+    register("adaptive-rank", AdaptiveRankProjector)

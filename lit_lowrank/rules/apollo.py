@@ -1,0 +1,97 @@
+"""APOLLO (Zhu et al. 2024, "APOLLO: SGD-like Memory, AdamW-level Performance", Alg. 1): the
+low-rank optimizer only estimates a per-channel (or per-tensor) learning-rate scale for the raw
+full-rank gradient."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from lit_lowrank.hookspecs import hookimpl
+from lit_lowrank.projectors.base import Projector
+from lit_lowrank.rules.base import UpdateRule
+from lit_lowrank.rules.norm_scaling import SCALINGS, limit_growth_, norm_ratio
+
+
+class ApolloRule(UpdateRule):
+    """``U = √α · limit(G ⊙ s)`` with ``s = ‖N_j‖ / ‖R_j‖``, ``W ← W − η U``.
+
+    The channels j are G's columns for a left projection and its rows for a right one (from
+    the projector's side, APOLLO eq. 5); ``scaling="tensor"`` uses one ratio of Frobenius norms
+    (APOLLO-Mini, eq. 6). APOLLO pairs this with the ``random`` projector (a seeded Gaussian
+    refreshed every T steps) but any projector works.
+
+    Args:
+        scale: α. As in apollo-torch, the update is multiplied by **√α** (the paper's tables
+            quote α; apollo-torch's code applies its square root): APOLLO α = 1, APOLLO-Mini 128.
+        scaling: ``channel`` (APOLLO) or ``tensor`` (APOLLO-Mini).
+        gamma: Fira's norm-growth limit γ (1.01), applied before √α; ``None`` disables it.
+
+    Deliberate difference from apollo-torch: ``N`` is bias-corrected (paper convention), so the
+    limiter's history is in the units of the applied update.
+
+    State: ``limiter_norm`` (0-dim).
+    """
+
+    def __init__(self, scale: float = 1.0, *, scaling: str = "channel", gamma: float | None = 1.01) -> None:
+        super().__init__(scale)
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
+        if scale <= 0:
+            raise ValueError(f"APOLLO's scale enters as √scale and must be > 0, got {scale}")
+        if gamma is not None and gamma < 1:
+            raise ValueError(f"gamma must be >= 1 (or None to disable the limiter), got {gamma}")
+        self.scaling = scaling
+        self.gamma = gamma
+
+    def apply_(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        low: Tensor,
+        direction: Tensor,
+        projector: Projector,
+        state: dict[str, Tensor],
+        *,
+        step_size: float,
+    ) -> None:
+        update = grad * norm_ratio(direction, low, projector.side, self.scaling)
+        if self.gamma is not None:
+            limit_growth_(update, state, "limiter_norm", self.gamma)
+        param.add_(update, alpha=-step_size * math.sqrt(self.scale))
+
+
+class ApolloMiniRule(ApolloRule):
+    """APOLLO-Mini: rank-1 projection, tensor-wise scaling, α = 128 (so √128 ≈ 11.3 multiplies
+    the update). α is fixed here and the optimizer's ``scale`` option does not reach it; for
+    another α use ``rule: apollo`` with ``rule_args: {scaling: tensor}``.
+
+    Raises:
+        ValueError: at the first step, if the projector's rank is not 1.
+    """
+
+    def __init__(self, *, gamma: float | None = 1.01) -> None:
+        super().__init__(128.0, scaling="tensor", gamma=gamma)
+
+    def apply_(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        low: Tensor,
+        direction: Tensor,
+        projector: Projector,
+        state: dict[str, Tensor],
+        *,
+        step_size: float,
+    ) -> None:
+        if projector.rank != 1:
+            raise ValueError(f"apollo-mini is APOLLO at rank 1, but the rank is {projector.rank}; set rank: 1, "
+                             "or use rule: apollo with rule_args {scaling: tensor} for a higher rank.")
+        super().apply_(param, grad, low, direction, projector, state, step_size=step_size)
+
+
+@hookimpl
+def register_update_rules(register) -> None:
+    register("apollo", ApolloRule)
+    register("apollo-mini", ApolloMiniRule)

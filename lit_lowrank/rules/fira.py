@@ -1,0 +1,66 @@
+"""Fira (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+Constraint?", Alg. 1): GaLore plus the norm-scaled residual the projection throws away."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lit_lowrank.hookspecs import hookimpl
+from lit_lowrank.projectors.base import Projector
+from lit_lowrank.rules.base import UpdateRule
+from lit_lowrank.rules.norm_scaling import limit_growth_, norm_ratio
+
+
+class FiraRule(UpdateRule):
+    """``U = α · lift(N) + limit(φ ⊙ (G − lift(R)))``, ``W ← W − η U``.
+
+    ``lift`` is the projector's unscaled back-projection, so ``G − lift(R)`` is exactly the
+    part of the gradient outside the subspace. ``φ = ‖N_j‖ / ‖R_j‖`` per channel j — per column
+    of G for a left projection, per row for a right one (from the projector's side) — is how
+    much the low-rank optimizer rescaled that channel (Fira eq. 6–7). The limiter caps the
+    growth of ‖φ ⊙ residual‖ between steps at ``gamma`` (Fira eq. 8).
+
+    Args:
+        scale: α, multiplying the lifted low-rank update (0.25 in Fira's LLaMA runs).
+        gamma: norm-growth limit γ (1.01); ``None`` disables the limiter.
+        scaled_residual: subtract ``α · lift(R)`` instead of ``lift(R)``, as the fira package
+            does; with α < 1 that leaks ``(1 − α)`` of the in-subspace gradient into the
+            residual. Off by default (the paper's residual).
+
+    Deliberate difference from the fira package: ``N`` is bias-corrected (paper convention), so
+    φ and the limiter's history are in the units of the applied update; fira applies the
+    bias-correction factor after the limiter.
+
+    State: ``limiter_norm`` (0-dim), the limited residual norm of the previous step.
+    """
+
+    def __init__(self, scale: float = 1.0, *, gamma: float | None = 1.01, scaled_residual: bool = False) -> None:
+        super().__init__(scale)
+        if gamma is not None and gamma < 1:
+            raise ValueError(f"gamma must be >= 1 (or None to disable the limiter), got {gamma}")
+        self.gamma = gamma
+        self.scaled_residual = scaled_residual
+
+    def apply_(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        low: Tensor,
+        direction: Tensor,
+        projector: Projector,
+        state: dict[str, Tensor],
+        *,
+        step_size: float,
+    ) -> None:
+        lifted_share = self.scale if self.scaled_residual else 1.0
+        residual = projector.add_back_(grad.clone(), low, alpha=-lifted_share)  # G − lift(R), m×n
+        residual.mul_(norm_ratio(direction, low, projector.side, "channel"))
+        if self.gamma is not None:
+            limit_growth_(residual, state, "limiter_norm", self.gamma)
+        param.add_(residual, alpha=-step_size)
+        projector.add_back_(param, direction, alpha=-step_size * self.scale)
+
+
+@hookimpl
+def register_update_rules(register) -> None:
+    register("fira", FiraRule)
