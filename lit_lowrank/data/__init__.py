@@ -1,1 +1,6 @@
-"""Data modules: litdata pretraining streams (pretrain), the embedded corpus and tokenizer."""
+"""Data modules: litdata pretraining streams (:class:`PretrainData`), the embedded corpus and
+its offline tokenizer."""
+
+from lit_lowrank.data.pretrain import PretrainData
+
+__all__ = ["PretrainData"]
