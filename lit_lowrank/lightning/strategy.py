@@ -15,10 +15,12 @@ from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.conversion import convert_optimizers
+from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
 class _LowRankOptimizers:
-    """Mixin: after the wrapped strategy built the module's optimizers, convert them."""
+    """Mixin: after the wrapped strategy built the module's optimizers, convert them (and log
+    :class:`LowRankTelemetry` unless the trainer already does)."""
 
     lowrank: LowRankConfig
 
@@ -27,6 +29,8 @@ class _LowRankOptimizers:
         super().setup_optimizers(trainer)  # type: ignore[misc]
         self.optimizers = convert_optimizers(self.lightning_module, self.optimizers,
                                              self.lr_scheduler_configs, self.lowrank)
+        if not any(isinstance(callback, LowRankTelemetry) for callback in trainer.callbacks):
+            trainer.callbacks.append(LowRankTelemetry())
 
 
 class LowRankStrategy(_LowRankOptimizers, SingleDeviceStrategy):

@@ -70,6 +70,7 @@ def test_user_adam_is_replaced_and_target_updates_are_low_rank(adoption):
         assert torch.linalg.matrix_rank(delta).item() <= RANK
     head_delta = model.head.weight.detach() - before["head.weight"]
     assert torch.linalg.matrix_rank(head_delta).item() == 3  # dense AdamW: full rank (3×16)
+    assert trainer.callback_metrics["optim/refreshes"].item() == 2  # telemetry: both encoder weights
 
 
 @pytest.mark.parametrize("adoption", list(ADOPTIONS))
