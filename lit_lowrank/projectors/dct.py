@@ -76,10 +76,13 @@ class DCTProjector(Projector):
             raise RuntimeError("projector used before its first refresh()")
         if self._cache is None:
             m, n = self._dims
-            build = lambda dim, key: (  # noqa: E731
-                dct_columns(dim, self._indices[key]).to(self._like) if key in self._indices else None)
-            self._cache = (build(m, "left_indices"), build(n, "right_indices"))
+            self._cache = (self._columns(m, "left_indices"), self._columns(n, "right_indices"))
         return self._cache
+
+    def _columns(self, dim: int, key: str) -> Tensor | None:
+        if key not in self._indices:
+            return None
+        return dct_columns(dim, self._indices[key]).to(self._like)
 
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()

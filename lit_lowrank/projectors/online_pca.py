@@ -76,10 +76,12 @@ class OnlinePCAProjector(DenseBasisProjector):
             return (u[:, : self.rank].clone() if side in (Side.LEFT, Side.BOTH) else None,
                     vh[: self.rank].T.contiguous() if side in (Side.RIGHT, Side.BOTH) else None)
         generator = seeded_generator(self.seed, 0)
-        span = lambda matrix: range_finder(  # noqa: E731
-            matrix, gaussian(matrix.shape[1], self.rank, generator, matrix), self.power_iters)
-        return (span(grad) if side in (Side.LEFT, Side.BOTH) else None,
-                span(grad.T) if side in (Side.RIGHT, Side.BOTH) else None)
+        left = right = None
+        if side in (Side.LEFT, Side.BOTH):
+            left = range_finder(grad, gaussian(grad.shape[1], self.rank, generator, grad), self.power_iters)
+        if side in (Side.RIGHT, Side.BOTH):
+            right = range_finder(grad.T, gaussian(grad.shape[0], self.rank, generator, grad), self.power_iters)
+        return left, right
 
 
 @hookimpl

@@ -45,9 +45,11 @@ class RandomProjector(Projector):
     def _generate(self, counter: int) -> tuple[Tensor | None, Tensor | None]:
         m, n = self._shape
         generator = seeded_generator(self.seed, counter)
-        draw = lambda dim: self._basis(gaussian(self.rank, dim, generator, self._like))  # noqa: E731
-        left = draw(m) if self.side in (Side.LEFT, Side.BOTH) else None
-        right = draw(n) if self.side in (Side.RIGHT, Side.BOTH) else None
+        left = right = None
+        if self.side in (Side.LEFT, Side.BOTH):
+            left = self._basis(gaussian(self.rank, m, generator, self._like))
+        if self.side in (Side.RIGHT, Side.BOTH):
+            right = self._basis(gaussian(self.rank, n, generator, self._like))
         return left, right
 
     def _basis(self, draw: Tensor) -> Tensor:
