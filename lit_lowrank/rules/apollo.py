@@ -31,7 +31,7 @@ class ApolloRule(UpdateRule):
     Deliberate difference from apollo-torch: ``N`` is bias-corrected (paper convention), so the
     limiter's history is in the units of the applied update.
 
-    State: ``limiter_norm`` (0-dim).
+    State: ``limiter_norm`` (``{"norm": 0-dim float32}``).
     """
 
     def __init__(self, scale: float = 1.0, *, scaling: str = "channel", gamma: float | None = 1.01) -> None:

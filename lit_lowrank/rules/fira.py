@@ -31,7 +31,8 @@ class FiraRule(UpdateRule):
     φ and the limiter's history are in the units of the applied update; fira applies the
     bias-correction factor after the limiter.
 
-    State: ``limiter_norm`` (0-dim), the limited residual norm of the previous step.
+    State: ``limiter_norm`` (``{"norm": 0-dim float32}``), the limited residual norm of the
+    previous step.
     """
 
     def __init__(self, scale: float = 1.0, *, gamma: float | None = 1.01, scaled_residual: bool = False) -> None:

@@ -58,15 +58,16 @@ def norm_ratio(direction: Tensor, low: Tensor, side: Side, scaling: str = "chann
 def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: float) -> Tensor:
     """Fira's norm-growth limiter (Fira §3.3), in place.
 
-    If ``‖S_t‖ > γ ‖S_{t−1}‖`` then ``S_t ← S_t · γ ‖S_{t−1}‖ / ‖S_t‖``. ``state[key]`` keeps
-    ``‖S_t‖`` after limiting (a 0-dim tensor, saved with the optimizer state). The factor is
-    computed on the device, without a host synchronisation.
+    If ``‖S_t‖ > γ ‖S_{t−1}‖`` then ``S_t ← S_t · γ ‖S_{t−1}‖ / ‖S_t‖``. ``state[key]["norm"]``
+    keeps ``‖S_t‖`` after limiting: a 0-dim float32 (or float64) tensor inside a dict, because
+    ``torch.optim.Optimizer.load_state_dict`` casts plain float state to the parameter's dtype
+    (bf16 would round away the 1% that γ resolves) and ``LowRankOptimizer`` restores dict-valued
+    state as saved. The factor is computed on the device, without a host synchronisation.
     """
     norm = torch.linalg.vector_norm(update, dtype=torch.promote_types(update.dtype, torch.float32))
-    previous = state.get(key)
-    if previous is not None:
-        factor = (gamma * (previous + RATIO_EPS) / norm).clamp(max=1.0)
+    if key in state:
+        factor = (gamma * (state[key]["norm"] + RATIO_EPS) / norm).clamp(max=1.0)
         update.mul_(factor.to(update.dtype))
         norm = norm * factor
-    state[key] = norm
+    state[key] = {"norm": norm}
     return update
