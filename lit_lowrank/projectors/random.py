@@ -1,4 +1,4 @@
-"""Seeded random Gaussian projection (APOLLO, Zhu et al. 2024, §4.1): no SVD, and only the seed
+"""Seeded random Gaussian projection (APOLLO, Zhu et al. 2024): no SVD, and only the seed
 and a refresh counter are stored — the matrix is regenerated on demand."""
 
 from __future__ import annotations

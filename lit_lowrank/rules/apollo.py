@@ -1,4 +1,4 @@
-"""APOLLO (Zhu et al. 2024, "APOLLO: SGD-like Memory, AdamW-level Performance", Alg. 1): the
+"""APOLLO (Zhu et al. 2024, "APOLLO: SGD-like Memory, AdamW-level Performance"): the
 low-rank optimizer only estimates a per-channel (or per-tensor) learning-rate scale for the raw
 full-rank gradient."""
 
@@ -18,9 +18,9 @@ class ApolloRule(UpdateRule):
     """``U = √α · limit(G ⊙ s)`` with ``s = ‖N_j‖ / ‖R_j‖``, ``W ← W − η U``.
 
     The channels j are G's columns for a left projection and its rows for a right one (from
-    the projector's side, APOLLO eq. 5); ``scaling="tensor"`` uses one ratio of Frobenius norms
-    (APOLLO-Mini, eq. 6). APOLLO pairs this with the ``random`` projector (a seeded Gaussian
-    refreshed every T steps) but any projector works.
+    the projector's side — APOLLO's channel-wise scaling); ``scaling="tensor"`` uses one ratio
+    of Frobenius norms (APOLLO-Mini's tensor-wise scaling). APOLLO pairs this with the
+    ``random`` projector (a seeded Gaussian refreshed every T steps) but any projector works.
 
     Args:
         scale: α. As in apollo-torch, the update is multiplied by **√α** (the paper's tables

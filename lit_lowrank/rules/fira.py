@@ -1,5 +1,5 @@
 """Fira (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
-Constraint?", Alg. 1): GaLore plus the norm-scaled residual the projection throws away."""
+Constraint?"): GaLore plus the norm-scaled residual the projection throws away."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ class FiraRule(UpdateRule):
     ``lift`` is the projector's unscaled back-projection, so ``G − lift(R)`` is exactly the
     part of the gradient outside the subspace. ``φ = ‖N_j‖ / ‖R_j‖`` per channel j — per column
     of G for a left projection, per row for a right one (from the projector's side) — is how
-    much the low-rank optimizer rescaled that channel (Fira eq. 6–7). The limiter caps the
-    growth of ‖φ ⊙ residual‖ between steps at ``gamma`` (Fira eq. 8).
+    much the low-rank optimizer rescaled that channel (Fira's norm-based scaling). The limiter caps the
+    growth of ‖φ ⊙ residual‖ between steps at ``gamma`` (Fira's norm-growth limiter).
 
     Args:
         scale: α, multiplying the lifted low-rank update (0.25 in Fira's LLaMA runs).

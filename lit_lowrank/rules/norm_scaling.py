@@ -1,9 +1,9 @@
 """Norm-based scaling shared by Fira and APOLLO.
 
 Both methods turn the low-rank optimizer's output ``N`` into a full-rank step by measuring how
-much the optimizer rescaled the projected gradient ``R``: ``φ = ‖N‖ / ‖R‖`` per channel (Fira
-§3.2, APOLLO §4.1) or per tensor (APOLLO-Mini), and both damp sudden growth of the resulting
-full-rank term with Fira's norm-growth limiter (Fira §3.3).
+much the optimizer rescaled the projected gradient ``R``: ``φ = ‖N‖ / ‖R‖`` per channel
+(Fira's norm-based scaling, APOLLO's channel-wise scaling) or per tensor (APOLLO-Mini), and
+both damp sudden growth of the resulting full-rank term with Fira's norm-growth limiter.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def norm_ratio(direction: Tensor, low: Tensor, side: Side, scaling: str = "chann
 
 
 def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: float) -> Tensor:
-    """Fira's norm-growth limiter (Fira §3.3), in place.
+    """Fira's norm-growth limiter, in place.
 
     If ``‖S_t‖ > γ ‖S_{t−1}‖`` then ``S_t ← S_t · γ ‖S_{t−1}‖ / ‖S_t‖``. ``state[key]["norm"]``
     keeps ``‖S_t‖`` after limiting: a 0-dim float32 (or float64) tensor inside a dict, because
