@@ -165,18 +165,41 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def step_group(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor] | None = None,
+                   ) -> None:
         """Update ``params`` (members of ``group`` that have gradients); layer-wise mode calls
-        this with one parameter at a time."""
+        this with one parameter at a time.
+
+        ``lows`` gives, for low-rank params of a step that does not refresh their subspace
+        (:meth:`needs_full_gradient` is False), the projected gradient ``R`` to use instead of
+        projecting ``p.grad`` (which may then be None): layer-wise gradient accumulation sums
+        ``R`` over micro-batches instead of the full gradient.
+        """
         if not params:
             return
+        lows = lows or {}
         for p in params:
-            if p.grad.is_sparse:
+            if p not in lows and p.grad.is_sparse:
                 raise RuntimeError("LowRankOptimizer does not support sparse gradients")
         if group["lowrank"]:
-            self._lowrank_step(group, params)
+            self._lowrank_step(group, params, lows)
         else:
             self._dense_step(group, params)
+
+    def needs_full_gradient(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p``'s next step needs its full gradient, not only its projection ``R``: a
+        dense param, a rule that uses ``G`` (``UpdateRule.uses_gradient``: Fira, APOLLO), or a
+        step that refreshes the subspace (always the first)."""
+        if not group["lowrank"] or self._group_components(group)[1].uses_gradient:
+            return True
+        slot, state = self._slots.get(p), self.state.get(p, {})
+        if slot is None or "step" not in state:
+            return True
+        return slot.schedule.should_refresh(int(state["step"]))
+
+    def project(self, p: Tensor, grad: Tensor) -> Tensor:
+        """``R``: ``grad`` projected on ``p``'s current subspace (after its first step)."""
+        return self._slots[p].projector.project(grad)
 
     def _dense_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
@@ -199,7 +222,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             maximize=False,
         )
 
-    def _lowrank_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor]) -> None:
         inner, rule = self._group_components(group)
         by_step: dict[int, list[tuple[Tensor, Tensor, dict, LowRankSlot]]] = defaultdict(list)
         for p in params:
@@ -207,8 +230,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             fresh = "step" not in state
             step = 0 if fresh else int(state["step"])
             if slot.schedule.should_refresh(step):
+                if p in lows:
+                    raise RuntimeError("a projected gradient was given for a step that refreshes the subspace; "
+                                       "check needs_full_gradient() before projecting")
                 self._refresh(p.grad, slot, state, inner, group, step)
-            low = slot.projector.project(p.grad)
+            low = lows[p] if p in lows else slot.projector.project(p.grad)
             if fresh:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(low))

@@ -17,7 +17,12 @@ class UpdateRule(ABC):
         scale: the papers' α, multiplying the lifted low-rank update.
 
     Rules may keep per-parameter tensors in ``state`` (the optimizer state of that weight).
+    ``uses_gradient`` says whether :meth:`apply_` reads the full gradient ``G``; a rule that
+    needs only ``R`` and ``N`` sets it False, and then gets ``grad=None`` when layer-wise
+    gradient accumulation sums projections instead of full gradients.
     """
+
+    uses_gradient: bool = True
 
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = scale

@@ -11,7 +11,9 @@ from lit_lowrank.rules.base import UpdateRule
 
 class GaLoreRule(UpdateRule):
     """Lift the low-rank direction with the projector and scale it by α; the lift is fused into
-    the weight update (``addmm_``)."""
+    the weight update (``addmm_``). Needs only ``N``, not the full gradient."""
+
+    uses_gradient = False
 
     def apply_(
         self,
