@@ -3,6 +3,8 @@ is projected) and a few optimizer steps on a tiny model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -139,3 +141,20 @@ def test_lightning_config_applies_gradnorm_before_the_optimizer():
     assert low_rank["names"] and all(name.endswith("original1") for name in low_rank["names"])
     plain = LowRankModule(tiny_bert(), lowrank=LowRankConfig(rank=4))
     assert not is_gradnorm(plain.network.bert.encoder.layer[0].attention.self.query)
+
+
+@pytest.mark.parametrize("overlay, inner", [("gradnorm.yaml", "adamw"), ("gradnorm_8bit.yaml", "adamw8bit")])
+def test_glue_overlays_parse_on_top_of_a_task_config(overlay, inner, capsys):
+    import yaml
+
+    from lit_lowrank.cli import main
+
+    configs = Path(__file__).parents[2] / "configs" / "glue"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(configs / "mrpc.yaml"), "--config", str(configs / overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    lowrank = yaml.safe_load(capsys.readouterr().out)["lowrank"]
+    task = yaml.safe_load((configs / "mrpc.yaml").read_text())["lowrank"]
+    assert lowrank["gradnorm"] is True and lowrank["inner"] == inner
+    assert {k: lowrank[k] for k in ("rank", "scale", "update_gap", "lr", "targets")} == \
+        {k: task[k] for k in ("rank", "scale", "update_gap", "lr", "targets")}
