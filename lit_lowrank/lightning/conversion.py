@@ -14,6 +14,7 @@ from torch import nn
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.optim.factory import select_targets
 from lit_lowrank.optim.lowrank import LowRankOptimizer
+from lit_lowrank.reparam.gradnorm import is_gradnorm
 
 # torch-optimizer implementation switches that mean nothing to LowRankOptimizer
 _IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "capturable", "differentiable", "amsgrad",
@@ -33,6 +34,10 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
     Raises:
         ValueError: if no weight matches ``config.targets``, or an optimizer maximizes.
     """
+    if config.gradnorm and not any(is_gradnorm(m) for m in module.modules()):
+        raise ValueError("lowrank gradnorm: true needs the weight-normalized model before Lightning sets it up: "
+                         "call lit_lowrank.reparam.apply_gradnorm(self, targets) in your LightningModule's "
+                         "__init__ (LowRankModule does it from its config)")
     low_rank, _ = select_targets(module, config.targets, config.exclude)
     if not low_rank:
         raise ValueError(f"no 2-D weight of {type(module).__name__} matches targets={config.targets} "

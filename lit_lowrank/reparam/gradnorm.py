@@ -38,6 +38,7 @@ def apply_gradnorm(
 ) -> nn.Module:
     """Weight-normalize every ``nn.Linear`` whose qualified name matches one of ``targets``
     (``re.search``, as :func:`lit_lowrank.select_targets`) and none of ``exclude``; in place.
+    Layers already weight-normalized are left as they are, so applying it twice is harmless.
 
     Returns:
         ``model``, whose target ``weight`` is now computed as ``g · V / ‖V‖`` (norm over each
@@ -49,7 +50,6 @@ def apply_gradnorm(
     chosen = [
         module for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
-        and not parametrize.is_parametrized(module, "weight")
         and any(re.search(t, name) for t in targets)
         and not any(re.search(x, name) for x in exclude)
     ]
@@ -59,7 +59,8 @@ def apply_gradnorm(
             "to module-name patterns of your model's linear layers, e.g. ['query', 'value']."
         )
     for module in chosen:
-        weight_norm(module, name="weight", dim=0)
+        if not is_gradnorm(module):
+            weight_norm(module, name="weight", dim=0)
     return model
 
 

@@ -158,3 +158,25 @@ def test_glue_overlays_parse_on_top_of_a_task_config(overlay, inner, capsys):
     assert lowrank["gradnorm"] is True and lowrank["inner"] == inner
     assert {k: lowrank[k] for k in ("rank", "scale", "update_gap", "lr", "targets")} == \
         {k: task[k] for k in ("rank", "scale", "update_gap", "lr", "targets")}
+
+
+def test_apply_twice_is_harmless():
+    model = apply_gradnorm(TinyNet())
+    v = model.attn.parametrizations.weight.original1
+    apply_gradnorm(model)
+    assert model.attn.parametrizations.weight.original1 is v and len(model.attn.parametrizations.weight) == 1
+
+
+def test_existing_project_path_refuses_gradnorm_on_a_plain_model():
+    from lit_lowrank.lightning import LowRankConfig
+    from lit_lowrank.lightning.conversion import convert_optimizers
+
+    config = LowRankConfig(gradnorm=True, rank=4)
+    plain = tiny_bert()
+    with pytest.raises(ValueError, match="apply_gradnorm"):
+        convert_optimizers(plain, [torch.optim.AdamW(plain.parameters())], [], config)
+    model = apply_gradnorm(tiny_bert())
+    (converted,) = convert_optimizers(model, [torch.optim.AdamW(model.parameters())], [], config)
+    lowrank = [p for group in converted.param_groups if group["lowrank"] for p in group["params"]]
+    directions = [p for n, p in model.named_parameters() if n.endswith("original1")]
+    assert len(lowrank) == len(directions) and all(any(p is d for d in directions) for p in lowrank)
