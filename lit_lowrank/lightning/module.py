@@ -50,6 +50,13 @@ class LowRankModule(pl.LightningModule):
         if data_vocab is not None and model_vocab is not None and data_vocab > model_vocab:
             raise ValueError(f"the data has {data_vocab} token ids but the network's vocabulary has "
                              f"{model_vocab}; set the network's vocab_size to {data_vocab}")
+        # classification: data, task and head must agree, else a 2-way task trains a 3-way head
+        labels = {"data": getattr(self.trainer.datamodule, "num_labels", None),
+                  "task": getattr(self.task, "num_labels", None),
+                  "network": getattr(getattr(self.network, "config", None), "num_labels", None)}
+        given = {k: v for k, v in labels.items() if v is not None}
+        if labels["task"] is not None and len(set(given.values())) > 1:
+            raise ValueError(f"num_labels disagree: {given}; set the same num_labels on the network, task and data")
 
     # ------------------------------------------------------------------ steps
     def forward(self, *args: Any, **kwargs: Any) -> Any:
