@@ -34,6 +34,10 @@ class LowRankConfig:
         warmup: linear warm-up length, in steps (int ≥ 1) or as a fraction of the run (float < 1).
         min_lr_ratio: the cosine decay ends at ``min_lr_ratio · lr`` (0.1 in the GaLore papers).
         lr_schedule: ``cosine`` (warm-up then cosine decay) or ``constant`` (warm-up then flat).
+        layerwise: step each weight inside backward and free its gradient at once
+            (:class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback`): lower peak memory by
+            about the gradients' size; works with ``accumulate_grad_batches`` (low-rank weights
+            accumulate their projections), not with ``gradient_clip_val``, fp16 scaling or DDP.
         gradnorm: GradNormLoRP — weight-normalize the target linear weights (``W = g·V/‖V‖``,
             :func:`lit_lowrank.reparam.apply_gradnorm`) in :meth:`prepare`, so the direction V
             is projected and the magnitude g trained densely; ``fold_gradnorm`` undoes it.
@@ -62,9 +66,13 @@ class LowRankConfig:
     warmup: float = 0.1
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"
+    layerwise: bool = False
     gradnorm: bool = False
 
     def __post_init__(self) -> None:
+        if self.layerwise and not self.enabled:
+            raise ValueError("layerwise: true steps the low-rank optimizer inside backward; set enabled: true "
+                             "(plain AdamW has no layer-wise mode here) or layerwise: false")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}; expected one of {LR_SCHEDULES}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -81,7 +89,7 @@ class LowRankConfig:
     def optimizer_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""
         options = asdict(self)
-        for key in ("enabled", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm"):
+        for key in ("enabled", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm", "layerwise"):
             options.pop(key)
         options["betas"] = tuple(options["betas"])
         return options

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_lowrank.lightning.config import LowRankConfig
+from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.lr_schedule import warmup_cosine
 from lit_lowrank.lightning.tasks import CausalLM, Task
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
@@ -33,7 +34,8 @@ class LowRankModule(pl.LightningModule):
 
     Extension point: :meth:`configure_optimizers` builds the optimizer with
     :meth:`make_optimizer` and the schedule with :meth:`make_lr_scheduler`; a subclass may set
-    ``automatic_optimization = False`` and step the optimizer itself (e.g. layer-wise updates).
+    ``automatic_optimization = False`` and step the optimizer itself. ``lowrank.layerwise`` adds
+    :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback` (updates inside backward).
     """
 
     def __init__(self, network: nn.Module, task: Task | None = None,
@@ -109,4 +111,7 @@ class LowRankModule(pl.LightningModule):
                              min_ratio=self.lowrank.min_lr_ratio, cosine=self.lowrank.lr_schedule == "cosine")
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [LowRankTelemetry()]
+        callbacks: list[pl.Callback] = [LowRankTelemetry()]
+        if self.lowrank.enabled and self.lowrank.layerwise:
+            callbacks.append(LayerwiseCallback())
+        return callbacks
