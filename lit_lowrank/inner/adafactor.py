@@ -18,7 +18,8 @@ from lit_lowrank.inner.base import ON_REFRESH, InnerOptimizer, change_basis
 class AdafactorInner(InnerOptimizer):
     """Per weight, with ``t`` the step and ``β̂2ₜ = 1 − t^decay_rate``:
 
-    * ``row ← β̂2ₜ row + (1 − β̂2ₜ) mean_cols(R² + ε1)``; ``col ← β̂2ₜ col + (1 − β̂2ₜ) mean_rows(R² + ε1)``;
+    * ``row ← β̂2ₜ row + (1 − β̂2ₜ) mean_cols(R² + ε1)``;
+      ``col ← β̂2ₜ col + (1 − β̂2ₜ) mean_rows(R² + ε1)``;
     * ``V̂ = row colᵀ / mean(row)`` (the rank-1 estimate of the EMA of ``R²``, Alg. 4);
     * ``U = R / √V̂``, clipped: ``U ← U / max(1, RMS(U) / d)`` with ``d = clip_threshold``;
     * with ``beta1``: ``M ← β1 M + (1 − β1) U`` and ``N = M``; else ``N = U``.

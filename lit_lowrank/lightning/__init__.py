@@ -3,6 +3,7 @@ and the ``"lowrank"``/``"ddp_lowrank"`` strategies (adopt in an existing project
 
 from lit_lowrank.lightning.callback import LowRankCallback
 from lit_lowrank.lightning.config import LowRankConfig
+from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.module import LowRankModule
 from lit_lowrank.lightning.strategy import DDPLowRankStrategy, LowRankStrategy, register_strategies
 from lit_lowrank.lightning.tasks import CausalLM, SequenceClassification, Task, TaskOutput
@@ -10,5 +11,5 @@ from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 register_strategies()
 
-__all__ = ["CausalLM", "DDPLowRankStrategy", "LowRankCallback", "LowRankConfig", "LowRankModule",
+__all__ = ["CausalLM", "DDPLowRankStrategy", "LayerwiseCallback", "LowRankCallback", "LowRankConfig", "LowRankModule",
            "LowRankStrategy", "LowRankTelemetry", "SequenceClassification", "Task", "TaskOutput"]
