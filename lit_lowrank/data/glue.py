@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from datasets import Dataset
+from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -173,6 +173,7 @@ class GLUEDataModule(pl.LightningDataModule):
         self.hub_dataset = hub_dataset
         self.tokenizer = None
         self.datasets: dict[str, Dataset] = {}
+        self._hub = None
 
     @property
     def num_labels(self) -> int:
@@ -219,9 +220,10 @@ class GLUEDataModule(pl.LightningDataModule):
         return dataset.rename_column(text_b, "text_b") if text_b is not None else dataset
 
     def _load_hub(self) -> Any:
-        from datasets import load_dataset
-
-        return load_dataset(self.hub_dataset, self.task)
+        """The task's ``DatasetDict`` (downloaded once into the HF cache, then read from it)."""
+        if self._hub is None:
+            self._hub = load_dataset(self.hub_dataset, self.task)
+        return self._hub
 
     def _tokenize(self, raw: Dataset) -> Dataset:
         pair = "text_b" in raw.column_names
