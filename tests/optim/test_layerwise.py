@@ -12,15 +12,23 @@ import torch
 
 from lit_lowrank import build_optimizer
 from lit_lowrank.models import Llama
+from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
+from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
+from lit_lowrank.reparam.gradnorm import apply_gradnorm
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_heads=2, num_layers=2)
 RANK = 4
 
 
-def small_llama(dtype=torch.float32) -> Llama:
+def small_llama(dtype=torch.float32, transform=None) -> Llama:
     torch.manual_seed(0)
-    return Llama("tiny", vocab_size=64, **SMALL).to(dtype)
+    model = Llama("tiny", vocab_size=64, **SMALL).to(dtype)
+    if transform is not None:
+        transform(model)
+    return model
 
 
 def batches(count):
@@ -66,6 +74,24 @@ def test_layerwise_accumulation_matches_standard(rule, inner):
     for name, value in standard.items():
         assert not torch.equal(value, start[name]), name
         torch.testing.assert_close(layerwise[name], value, rtol=0, atol=1e-9, msg=name)
+
+
+TRANSFORMS = {
+    "q-galore-int8-weights": lambda model: quantize_linear_weights(model, DEFAULT_TARGETS, bits=8,
+                                                                   exclude=DEFAULT_EXCLUDE),
+    "gradnorm-weight-norm": lambda model: apply_gradnorm(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE),
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_layerwise_accumulation_with_quantized_or_reparameterized_weights(transform):
+    """Q-GaLore's INT8 weights (a weight store updated through the optimizer) and GradNormLoRP's
+    weight-normalized direction V also step inside backward, with accumulation 2."""
+    make = lambda: small_llama(transform=TRANSFORMS[transform])  # noqa: E731
+    standard, _, _ = train(make(), layerwise=False, accumulation=2)
+    layerwise, _, _ = train(make(), layerwise=True, accumulation=2)
+    for name, value in standard.items():
+        torch.testing.assert_close(layerwise[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_accumulators_hold_projections_except_on_refresh_windows():
@@ -139,3 +165,12 @@ def test_backward_peak_drops_by_about_the_gradient_size():
     no_longer_coexisting = sum(sizes) - max(sizes)
     assert result["gradient_bytes"] == sum(sizes)
     assert 0.8 * no_longer_coexisting <= result["saved_bytes"] <= 1.01 * sum(sizes)
+
+
+@requires_cuda
+def test_backward_peak_drops_by_about_the_gradient_size_cuda():
+    """The same on CUDA, measured with ``torch.cuda.max_memory_allocated``."""
+    script = _script()
+    result = script.measure(hidden=256, layers=2, vocab=1024, batch=1, seq=16, rank=32, device="cuda")
+    sizes = [p.numel() * p.element_size() for p in script.small_llama(256, 2, 1024).parameters()]
+    assert 0.8 * (sum(sizes) - max(sizes)) <= result["saved_bytes"] <= 1.01 * sum(sizes)
