@@ -9,6 +9,10 @@ holds the activations, the gradients, the autograd temporaries and — in layer-
 optimizer's own temporaries inside the hooks. The standard mode's optimizer step, after
 backward, is not included.
 
+With gradient accumulation it also reports what is held between micro-batches: the standard
+mode keeps every gradient; layer-wise mode keeps ``r·max(m, n)`` per projected weight plus the
+dense parameters' gradients.
+
     python scripts/measure_layerwise_memory.py --hidden 256 --layers 4 --vocab 8192
 """
 
@@ -41,6 +45,15 @@ def backward_peak_bytes(model: nn.Module, tokens: torch.Tensor, *, layerwise: bo
         optimizer.step()  # a no-op in layer-wise mode: the hooks stepped and freed every gradient
         optimizer.zero_grad(set_to_none=True)
     return peak
+
+
+def held_between_micro_batches(model: nn.Module, tokens: torch.Tensor, **options: Any) -> dict[str, int]:
+    """What layer-wise gradient accumulation keeps between two micro-batches of a window that
+    does not refresh the subspace: ``low_rank`` (the R_acc tensors) and ``full`` (dense grads)."""
+    updates = LayerwiseUpdates(build_optimizer(model, **options), accumulation=2).attach()
+    for _ in range(3):  # window 1 (first refresh: full gradients), then one micro-batch of window 2
+        model(tokens, labels=tokens).loss.backward()
+    return updates.accumulator_bytes()
 
 
 def _measured(backward, device: torch.device) -> int:
@@ -87,10 +100,13 @@ def measure(hidden: int = 128, layers: int = 2, vocab: int = 4096, batch: int = 
                                        layerwise=mode == "layerwise", **options)
              for mode in ("standard", "layerwise")}
     grads = gradient_bytes(small_llama(hidden, layers, vocab))
+    held = held_between_micro_batches(small_llama(hidden, layers, vocab).to(device), tokens, **options)
     return {"device": device, "shape": dict(hidden=hidden, layers=layers, vocab=vocab, batch=batch, seq=seq),
             "peak_standard_bytes": peaks["standard"], "peak_layerwise_bytes": peaks["layerwise"],
             "saved_bytes": peaks["standard"] - peaks["layerwise"], "gradient_bytes": grads["total"],
-            "largest_gradient_bytes": grads["largest"]}
+            "largest_gradient_bytes": grads["largest"],
+            "accumulation_held_standard_bytes": grads["total"],
+            "accumulation_held_layerwise_bytes": held}
 
 
 def main() -> None:
