@@ -63,8 +63,11 @@ class Task(nn.Module, ABC):
             values.update(self.derived(values["loss"]))
             if metrics:
                 values.update(metrics.compute())
+            # fresh states outside inference mode: after Trainer.validate, fit's validation
+            # (under no_grad) could not update inference tensors in place
+            with torch.inference_mode(False):
                 metrics.reset()
-            loss_metric.reset()
+                loss_metric.reset()
             results.append(values)
         return results
 

@@ -84,3 +84,20 @@ def test_regression_uses_mse_on_the_single_logit():
 def test_num_labels_must_be_positive():
     with pytest.raises(ValueError, match="num_labels"):
         SequenceClassification(0)
+
+
+def test_metrics_reset_under_inference_mode_update_again_under_no_grad():
+    """Trainer.validate (inference mode) then fit's validation (no_grad): the states reset at
+    epoch end must be ordinary tensors, else the next in-place update fails."""
+    model = tiny_bert(3)
+    task = SequenceClassification(3, metrics=MulticlassAccuracy(3, average="micro"))
+    batch = {"input_ids": torch.randint(0, 50, (6, 5)), "labels": torch.tensor([0, 1, 2, 0, 1, 2])}
+    with torch.inference_mode():
+        task.update(task.step(model, batch))
+        first = task.compute()[0]
+    with torch.no_grad():
+        out = task.step(model, batch)
+        task.update(out)
+        second = task.compute()[0]
+    torch.testing.assert_close(second["MulticlassAccuracy"], (out.preds == batch["labels"]).float().mean())
+    torch.testing.assert_close(second["loss"], first["loss"])
