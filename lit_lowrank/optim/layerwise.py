@@ -40,9 +40,10 @@ class LayerwiseUpdates:
         optimizer = build_optimizer(model, rank=128, ...)
         layerwise = LayerwiseUpdates(optimizer, accumulation=4).attach()
         for i, batch in enumerate(loader):
-            (loss_fn(model, batch) / 4).backward()   # steps every 4th backward; no optimizer.step()
+            (loss_fn(model, batch) / 4).backward()  # every 4th backward steps each weight inside it
             if (i + 1) % 4 == 0:
-                scheduler.step()                      # per optimizer step, as usual
+                optimizer.step()   # a no-op (no gradient is left); keeps the scheduler's order check quiet
+                scheduler.step()   # per optimizer step, as usual
 
     Args:
         optimizer: the :class:`LowRankOptimizer` whose parameters are updated.
@@ -98,6 +99,7 @@ class LayerwiseUpdates:
         self._pending.clear()
         self.micro_batch = 0
         self.final = None
+        self._end_queued = False
 
     def ends_window(self) -> bool:
         """Whether the backward in progress (or the next one) steps the parameters."""
@@ -105,7 +107,7 @@ class LayerwiseUpdates:
 
     @torch.no_grad()
     def _on_gradient(self, p: Tensor) -> None:
-        if not self._end_queued:  # once per backward: run _end_backward when autograd finishes
+        if not self._end_queued:  # once per backward: run _end_backward when autograd finishes (as DDP does)
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             self._end_queued = True
         if self.ends_window():
