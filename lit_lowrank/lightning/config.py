@@ -12,6 +12,7 @@ from torch import nn
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import ON_REFRESH
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, build_optimizer
+from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
 
@@ -41,6 +42,11 @@ class LowRankConfig:
         gradnorm: GradNormLoRP — weight-normalize the target linear weights (``W = g·V/‖V‖``,
             :func:`lit_lowrank.reparam.apply_gradnorm`) in :meth:`prepare`, so the direction V
             is projected and the magnitude g trained densely; ``fold_gradnorm`` undoes it.
+        weight_bits, weight_args: Q-GaLore's quantized weights — with ``weight_bits`` (8 in the
+            paper) :meth:`prepare` replaces the target linear layers by
+            :class:`~lit_lowrank.quantizers.quantized_linear.QuantizedLinear` (weight held as
+            group-wise integer codes, updated with stochastic rounding); ``weight_args`` are
+            :func:`quantize_linear_weights`'s ``group_size`` (256) and ``stochastic`` (true).
     """
 
     enabled: bool = True
@@ -68,6 +74,8 @@ class LowRankConfig:
     lr_schedule: str = "cosine"
     layerwise: bool = False
     gradnorm: bool = False
+    weight_bits: int | None = None
+    weight_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.layerwise and not self.enabled:
@@ -85,11 +93,15 @@ class LowRankConfig:
                 plugins.get(kind, name)
             if self.on_refresh not in ON_REFRESH:
                 raise ValueError(f"on_refresh={self.on_refresh!r}; expected one of {ON_REFRESH}")
+        if self.weight_bits is not None and (not self.enabled or self.gradnorm):
+            raise ValueError("weight_bits (quantized weights) needs the low-rank optimizer without gradnorm; "
+                             "set enabled: true and gradnorm: false, or weight_bits: null")
 
     def optimizer_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""
         options = asdict(self)
-        for key in ("enabled", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm", "layerwise"):
+        for key in ("enabled", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm", "layerwise",
+                    "weight_bits", "weight_args"):
             options.pop(key)
         options["betas"] = tuple(options["betas"])
         return options
@@ -99,6 +111,9 @@ class LowRankConfig:
         place, before any strategy wraps the model or an optimizer is built."""
         if self.enabled and self.gradnorm:
             apply_gradnorm(model, self.targets, self.exclude)
+        if self.weight_bits is not None:
+            quantize_linear_weights(model, self.targets, bits=self.weight_bits, exclude=self.exclude,
+                                    **self.weight_args)
         return model
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
