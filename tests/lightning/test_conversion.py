@@ -88,3 +88,39 @@ def test_no_matching_target_names_the_fix():
         trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              callbacks=[LowRankCallback(targets=["q_proj"])])
         trainer.fit(UserClassifier(), loader())
+
+
+class Losses(pl.Callback):
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.values: list[float] = []
+        self.stop_at = stop_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(outputs["loss"].item())
+        if self.stop_at is not None and trainer.global_step >= self.stop_at:
+            trainer.should_stop = True  # an interruption
+
+
+@pytest.mark.parametrize("adoption", list(ADOPTIONS))
+def test_resume_restores_the_converted_optimizer_and_user_scheduler(adoption, tmp_path):
+    def run(callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        trainer = pl.Trainer(max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu", default_root_dir=tmp_path, **_with_callbacks(adoption, callbacks))
+        trainer.fit(UserClassifier(), loader(), ckpt_path=ckpt_path)
+        return trainer
+
+    full = Losses()
+    run([full])
+    first = Losses(stop_at=4)  # 4 batches per epoch: interrupted at the epoch boundary
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    run([first, checkpoint])
+    second = Losses()
+    run([second], ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert first.values + second.values == full.values
+
+
+def _with_callbacks(adoption: str, callbacks: list) -> dict:
+    options = ADOPTIONS[adoption]()
+    options["callbacks"] = options.get("callbacks", []) + callbacks
+    return options
