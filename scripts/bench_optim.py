@@ -45,6 +45,19 @@ METHODS: dict[str, Factory] = {
     "adamw-fused": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
     "galore-torch": _galore_torch,
     "galore": lambda model: build_optimizer(model, **GALORE),
+    "galore-rsvd": lambda model: build_optimizer(model, **GALORE, projector="rsvd"),
+    "galore-dct": lambda model: build_optimizer(model, **GALORE, projector="dct"),
+    "galore-online-pca": lambda model: build_optimizer(model, **GALORE, projector="online-pca", schedule="every-step"),
+    "galore-8bit": lambda model: build_optimizer(model, **GALORE, inner="adamw8bit"),
+    "q-galore": lambda model: build_optimizer(
+        model, **GALORE, inner="adamw8bit", schedule="lazy",
+        projector_args={"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}),
+    "galore-adafactor": lambda model: build_optimizer(model, **GALORE, inner="adafactor"),
+    "galore-lion": lambda model: build_optimizer(model, **GALORE, inner="lion", inner_args={"betas": (0.9, 0.99)}),
+    "fira": lambda model: build_optimizer(model, **GALORE, rule="fira"),
+    "apollo": lambda model: build_optimizer(model, **{**GALORE, "scale": 1.0}, projector="random", rule="apollo"),
+    "apollo-mini": lambda model: build_optimizer(model, **{**GALORE, "rank": 1}, projector="random",
+                                                 rule="apollo-mini"),
 }
 
 

@@ -27,7 +27,7 @@ from torch.optim.adamw import adamw as adamw_functional
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import ON_REFRESH, InnerOptimizer
 from lit_lowrank.projectors.base import Projector
-from lit_lowrank.rules.base import UpdateRule
+from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
 
 
@@ -247,7 +247,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 weight = float_weight(p)
                 if decay:
                     weight.mul_(1 - lr * decay)
-                rule.apply_(weight, p.grad, low, direction, slot.projector, state, step_size=lr)
+                rule.apply_(weight, RuleInputs(p.grad, low, direction, slot.projector, state), step_size=lr)
                 if weight is not p:
                     p.weight_store.store_(weight)
 

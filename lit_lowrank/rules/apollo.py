@@ -9,8 +9,7 @@ import math
 from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.projectors.base import Projector
-from lit_lowrank.rules.base import UpdateRule
+from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.rules.norm_scaling import SCALINGS, limit_growth_, norm_ratio
 
 
@@ -45,20 +44,10 @@ class ApolloRule(UpdateRule):
         self.scaling = scaling
         self.gamma = gamma
 
-    def apply_(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        low: Tensor,
-        direction: Tensor,
-        projector: Projector,
-        state: dict[str, Tensor],
-        *,
-        step_size: float,
-    ) -> None:
-        update = grad * norm_ratio(direction, low, projector.side, self.scaling)
+    def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
+        update = inputs.grad * norm_ratio(inputs.direction, inputs.low, inputs.projector.side, self.scaling)
         if self.gamma is not None:
-            limit_growth_(update, state, "limiter_norm", self.gamma)
+            limit_growth_(update, inputs.state, "limiter_norm", self.gamma)
         param.add_(update, alpha=-step_size * math.sqrt(self.scale))
 
 
@@ -74,21 +63,11 @@ class ApolloMiniRule(ApolloRule):
     def __init__(self, *, gamma: float | None = 1.01) -> None:
         super().__init__(128.0, scaling="tensor", gamma=gamma)
 
-    def apply_(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        low: Tensor,
-        direction: Tensor,
-        projector: Projector,
-        state: dict[str, Tensor],
-        *,
-        step_size: float,
-    ) -> None:
-        if projector.rank != 1:
-            raise ValueError(f"apollo-mini is APOLLO at rank 1, but the rank is {projector.rank}; set rank: 1, "
+    def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
+        if inputs.projector.rank != 1:
+            raise ValueError(f"apollo-mini is APOLLO at rank 1, but the rank is {inputs.projector.rank}; set rank: 1, "
                              "or use rule: apollo with rule_args {scaling: tensor} for a higher rank.")
-        super().apply_(param, grad, low, direction, projector, state, step_size=step_size)
+        super().apply_(param, inputs, step_size=step_size)
 
 
 @hookimpl

@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from torch import Tensor
 
 from lit_lowrank.projectors.base import Projector
+
+
+@dataclass(frozen=True)
+class RuleInputs:
+    """What an update rule sees of one weight at one step.
+
+    Attributes:
+        grad: the gradient ``G`` (m×n); ``None`` for rules with ``uses_gradient = False`` when
+            layer-wise accumulation summed projections instead of full gradients.
+        low: its projection ``R`` (r×n, m×r or r×r).
+        direction: the inner optimizer's output ``N`` (R's shape).
+        projector: the weight's projector (its ``side`` says which axis was projected).
+        state: the weight's optimizer state; rules may keep tensors here (they are checkpointed).
+    """
+
+    grad: Tensor | None
+    low: Tensor
+    direction: Tensor
+    projector: Projector
+    state: dict[str, Tensor]
 
 
 class UpdateRule(ABC):
@@ -16,7 +37,6 @@ class UpdateRule(ABC):
     Args:
         scale: the papers' α, multiplying the lifted low-rank update.
 
-    Rules may keep per-parameter tensors in ``state`` (the optimizer state of that weight).
     ``uses_gradient`` says whether :meth:`apply_` reads the full gradient ``G``; a rule that
     needs only ``R`` and ``N`` sets it False, and then gets ``grad=None`` when layer-wise
     gradient accumulation sums projections instead of full gradients.
@@ -28,15 +48,5 @@ class UpdateRule(ABC):
         self.scale = scale
 
     @abstractmethod
-    def apply_(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        low: Tensor,
-        direction: Tensor,
-        projector: Projector,
-        state: dict[str, Tensor],
-        *,
-        step_size: float,
-    ) -> None:
+    def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
         """Update ``param`` in place."""

@@ -6,8 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.projectors.base import Projector
-from lit_lowrank.rules.base import UpdateRule
+from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.rules.norm_scaling import limit_growth_, norm_ratio
 
 
@@ -42,24 +41,14 @@ class FiraRule(UpdateRule):
         self.gamma = gamma
         self.scaled_residual = scaled_residual
 
-    def apply_(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        low: Tensor,
-        direction: Tensor,
-        projector: Projector,
-        state: dict[str, Tensor],
-        *,
-        step_size: float,
-    ) -> None:
+    def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
         lifted_share = self.scale if self.scaled_residual else 1.0
-        residual = projector.add_back_(grad.clone(), low, alpha=-lifted_share)  # G − lift(R), m×n
-        residual.mul_(norm_ratio(direction, low, projector.side, "channel"))
+        residual = inputs.projector.add_back_(inputs.grad.clone(), inputs.low, alpha=-lifted_share)  # G − lift(R), m×n
+        residual.mul_(norm_ratio(inputs.direction, inputs.low, inputs.projector.side, "channel"))
         if self.gamma is not None:
-            limit_growth_(residual, state, "limiter_norm", self.gamma)
+            limit_growth_(residual, inputs.state, "limiter_norm", self.gamma)
         param.add_(residual, alpha=-step_size)
-        projector.add_back_(param, direction, alpha=-step_size * self.scale)
+        inputs.projector.add_back_(param, inputs.direction, alpha=-step_size * self.scale)
 
 
 @hookimpl

@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.projectors.base import Projector
-from lit_lowrank.rules.base import UpdateRule
+from lit_lowrank.rules.base import RuleInputs, UpdateRule
 
 
 class GaLoreRule(UpdateRule):
@@ -15,18 +14,8 @@ class GaLoreRule(UpdateRule):
 
     uses_gradient = False
 
-    def apply_(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        low: Tensor,
-        direction: Tensor,
-        projector: Projector,
-        state: dict[str, Tensor],
-        *,
-        step_size: float,
-    ) -> None:
-        projector.add_back_(param, direction, alpha=-step_size * self.scale)
+    def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
+        inputs.projector.add_back_(param, inputs.direction, alpha=-step_size * self.scale)
 
 
 @hookimpl

@@ -15,6 +15,7 @@ from lit_lowrank import LowRankOptimizer, Side
 from lit_lowrank.projectors.random import RandomProjector
 from lit_lowrank.projectors.svd import SVDProjector
 from lit_lowrank.rules.apollo import ApolloMiniRule, ApolloRule
+from lit_lowrank.rules.base import RuleInputs
 
 
 def reference_apollo(weight, grads, *, index, rank, gap, scale, lr, betas, eps, gamma, tensorwise):
@@ -82,7 +83,7 @@ def test_channel_axis_follows_the_projected_side(policy):
     low = projector.project(grad)
     direction = torch.randn_like(low)
     param = torch.zeros_like(grad)
-    ApolloRule(scale=1.0).apply_(param, grad, low, direction, projector, {}, step_size=1.0)
+    ApolloRule(scale=1.0).apply_(param, RuleInputs(grad, low, direction, projector, {}), step_size=1.0)
     ratio = -param / grad
     if projector.side == Side.LEFT:  # R is r×n: one ratio per column
         expected = direction.norm(dim=0) / (low.norm(dim=0) + 1e-8)
@@ -127,9 +128,9 @@ def test_full_side_needs_tensorwise_scaling():
     projector.refresh(grad)
     low = projector.project(grad)
     with pytest.raises(ValueError, match="tensor-wise"):
-        ApolloRule().apply_(torch.zeros_like(grad), grad, low, low, projector, {}, step_size=1.0)
+        ApolloRule().apply_(torch.zeros_like(grad), RuleInputs(grad, low, low, projector, {}), step_size=1.0)
     param = torch.zeros_like(grad)
-    ApolloRule(scaling="tensor").apply_(param, grad, low, low, projector, {}, step_size=1.0)
+    ApolloRule(scaling="tensor").apply_(param, RuleInputs(grad, low, low, projector, {}), step_size=1.0)
     torch.testing.assert_close(param, -grad)  # N = R: ratio 1 (up to the 1e-8 guard)
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from lit_lowrank import LowRankOptimizer
 from lit_lowrank.projectors.svd import SVDProjector
+from lit_lowrank.rules.base import RuleInputs
 from lit_lowrank.rules.fira import FiraRule
 
 fira = pytest.importorskip("fira")
@@ -106,7 +107,7 @@ def test_residual_in_closed_form(scaled_residual):
     low = projector.project(grad)
     rule = FiraRule(scale=0.25, scaled_residual=scaled_residual)
     param = torch.zeros_like(grad)
-    rule.apply_(param, grad, low, direction, projector, {}, step_size=1.0)
+    rule.apply_(param, RuleInputs(grad, low, direction, projector, {}), step_size=1.0)
     update = -param
     basis = projector.bases()[0]
     phi = direction.norm(dim=0) / low.norm(dim=0)
@@ -123,9 +124,9 @@ def test_limiter_caps_growth_at_gamma():
     low = projector.project(grad)
     rule, state = FiraRule(scale=1.0, gamma=1.01), {}
     param = torch.zeros_like(grad)
-    rule.apply_(param, grad, low, low, projector, state, step_size=1.0)
+    rule.apply_(param, RuleInputs(grad, low, low, projector, state), step_size=1.0)
     first = state["limiter_norm"]["norm"].item()
-    rule.apply_(param, 10 * grad, 10 * low, 10 * low, projector, state, step_size=1.0)
+    rule.apply_(param, RuleInputs(10 * grad, 10 * low, 10 * low, projector, state), step_size=1.0)
     assert state["limiter_norm"]["norm"].item() == pytest.approx(1.01 * first)
 
 
@@ -135,4 +136,4 @@ def test_full_side_is_refused_with_the_fix():
     projector.refresh(grad)
     low = projector.project(grad)
     with pytest.raises(ValueError, match="one-sided projection"):
-        FiraRule().apply_(torch.zeros_like(grad), grad, low, low, projector, {}, step_size=1.0)
+        FiraRule().apply_(torch.zeros_like(grad), RuleInputs(grad, low, low, projector, {}), step_size=1.0)
