@@ -32,10 +32,25 @@ class AdamInner(InnerOptimizer):
 
     @torch.no_grad()
     def directions(self, lows: list[Tensor], states: list[dict[str, Tensor]], step: int) -> list[Tensor]:
-        beta1, beta2 = self.betas
-        correction1, correction2 = bias_corrections(self.betas, step)
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        if all(low.device.type in FUSED_DEVICES for low in lows):
+            return self._fused(lows, exp_avgs, exp_avg_sqs, step)
+        return self._foreach(lows, exp_avgs, exp_avg_sqs, step)
+
+    def _fused(self, lows: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step: int) -> list[Tensor]:
+        """torch's fused AdamW kernel, one pass over the moments: run on zero "parameters" with
+        lr = −1 it leaves exactly ``N`` in them."""
+        beta1, beta2 = self.betas
+        directions = [torch.zeros_like(low) for low in lows]
+        steps = [torch.tensor(float(step), device=low.device) for low in lows]
+        torch._fused_adamw_(directions, lows, exp_avgs, exp_avg_sqs, [], steps, lr=-1.0, beta1=beta1, beta2=beta2,
+                            weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+        return directions
+
+    def _foreach(self, lows: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step: int) -> list[Tensor]:
+        beta1, beta2 = self.betas
+        correction1, correction2 = bias_corrections(self.betas, step)
         torch._foreach_lerp_(exp_avgs, lows, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, lows, lows, 1 - beta2)
@@ -45,6 +60,10 @@ class AdamInner(InnerOptimizer):
         directions = torch._foreach_div(exp_avgs, denoms)
         torch._foreach_div_(directions, correction1)
         return directions
+
+
+FUSED_DEVICES = ("cpu", "cuda")
+"""Devices with torch's fused AdamW kernel (torch >= 2.4); others take the ``_foreach`` path."""
 
 
 @hookimpl
