@@ -27,10 +27,16 @@ class LowRankTelemetry(Callback):
 
     * ``train/lr`` — the first param group's learning rate;
     * ``optim/state_bytes`` and ``optim/{moments,projectors,dense}_bytes``;
-    * ``optim/refreshes`` — subspace refreshes so far (low-rank optimizers only).
+    * ``optim/refreshes`` — subspace refreshes so far (low-rank optimizers only);
+    * ``optim/layers/<param name>/{rank,refreshes}`` — each projected weight's rank and its own
+      refresh (SVD) count, on the steps where some subspace was refreshed (adaptive rank and
+      Q-GaLore's lazy schedule make these differ between layers).
 
     ``LowRankModule`` adds it automatically; add it to ``Trainer(callbacks=...)`` otherwise.
     """
+
+    def __init__(self) -> None:
+        self._last_refresh_count = -1
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -44,4 +50,20 @@ class LowRankTelemetry(Callback):
         metrics.update({f"optim/{role}_bytes": float(size) for role, size in sizes.items()})
         if isinstance(optimizer, LowRankOptimizer):
             metrics["optim/refreshes"] = float(optimizer.refresh_count)
+            if optimizer.refresh_count != self._last_refresh_count:
+                metrics.update(layer_metrics(optimizer))
+                self._last_refresh_count = optimizer.refresh_count
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+
+def layer_metrics(optimizer: LowRankOptimizer) -> dict[str, float]:
+    """``optim/layers/<name>/rank`` and ``.../refreshes`` per projected weight, named by the
+    param group's ``names`` (``build_optimizer`` sets them) or else by parameter index."""
+    names = {p: name for group in optimizer.param_groups for p, name in zip(group["params"], group.get("names", ()))}
+    index = {p: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    metrics = {}
+    for p, projector in optimizer.projectors.items():
+        name = names.get(p, f"param{index[p]}")
+        metrics[f"optim/layers/{name}/rank"] = float(projector.rank)
+        metrics[f"optim/layers/{name}/refreshes"] = float(projector.refreshes)
+    return metrics

@@ -37,6 +37,10 @@ def test_lowrank_fit_logs_telemetry_and_perplexity(small_llama):
     logged = t.callback_metrics
     # 14 projected weights (2 layers × 7 linears), refreshed at steps 0 and 3 of 6
     assert logged["optim/refreshes"].item() == 14 * 2
+    per_layer = {k: v.item() for k, v in logged.items() if k.startswith("optim/layers/")}
+    assert len(per_layer) == 14 * 2
+    assert per_layer["optim/layers/model.layers.1.mlp.down_proj.weight/refreshes"] == 2
+    assert all(v == 4 for k, v in per_layer.items() if k.endswith("/rank"))
     sizes = optimizer.state_bytes()
     assert logged["optim/state_bytes"].item() == sum(sizes.values())
     assert logged["optim/projectors_bytes"].item() == sizes["projectors"] > 0
