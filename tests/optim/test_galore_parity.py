@@ -23,7 +23,7 @@ def _mlp() -> nn.Module:
 
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
-def test_trajectory_matches_galore_torch(proj_type):
+def test_trajectory_matches_galore_torch(proj_type, assert_same_trajectory):
     ours_model, peer_model = _mlp(), _mlp()
     options = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-12, weight_decay=0.0)
     matrices = lambda model: [model[0].weight, model[2].weight]  # noqa: E731
@@ -37,12 +37,4 @@ def test_trajectory_matches_galore_torch(proj_type):
          {"params": matrices(peer_model), "rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": proj_type}],
         no_deprecation_warning=True, **options,
     )
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        inputs, targets = torch.randn(16, 20, generator=generator), torch.randn(16, 3, generator=generator)
-        for model, optimizer in ((ours_model, ours), (peer_model, peer)):
-            optimizer.zero_grad()
-            nn.functional.mse_loss(model(inputs), targets).backward()
-            optimizer.step()
-        for mine, theirs in zip(ours_model.parameters(), peer_model.parameters()):
-            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert_same_trajectory(ours_model, ours, peer_model, peer, outputs=3)

@@ -154,7 +154,7 @@ def _ours_for_apollo_torch(monkeypatch, rank):
 
 
 @pytest.mark.parametrize("scale_type", ["channel", "tensor"])
-def test_trajectory_matches_apollo_torch(scale_type, uncorrected_adam, monkeypatch):
+def test_trajectory_matches_apollo_torch(scale_type, uncorrected_adam, monkeypatch, assert_same_trajectory):
     """Same math where the peer's convention is matched: its HF-style Adam with
     ``correct_bias=False`` ↔ the in-test uncorrected inner optimizer; side ``std`` only (its
     channel axis is derived from the gradient's shape)."""
@@ -174,12 +174,4 @@ def test_trajectory_matches_apollo_torch(scale_type, uncorrected_adam, monkeypat
     peer = apollo_torch.APOLLOAdamW(
         [{"params": list(peer_model.parameters()), "rank": 4, "proj": "random", "scale_type": scale_type,
           "update_proj_gap": 3, "scale": 4.0, "proj_type": "std"}], correct_bias=False, **options)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        inputs, targets = torch.randn(16, 20, generator=generator), torch.randn(16, 6, generator=generator)
-        for model, optimizer in ((ours_model, ours), (peer_model, peer)):
-            optimizer.zero_grad()
-            nn.functional.mse_loss(model(inputs), targets).backward()
-            optimizer.step()
-        for mine, theirs in zip(ours_model.parameters(), peer_model.parameters()):
-            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert_same_trajectory(ours_model, ours, peer_model, peer, outputs=6)

@@ -22,7 +22,7 @@ def _mlp() -> nn.Module:
 
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
-def test_trajectory_matches_fira_package(proj_type, uncorrected_adam):
+def test_trajectory_matches_fira_package(proj_type, uncorrected_adam, assert_same_trajectory):
     """fira 1.0.2 subtracts the α-scaled lift (``scaled_residual=True``) and uses HF AdamW's
     convention (``correct_bias=False`` ↔ the in-test uncorrected inner optimizer)."""
     ours_model, peer_model = _mlp(), _mlp()
@@ -33,15 +33,7 @@ def test_trajectory_matches_fira_package(proj_type, uncorrected_adam):
     peer = fira.FiraAdamW([{"params": list(peer_model.parameters()), "rank": 4, "update_proj_gap": 3,
                             "alpha": 0.25, "proj_type": proj_type}],
                           correct_bias=False, no_deprecation_warning=True, **options)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        inputs, targets = torch.randn(16, 20, generator=generator), torch.randn(16, 6, generator=generator)
-        for model, optimizer in ((ours_model, ours), (peer_model, peer)):
-            optimizer.zero_grad()
-            nn.functional.mse_loss(model(inputs), targets).backward()
-            optimizer.step()
-        for mine, theirs in zip(ours_model.parameters(), peer_model.parameters()):
-            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert_same_trajectory(ours_model, ours, peer_model, peer, outputs=6)
 
 
 def reference_fira(weight, grads, *, rank, gap, scale, lr, betas, eps, gamma, right):
