@@ -28,6 +28,7 @@ class LowRankCallback(LowRankTelemetry):
     """
 
     def __init__(self, config: LowRankConfig | None = None, **options: Any) -> None:
+        super().__init__()
         base = vars(config) if config is not None else {}
         self.config = LowRankConfig(**{**base, **options})
 
