@@ -11,6 +11,7 @@ from torch import nn
 
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import ON_REFRESH
+from lit_lowrank.lightning.lr_schedule import DECAYS
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, build_optimizer
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
@@ -33,8 +34,9 @@ class LowRankConfig:
         rank, projector, side, update_gap, scale, rule, inner, schedule, on_refresh,
         projector_args, rule_args, inner_args, schedule_args: :class:`LowRankOptimizer`'s options.
         warmup: linear warm-up length, in steps (int ≥ 1) or as a fraction of the run (float < 1).
-        min_lr_ratio: the cosine decay ends at ``min_lr_ratio · lr`` (0.1 in the GaLore papers).
-        lr_schedule: ``cosine`` (warm-up then cosine decay) or ``constant`` (warm-up then flat).
+        min_lr_ratio: the decay ends at ``min_lr_ratio · lr`` (0.1 in the GaLore papers' pretraining).
+        lr_schedule: after warm-up, ``cosine`` decay (LLaMA pretraining), ``linear`` decay (the
+            papers' GLUE fine-tuning) or ``constant``.
         layerwise: step each weight inside backward and free its gradient at once
             (:class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback`): lower peak memory by
             about the gradients' size; works with ``accumulate_grad_batches`` (low-rank weights
@@ -129,4 +131,4 @@ class LowRankConfig:
         return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * total_steps))
 
 
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = DECAYS

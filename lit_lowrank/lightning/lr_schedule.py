@@ -1,4 +1,5 @@
-"""Linear warm-up then cosine decay to a floor — the GaLore papers' LLaMA schedule."""
+"""Linear warm-up then decay to a floor: cosine (the GaLore papers' LLaMA schedule), linear (their
+GLUE fine-tuning, HF's ``get_linear_schedule_with_warmup``) or none."""
 
 from __future__ import annotations
 
@@ -7,24 +8,31 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+DECAYS = ("cosine", "linear", "constant")
 
-def warmup_cosine_factor(step: int, *, warmup: int, total: int, min_ratio: float, cosine: bool = True) -> float:
+
+def warmup_decay_factor(step: int, *, warmup: int, total: int, min_ratio: float, decay: str = "cosine") -> float:
     """The LR multiplier at ``step`` (0-based).
 
-    ``step / warmup`` during warm-up, then ``min_ratio + (1 − min_ratio)·½(1 + cos πp)`` with
-    ``p`` the fraction of the decay phase done, clamped to 1 past ``total`` (as in GaLore's
-    ``get_cosine_schedule_with_min_lr``).
+    ``step / warmup`` during warm-up; then, with ``p`` the fraction of the decay phase done
+    (clamped to 1 past ``total``), ``min_ratio + (1 − min_ratio)·½(1 + cos πp)`` for ``cosine``
+    (GaLore's ``get_cosine_schedule_with_min_lr``), ``min_ratio + (1 − min_ratio)(1 − p)`` for
+    ``linear``, and 1 for ``constant``.
     """
+    if decay not in DECAYS:
+        raise ValueError(f"unknown LR decay {decay!r}; expected one of {DECAYS}")
     if step < warmup:
         return step / warmup
-    if not cosine:
-        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if decay == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if decay == "linear":
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+    return 1.0
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, min_ratio: float,
-                  cosine: bool = True) -> LambdaLR:
-    """A :class:`LambdaLR` applying :func:`warmup_cosine_factor` to every param group."""
-    return LambdaLR(optimizer, lambda step: warmup_cosine_factor(
-        step, warmup=warmup, total=total, min_ratio=min_ratio, cosine=cosine))
+def warmup_decay(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, min_ratio: float,
+                 decay: str = "cosine") -> LambdaLR:
+    """A :class:`LambdaLR` applying :func:`warmup_decay_factor` to every param group."""
+    return LambdaLR(optimizer, lambda step: warmup_decay_factor(
+        step, warmup=warmup, total=total, min_ratio=min_ratio, decay=decay))

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
-from lit_lowrank.lightning.lr_schedule import warmup_cosine
+from lit_lowrank.lightning.lr_schedule import warmup_decay
 from lit_lowrank.lightning.tasks import CausalLM, Task
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
@@ -102,13 +102,13 @@ class LowRankModule(pl.LightningModule):
         return self.lowrank.build(self.network)
 
     def make_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        """Warm-up + cosine over the run's optimizer steps (``Trainer.estimated_stepping_batches``)."""
+        """Warm-up + decay over the run's optimizer steps (``Trainer.estimated_stepping_batches``)."""
         total = self.trainer.estimated_stepping_batches
         if not 0 < total < float("inf"):
             raise ValueError("the LR schedule needs a finite run: set trainer.max_steps or max_epochs")
         total = int(total)
-        return warmup_cosine(optimizer, warmup=self.lowrank.warmup_steps(total), total=total,
-                             min_ratio=self.lowrank.min_lr_ratio, cosine=self.lowrank.lr_schedule == "cosine")
+        return warmup_decay(optimizer, warmup=self.lowrank.warmup_steps(total), total=total,
+                            min_ratio=self.lowrank.min_lr_ratio, decay=self.lowrank.lr_schedule)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         callbacks: list[pl.Callback] = [LowRankTelemetry()]
