@@ -25,6 +25,11 @@ def print_plugins() -> None:
             print(f"{kind:<17} {name:<16} {entry.cls.__module__}.{entry.cls.__qualname__}  [{entry.provider}]")
 
 
+DESCRIPTION = ("Train with low-rank gradient optimizers (GaLore, Fira, APOLLO, Q-GaLore, ...). "
+               "`python -m lit_lowrank plugins` lists the registered projectors, rules, inner "
+               "optimizers, schedules and quantizers.")
+
+
 class LowRankCLI(LightningCLI):
     """``LightningCLI`` for :class:`LowRankModule` and any ``LightningDataModule``.
 
@@ -44,7 +49,8 @@ class LowRankCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         plugins.plugin_manager()
         kwargs = {"subclass_mode_data": True, "auto_configure_optimizers": False,
-                  "save_config_kwargs": {"overwrite": True}, **kwargs}
+                  "save_config_kwargs": {"overwrite": True},
+                  "parser_kwargs": {"prog": "python -m lit_lowrank", "description": DESCRIPTION}, **kwargs}
         super().__init__(LowRankModule, pl.LightningDataModule, args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
