@@ -58,6 +58,9 @@ def plugin_manager() -> pluggy.PluginManager:
 
 
 def _load_entrypoints(manager: pluggy.PluginManager) -> None:
+    """Register every ``lit_lowrank`` entry point, as ``manager.load_setuptools_entrypoints``
+    would, but one at a time: pluggy's loader stops at the first plugin that fails to import,
+    while here that plugin is skipped with a warning naming its package and the rest load."""
     for ep in entry_points(group="lit_lowrank"):
         package = ep.dist.name if ep.dist else ep.value
         try:

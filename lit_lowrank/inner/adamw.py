@@ -43,7 +43,8 @@ class AdamInner(InnerOptimizer):
         lr = −1 it leaves exactly ``N`` in them."""
         beta1, beta2 = self.betas
         directions = [torch.zeros_like(low) for low in lows]
-        steps = [torch.tensor(float(step), device=low.device) for low in lows]
+        step_tensor = torch.tensor(float(step), device=lows[0].device)  # read, not written, by the kernel
+        steps = [step_tensor] * len(lows)
         torch._fused_adamw_(directions, lows, exp_avgs, exp_avg_sqs, [], steps, lr=-1.0, beta1=beta1, beta2=beta2,
                             weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
         return directions

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_lowrank.optim.lowrank import LowRankOptimizer
+from lit_lowrank.optim.lowrank import LowRankOptimizer, tensor_bytes
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -17,9 +17,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     ``dense`` — so a full-rank AdamW baseline reports comparable figures."""
     if isinstance(optimizer, LowRankOptimizer):
         return optimizer.state_bytes()
-    dense = sum(v.numel() * v.element_size() for state in optimizer.state.values()
-                for v in state.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
-    return {"moments": 0, "projectors": 0, "dense": dense}
+    return {"moments": 0, "projectors": 0, "dense": sum(tensor_bytes(state) for state in optimizer.state.values())}
 
 
 class LowRankTelemetry(Callback):

@@ -260,8 +260,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if old is not None:
             new = projector.bases()
             similarity = leading_similarity(old, new)
-            if "step" in state:
-                maps = [None if n is None else n.T @ o for o, n in zip(old, new)]
+            if "step" in state:  # only `rotate` needs the basis maps L_newᵀL_old, Q_newᵀQ_old
+                rotate = group["on_refresh"] == "rotate"
+                maps = [None if n is None or not rotate else n.T @ o for o, n in zip(old, new)]
                 inner.on_refresh(state, group["on_refresh"], *maps)
         slot.schedule.after_refresh(step, similarity)
         self.refresh_count += 1
@@ -312,9 +313,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             role = "moments" if group["lowrank"] else "dense"
             for p in group["params"]:
-                sizes[role] += sum(_nbytes(v) for k, v in self.state.get(p, {}).items() if k != "step")
+                sizes[role] += tensor_bytes(self.state.get(p, {}))
         for slot in self._slots.values():
-            sizes["projectors"] += sum(_nbytes(v) for v in slot.projector.state_dict().values())
+            sizes["projectors"] += tensor_bytes(slot.projector.state_dict())
         return sizes
 
 
@@ -345,9 +346,11 @@ def construct(cls: type, explicit: dict[str, Any], **offered: Any) -> Any:
     return cls(**{**kwargs, **explicit})
 
 
-def _nbytes(value: Any) -> int:
+def tensor_bytes(value: Any) -> int:
+    """Storage bytes of the non-scalar tensors in ``value`` (a tensor or nested dicts of them);
+    0-dim bookkeeping (steps, sides, seeds) counts nothing."""
     if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
+        return sum(tensor_bytes(v) for v in value.values())
     if isinstance(value, Tensor) and value.ndim > 0:
         return value.numel() * value.element_size()
     return 0

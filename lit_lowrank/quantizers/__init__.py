@@ -1,5 +1,5 @@
 """Quantizers: group-wise integer, 8-bit blockwise (bitsandbytes), used for bases, moments, weights."""
 
-from lit_lowrank.quantizers.base import Packed, Quantizer, packed_nbytes
+from lit_lowrank.quantizers.base import Packed, Quantizer
 
-__all__ = ["Packed", "Quantizer", "packed_nbytes"]
+__all__ = ["Packed", "Quantizer"]

@@ -36,8 +36,3 @@ class Quantizer(ABC):
     @abstractmethod
     def dequantize(self, packed: Packed) -> Tensor:
         """The float32 tensor that ``packed`` encodes, in its original shape."""
-
-
-def packed_nbytes(packed: Packed) -> int:
-    """Bytes held by the tensors of a packed value."""
-    return sum(t.numel() * t.element_size() for t in packed.values())
