@@ -86,3 +86,15 @@ def test_a_monitor_needs_save_last():
     with pytest.raises(ValueError, match="save_last=True"):
         LastStepCheckpoint(monitor="val/loss")
     assert isinstance(LastStepCheckpoint(monitor="val/loss", save_last=True), ModelCheckpoint)
+
+
+@pytest.mark.parametrize(("top_k", "steps"), [(1, [5]), (-1, [2, 4, 5])])
+def test_periodic_checkpoints_plus_the_final_step(tmp_path, top_k, steps):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    callback = LastStepCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=top_k)
+    Trainer(max_steps=5, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu", callbacks=[callback]).fit(BoringModel())
+    saved = sorted(int(p.stem.split("step=")[1]) for p in tmp_path.glob("*.ckpt"))
+    assert saved == steps
