@@ -1,7 +1,7 @@
 """lit_lowrank: low-rank gradient optimizers (GaLore, Fira, APOLLO, Q-GaLore, ...) behind a
 plugin API, for plain PyTorch and PyTorch Lightning.
 
-Plugin authors need only this module::
+Plugin authors need only this module (docs/plugins.md)::
 
     from lit_lowrank import hookimpl, DenseBasisProjector
 """
@@ -22,14 +22,14 @@ from lit_lowrank.plugins import (
 )
 from lit_lowrank.projectors.base import DenseBasisProjector, Projector, Side
 from lit_lowrank.quantizers.base import Packed, Quantizer
-from lit_lowrank.rules.base import UpdateRule
+from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DenseBasisProjector", "InnerOptimizer", "LowRankOptimizer", "Packed", "Projector",
-    "Quantizer", "Schedule", "Side", "UnknownComponentError", "UpdateRule", "build_optimizer",
+    "Quantizer", "RuleInputs", "Schedule", "Side", "UnknownComponentError", "UpdateRule", "build_optimizer",
     "get_inner_optimizer", "get_projector", "get_quantizer", "get_schedule", "get_update_rule",
     "hookimpl", "register_plugin", "registered", "select_targets",
 ]

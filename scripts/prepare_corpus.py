@@ -14,6 +14,11 @@ Examples::
 
     # your own text files (one document per file)
     python scripts/prepare_corpus.py files 'corpus/*.txt' --tokenizer tokenizer.json --output data/mine
+
+Documents are streamed: at most ``--shard-docs`` of them are in memory at once (each shard is
+tokenized by one ``litdata.optimize`` call appending to the output), so the C4 command above runs
+in the memory of one shard. Temporary files (a hub tokenizer's ``tokenizer.json``, litdata's
+working folders) live in a private temporary directory, removed on exit, also on error.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import argparse
 import glob
 import itertools
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from lit_lowrank.data.corpus import iter_texts, shakespeare_plays
@@ -30,7 +37,8 @@ from lit_lowrank.data.tokenizer import load_or_train
 
 
 def resolve_tokenizer(name: str, workdir: Path) -> tuple[Path, int]:
-    """A ``tokenizer.json`` path and its vocabulary size, from a file or a HF hub name."""
+    """A ``tokenizer.json`` path and its vocabulary size, from a file or a HF hub name (saved
+    into ``workdir``)."""
     from tokenizers import Tokenizer
 
     if Path(name).exists():
@@ -44,15 +52,24 @@ def resolve_tokenizer(name: str, workdir: Path) -> tuple[Path, int]:
     return Path(name), tokenizer.get_vocab_size()
 
 
-def hub_documents(args: argparse.Namespace, split: str, count: int) -> list[str]:
+def hub_documents(args: argparse.Namespace, split: str, count: int) -> Iterator[str]:
     """The first ``count`` documents of a HF hub dataset split, streamed (no full download)."""
     from datasets import load_dataset
 
     stream = load_dataset(args.dataset, args.name, split=split, streaming=True)
-    return [row[args.text_field] for row in itertools.islice(stream, count)]
+    return (row[args.text_field] for row in itertools.islice(stream, count))
 
 
-def main() -> None:
+def file_documents(paths: list[str], val_fraction: float, part: int) -> Iterator[str]:
+    """Each file's head (``part=0``) or non-empty held-out tail (``part=1``, the last
+    ``val_fraction``, cut at a blank line), one file read at a time."""
+    for path in paths:
+        piece = split_tail(Path(path).read_text(encoding="utf-8"), val_fraction)[part]
+        if piece or part == 0:
+            yield piece
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=["shakespeare", "hf", "files"])
     parser.add_argument("pattern", nargs="?", help="glob of text files (source=files)")
@@ -66,29 +83,41 @@ def main() -> None:
     parser.add_argument("--train-docs", type=int, default=100_000)
     parser.add_argument("--val-docs", type=int, default=5_000)
     parser.add_argument("--num-workers", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--shard-docs", type=int, default=100_000,
+                        help="documents held in memory and tokenized per litdata.optimize call")
+    return parser
 
-    workdir = Path(tempfile.mkdtemp(prefix="prepare-corpus-"))
-    if args.source == "shakespeare":
-        tokenizer_path, vocab_size = workdir / "tokenizer.json", args.vocab_size
-        load_or_train(tokenizer_path, iter_texts(shakespeare_plays()), vocab_size)
-        splits = shakespeare_splits(args.val_fraction)
-    else:
-        if not args.tokenizer:
-            parser.error("--tokenizer is required for hf and files sources")
-        tokenizer_path, vocab_size = resolve_tokenizer(args.tokenizer, workdir)
-        if args.source == "files":
-            texts = [Path(f).read_text(encoding="utf-8") for f in sorted(glob.glob(args.pattern or ""))]
-            if not texts:
-                parser.error(f"no file matches {args.pattern!r}")
-            pairs = [split_tail(t, args.val_fraction) for t in texts]
-            splits = {"train": [h for h, _ in pairs], "val": [t for _, t in pairs if t]}
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; ``argv`` defaults to the command line."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.source != "shakespeare" and not args.tokenizer:
+        parser.error("--tokenizer is required for hf and files sources")
+    if args.shard_docs < 1:
+        parser.error(f"--shard-docs must be >= 1, got {args.shard_docs}")
+    with tempfile.TemporaryDirectory(prefix="prepare-corpus-") as tmp:
+        workdir = Path(tmp)
+        if args.source == "shakespeare":
+            tokenizer_path, vocab_size = workdir / "tokenizer.json", args.vocab_size
+            load_or_train(tokenizer_path, iter_texts(shakespeare_plays()), vocab_size)
+            splits = shakespeare_splits(args.val_fraction)
         else:
-            splits = {"train": hub_documents(args, "train", args.train_docs),
-                      "val": hub_documents(args, "validation", args.val_docs)}
-    write_splits(splits, tokenizer_path, args.output, vocab_size, num_workers=args.num_workers)
+            tokenizer_path, vocab_size = resolve_tokenizer(args.tokenizer, workdir)
+            if args.source == "files":
+                paths = sorted(glob.glob(args.pattern or ""))
+                if not paths:
+                    parser.error(f"no file matches {args.pattern!r}")
+                splits = {"train": file_documents(paths, args.val_fraction, 0),
+                          "val": file_documents(paths, args.val_fraction, 1)}
+            else:
+                splits = {"train": hub_documents(args, "train", args.train_docs),
+                          "val": hub_documents(args, "validation", args.val_docs)}
+        write_splits(splits, tokenizer_path, args.output, vocab_size, num_workers=args.num_workers,
+                     shard_documents=args.shard_docs)
     print(f"wrote {args.output} (vocab_size={vocab_size}); train with data.init_args.data_dir={args.output} "
           f"and vocab_size {vocab_size} for both data and network")
+
 
 if __name__ == "__main__":
     main()

@@ -14,11 +14,13 @@ tokenized and written under the cache directory on first use.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -54,13 +56,68 @@ class _Tokenize:
         yield torch.tensor(ids, dtype=torch.int32)
 
 
-def write_tokens(documents: Sequence[str], tokenizer_path: str | Path, output_dir: str | Path,
-                 *, chunk_tokens: int = 1 << 20, num_workers: int = 1) -> None:
+LITDATA_WORK_ENV = {"DATA_OPTIMIZER_CACHE_FOLDER": "chunks", "DATA_OPTIMIZER_DATA_CACHE_FOLDER": "data"}
+"""The environment variables naming ``litdata.optimize``'s working folders, which it empties on
+start (by default the shared ``$TMPDIR/chunks`` and ``$TMPDIR/data``), and the subfolder each
+gets in :func:`private_litdata_workdir`."""
+
+
+@contextmanager
+def private_litdata_workdir() -> Iterator[Path]:
+    """A fresh folder for ``litdata.optimize``'s working files, removed on exit.
+
+    ``optimize`` deletes its cache folders before it starts; by default they are the fixed
+    ``$TMPDIR/chunks`` and ``$TMPDIR/data``, so it would delete a user's files there and two
+    preparations at once would delete each other's chunks. Inside this context the variables of
+    :data:`LITDATA_WORK_ENV` point into a private ``mkdtemp`` folder (inherited by litdata's worker
+    processes); the caller's environment is restored on exit.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="lit-lowrank-litdata-"))
+    saved = {name: os.environ.get(name) for name in LITDATA_WORK_ENV}
+    try:
+        for name, subfolder in LITDATA_WORK_ENV.items():
+            os.environ[name] = str(folder / subfolder)
+        yield folder
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of ``size`` items (the last may be shorter), read lazily from ``items``."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def write_tokens(documents: Iterable[str], tokenizer_path: str | Path, output_dir: str | Path,
+                 *, chunk_tokens: int = 1 << 20, num_workers: int = 1, shard_documents: int = 100_000) -> int:
     """Tokenize ``documents`` with the ``tokenizer.json`` at ``tokenizer_path`` into litdata
-    token chunks of ``chunk_tokens`` ids at ``output_dir`` (a local path or a cloud URI)."""
-    optimize(fn=_Tokenize(str(tokenizer_path)), inputs=list(documents), output_dir=str(output_dir),
-             chunk_size=chunk_tokens, item_loader=TokensLoader(), num_workers=num_workers,
-             verbose=False, start_method="fork")
+    token chunks of ``chunk_tokens`` ids at ``output_dir`` (a local path or a cloud URI).
+
+    ``documents`` is read lazily, ``shard_documents`` at a time: each shard is one
+    ``litdata.optimize`` call appending to ``output_dir`` (in order), so memory holds one shard,
+    not the corpus. Returns the number of documents written.
+
+    Raises:
+        ValueError: if ``documents`` is empty.
+    """
+    if shard_documents < 1:
+        raise ValueError(f"shard_documents must be >= 1, got {shard_documents}")
+    written = 0
+    with private_litdata_workdir():
+        for shard in batches(documents, shard_documents):
+            optimize(fn=_Tokenize(str(tokenizer_path)), inputs=shard, output_dir=str(output_dir),
+                     chunk_size=chunk_tokens, item_loader=TokensLoader(), num_workers=num_workers,
+                     verbose=False, start_method="fork", mode="append" if written else None)
+            written += len(shard)
+    if not written:
+        raise ValueError(f"no documents to write to {output_dir}")
+    return written
 
 
 def split_tail(text: str, fraction: float) -> tuple[str, str]:
@@ -79,12 +136,14 @@ def shakespeare_splits(val_fraction: float) -> dict[str, list[str]]:
     return {"train": [head for head, _ in pairs], "val": [tail for _, tail in pairs if tail]}
 
 
-def write_splits(splits: dict[str, list[str]], tokenizer_path: str | Path, output: str,
-                 vocab_size: int, *, num_workers: int = 1) -> None:
-    """Token chunks of every split under ``output/<split>``; for a local ``output`` also
-    ``meta.json`` and a copy of the tokenizer."""
+def write_splits(splits: dict[str, Iterable[str]], tokenizer_path: str | Path, output: str,
+                 vocab_size: int, *, num_workers: int = 1, shard_documents: int = 100_000) -> None:
+    """Token chunks of every split under ``output/<split>`` (each split's documents read lazily,
+    see :func:`write_tokens`); for a local ``output`` also ``meta.json`` and a copy of the
+    tokenizer."""
     for split, documents in splits.items():
-        write_tokens(documents, tokenizer_path, f"{output.rstrip('/')}/{split}", num_workers=num_workers)
+        write_tokens(documents, tokenizer_path, f"{output.rstrip('/')}/{split}", num_workers=num_workers,
+                     shard_documents=shard_documents)
     if "://" not in output:
         shutil.copy(tokenizer_path, Path(output, "tokenizer.json"))
         Path(output, "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "tokenizer": "tokenizer.json"}))

@@ -1,7 +1,9 @@
 """Lightning integration: :class:`LowRankModule` (wrap any network), :class:`LowRankCallback`
-and the ``"lowrank"``/``"ddp_lowrank"`` strategies (adopt in an existing project), telemetry."""
+and the ``"lowrank"``/``"ddp_lowrank"`` strategies (adopt in an existing project), telemetry,
+and :class:`LastStepCheckpoint` (checkpoints that always include the final step)."""
 
 from lit_lowrank.lightning.callback import LowRankCallback
+from lit_lowrank.lightning.checkpoint import LastStepCheckpoint
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.module import LowRankModule
@@ -11,5 +13,5 @@ from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 register_strategies()
 
-__all__ = ["CausalLM", "DDPLowRankStrategy", "LayerwiseCallback", "LowRankCallback", "LowRankConfig", "LowRankModule",
-           "LowRankStrategy", "LowRankTelemetry", "SequenceClassification", "Task", "TaskOutput"]
+__all__ = ["CausalLM", "DDPLowRankStrategy", "LastStepCheckpoint", "LayerwiseCallback", "LowRankCallback",
+           "LowRankConfig", "LowRankModule", "LowRankStrategy", "LowRankTelemetry", "SequenceClassification", "Task", "TaskOutput"]
