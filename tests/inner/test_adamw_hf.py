@@ -5,12 +5,14 @@ against a plain HF AdamW step written here."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from lit_lowrank import LowRankOptimizer, build_optimizer
+from lit_lowrank.optim import LayerwiseUpdates
 from lit_lowrank.inner.adamw_hf import HFAdamInner
 
 STEPS, GAP, RANK = 24, 8, 4  # refreshes at steps 1, 9 and 17
@@ -75,6 +77,53 @@ def test_reproduces_apollo_torch(scale_type, correct_bias, apollo_torch_draws_ou
                  rule_args={"scaling": scale_type})
     peer = apollo_torch.APOLLOAdamW(_peer_groups(peer_model, proj="random", scale_type=scale_type, scale=4.0,
                                                  proj_type="std"), correct_bias=correct_bias, **PEER_OPTIONS)
+    assert_same_trajectory(ours_model, ours, peer_model, peer, outputs=6, steps=STEPS)
+
+
+def _hf_trainer_optimizer(model: nn.Module, optim: str) -> torch.optim.Optimizer:
+    """The optimizer HF Trainer builds for ``optim`` (``Trainer.get_optimizer_cls_and_kwargs``,
+    as ``Trainer.create_optimizer`` uses it), with ``optim_args="rank=4,update_proj_gap=8"``.
+    The Adam and weight-decay arguments are set away from every default: HF passes none of them
+    to galore-torch, so the equivalent settings below are galore-torch's defaults."""
+    trainer = pytest.importorskip("transformers").Trainer
+    args = SimpleNamespace(optim=optim, optim_args=f"rank={RANK},update_proj_gap={GAP}", optim_target_modules=["0", "2", "4"],
+                           learning_rate=1e-2, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-3, weight_decay=0.3,
+                           gradient_accumulation_steps=1, parallel_mode=None)
+    cls, kwargs = trainer.get_optimizer_cls_and_kwargs(args, model)
+    params = kwargs.pop("params")
+    params = kwargs.pop("optimizer_dict", params)  # layer-wise: one optimizer per parameter, stepped by hooks
+    return cls(params, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:This implementation of AdamW is deprecated:FutureWarning")
+@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_layerwise"])
+def test_reproduces_hf_trainer_galore_adamw(optim, assert_same_trajectory):
+    """The README's row: eps 1e-6, weight decay 0, default betas whatever the TrainingArguments say;
+    layer-wise through :class:`LayerwiseUpdates`."""
+    pytest.importorskip("galore_torch")
+    ours_model, peer_model = _mlp(), _mlp()
+    peer = _hf_trainer_optimizer(peer_model, optim)
+    ours = build_optimizer(ours_model, targets=["0", "2", "4"], exclude=[], lr=1e-2, rank=RANK, update_gap=GAP,
+                           scale=0.25, inner="adamw-hf", eps=1e-6, weight_decay=0.0)
+    if optim.endswith("layerwise"):
+        LayerwiseUpdates(ours).attach()
+    assert_same_trajectory(ours_model, ours, peer_model, peer, outputs=6, steps=STEPS)
+
+
+def test_reproduces_hf_trainer_galore_adafactor_on_lowrank_weights(assert_same_trajectory):
+    """``galore_adafactor``: the projected weights follow ``inner: adafactor``; HF steps the
+    other parameters with Adafactor too, which this model does not have (no biases, all targeted)."""
+    pytest.importorskip("galore_torch")
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(20, 40, bias=False), nn.Tanh(), nn.Linear(40, 12, bias=False), nn.Tanh(),
+                             nn.Linear(12, 6, bias=False))
+
+    ours_model, peer_model = mlp(), mlp()
+    peer = _hf_trainer_optimizer(peer_model, "galore_adafactor")
+    ours = build_optimizer(ours_model, targets=["0", "2", "4"], exclude=[], lr=1e-2, rank=RANK, update_gap=GAP,
+                           scale=0.25, inner="adafactor", weight_decay=0.0)
     assert_same_trajectory(ours_model, ours, peer_model, peer, outputs=6, steps=STEPS)
 
 
