@@ -5,9 +5,11 @@ Per low-rank weight with gradient ``G`` (m×n), each step (DESIGN.md §1):
 1. ``schedule.should_refresh(step)`` → ``projector.refresh(G)`` (moments kept, reset or rotated);
 2. ``R = projector.project(G)``;
 3. ``N = inner.directions(R)`` (moments in R's shape);
-4. decoupled weight decay ``W ← (1 − ηλ) W``, then ``rule.apply_``: ``W ← W − η U``.
+4. decoupled weight decay ``W ← (1 − ηλ) W``, then ``rule.apply_``: ``W ← W − η U`` (an inner
+   optimizer with ``decay_after_step`` decays after the update; ``step_size_factor(t)`` scales η).
 
-Parameters in groups without ``lowrank=True`` get torch's AdamW (fused kernel where available).
+Parameters in groups without ``lowrank=True`` get torch's AdamW (fused kernel where available),
+or the group's inner optimizer if it declares ``steps_dense`` (``adamw-hf``: the peers' HF AdamW).
 Components are looked up by registered name, so any installed plugin can be named here.
 """
 
@@ -45,7 +47,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or param groups, as for ``torch.optim.AdamW``. Groups with
             ``lowrank=True`` must hold 2-D tensors only; ``build_optimizer`` makes them.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, before the step).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, before the step;
+            ``inner="adamw-hf"``: as ``transformers.AdamW``, after it, for every group).
         rank: subspace rank r; clamped to ``min(m, n)`` with a warning.
         projector: registered projector name (``svd``, ...).
         side: ``std | reverse_std | left | right | full`` (see :func:`choose_side`).
