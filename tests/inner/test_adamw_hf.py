@@ -127,6 +127,23 @@ def test_reproduces_hf_trainer_galore_adafactor_on_lowrank_weights(assert_same_t
     assert_same_trajectory(ours_model, ours, peer_model, peer, outputs=6, steps=STEPS)
 
 
+def test_reproduces_hf_trainer_apollo_adamw(apollo_torch_draws_ours, assert_same_trajectory):
+    """``optim="apollo_adamw"``: unlike GaLore's, HF passes ``adam_beta1/2`` and ``adam_epsilon``
+    on — to the projected group only; the dense group keeps apollo-torch's defaults. HF's groups
+    put the dense params first, which fixes apollo-torch's seeds; the same order here makes the
+    draws comparable."""
+    pytest.importorskip("apollo_torch")
+    apollo_torch_draws_ours(rank=RANK)
+    ours_model, peer_model = _mlp(), _mlp()
+    peer = _hf_trainer_optimizer(peer_model, "apollo_adamw")
+    matrices, dense = _split(ours_model)
+    ours = LowRankOptimizer([{"params": dense, "betas": (0.9, 0.999), "eps": 1e-6},
+                             {"params": matrices, "lowrank": True, "betas": (0.8, 0.9), "eps": 1e-3}], lr=1e-2,
+                            weight_decay=0.0, rank=RANK, update_gap=GAP, scale=1.0, projector="random",
+                            rule="apollo", inner="adamw-hf")
+    assert_same_trajectory(ours_model, ours, peer_model, peer, outputs=6, steps=STEPS)
+
+
 def _hf_adamw_step(weight, grad, exp_avg, exp_avg_sq, step, *, lr, betas, eps, weight_decay, correct_bias):
     """One step of ``transformers.AdamW`` (the peers' optimizer), written out."""
     beta1, beta2 = betas
