@@ -83,11 +83,11 @@ def test_reproduces_apollo_torch(scale_type, correct_bias, apollo_torch_draws_ou
 def _hf_trainer_optimizer(model: nn.Module, optim: str) -> torch.optim.Optimizer:
     """The optimizer HF Trainer builds for ``optim`` (``Trainer.get_optimizer_cls_and_kwargs``,
     as ``Trainer.create_optimizer`` uses it), with ``optim_args="rank=4,update_proj_gap=8"``.
-    The Adam and weight-decay arguments are set away from every default: HF passes none of them
-    to galore-torch, so the equivalent settings below are galore-torch's defaults."""
+    The Adam and weight-decay arguments are set away from every default, to see which of them
+    HF passes on (to galore-torch none, so the equivalent settings are its defaults)."""
     trainer = pytest.importorskip("transformers").Trainer
-    args = SimpleNamespace(optim=optim, optim_args=f"rank={RANK},update_proj_gap={GAP}", optim_target_modules=["0", "2", "4"],
-                           learning_rate=1e-2, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-3, weight_decay=0.3,
+    args = SimpleNamespace(optim=optim, optim_args=f"rank={RANK},update_proj_gap={GAP}",
+                           optim_target_modules=["0", "2", "4"], learning_rate=1e-2, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-3, weight_decay=0.3,
                            gradient_accumulation_steps=1, parallel_mode=None)
     cls, kwargs = trainer.get_optimizer_cls_and_kwargs(args, model)
     params = kwargs.pop("params")
