@@ -5,6 +5,7 @@ BUILTIN_MODULES = (
     "lit_lowrank.projectors.svd",
     "lit_lowrank.schedules.fixed",
     "lit_lowrank.inner.adamw",
+    "lit_lowrank.inner.adamw_hf",
     "lit_lowrank.inner.adamw8bit",
     "lit_lowrank.inner.adafactor",
     "lit_lowrank.inner.lion",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,3 +38,28 @@ def assert_same_trajectory():
                 torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
     return check
+
+
+@pytest.fixture
+def apollo_torch_draws_ours(monkeypatch):
+    """``patch(rank)`` makes apollo-torch (imported by the caller first) draw our random matrices:
+    its seed chain starts at (parameter index + 1) and advances by next_seed; with next_seed =
+    s + 2³² the seed encodes (index, k), and its stable_randn returns our k-th draw (ours is r×d,
+    transposed for its m×r left matrix). Its own generator is device-dependent and chained, ours
+    is CPU-seeded from (index, k)."""
+
+    def patch(rank: int) -> None:
+        from apollo_torch import random_projector
+
+        def stable_randn(shape, seed, device=None, dtype=torch.float32):
+            index, k = (seed & 0xFFFFFFFF) - 1, seed >> 32
+            generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([index, k])))
+            left = shape[1] == rank  # its left matrix is m×r, ours is drawn r×m
+            draw = generator.standard_normal((rank, shape[0] if left else shape[1]), dtype=np.float32)
+            draw = torch.from_numpy(draw)
+            return (draw.T if left else draw).to(device=device, dtype=dtype)
+
+        monkeypatch.setattr(random_projector, "stable_randn", stable_randn)
+        monkeypatch.setattr(random_projector, "next_seed", lambda seed, adv=None: seed + (1 << 32))
+
+    return patch

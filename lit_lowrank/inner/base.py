@@ -22,6 +22,17 @@ class InnerOptimizer(ABC):
 
     linear_state: tuple[str, ...] = ()
     quadratic_state: tuple[str, ...] = ()
+    decay_after_step: bool = False
+    """Decoupled weight decay ``W ← W − η λ W`` applied to the *updated* weight (HF
+    ``transformers.AdamW`` and the peers built on it) instead of before the update (torch)."""
+    steps_dense: bool = False
+    """Dense groups naming this inner optimizer are stepped by it on their full gradients
+    (``W ← W − η · step_size_factor(t) · N``) instead of by torch's AdamW."""
+
+    def step_size_factor(self, step: int) -> float:
+        """Multiplies the learning rate of step ``step`` for the whole update (after the rule);
+        1 by default. HF's AdamW puts its bias correction ``√(1−β2ᵗ)/(1−β1ᵗ)`` here."""
+        return 1.0
 
     @abstractmethod
     def init_state(self, low: Tensor) -> dict[str, Tensor]:

@@ -5,9 +5,11 @@ Per low-rank weight with gradient ``G`` (m×n), each step (DESIGN.md §1):
 1. ``schedule.should_refresh(step)`` → ``projector.refresh(G)`` (moments kept, reset or rotated);
 2. ``R = projector.project(G)``;
 3. ``N = inner.directions(R)`` (moments in R's shape);
-4. decoupled weight decay ``W ← (1 − ηλ) W``, then ``rule.apply_``: ``W ← W − η U``.
+4. decoupled weight decay ``W ← (1 − ηλ) W``, then ``rule.apply_``: ``W ← W − η U`` (an inner
+   optimizer with ``decay_after_step`` decays after the update; ``step_size_factor(t)`` scales η).
 
-Parameters in groups without ``lowrank=True`` get torch's AdamW (fused kernel where available).
+Parameters in groups without ``lowrank=True`` get torch's AdamW (fused kernel where available),
+or the group's inner optimizer if it declares ``steps_dense`` (``adamw-hf``: the peers' HF AdamW).
 Components are looked up by registered name, so any installed plugin can be named here.
 """
 
@@ -45,7 +47,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or param groups, as for ``torch.optim.AdamW``. Groups with
             ``lowrank=True`` must hold 2-D tensors only; ``build_optimizer`` makes them.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, before the step).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, before the step;
+            ``inner="adamw-hf"``: as ``transformers.AdamW``, after it, for every group).
         rank: subspace rank r; clamped to ``min(m, n)`` with a warning.
         projector: registered projector name (``svd``, ...).
         side: ``std | reverse_std | left | right | full`` (see :func:`choose_side`).
@@ -104,6 +107,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             elif any(hasattr(p, "weight_store") for p in group["params"]):
                 raise ValueError("a quantized weight (with a weight_store) is in a dense group; "
                                  "add its module name to the low-rank `targets`.")
+            else:
+                self._dense_inner(group)  # an inner optimizer that steps dense params is built (checked) now
 
     # ------------------------------------------------------------------ setup
     def _params(self) -> list[Tensor]:
@@ -202,6 +207,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return self._slots[p].projector.project(grad)
 
     def _dense_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        inner = self._dense_inner(group)
+        if inner is not None:
+            return self._inner_dense_step(group, params, inner)
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         states = []
         for p in params:
@@ -221,6 +229,34 @@ class LowRankOptimizer(torch.optim.Optimizer):
             beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=False,
         )
+
+    def _dense_inner(self, group: dict[str, Any]) -> InnerOptimizer | None:
+        """The group's inner optimizer if it steps dense params too (``InnerOptimizer.steps_dense``:
+        the peers' HF AdamW), else None (torch's AdamW)."""
+        if not plugins.get_inner_optimizer(group["inner"]).steps_dense:
+            return None
+        return self._group_components(group)[0]
+
+    def _inner_dense_step(self, group: dict[str, Any], params: list[Tensor], inner: InnerOptimizer) -> None:
+        """Dense params stepped by ``inner`` on their full gradients:
+        ``W ← W − η · step_size_factor(t) · N``, with weight decay where ``inner`` puts it."""
+        lr, decay = group["lr"], group["weight_decay"]
+        by_step: dict[int, list[tuple[Tensor, dict]]] = defaultdict(list)
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state.update(inner.init_state(p))
+            state["step"] += 1
+            by_step[int(state["step"])].append((p, state))
+        for step, items in by_step.items():
+            directions = inner.directions([p.grad for p, _ in items], [s for _, s in items], step)
+            for (p, _), direction in zip(items, directions):
+                if decay and not inner.decay_after_step:
+                    p.mul_(1 - lr * decay)
+                p.add_(direction, alpha=-lr * inner.step_size_factor(step))
+                if decay and inner.decay_after_step:
+                    p.add_(p, alpha=-lr * decay)
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor]) -> None:
         inner, rule = self._group_components(group)
@@ -245,9 +281,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
             directions = inner.directions([low for _, low, _, _ in items], [s for _, _, s, _ in items], step)
             for (p, low, state, slot), direction in zip(items, directions):
                 weight = float_weight(p)
-                if decay:
+                if decay and not inner.decay_after_step:
                     weight.mul_(1 - lr * decay)
-                rule.apply_(weight, RuleInputs(p.grad, low, direction, slot.projector, state), step_size=lr)
+                rule.apply_(weight, RuleInputs(p.grad, low, direction, slot.projector, state),
+                            step_size=lr * inner.step_size_factor(step))
+                if decay and inner.decay_after_step:
+                    weight.add_(weight, alpha=-lr * decay)
                 if weight is not p:
                     p.weight_store.store_(weight)
 

@@ -3,7 +3,8 @@
 Deliberate differences, neutralised here and tested against the plain reference in
 test_lowrank.py: ε is added to the bias-corrected √V̂ (paper, torch.optim.AdamW) rather than
 to √V (galore-torch), so ε is made negligible; decoupled weight decay is applied before the step
-(torch.optim.AdamW) rather than after it, so weight_decay = 0.
+(torch.optim.AdamW) rather than after it, so weight_decay = 0. ``inner="adamw-hf"`` takes the
+peers' convention instead: tests/inner/test_adamw_hf.py reproduces their runs at their defaults.
 """
 
 from __future__ import annotations

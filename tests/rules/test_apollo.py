@@ -135,31 +135,14 @@ def test_full_side_needs_tensorwise_scaling():
 
 
 # ----------------------------------------------------------------------------- apollo-torch
-def _ours_for_apollo_torch(monkeypatch, rank):
-    """Make apollo-torch draw our matrices: its seed chain starts at (parameter index + 1) and
-    advances by next_seed; with next_seed = s + 2³² the seed encodes (index, k), and its
-    stable_randn returns our k-th draw (ours is r×d, transposed for its m×r left matrix). Its own
-    generator is device-dependent and chained, ours is CPU-seeded from (index, k)."""
-    from apollo_torch import random_projector
-
-    def stable_randn(shape, seed, device=None, dtype=torch.float32):
-        index, k = (seed & 0xFFFFFFFF) - 1, seed >> 32
-        generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([index, k])))
-        left = shape[1] == rank  # its left matrix is m×r, ours is drawn r×m
-        draw = torch.from_numpy(generator.standard_normal((rank, shape[0] if left else shape[1]), dtype=np.float32))
-        return (draw.T if left else draw).to(device=device, dtype=dtype)
-
-    monkeypatch.setattr(random_projector, "stable_randn", stable_randn)
-    monkeypatch.setattr(random_projector, "next_seed", lambda seed, adv=None: seed + (1 << 32))
-
-
 @pytest.mark.parametrize("scale_type", ["channel", "tensor"])
-def test_trajectory_matches_apollo_torch(scale_type, uncorrected_adam, monkeypatch, assert_same_trajectory):
+def test_trajectory_matches_apollo_torch(scale_type, uncorrected_adam, apollo_torch_draws_ours,
+                                         assert_same_trajectory):
     """Same math where the peer's convention is matched: its HF-style Adam with
     ``correct_bias=False`` ↔ the in-test uncorrected inner optimizer; side ``std`` only (its
     channel axis is derived from the gradient's shape)."""
     apollo_torch = pytest.importorskip("apollo_torch")
-    _ours_for_apollo_torch(monkeypatch, rank=4)
+    apollo_torch_draws_ours(rank=4)
 
     def mlp():
         torch.manual_seed(0)
