@@ -22,6 +22,9 @@ class InnerOptimizer(ABC):
 
     linear_state: tuple[str, ...] = ()
     quadratic_state: tuple[str, ...] = ()
+    steps_dense: bool = False
+    """Whether the group's dense parameters also step with this update (on their full gradient)
+    instead of AdamW: true for an optimizer family whose dense form is the same rule (SGD)."""
 
     @abstractmethod
     def init_state(self, low: Tensor) -> dict[str, Tensor]:

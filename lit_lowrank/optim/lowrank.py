@@ -7,7 +7,11 @@ Per low-rank weight with gradient ``G`` (m×n), each step (DESIGN.md §1):
 3. ``N = inner.directions(R)`` (moments in R's shape);
 4. decoupled weight decay ``W ← (1 − ηλ) W``, then ``rule.apply_``: ``W ← W − η U``.
 
-Parameters in groups without ``lowrank=True`` get torch's AdamW (fused kernel where available).
+A group with ``decoupled_weight_decay=False`` takes torch Adam's and SGD's coupled L2 instead:
+``G + λW`` is projected (and refreshes the basis), so the decay goes through the moments.
+Parameters in groups without ``lowrank=True`` get torch's AdamW (fused kernel where available),
+or torch Adam with coupled L2, or — for an inner optimizer that ``steps_dense`` (SGD) — that
+inner optimizer's own update on the full gradient.
 Components are looked up by registered name, so any installed plugin can be named here.
 """
 
@@ -22,7 +26,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.optim.adamw import adamw as adamw_functional
+from torch.optim.adam import adam as adam_functional
 
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import ON_REFRESH, InnerOptimizer
@@ -202,6 +206,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return self._slots[p].projector.project(grad)
 
     def _dense_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if plugins.get_inner_optimizer(group["inner"]).steps_dense:
+            return self._inner_dense_step(group, params, self._group_components(group)[0])
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         states = []
         for p in params:
@@ -214,40 +220,62 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 state["step"] = state["step"].to(p.device)
             states.append(state)
         beta1, beta2 = group["betas"]
-        adamw_functional(
+        adam_functional(
             params, [p.grad for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
             foreach=None if fused else True, fused=fused or None, amsgrad=False, beta1=beta1,
             beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-            maximize=False,
+            maximize=False, decoupled_weight_decay=group.get("decoupled_weight_decay", True),
         )
+
+    def _inner_dense_step(self, group: dict[str, Any], params: list[Tensor], inner: InnerOptimizer) -> None:
+        """``W ← W − η N`` with ``N = inner.directions(G)`` on the full gradients (weight decay
+        coupled into ``G`` or decoupled, as for low-rank weights)."""
+        lr, decay = group["lr"], group["weight_decay"]
+        by_step: dict[int, list[tuple[Tensor, Tensor, dict]]] = defaultdict(list)
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state.update(inner.init_state(p))
+            state["step"] += 1
+            by_step[int(state["step"])].append((p, l2_gradient(p.grad, p, group), state))
+        for step, items in by_step.items():
+            directions = inner.directions([grad for _, grad, _ in items], [s for _, _, s in items], step)
+            for (p, _, _), direction in zip(items, directions):
+                if decay and group.get("decoupled_weight_decay", True):
+                    p.mul_(1 - lr * decay)
+                p.add_(direction, alpha=-lr)
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor]) -> None:
         inner, rule = self._group_components(group)
         by_step: dict[int, list[tuple[Tensor, Tensor, dict, LowRankSlot]]] = defaultdict(list)
+        grads = {}
         for p in params:
             state, slot = self.state[p], self._slot(p, group)
             fresh = "step" not in state
             step = 0 if fresh else int(state["step"])
+            grads[p] = grad = l2_gradient(p.grad, p, group)
             if slot.schedule.should_refresh(step):
                 if p in lows:
                     raise RuntimeError("a projected gradient was given for a step that refreshes the subspace; "
                                        "check needs_full_gradient() before projecting")
-                self._refresh(p.grad, slot, state, inner, group, step)
-            low = lows[p] if p in lows else slot.projector.project(p.grad)
+                self._refresh(grad, slot, state, inner, group, step)
+            low = slot.projector.project(grad) if p not in lows else l2_projection(lows[p], p, slot.projector, group)
             if fresh:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(low))
             state["step"] += 1
             by_step[step + 1].append((p, low, state, slot))
         lr, decay = group["lr"], group["weight_decay"]
+        decoupled = group.get("decoupled_weight_decay", True)
         for step, items in by_step.items():
             directions = inner.directions([low for _, low, _, _ in items], [s for _, _, s, _ in items], step)
             for (p, low, state, slot), direction in zip(items, directions):
                 weight = float_weight(p)
-                if decay:
+                if decay and decoupled:
                     weight.mul_(1 - lr * decay)
-                rule.apply_(weight, RuleInputs(p.grad, low, direction, slot.projector, state), step_size=lr)
+                rule.apply_(weight, RuleInputs(grads[p], low, direction, slot.projector, state), step_size=lr)
                 if weight is not p:
                     p.weight_store.store_(weight)
 
@@ -325,6 +353,24 @@ def float_weight(p: Tensor) -> Tensor:
     copy ``store.float_weight()`` that ``store.store_(weight)`` re-quantizes after the update."""
     store = getattr(p, "weight_store", None)
     return p if store is None else store.float_weight()
+
+
+def l2_gradient(grad: Tensor | None, p: Tensor, group: dict[str, Any]) -> Tensor | None:
+    """``G + λW`` for coupled L2 weight decay (``decoupled_weight_decay=False``: torch Adam, SGD),
+    else ``G`` itself."""
+    decay = group["weight_decay"]
+    if grad is None or not decay or group.get("decoupled_weight_decay", True):
+        return grad
+    return grad.add(float_weight(p).to(grad.dtype), alpha=decay)
+
+
+def l2_projection(low: Tensor, p: Tensor, projector: Projector, group: dict[str, Any]) -> Tensor:
+    """``R + λ P(W)``: the projection of ``G + λW`` from a given projection ``R`` of ``G``
+    (layer-wise accumulation), the projection being linear."""
+    decay = group["weight_decay"]
+    if not decay or group.get("decoupled_weight_decay", True):
+        return low
+    return low.add(projector.project(float_weight(p).to(low.dtype)), alpha=decay)
 
 
 def leading_similarity(old: tuple[Tensor | None, ...], new: tuple[Tensor | None, ...]) -> float:
