@@ -42,6 +42,7 @@ class LowRankCallback(LowRankTelemetry):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        adopt_module(pl_module, self.config)  # every stage (a checkpoint holds quantized layers), before restoring
         if stage != "fit":
             return
         from lit_lowrank.lightning.strategy import _LowRankOptimizers
@@ -51,7 +52,6 @@ class LowRankCallback(LowRankTelemetry):
                              "optimizers, each with its own config: use one (put the options on either)")
         if sum(isinstance(c, LowRankCallback) for c in trainer.callbacks) > 1:
             raise ValueError("more than one LowRankCallback: keep one")
-        adopt_module(pl_module, self.config)  # before configure_optimizers and checkpoint restoring
         layerwise = layerwise_callback(trainer, pl_module, self.config)
         if layerwise is not None:
             trainer.callbacks.append(layerwise)

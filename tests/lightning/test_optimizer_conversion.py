@@ -137,9 +137,12 @@ def test_explicit_inner_accepts_a_substitute_and_says_what_is_not_reproduced(cap
     assert any("not reproduced" in r.getMessage() and "'alpha'" in r.getMessage() for r in caplog.records)
 
 
-def test_enabled_false_keeps_the_users_optimizer():
+@pytest.mark.parametrize("adoption", ["callback", "strategy"])
+def test_enabled_false_keeps_the_users_optimizer(adoption):
     model = Boring()
-    trainer = fit(model, callbacks=[LowRankCallback(enabled=False, targets=["layer"])])
+    options = dict(enabled=False, targets=["layer"])
+    trainer = fit(model, **({"callbacks": [LowRankCallback(**options)]} if adoption == "callback"
+                            else {"strategy": LowRankStrategy(**options)}))
     assert type(trainer.optimizers[0]) is torch.optim.SGD
     assert set(model.stepping) == {torch.optim.SGD}
 
