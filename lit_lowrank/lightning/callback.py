@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import adopt_module, convert_optimizers, explicit_fields, layerwise_callback
+from lit_lowrank.lightning.conversion import adopt_module, convert_optimizers, adoption_config, layerwise_callback
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
@@ -38,7 +38,7 @@ class LowRankCallback(LowRankTelemetry):
 
     def __init__(self, config: LowRankConfig | None = None, **options: Any) -> None:
         super().__init__()
-        self.config, self.explicit = explicit_fields(config, options)
+        self.config, self.explicit = adoption_config(config, options)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -68,7 +68,7 @@ CONVERSIONS: dict[type, tuple[Callable[[dict[str, Any]], dict[str, Any]], tuple[
 groups to LowRankOptimizer group options, and the group keys it reproduces."""
 
 
-def explicit_fields(config: LowRankConfig | None, options: dict[str, Any]) -> tuple[LowRankConfig, frozenset[str]]:
+def adoption_config(config: LowRankConfig | None, options: dict[str, Any]) -> tuple[LowRankConfig, frozenset[str]]:
     """The merged config of a callback/strategy and the fields the user set: every keyword in
     ``options`` and every field of ``config`` that differs from its default."""
     base = vars(config) if config is not None else {}
@@ -213,7 +213,15 @@ def _group_converter(optimizer: torch.optim.Optimizer, config: LowRankConfig, ex
         kept = {k: group[k] for k in _SUBSTITUTE_KEEPS if k in group}
         return {**kept, "inner": config.inner, "inner_args": dict(config.inner_args)}
 
-    return substitute, sorted(keys - set(_SUBSTITUTE_KEEPS))
+    return substitute, sorted(k for k in keys - set(_SUBSTITUTE_KEEPS) if _lost(k, optimizer.param_groups))
+
+
+def _lost(key: str, groups: list[dict[str, Any]]) -> bool:
+    """Whether a substitute (decoupled weight decay, no momentum, no flags) changes what
+    ``key`` asked for in ``groups``."""
+    if key == "decoupled_weight_decay":
+        return not all(g[key] for g in groups if key in g)
+    return any(g.get(key) not in (None, False, 0) for g in groups)
 
 
 _SUBSTITUTE_KEEPS = ("lr", "weight_decay", "betas", "eps")

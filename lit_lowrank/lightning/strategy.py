@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import adopt_module, convert_optimizers, explicit_fields, layerwise_callback
+from lit_lowrank.lightning.conversion import adopt_module, convert_optimizers, adoption_config, layerwise_callback
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
@@ -61,7 +61,7 @@ class LowRankStrategy(_LowRankOptimizers, SingleDeviceStrategy):
                  **options: Any) -> None:
         device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
         super().__init__(device=device)
-        self.lowrank, self.explicit = explicit_fields(lowrank, options)
+        self.lowrank, self.explicit = adoption_config(lowrank, options)
 
 
 class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
@@ -73,7 +73,7 @@ class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
     def __init__(self, lowrank: LowRankConfig | None = None, ddp_kwargs: dict[str, Any] | None = None,
                  **options: Any) -> None:
         super().__init__(**(ddp_kwargs or {}))
-        self.lowrank, self.explicit = explicit_fields(lowrank, options)
+        self.lowrank, self.explicit = adoption_config(lowrank, options)
 
 
 def register_strategies() -> None:

@@ -62,7 +62,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         projector_args, rule_args, inner_args, schedule_args: extra keyword arguments of each
             component.
 
-    Every option can also be set per param group.
+    Every option can also be set per param group, and a group may set
+    ``decoupled_weight_decay=False`` for torch Adam's / SGD's coupled L2 (``G + λW``).
     """
 
     def __init__(
