@@ -25,8 +25,8 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import torch
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import nn
@@ -74,7 +74,8 @@ def adoption_config(config: LowRankConfig | None, options: dict[str, Any]) -> tu
     base = vars(config) if config is not None else {}
     merged = LowRankConfig(**{**base, **options})
     default = LowRankConfig()
-    changed = {f.name for f in dataclasses.fields(LowRankConfig) if base and base[f.name] != getattr(default, f.name)}
+    changed = {f.name for f in dataclasses.fields(LowRankConfig)
+               if base and _plain(base[f.name]) != _plain(getattr(default, f.name))}
     explicit = frozenset(changed | set(options))
     owned = sorted(explicit & set(OWNED_BY_MODULE))
     if owned:
@@ -83,6 +84,10 @@ def adoption_config(config: LowRankConfig | None, options: dict[str, Any]) -> tu
                          "and the LR schedule with your own scheduler (or train with LowRankModule, which reads "
                          "them from the config)")
     return merged, explicit
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value  # YAML gives lists for tuple fields
 
 
 def adopt_module(module: nn.Module, config: LowRankConfig) -> None:
@@ -168,9 +173,10 @@ def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: set[int], config: L
     new.defaults.update(convert(optimizer.defaults))  # for add_param_group (e.g. BaseFinetuning)
     projected = sum(len(g["params"]) for g in groups if g["lowrank"])
     dense = sum(len(g["params"]) for g in groups if not g["lowrank"])
+    lost = f"; not reproduced (inner= set explicitly): {dropped}" if dropped else ""
     rank_zero_info(f"lit_lowrank: converted {_describe(optimizer)} → LowRankOptimizer(inner={groups[0]['inner']}, "
                    f"rule={config.rule}, projector={config.projector}, rank={config.rank}): {projected} weights "
-                   f"projected, {dense} dense" + (f"; not reproduced (inner= set explicitly): {dropped}" if dropped else ""))
+                   f"projected, {dense} dense{lost}")
     return new, group_map
 
 

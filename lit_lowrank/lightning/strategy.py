@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import adopt_module, convert_optimizers, adoption_config, layerwise_callback
+from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, layerwise_callback
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 

@@ -176,6 +176,11 @@ def test_fields_the_module_owns_are_refused(field, value):
             make()
 
 
+def test_a_config_at_its_defaults_is_accepted():
+    config = LowRankConfig(betas=[0.9, 0.999], rank=1, targets=["layer"])  # a list, as YAML gives it
+    assert LowRankCallback(config).config.rank == 1
+
+
 def test_callback_with_lowrank_strategy_is_refused_naming_both():
     with pytest.raises(ValueError, match="LowRankCallback and strategy='lowrank'"):
         fit(Boring(), strategy="lowrank", callbacks=[LowRankCallback(targets=["layer"], rank=1)])
