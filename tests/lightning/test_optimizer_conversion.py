@@ -186,6 +186,13 @@ def test_callback_with_lowrank_strategy_is_refused_naming_both():
         fit(Boring(), strategy="lowrank", callbacks=[LowRankCallback(targets=["layer"], rank=1)])
 
 
+def test_a_module_already_returning_a_low_rank_optimizer_is_refused():
+    with pytest.raises(ValueError, match="already returns a LowRankOptimizer"):
+        fit(Boring(lambda p: LowRankOptimizer(p)), callbacks=[LowRankCallback(targets=["layer"], rank=1)])
+    with pytest.raises(ValueError, match="more than one LowRankCallback"):
+        fit(Boring(), callbacks=[LowRankCallback(targets=["layer"]), LowRankCallback(targets=["layer"])])
+
+
 @pytest.mark.parametrize("adoption", ["callback", "strategy"])
 def test_lr_find_sweeps_the_low_rank_optimizer(adoption, tmp_path):
     options = dict(targets=["layer"], rank=1)
