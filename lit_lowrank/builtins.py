@@ -9,6 +9,7 @@ BUILTIN_MODULES = (
     "lit_lowrank.inner.adamw8bit",
     "lit_lowrank.inner.adafactor",
     "lit_lowrank.inner.lion",
+    "lit_lowrank.inner.sgd",
     "lit_lowrank.rules.galore",
     "lit_lowrank.quantizers.int",
     "lit_lowrank.quantizers.bnb",

@@ -27,7 +27,8 @@ class InnerOptimizer(ABC):
     ``transformers.AdamW`` and the peers built on it) instead of before the update (torch)."""
     steps_dense: bool = False
     """Dense groups naming this inner optimizer are stepped by it on their full gradients
-    (``W ← W − η · step_size_factor(t) · N``) instead of by torch's AdamW."""
+    (``W ← W − η · step_size_factor(t) · N``) instead of by torch's AdamW: an optimizer family
+    whose dense form is the same update (SGD; the peers' HF AdamW)."""
 
     def step_size_factor(self, step: int) -> float:
         """Multiplies the learning rate of step ``step`` for the whole update (after the rule);

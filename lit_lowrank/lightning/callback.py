@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import convert_optimizers
+from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, layerwise_callback
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
@@ -17,25 +17,58 @@ class LowRankCallback(LowRankTelemetry):
 
         trainer = Trainer(callbacks=[LowRankCallback(rank=128, update_gap=200, scale=0.25)])
 
-    Your learning rates, weight decays, betas and LR schedulers are kept; the target weights
-    (``targets``/``exclude`` patterns) are updated in a rank-``rank`` subspace, the rest with
-    AdamW. Also logs the telemetry of :class:`LowRankTelemetry`.
+    Your AdamW, Adam or SGD is reproduced in low-rank space (see
+    :mod:`lit_lowrank.lightning.conversion`; anything else is refused unless you set ``inner``):
+    its learning rates, weight decays, betas or momentum and your LR schedulers are kept; the
+    target weights (``targets``/``exclude`` patterns) are updated in a rank-``rank`` subspace.
+    The conversion happens when the strategy builds the optimizers, so ``Tuner.lr_find`` sweeps
+    the optimizer that will train. ``enabled=False`` keeps your optimizers; ``layerwise=True``
+    adds :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback`; ``weight_bits`` quantizes
+    the target linear layers at setup. Also logs the telemetry of :class:`LowRankTelemetry`.
 
     Args:
-        config: a full :class:`LowRankConfig` (its ``lr``/``weight_decay``/LR-schedule fields
-            are ignored: yours are kept).
+        config: a full :class:`LowRankConfig`.
         options: :class:`LowRankConfig` fields, instead of or on top of ``config``.
+
+    Raises:
+        ValueError: if ``lr``, ``betas``, ``eps``, ``weight_decay``, ``warmup``, ``min_lr_ratio``
+            or ``lr_schedule`` is set (your optimizer and scheduler own them); at setup, with
+            ``strategy="lowrank"`` as well (two sources of config).
     """
 
     def __init__(self, config: LowRankConfig | None = None, **options: Any) -> None:
         super().__init__()
-        base = vars(config) if config is not None else {}
-        self.config = LowRankConfig(**{**base, **options})
+        self.config, self.explicit = adoption_config(config, options)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # runs after the strategy built the optimizers and before a checkpoint is restored into
-        # them, so `fit(ckpt_path=...)` resumes the low-rank state
-        strategy = trainer.strategy
-        strategy.optimizers = convert_optimizers(pl_module, strategy.optimizers,
-                                                 strategy.lr_scheduler_configs, self.config)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        adopt_module(pl_module, self.config)  # every stage (a checkpoint holds quantized layers), before restoring
+        if stage != "fit":
+            return
+        from lit_lowrank.lightning.strategy import _LowRankOptimizers
+
+        if isinstance(trainer.strategy, _LowRankOptimizers):
+            raise ValueError(f"LowRankCallback and strategy={trainer.strategy.strategy_name!r} both convert the "
+                             "optimizers, each with its own config: use one (put the options on either)")
+        if sum(isinstance(c, LowRankCallback) for c in trainer.callbacks) > 1:
+            raise ValueError("more than one LowRankCallback: keep one")
+        layerwise = layerwise_callback(trainer, pl_module, self.config)
+        if layerwise is not None:
+            trainer.callbacks.append(layerwise)
+        self._convert_when_built(trainer.strategy, pl_module)
+
+    def _convert_when_built(self, strategy: pl.strategies.Strategy, pl_module: pl.LightningModule) -> None:
+        """Convert right after ``strategy.setup_optimizers`` — before on_fit_start callbacks
+        (``Tuner.lr_find``'s sweep) and before a checkpoint's optimizer state is restored."""
+        build = type(strategy).setup_optimizers.__get__(strategy)
+
+        def setup_optimizers(trainer: pl.Trainer) -> None:
+            build(trainer)
+            strategy.optimizers = convert_optimizers(pl_module, strategy.optimizers, strategy.lr_scheduler_configs,
+                                                     self.config, self.explicit)
+
+        strategy.setup_optimizers = setup_optimizers
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        vars(trainer.strategy).pop("setup_optimizers", None)

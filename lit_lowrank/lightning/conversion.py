@@ -1,39 +1,138 @@
-"""Turn the optimizers an existing LightningModule configured into :class:`LowRankOptimizer`\\ s,
-keeping each param group's hyper-parameters and rebinding the LR schedulers that drove them.
-Shared by :class:`LowRankCallback` and the ``lowrank`` strategies."""
+"""Turn the optimizers an existing LightningModule configured into :class:`LowRankOptimizer`\\ s
+that reproduce them in low-rank space, and rebind the LR schedulers that drove them. Shared by
+:class:`LowRankCallback` and the ``lowrank`` strategies.
+
+=========================  =============================================================
+user's optimizer           LowRankOptimizer group
+=========================  =============================================================
+``torch.optim.AdamW``      ``inner=adamw``; lr, betas, eps, decoupled weight decay kept
+``torch.optim.Adam``       ``inner=adamw`` with Adam's coupled L2 (``G + λW`` is projected;
+                           dense params step with torch Adam); ``decoupled_weight_decay=True``
+                           kept as decoupled
+``torch.optim.SGD``        ``inner=sgd``; lr, momentum, dampening, nesterov kept, coupled L2
+                           weight decay; dense params step with torch SGD's update
+=========================  =============================================================
+
+Anything else — ``amsgrad=True``, ``differentiable=True``, a momentum-cycling scheduler, an
+unknown param-group key, any other optimizer class — is refused unless the user names ``inner``
+explicitly, which accepts the substitution (the groups' lr and weight decay are kept, decoupled;
+the log line says what is not). ``maximize=True`` is always refused.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import nn
 
 from lit_lowrank.lightning.config import LowRankConfig
+from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.optim.factory import select_targets
 from lit_lowrank.optim.lowrank import LowRankOptimizer
+from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import is_gradnorm
 
-# torch-optimizer implementation switches that mean nothing to LowRankOptimizer
-_IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "capturable", "differentiable", "amsgrad",
-                         "decoupled_weight_decay", "maximize"}
+OWNED_BY_MODULE = ("lr", "betas", "eps", "weight_decay", "warmup", "min_lr_ratio", "lr_schedule")
+"""LowRankConfig fields an existing module's ``configure_optimizers`` owns (its optimizer and
+scheduler set them); setting them on the callback or strategy is an error."""
+
+_IMPLEMENTATION = ("foreach", "fused", "capturable")  # kernel choices: the maths is the same
+_REFUSED_FLAGS = {"amsgrad": "amsgrad=True (a running maximum of the second moment)",
+                  "differentiable": "differentiable=True (autograd through the step)"}
+_CARRIED = ("initial_lr", "max_lr", "min_lr", "name")  # scheduler and logging keys, kept as they are
+
+
+def _adam(group: dict[str, Any]) -> dict[str, Any]:
+    return {"lr": group["lr"], "betas": tuple(group["betas"]), "eps": group["eps"],
+            "weight_decay": group["weight_decay"], "decoupled_weight_decay": bool(group["decoupled_weight_decay"]),
+            "inner": "adamw", "inner_args": {}}
+
+
+def _sgd(group: dict[str, Any]) -> dict[str, Any]:
+    return {"lr": group["lr"], "weight_decay": group["weight_decay"], "decoupled_weight_decay": False,
+            "inner": "sgd", "inner_args": {k: group[k] for k in ("momentum", "dampening", "nesterov")}}
+
+
+CONVERSIONS: dict[type, tuple[Callable[[dict[str, Any]], dict[str, Any]], tuple[str, ...]]] = {
+    torch.optim.AdamW: (_adam, ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay")),
+    torch.optim.Adam: (_adam, ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay")),
+    torch.optim.SGD: (_sgd, ("lr", "momentum", "dampening", "nesterov", "weight_decay")),
+}
+"""Supported optimizer classes (exactly, not subclasses): the function mapping one of its param
+groups to LowRankOptimizer group options, and the group keys it reproduces."""
+
+
+def adoption_config(config: LowRankConfig | None, options: dict[str, Any]) -> tuple[LowRankConfig, frozenset[str]]:
+    """The merged config of a callback/strategy and the fields the user set: every keyword in
+    ``options`` and every field of ``config`` that differs from its default."""
+    base = vars(config) if config is not None else {}
+    merged = LowRankConfig(**{**base, **options})
+    default = LowRankConfig()
+    changed = {f.name for f in dataclasses.fields(LowRankConfig)
+               if base and _plain(base[f.name]) != _plain(getattr(default, f.name))}
+    explicit = frozenset(changed | set(options))
+    owned = sorted(explicit & set(OWNED_BY_MODULE))
+    if owned:
+        raise ValueError(f"{owned} set on the low-rank callback/strategy, but an existing module's "
+                         "configure_optimizers owns them: set lr, betas, eps and weight_decay on your torch optimizer "
+                         "and the LR schedule with your own scheduler (or train with LowRankModule, which reads "
+                         "them from the config)")
+    return merged, explicit
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value  # YAML gives lists for tuple fields
+
+
+def adopt_module(module: nn.Module, config: LowRankConfig) -> None:
+    """Apply ``config``'s model transform to a user's module, in place and once: with
+    ``weight_bits``, the target linear layers become :class:`QuantizedLinear` (Q-GaLore)."""
+    if not config.enabled or config.weight_bits is None:
+        return
+    quantized = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
+    if not quantized:
+        quantize_linear_weights(module, config.targets, bits=config.weight_bits, exclude=config.exclude,
+                                **config.weight_args)
+    elif any(m.initial.bits != config.weight_bits for m in quantized):
+        raise ValueError(f"the module already holds quantized linear layers of other widths than "
+                         f"weight_bits={config.weight_bits}; build a fresh module or match weight_bits")
+
+
+def layerwise_callback(trainer: pl.Trainer, module: pl.LightningModule, config: LowRankConfig,
+                       ) -> LayerwiseCallback | None:
+    """A validated :class:`LayerwiseCallback` to add for ``layerwise=True`` (None if it is off or
+    the trainer already has one); raises what its ``setup`` refuses (clipping, fp16, DDP, ...)."""
+    if not (config.enabled and config.layerwise) or any(isinstance(c, LayerwiseCallback) for c in trainer.callbacks):
+        return None
+    callback = LayerwiseCallback()
+    callback.setup(trainer, module, "fit")
+    return callback
 
 
 def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer],
                        schedulers: list[LRSchedulerConfig], config: LowRankConfig,
-                       ) -> list[torch.optim.Optimizer]:
+                       explicit: frozenset[str] = frozenset()) -> list[torch.optim.Optimizer]:
     """Replace every optimizer holding a target weight of ``module`` by a LowRankOptimizer.
 
     Each user param group is split into its low-rank part (target weights) and its dense part,
-    both keeping the group's ``lr``, ``weight_decay``, ``betas``, ``eps`` (and scheduler keys such
-    as ``initial_lr``); the ``config``'s values only fill what the user's groups lack. Schedulers
-    in ``schedulers`` are re-pointed at the new optimizer, in place.
+    both reproducing the group's optimizer as :data:`CONVERSIONS` says; the new optimizer's
+    ``defaults`` come from the user's, so groups added later inherit them. Schedulers in
+    ``schedulers`` are re-pointed at the new optimizer, in place. ``explicit`` holds the config
+    fields the user set (an explicit ``inner`` accepts substituting an unsupported optimizer).
 
     Raises:
-        ValueError: if no weight matches ``config.targets``, or an optimizer maximizes.
+        ValueError: if no weight matches ``config.targets``, or an optimizer cannot be reproduced
+            (naming it and the opt-in).
     """
+    if not config.enabled:
+        rank_zero_info("lit_lowrank: enabled=False, the configured optimizers train unchanged")
+        return optimizers
     if config.gradnorm and not any(is_gradnorm(m) for m in module.modules()):
         raise ValueError("lowrank gradnorm: true needs the weight-normalized model before Lightning sets it up: "
                          "call lit_lowrank.reparam.apply_gradnorm(self, targets) in your LightningModule's "
@@ -48,7 +147,7 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
         if not any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
             converted.append(optimizer)
             continue
-        new, group_map = _lowrank_copy(optimizer, targets, config)
+        new, group_map = _lowrank_copy(optimizer, targets, config, explicit)
         for scheduler_config in schedulers:
             if scheduler_config.scheduler.optimizer is optimizer:
                 _rebind(scheduler_config.scheduler, len(optimizer.param_groups), new, group_map)
@@ -57,18 +156,89 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
 
 
 def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: set[int], config: LowRankConfig,
-                  ) -> tuple[LowRankOptimizer, list[int]]:
+                  explicit: frozenset[str]) -> tuple[LowRankOptimizer, list[int]]:
+    convert, dropped = _group_converter(optimizer, config, explicit)
     groups, group_map = [], []
     for index, group in enumerate(optimizer.param_groups):
-        if group.get("maximize"):
-            raise ValueError("LowRankOptimizer minimizes; the configured optimizer has maximize=True")
-        hyper = {k: v for k, v in group.items() if k not in _IMPLEMENTATION_FLAGS}
+        options = {**convert(group), **{k: group[k] for k in _CARRIED if k in group}}
         for lowrank in (True, False):
-            params = [p for p in group["params"] if (id(p) in targets) == lowrank]
-            if params:
-                groups.append({**hyper, "params": params, "lowrank": lowrank})
+            chosen = [i for i, p in enumerate(group["params"]) if (id(p) in targets) == lowrank]
+            if chosen:
+                split = {"params": [group["params"][i] for i in chosen], "lowrank": lowrank}
+                if "param_names" in group:
+                    split["param_names"] = [group["param_names"][i] for i in chosen]
+                groups.append({**options, **split})
                 group_map.append(index)
-    return LowRankOptimizer(groups, **config.optimizer_options()), group_map
+    new = LowRankOptimizer(groups, **config.optimizer_options())
+    new.defaults.update(convert(optimizer.defaults))  # for add_param_group (e.g. BaseFinetuning)
+    projected = sum(len(g["params"]) for g in groups if g["lowrank"])
+    dense = sum(len(g["params"]) for g in groups if not g["lowrank"])
+    lost = f"; not reproduced (inner= set explicitly): {dropped}" if dropped else ""
+    rank_zero_info(f"lit_lowrank: converted {_describe(optimizer)} → LowRankOptimizer(inner={groups[0]['inner']}, "
+                   f"rule={config.rule}, projector={config.projector}, rank={config.rank}): {projected} weights "
+                   f"projected, {dense} dense{lost}")
+    return new, group_map
+
+
+def _group_converter(optimizer: torch.optim.Optimizer, config: LowRankConfig, explicit: frozenset[str],
+                     ) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], list[str]]:
+    """The function mapping ``optimizer``'s groups (and defaults) to LowRankOptimizer group
+    options, and the user keys it does not reproduce (non-empty only for an explicit substitute).
+
+    Raises:
+        ValueError: naming the optimizer, what cannot be reproduced and the opt-in ``inner=``.
+    """
+    name = type(optimizer).__name__
+    if isinstance(optimizer, LowRankOptimizer):
+        raise ValueError("configure_optimizers already returns a LowRankOptimizer: remove LowRankCallback / "
+                         "strategy='lowrank', or return your torch optimizer and let them convert it")
+    if any(g.get("maximize") for g in optimizer.param_groups):
+        raise ValueError(f"{name} has maximize=True; LowRankOptimizer minimizes: negate your loss instead")
+    convert, reproduced = CONVERSIONS.get(type(optimizer), (None, ()))
+    keys = {k for g in optimizer.param_groups for k in g} - {"params", "param_names", *_CARRIED, *_IMPLEMENTATION}
+    problems = [why for flag, why in _REFUSED_FLAGS.items() if any(g.get(flag) for g in optimizer.param_groups)]
+    if any("base_momentum" in g for g in optimizer.param_groups):
+        problems.append("a scheduler cycling its momentum/betas (cycle_momentum=True)")
+    unknown = sorted(keys - set(reproduced) - set(_REFUSED_FLAGS) - {"maximize", "base_momentum", "max_momentum"})
+    if convert is None:
+        problems.append(f"{name} has no low-rank equivalent (supported: {[c.__name__ for c in CONVERSIONS]})")
+    elif unknown:
+        problems.append(f"param-group keys {unknown}")
+    natural = not problems and ("inner" not in explicit or convert(optimizer.defaults)["inner"] == config.inner)
+    if natural:
+        if "inner_args" in explicit:
+            raise ValueError(f"inner_args is set, but the {name} conversion takes its hyper-parameters from the "
+                             f"{name} param groups: set them on your {name} (or set inner= too, to substitute)")
+        return convert, []
+    if "inner" not in explicit:
+        raise ValueError(f"cannot reproduce {name} in low-rank space: {'; '.join(problems)}. Use AdamW, Adam or SGD "
+                         "without these options, or accept a substitute by setting inner= explicitly (e.g. "
+                         "LowRankCallback(inner='adamw', ...)): the groups' lr and weight_decay are kept, the rest not")
+
+    def substitute(group: dict[str, Any]) -> dict[str, Any]:
+        kept = {k: group[k] for k in _SUBSTITUTE_KEEPS if k in group}
+        return {**kept, "inner": config.inner, "inner_args": dict(config.inner_args)}
+
+    return substitute, sorted(k for k in keys - set(_SUBSTITUTE_KEEPS) if _lost(k, optimizer.param_groups))
+
+
+def _lost(key: str, groups: list[dict[str, Any]]) -> bool:
+    """Whether a substitute (decoupled weight decay, no momentum, no flags) changes what
+    ``key`` asked for in ``groups``."""
+    if key == "decoupled_weight_decay":
+        return not all(g[key] for g in groups if key in g)
+    return any(g.get(key) not in (None, False, 0) for g in groups)
+
+
+_SUBSTITUTE_KEEPS = ("lr", "weight_decay", "betas", "eps")
+
+
+def _describe(optimizer: torch.optim.Optimizer) -> str:
+    """``SGD(lr=0.1, momentum=0.9, nesterov=True)``: the non-default hyper-parameters."""
+    _, reproduced = CONVERSIONS.get(type(optimizer), (None, ("lr",)))
+    values = ", ".join(f"{k}={optimizer.defaults[k]}" for k in reproduced if k in optimizer.defaults
+                       and (k == "lr" or optimizer.defaults[k] not in (0, False, None)))
+    return f"{type(optimizer).__name__}({values})"
 
 
 def _rebind(scheduler: Any, old_groups: int, new: LowRankOptimizer, group_map: list[int]) -> None:

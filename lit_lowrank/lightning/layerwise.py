@@ -16,9 +16,8 @@ from lit_lowrank.optim.lowrank import LowRankOptimizer
 class LayerwiseCallback(Callback):
     """Step each parameter inside ``backward()`` and free its gradient at once.
 
-    ``LowRankModule`` adds it when the config says ``layerwise: true``; with
-    :class:`~lit_lowrank.lightning.LowRankCallback` or the ``lowrank`` strategy add it to
-    ``Trainer(callbacks=[...])`` yourself. Lightning keeps driving the loop: it still calls
+    ``LowRankModule``, :class:`~lit_lowrank.lightning.LowRankCallback` and the ``lowrank``
+    strategy add it when their config says ``layerwise: true``. Lightning keeps driving the loop: it still calls
     ``optimizer.step(closure)``, which runs the closure (forward and backward — where the hooks
     update the weights) and then finds no gradient left, so it is a no-op; LR schedulers step once
     per optimizer step as usual. With ``accumulate_grad_batches = k`` the hooks step on the last

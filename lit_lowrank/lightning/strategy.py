@@ -14,31 +14,43 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import convert_optimizers
+from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, layerwise_callback
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
 class _LowRankOptimizers:
-    """Mixin: after the wrapped strategy built the module's optimizers, convert them (and log
-    :class:`LowRankTelemetry` unless the trainer already does)."""
+    """Mixin: before setup, apply the model transforms of the config (``weight_bits``); after
+    the wrapped strategy built the module's optimizers, convert them (and log
+    :class:`LowRankTelemetry` unless the trainer already does; add
+    :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback` for ``layerwise=True``)."""
 
     lowrank: LowRankConfig
+    explicit: frozenset[str]
+
+    @override
+    def connect(self, model: pl.LightningModule) -> None:
+        super().connect(model)  # type: ignore[misc]
+        adopt_module(model, self.lowrank)  # before configure_optimizers and checkpoint restoring
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)  # type: ignore[misc]
         self.optimizers = convert_optimizers(self.lightning_module, self.optimizers,
-                                             self.lr_scheduler_configs, self.lowrank)
+                                             self.lr_scheduler_configs, self.lowrank, self.explicit)
         if not any(isinstance(callback, LowRankTelemetry) for callback in trainer.callbacks):
             trainer.callbacks.append(LowRankTelemetry())
+        layerwise = layerwise_callback(trainer, self.lightning_module, self.lowrank)
+        if layerwise is not None:
+            trainer.callbacks.append(layerwise)
 
 
 class LowRankStrategy(_LowRankOptimizers, SingleDeviceStrategy):
     """Single-device training with LowRankOptimizers.
 
     Args:
-        lowrank: the :class:`LowRankConfig` (its ``lr``/``weight_decay`` are ignored: the
-            module's optimizer groups keep theirs).
+        lowrank: the :class:`LowRankConfig`; as for :class:`~lit_lowrank.lightning.LowRankCallback`,
+            ``lr``/``betas``/``eps``/``weight_decay`` and the LR-schedule fields are refused (the
+            module's optimizer and scheduler own them).
         device: default ``cuda:0`` if available, else ``cpu``.
         options: :class:`LowRankConfig` fields (e.g. ``rank=128``) on top of ``lowrank``.
     """
@@ -49,7 +61,7 @@ class LowRankStrategy(_LowRankOptimizers, SingleDeviceStrategy):
                  **options: Any) -> None:
         device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
         super().__init__(device=device)
-        self.lowrank = _config(lowrank, options)
+        self.lowrank, self.explicit = adoption_config(lowrank, options)
 
 
 class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
@@ -61,11 +73,7 @@ class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
     def __init__(self, lowrank: LowRankConfig | None = None, ddp_kwargs: dict[str, Any] | None = None,
                  **options: Any) -> None:
         super().__init__(**(ddp_kwargs or {}))
-        self.lowrank = _config(lowrank, options)
-
-
-def _config(config: LowRankConfig | None, options: dict[str, Any]) -> LowRankConfig:
-    return LowRankConfig(**{**(vars(config) if config is not None else {}), **options})
+        self.lowrank, self.explicit = adoption_config(lowrank, options)
 
 
 def register_strategies() -> None:

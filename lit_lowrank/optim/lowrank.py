@@ -1,6 +1,6 @@
 """``LowRankOptimizer``: one ``torch.optim.Optimizer`` for low-rank-projected and dense weights.
 
-Per low-rank weight with gradient ``G`` (m×n), each step (DESIGN.md §1):
+Per low-rank weight with gradient ``G`` (m×n), each step:
 
 1. ``schedule.should_refresh(step)`` → ``projector.refresh(G)`` (moments kept, reset or rotated);
 2. ``R = projector.project(G)``;
@@ -8,8 +8,11 @@ Per low-rank weight with gradient ``G`` (m×n), each step (DESIGN.md §1):
 4. decoupled weight decay ``W ← (1 − ηλ) W``, then ``rule.apply_``: ``W ← W − η U`` (an inner
    optimizer with ``decay_after_step`` decays after the update; ``step_size_factor(t)`` scales η).
 
+A group with ``decoupled_weight_decay=False`` takes torch Adam's and SGD's coupled L2 instead:
+``G + λW`` is projected (and refreshes the basis), so the decay goes through the moments.
 Parameters in groups without ``lowrank=True`` get torch's AdamW (fused kernel where available),
-or the group's inner optimizer if it declares ``steps_dense`` (``adamw-hf``: the peers' HF AdamW).
+or torch Adam with coupled L2, or — for an inner optimizer that ``steps_dense`` (SGD, ``adamw-hf``)
+— that inner optimizer's own update on the full gradient.
 Components are looked up by registered name, so any installed plugin can be named here.
 """
 
@@ -18,13 +21,14 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.optim.adamw import adamw as adamw_functional
+from torch.optim.adam import adam as adam_functional
 
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import ON_REFRESH, InnerOptimizer
@@ -61,7 +65,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         projector_args, rule_args, inner_args, schedule_args: extra keyword arguments of each
             component.
 
-    Every option can also be set per param group.
+    Every option can also be set per param group, and a group may set
+    ``decoupled_weight_decay=False`` for torch Adam's / SGD's coupled L2 (``G + λW``).
     """
 
     def __init__(
@@ -222,71 +227,70 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 state["step"] = state["step"].to(p.device)
             states.append(state)
         beta1, beta2 = group["betas"]
-        adamw_functional(
+        adam_functional(
             params, [p.grad for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
             foreach=None if fused else True, fused=fused or None, amsgrad=False, beta1=beta1,
             beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-            maximize=False,
+            maximize=False, decoupled_weight_decay=group.get("decoupled_weight_decay", True),
         )
 
     def _dense_inner(self, group: dict[str, Any]) -> InnerOptimizer | None:
         """The group's inner optimizer if it steps dense params too (``InnerOptimizer.steps_dense``:
-        the peers' HF AdamW), else None (torch's AdamW)."""
+        SGD, the peers' HF AdamW), else None (torch's AdamW/Adam)."""
         if not plugins.get_inner_optimizer(group["inner"]).steps_dense:
             return None
         return self._group_components(group)[0]
 
     def _inner_dense_step(self, group: dict[str, Any], params: list[Tensor], inner: InnerOptimizer) -> None:
         """Dense params stepped by ``inner`` on their full gradients:
-        ``W ← W − η · step_size_factor(t) · N``, with weight decay where ``inner`` puts it."""
+        ``W ← W − η · step_size_factor(t) · N`` with ``N = inner.directions(G)``; weight decay
+        coupled into ``G`` or decoupled (before or after the update, where ``inner`` puts it)."""
         lr, decay = group["lr"], group["weight_decay"]
-        by_step: dict[int, list[tuple[Tensor, dict]]] = defaultdict(list)
+        by_step: dict[int, list[tuple[Tensor, Tensor, dict]]] = defaultdict(list)
         for p in params:
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(p))
             state["step"] += 1
-            by_step[int(state["step"])].append((p, state))
+            by_step[int(state["step"])].append((p, l2_gradient(p.grad, p, group), state))
+        decoupled = group.get("decoupled_weight_decay", True)
         for step, items in by_step.items():
-            directions = inner.directions([p.grad for p, _ in items], [s for _, s in items], step)
-            for (p, _), direction in zip(items, directions):
-                if decay and not inner.decay_after_step:
-                    p.mul_(1 - lr * decay)
-                p.add_(direction, alpha=-lr * inner.step_size_factor(step))
-                if decay and inner.decay_after_step:
-                    p.add_(p, alpha=-lr * decay)
+            directions = inner.directions([grad for _, grad, _ in items], [s for _, _, s in items], step)
+            for (p, _, _), direction in zip(items, directions):
+                with decoupled_decay(p, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
+                    p.add_(direction, alpha=-lr * inner.step_size_factor(step))
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor]) -> None:
         inner, rule = self._group_components(group)
         by_step: dict[int, list[tuple[Tensor, Tensor, dict, LowRankSlot]]] = defaultdict(list)
+        grads = {}
         for p in params:
             state, slot = self.state[p], self._slot(p, group)
             fresh = "step" not in state
             step = 0 if fresh else int(state["step"])
+            grads[p] = grad = l2_gradient(p.grad, p, group)
             if slot.schedule.should_refresh(step):
                 if p in lows:
                     raise RuntimeError("a projected gradient was given for a step that refreshes the subspace; "
                                        "check needs_full_gradient() before projecting")
-                self._refresh(p.grad, slot, state, inner, group, step)
-            low = lows[p] if p in lows else slot.projector.project(p.grad)
+                self._refresh(grad, slot, state, inner, group, step)
+            low = slot.projector.project(grad) if p not in lows else l2_projection(lows[p], p, slot.projector, group)
             if fresh:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(low))
             state["step"] += 1
             by_step[step + 1].append((p, low, state, slot))
         lr, decay = group["lr"], group["weight_decay"]
+        decoupled = group.get("decoupled_weight_decay", True)
         for step, items in by_step.items():
             directions = inner.directions([low for _, low, _, _ in items], [s for _, _, s, _ in items], step)
             for (p, low, state, slot), direction in zip(items, directions):
                 weight = float_weight(p)
-                if decay and not inner.decay_after_step:
-                    weight.mul_(1 - lr * decay)
-                rule.apply_(weight, RuleInputs(p.grad, low, direction, slot.projector, state),
-                            step_size=lr * inner.step_size_factor(step))
-                if decay and inner.decay_after_step:
-                    weight.add_(weight, alpha=-lr * decay)
+                with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
+                    rule.apply_(weight, RuleInputs(grads[p], low, direction, slot.projector, state),
+                                step_size=lr * inner.step_size_factor(step))
                 if weight is not p:
                     p.weight_store.store_(weight)
 
@@ -364,6 +368,35 @@ def float_weight(p: Tensor) -> Tensor:
     copy ``store.float_weight()`` that ``store.store_(weight)`` re-quantizes after the update."""
     store = getattr(p, "weight_store", None)
     return p if store is None else store.float_weight()
+
+
+@contextmanager
+def decoupled_decay(weight: Tensor, lr: float, decay: float, *, after: bool) -> Iterator[None]:
+    """Decoupled weight decay around an update: ``W ← (1 − ηλ) W`` before it (torch's AdamW), or
+    ``W ← W − ηλ W`` on the updated weight after it (``after``: HF ``transformers.AdamW``)."""
+    if decay and not after:
+        weight.mul_(1 - lr * decay)
+    yield
+    if decay and after:
+        weight.add_(weight, alpha=-lr * decay)
+
+
+def l2_gradient(grad: Tensor | None, p: Tensor, group: dict[str, Any]) -> Tensor | None:
+    """``G + λW`` for coupled L2 weight decay (``decoupled_weight_decay=False``: torch Adam, SGD),
+    else ``G`` itself."""
+    decay = group["weight_decay"]
+    if grad is None or not decay or group.get("decoupled_weight_decay", True):
+        return grad
+    return grad.add(float_weight(p).to(grad.dtype), alpha=decay)
+
+
+def l2_projection(low: Tensor, p: Tensor, projector: Projector, group: dict[str, Any]) -> Tensor:
+    """``R + λ P(W)``: the projection of ``G + λW`` from a given projection ``R`` of ``G``
+    (layer-wise accumulation), the projection being linear."""
+    decay = group["weight_decay"]
+    if not decay or group.get("decoupled_weight_decay", True):
+        return low
+    return low.add(projector.project(float_weight(p).to(low.dtype)), alpha=decay)
 
 
 def leading_similarity(old: tuple[Tensor | None, ...], new: tuple[Tensor | None, ...]) -> float:

@@ -20,8 +20,9 @@ RANK = 2
 
 
 class UserClassifier(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, optimizer: type = torch.optim.Adam) -> None:
         super().__init__()
+        self.optimizer = optimizer
         self.encoder = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU())
         self.head = nn.Linear(16, 3)
 
@@ -30,7 +31,8 @@ class UserClassifier(pl.LightningModule):
         return F.cross_entropy(self.head(self.encoder(x)), y)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=3e-3)
+        extra = {"momentum": 0.9, "weight_decay": 0.01} if self.optimizer is torch.optim.SGD else {}
+        optimizer = self.optimizer(self.parameters(), lr=3e-3, **extra)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -101,13 +103,14 @@ class Losses(pl.Callback):
             trainer.should_stop = True  # an interruption
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD])
 @pytest.mark.parametrize("adoption", list(ADOPTIONS))
-def test_resume_restores_the_converted_optimizer_and_user_scheduler(adoption, tmp_path):
+def test_resume_restores_the_converted_optimizer_and_user_scheduler(adoption, optimizer, tmp_path):
     def run(callbacks, ckpt_path=None):
         torch.manual_seed(0)
         trainer = pl.Trainer(max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
                              accelerator="cpu", default_root_dir=tmp_path, **_with_callbacks(adoption, callbacks))
-        trainer.fit(UserClassifier(), loader(), ckpt_path=ckpt_path)
+        trainer.fit(UserClassifier(optimizer), loader(), ckpt_path=ckpt_path)
         return trainer
 
     full = Losses()
