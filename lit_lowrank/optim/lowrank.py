@@ -283,14 +283,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
         Returns ``{param: its bases before the refresh (None at the first)}`` for the refreshed ones.
         """
-        old_bases, snapshots, created = {}, {}, []
+        old_bases, snapshots, created = {}, {}, set()
         try:
             for group, params in work:
                 if not group["lowrank"]:
                     continue
                 for p in params:
                     if p not in self._slots:
-                        created.append(p)
+                        created.add(p)
                     projector, schedule = (slot := self._slot(p, group)).projector, slot.schedule
                     state = self.state.get(p, {})
                     if not schedule.should_refresh(int(state["step"]) if "step" in state else 0):
