@@ -51,6 +51,9 @@ def merge_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]], opt
         if len(then["params"]) != len(now["params"]):
             raise ValueError(f"{label} has {len(now['params'])} parameters but {len(then['params'])} in the checkpoint; "
                              "build the optimizer with the same targets/exclude as the run that saved it.")
+        if "names" in then and "names" in now and list(then["names"]) != list(now["names"]):
+            raise ValueError(f"{label} holds {_differing(now['names'], then['names'])}; build the optimizer "
+                             "with the same targets/exclude as the run that saved it.")
         if bool(then.get("lowrank", False)) != bool(now["lowrank"]):
             raise ValueError(f"{label} is {'low-rank' if now['lowrank'] else 'dense'} here but not in the checkpoint; "
                              "use the same targets/exclude as the run that saved it.")
@@ -71,6 +74,12 @@ def merge_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]], opt
         warnings.warn("resuming with options other than the checkpoint's; this run's values are used: "
                       + "; ".join(changes), UserWarning, stacklevel=3)
     return merged
+
+
+def _differing(now: list[str], then: list[str]) -> str:
+    """The first parameter names that differ, for an error message."""
+    first = next(i for i, (a, b) in enumerate(zip([*now, None], [*then, None])) if a != b)
+    return f"{now[first:first + 3]} here but {then[first:first + 3]} in the checkpoint"
 
 
 def _same(a: Any, b: Any) -> bool:
