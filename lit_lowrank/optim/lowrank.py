@@ -181,9 +181,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._admit_group(self.param_groups[-1])
 
     def _split_targets(self, group: dict[str, Any]) -> list[dict[str, Any]]:
-        if self._is_target is None or "lowrank" in group:
-            return [group]
         params = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+        if self._is_target is None or "lowrank" in group or not params:
+            return [group]
         names = group.get("names")
         parts = []
         for lowrank in (True, False):
