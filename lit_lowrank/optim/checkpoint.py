@@ -39,18 +39,19 @@ def merge_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]], opt
     ``current`` (except :data:`SCHEDULER_OWNED`), and ``current``'s ``names``.
 
     Raises:
-        ValueError: other group count or sizes, a group low-rank in one and dense in the other,
+        ValueError: other group count, sizes or parameter names, a group low-rank in one and dense in the other,
             or a :data:`STATE_LAYOUT` option that differs.
     """
     if len(saved) != len(current):
-        raise ValueError(f"the optimizer checkpoint has {len(saved)} param groups, this optimizer {len(current)}; "
-                         "build it with the same targets/exclude (and frozen layers) as the run that saved it.")
+        raise ValueError(f"the optimizer checkpoint has {len(saved)} param groups, this optimizer "
+                         f"{len(current)}; build it with the same targets/exclude (and frozen layers) as the run "
+                         "that saved it.")
     merged, changes = [], []
     for index, (now, then) in enumerate(zip(current, saved)):
         label = group_label(index, now)
         if len(then["params"]) != len(now["params"]):
-            raise ValueError(f"{label} has {len(now['params'])} parameters but {len(then['params'])} in the checkpoint; "
-                             "build the optimizer with the same targets/exclude as the run that saved it.")
+            raise ValueError(f"{label} has {len(now['params'])} parameters but {len(then['params'])} in the "
+                             "checkpoint; build the optimizer with the same targets/exclude as the run that saved it.")
         if "names" in then and "names" in now and list(then["names"]) != list(now["names"]):
             raise ValueError(f"{label} holds {_differing(now['names'], then['names'])}; build the optimizer "
                              "with the same targets/exclude as the run that saved it.")
@@ -93,7 +94,8 @@ def projected_shape(name: str, shape: tuple[int, int], left: Tensor | None, righ
     raises a ValueError naming the parameter if the bases are for another shape."""
     m, n = shape
     if (left is not None and left.shape[0] != m) or (right is not None and right.shape[0] != n):
-        found = f"left {tuple(left.shape) if left is not None else None}, right {tuple(right.shape) if right is not None else None}"
+        found = ", ".join(f"{side} {None if basis is None else tuple(basis.shape)}"
+                          for side, basis in (("left", left), ("right", right)))
         raise ValueError(f"the checkpoint's projector of {name} has bases ({found}) for another shape than its "
                          f"{m}×{n} weight; load it into a model with the same layers (targets/exclude) as the run "
                          "that saved it.")

@@ -37,4 +37,5 @@ def test_layers_unfrozen_by_base_finetuning_are_projected(small_llama):
     assert all(g["betas"] == (0.8, 0.95) and g["weight_decay"] == 0.05 for g in added)
     for weight in linears:
         assert weight in optimizer.projectors
-        assert 4 in optimizer.state[weight]["exp_avg"].shape and optimizer.state[weight]["exp_avg"].numel() < weight.numel()
+        moment = optimizer.state[weight]["exp_avg"]
+        assert 4 in moment.shape and moment.numel() < weight.numel()  # projected at rank 4

@@ -75,7 +75,8 @@ def test_changed_targets_are_refused():
         return Pair(width=16)
     saved = _saved(square_pair, targets=["attn"])
     optimizer = build_optimizer(square_pair(), rank=4, update_gap=2, targets=["mlp"])
-    _refused(optimizer, saved["optimizer"], r"param group 0 .*holds \['mlp\.weight'\] here but \['attn\.weight'\] in the checkpoint")
+    _refused(optimizer, saved["optimizer"],
+             r"param group 0 .*holds \['mlp\.weight'\] here but \['attn\.weight'\] in the checkpoint")
 
 
 @pytest.mark.parametrize("option, value", [("rank", 8), ("inner", "lion"), ("projector", "random"),
