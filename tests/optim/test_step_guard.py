@@ -173,3 +173,16 @@ def test_layerwise_skips_only_the_parameter_with_a_nonfinite_gradient():
     assert not optimizer.state[model[0].weight] and model[0].weight not in optimizer.projectors
     for name in ("0.bias", "2.weight", "2.bias"):
         assert not torch.equal(dict(model.named_parameters())[name], start[name]), name
+
+
+def test_the_policy_of_the_offending_parameters_group_decides():
+    torch.manual_seed(0)
+    tolerant, strict = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(3))
+    optimizer = LowRankOptimizer([{"params": [tolerant], "lowrank": True, "nonfinite": "ignore"},
+                                  {"params": [strict], "nonfinite": "raise"}], rank=2)
+    tolerant.grad, strict.grad = torch.full((4, 4), float("nan")), torch.ones(3)
+    with pytest.raises(torch.linalg.LinAlgError):  # `ignore` lets the NaN reach the SVD, as before
+        optimizer.step()
+    tolerant.grad, strict.grad = torch.ones(4, 4), torch.full((3,), float("inf"))
+    with pytest.raises(FloatingPointError, match="parameter 1"):
+        optimizer.step()
