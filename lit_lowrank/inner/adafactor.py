@@ -74,11 +74,7 @@ class AdafactorInner(InnerOptimizer):
         return [self._direction(low, state, beta2t) for low, state in zip(lows, states)]
 
     def _direction(self, low: Tensor, state: dict[str, Tensor], beta2t: float) -> Tensor:
-        dtype = compute_dtype(low)
-        for key in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col"):  # torch's load_state_dict
-            if key in state and state[key].dtype != dtype:  # casts state to the param's dtype
-                state[key] = state[key].to(dtype)
-        grad = low.to(dtype)
+        grad = low.to(compute_dtype(low))
         squared = grad.square().add_(self.eps1)
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         row.mul_(beta2t).add_(squared.mean(dim=1), alpha=1 - beta2t)

@@ -33,6 +33,8 @@ class LowRankConfig:
             :func:`lit_lowrank.select_targets`); everything else gets dense AdamW.
         rank, projector, side, update_gap, scale, rule, inner, schedule, on_refresh,
         projector_args, rule_args, inner_args, schedule_args: :class:`LowRankOptimizer`'s options.
+        nonfinite: a step with a NaN/inf gradient is skipped (``skip``, counted in
+            ``optim/skipped_steps``), raises (``raise``) or goes through (``ignore``).
         warmup: linear warm-up length, in steps (int ≥ 1) or as a fraction of the run (float < 1).
         min_lr_ratio: the decay ends at ``min_lr_ratio · lr`` (0.1 in the GaLore papers' pretraining).
         lr_schedule: after warm-up, ``cosine`` decay (LLaMA pretraining), ``linear`` decay (the
@@ -71,6 +73,7 @@ class LowRankConfig:
     rule_args: dict[str, Any] = field(default_factory=dict)
     inner_args: dict[str, Any] = field(default_factory=dict)
     schedule_args: dict[str, Any] = field(default_factory=dict)
+    nonfinite: str = "skip"
     warmup: float = 0.1
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"

@@ -31,8 +31,21 @@ def warmup_decay_factor(step: int, *, warmup: int, total: int, min_ratio: float,
     return 1.0
 
 
+class GrowingLambdaLR(LambdaLR):
+    """A :class:`LambdaLR` that also schedules param groups added after it was built (layers
+    unfrozen with ``add_param_group``, e.g. by Lightning's ``BaseFinetuning``; torch's own
+    schedulers fail on them): each new group takes its ``lr`` when added as its base LR and the
+    first group's factor."""
+
+    def get_lr(self) -> list[float]:
+        for group in self.optimizer.param_groups[len(self.base_lrs):]:
+            self.base_lrs.append(group.setdefault("initial_lr", group["lr"]))
+            self.lr_lambdas.append(self.lr_lambdas[0])
+        return super().get_lr()
+
+
 def warmup_decay(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, min_ratio: float,
                  decay: str = "cosine") -> LambdaLR:
-    """A :class:`LambdaLR` applying :func:`warmup_decay_factor` to every param group."""
-    return LambdaLR(optimizer, lambda step: warmup_decay_factor(
+    """A :class:`GrowingLambdaLR` applying :func:`warmup_decay_factor` to every param group."""
+    return GrowingLambdaLR(optimizer, lambda step: warmup_decay_factor(
         step, warmup=warmup, total=total, min_ratio=min_ratio, decay=decay))

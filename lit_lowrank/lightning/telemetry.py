@@ -26,6 +26,7 @@ class LowRankTelemetry(Callback):
     * ``train/lr`` — the first param group's learning rate;
     * ``optim/state_bytes`` and ``optim/{moments,projectors,dense}_bytes``;
     * ``optim/refreshes`` — subspace refreshes so far (low-rank optimizers only);
+    * ``optim/skipped_steps`` — steps skipped for a non-finite gradient (``nonfinite: skip``);
     * ``optim/layers/<param name>/{rank,refreshes}`` — each projected weight's rank and its own
       refresh (SVD) count, on the steps where some subspace was refreshed (adaptive rank and
       Q-GaLore's lazy schedule make these differ between layers).
@@ -48,6 +49,7 @@ class LowRankTelemetry(Callback):
         metrics.update({f"optim/{role}_bytes": float(size) for role, size in sizes.items()})
         if isinstance(optimizer, LowRankOptimizer):
             metrics["optim/refreshes"] = float(optimizer.refresh_count)
+            metrics["optim/skipped_steps"] = float(optimizer.skipped_steps)
             if optimizer.refresh_count != self._last_refresh_count:
                 metrics.update(layer_metrics(optimizer))
                 self._last_refresh_count = optimizer.refresh_count

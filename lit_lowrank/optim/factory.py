@@ -22,6 +22,7 @@ def select_targets(
     model: nn.Module,
     targets: Sequence[str] = DEFAULT_TARGETS,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    include_frozen: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Split trainable parameters into ``(low_rank, dense)``, each ``{qualified name: param}``.
 
@@ -30,16 +31,17 @@ def select_targets(
     embeddings, norms, biases, heads — is dense. A parametrized weight
     (``torch.nn.utils.parametrize``) is represented by its original of the weight's shape: for
     GradNormLoRP's weight normalization that is the direction V, and the magnitude g is dense.
+    Frozen parameters (``requires_grad=False``) are left out unless ``include_frozen``.
     """
     low_rank: dict[str, Tensor] = {}
     for module_name, module in model.named_modules():
         if not any(re.search(t, module_name) for t in targets) or any(re.search(x, module_name) for x in exclude):
             continue
         name, weight = _matrix(module)
-        if isinstance(weight, nn.Parameter) and weight.requires_grad and weight.ndim == 2:
+        if isinstance(weight, nn.Parameter) and (weight.requires_grad or include_frozen) and weight.ndim == 2:
             low_rank[f"{module_name}.{name}" if module_name else name] = weight
     chosen = {id(p) for p in low_rank.values()}
-    dense = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in chosen}
+    dense = {n: p for n, p in model.named_parameters() if (p.requires_grad or include_frozen) and id(p) not in chosen}
     return low_rank, dense
 
 
@@ -69,6 +71,8 @@ def build_optimizer(
 ) -> LowRankOptimizer:
     """A :class:`LowRankOptimizer` over ``model``: target weights in a ``lowrank=True`` group,
     the rest in a dense AdamW group. ``options`` are ``LowRankOptimizer``'s keyword arguments.
+    Frozen target weights unfrozen later and added with ``add_param_group`` (Lightning's
+    ``BaseFinetuning``) are projected too: the optimizer's ``is_target`` knows every target.
 
     Raises:
         ValueError: if no parameter matches ``targets`` (training would silently be plain AdamW).
@@ -83,4 +87,5 @@ def build_optimizer(
     groups = [{"params": list(low_rank.values()), "names": list(low_rank), "lowrank": True}]
     if dense:
         groups.append({"params": list(dense.values()), "names": list(dense), "lowrank": False})
-    return LowRankOptimizer(groups, **options)
+    targets_incl_frozen = frozenset(select_targets(model, targets, exclude, include_frozen=True)[0].values())
+    return LowRankOptimizer(groups, is_target=targets_incl_frozen.__contains__, **options)

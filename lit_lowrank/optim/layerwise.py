@@ -16,6 +16,14 @@ accumulating the full gradient in ``p.grad`` until the window's last micro-batch
   APOLLO's scaled gradient) — correct, but without the accumulation memory saving;
 * dense parameters (embeddings, norms, heads): their AdamW step needs the full gradient.
 
+Non-finite gradients (the optimizer's ``nonfinite`` policy) are checked per parameter, as each
+one is stepped — the step's other gradients do not exist yet or are already gone. With ``skip``
+a parameter whose gradient (or accumulated ``R_acc``) holds NaN/inf keeps its weight, moments
+and projector, is counted in ``skipped_steps`` and named in a warning, while the others are
+updated; ``raise`` raises from ``backward()``, after the parameters stepped before it. So the
+guarantee is per parameter: no non-finite value enters any state, but one step can update some
+parameters and skip others.
+
 Not supported, by construction: global gradient-norm clipping (no per-parameter equivalent —
 every other gradient is already gone when one parameter steps), gradient scaling for fp16 (the
 scaler unscales ``p.grad`` after backward), and DDP (gradients are all-reduced after the hooks).

@@ -23,7 +23,7 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ from torch.optim.adam import adam as adam_functional
 
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import ON_REFRESH, InnerOptimizer
+from lit_lowrank.optim import checkpoint
+from lit_lowrank.optim.guard import check_nonfinite_option, first_nonfinite
 from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
@@ -64,9 +66,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
         on_refresh: what happens to the moments when the basis changes: ``keep | reset | rotate``.
         projector_args, rule_args, inner_args, schedule_args: extra keyword arguments of each
             component.
+        nonfinite: what a step does when a gradient holds NaN/inf: ``skip`` the whole step
+            (counted in :attr:`skipped_steps`, with a warning naming the parameter), ``raise``
+            ``FloatingPointError``, or ``ignore`` (no check). See :mod:`lit_lowrank.optim.guard`.
+        is_target: for :meth:`add_param_group`: which parameters of a group given without a
+            ``lowrank`` key are projected (``build_optimizer`` passes its target selection).
 
     Every option can also be set per param group, and a group may set
-    ``decoupled_weight_decay=False`` for torch Adam's / SGD's coupled L2 (``G + λW``).
+    ``decoupled_weight_decay=False`` for torch Adam's / SGD's coupled L2 (``G + λW``). A step
+    updates every parameter or none: gradients are checked and subspaces refreshed (rolled back
+    if one fails) before any moment or weight changes.
     """
 
     def __init__(
@@ -90,7 +99,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         rule_args: dict[str, Any] | None = None,
         inner_args: dict[str, Any] | None = None,
         schedule_args: dict[str, Any] | None = None,
+        nonfinite: str = "skip",
+        is_target: Callable[[Tensor], bool] | None = None,
     ) -> None:
+        check_nonfinite_option(nonfinite)
+        self._is_target = is_target
         if lr < 0:
             raise ValueError(f"learning rate must be >= 0, got {lr}")
         defaults = dict(
@@ -98,7 +111,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             rank=rank, projector=projector, side=side, update_gap=update_gap, scale=scale,
             rule=rule, inner=inner, schedule=schedule, on_refresh=on_refresh,
             projector_args=dict(projector_args or {}), rule_args=dict(rule_args or {}),
-            inner_args=dict(inner_args or {}), schedule_args=dict(schedule_args or {}),
+            inner_args=dict(inner_args or {}), schedule_args=dict(schedule_args or {}), nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
         self._slots: dict[Tensor, LowRankSlot] = {}
@@ -106,7 +119,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._index = {p: i for i, p in enumerate(self._params())}
         self._warned_ranks: set[tuple[int, int, int]] = set()
         self.refresh_count = 0
+        self.skipped_steps = 0
+        """Steps skipped for a non-finite gradient (``nonfinite: skip``); in layer-wise mode,
+        skipped parameter updates."""
         for group in self.param_groups:
+            check_nonfinite_option(group["nonfinite"])
             if group["lowrank"]:
                 self._validate(group)
             elif any(hasattr(p, "weight_store") for p in group["params"]):
@@ -163,6 +180,45 @@ class LowRankOptimizer(torch.optim.Optimizer):
                              gap=group["update_gap"])
         return LowRankSlot(projector, schedule)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (e.g. layers Lightning's ``BaseFinetuning`` unfreezes), validated and
+        indexed like the constructor's; options it lacks come from the constructor's defaults.
+        A group without a ``lowrank`` key is split by ``is_target`` into a projected group (its
+        2-D target weights) and a dense one."""
+        for group in self._split_targets(param_group):
+            super().add_param_group(group)
+            if hasattr(self, "_index"):  # after construction; the constructor checks its own groups
+                self._admit_group(self.param_groups[-1])
+
+    def _split_targets(self, group: dict[str, Any]) -> list[dict[str, Any]]:
+        params = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+        if self._is_target is None or "lowrank" in group or not params:
+            return [group]
+        names = group.get("names")
+        parts = []
+        for lowrank in (True, False):
+            chosen = [i for i, p in enumerate(params) if bool(self._is_target(p) and p.ndim == 2) == lowrank]
+            if chosen:
+                part = {**group, "params": [params[i] for i in chosen], "lowrank": lowrank}
+                if names is not None:
+                    part["names"] = [names[i] for i in chosen]
+                parts.append(part)
+        return parts
+
+    def _admit_group(self, group: dict[str, Any]) -> None:
+        try:
+            check_nonfinite_option(group["nonfinite"])
+            if group["lowrank"]:
+                self._validate(group)
+            elif any(hasattr(p, "weight_store") for p in group["params"]):
+                raise ValueError("a quantized weight (with a weight_store) is in a dense group; "
+                                 "add its module name to the low-rank `targets`.")
+        except Exception:
+            self.param_groups.pop()
+            self._components.pop(id(group), None)
+            raise
+        self._index.update({p: len(self._index) + i for i, p in enumerate(group["params"])})
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
@@ -170,8 +226,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self.step_group(group, [p for p in group["params"] if p.grad is not None])
+        work = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        self._step_all([(group, params) for group, params in work if params], {})
         return loss
 
     @torch.no_grad()
@@ -185,16 +241,84 @@ class LowRankOptimizer(torch.optim.Optimizer):
         projecting ``p.grad`` (which may then be None): layer-wise gradient accumulation sums
         ``R`` over micro-batches instead of the full gradient.
         """
-        if not params:
+        if params:
+            self._step_all([(group, params)], lows or {})
+
+    def _step_all(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor]) -> None:
+        """One atomic step of ``work`` (groups and their params with gradients): gradients are
+        checked and subspaces refreshed for all of them before any moment or weight changes."""
+        if not work or not self._admit_gradients(work, lows):
             return
-        lows = lows or {}
-        for p in params:
-            if p not in lows and p.grad.is_sparse:
-                raise RuntimeError("LowRankOptimizer does not support sparse gradients")
-        if group["lowrank"]:
-            self._lowrank_step(group, params, lows)
-        else:
-            self._dense_step(group, params)
+        old_bases = self._refresh_subspaces(work, lows)
+        for group, params in work:
+            if group["lowrank"]:
+                self._lowrank_step(group, params, lows, old_bases)
+            else:
+                self._dense_step(group, params)
+
+    def _admit_gradients(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor]) -> bool:
+        """Whether the step may go on: sparse gradients raise; non-finite ones follow the
+        ``nonfinite`` policy (one fused check over every gradient the step reads)."""
+        params = [p for _, group_params in work for p in group_params]
+        sparse = next((p for p in params if p not in lows and p.grad.is_sparse), None)
+        if sparse is not None:
+            raise RuntimeError(f"LowRankOptimizer does not support sparse gradients ({self._name(sparse)}); use a "
+                               "dense embedding (sparse=False) or give that parameter its own torch optimizer.")
+        policy = {p: group["nonfinite"] for group, group_params in work for p in group_params}
+        checked = [(p, t) for p in params if policy[p] != "ignore" for t in (lows.get(p), p.grad) if t is not None]
+        bad = first_nonfinite([t for _, t in checked])
+        if bad is None:
+            return True
+        p = checked[bad][0]
+        message = f"non-finite gradient in {self._name(p)}"
+        if policy[p] == "raise":
+            raise FloatingPointError(f"{message}; no parameter was updated (set nonfinite: skip to skip such steps)")
+        self.skipped_steps += 1
+        warnings.warn(f"{message}: step skipped, nothing updated ({self.skipped_steps} skipped so far)",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+    def _name(self, p: Tensor) -> str:
+        """``p``'s name in its group's ``names`` (``build_optimizer`` sets them), else its index."""
+        for group in self.param_groups:
+            for q, name in zip(group["params"], group.get("names", ())):
+                if q is p:
+                    return name
+        return f"parameter {self._index.get(p, '?')}"
+
+    def _refresh_subspaces(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor],
+                           ) -> dict[Tensor, tuple[Tensor | None, Tensor | None] | None]:
+        """Refresh every projector due this step, before anything else changes; if one fails
+        (an SVD that does not converge), restore those already refreshed and re-raise.
+
+        Returns ``{param: its bases before the refresh (None at the first)}`` for the refreshed ones.
+        """
+        old_bases, snapshots, created = {}, {}, set()
+        try:
+            for group, params in work:
+                if not group["lowrank"]:
+                    continue
+                for p in params:
+                    if p not in self._slots:
+                        created.add(p)
+                    projector, schedule = (slot := self._slot(p, group)).projector, slot.schedule
+                    state = self.state.get(p, {})
+                    if not schedule.should_refresh(int(state["step"]) if "step" in state else 0):
+                        continue
+                    if p in lows:
+                        raise RuntimeError("a projected gradient was given for a step that refreshes the subspace; "
+                                           "check needs_full_gradient() before projecting")
+                    snapshots[p] = _clone(projector.state_dict())
+                    old_bases[p] = projector.bases() if projector.refreshes else None
+                    projector.refresh(l2_gradient(p.grad, p, group))
+        except BaseException:
+            for p, saved in snapshots.items():
+                if p not in created:
+                    self._slots[p].projector.load_state_dict(saved)
+            for p in created:
+                del self._slots[p]
+            raise
+        return old_bases
 
     def needs_full_gradient(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether ``p``'s next step needs its full gradient, not only its projection ``R``: a
@@ -262,20 +386,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 with decoupled_decay(p, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
                     p.add_(direction, alpha=-lr * inner.step_size_factor(step))
 
-    def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor]) -> None:
+    def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor],
+                      old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None]) -> None:
         inner, rule = self._group_components(group)
         by_step: dict[int, list[tuple[Tensor, Tensor, dict, LowRankSlot]]] = defaultdict(list)
         grads = {}
         for p in params:
-            state, slot = self.state[p], self._slot(p, group)
+            state, slot = self.state[p], self._slots[p]
             fresh = "step" not in state
             step = 0 if fresh else int(state["step"])
             grads[p] = grad = l2_gradient(p.grad, p, group)
-            if slot.schedule.should_refresh(step):
-                if p in lows:
-                    raise RuntimeError("a projected gradient was given for a step that refreshes the subspace; "
-                                       "check needs_full_gradient() before projecting")
-                self._refresh(grad, slot, state, inner, group, step)
+            if p in old_bases:
+                self._after_refresh(old_bases[p], slot, state, inner, group, step)
             low = slot.projector.project(grad) if p not in lows else l2_projection(lows[p], p, slot.projector, group)
             if fresh:
                 state["step"] = torch.zeros((), dtype=torch.float32)
@@ -294,11 +416,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if weight is not p:
                     p.weight_store.store_(weight)
 
-    def _refresh(self, grad: Tensor, slot: LowRankSlot, state: dict, inner: InnerOptimizer,
-                 group: dict[str, Any], step: int) -> None:
+    def _after_refresh(self, old: tuple[Tensor | None, Tensor | None] | None, slot: LowRankSlot, state: dict,
+                       inner: InnerOptimizer, group: dict[str, Any], step: int) -> None:
+        """Adapt the moments and the schedule to a basis :meth:`_refresh_subspaces` changed."""
         projector = slot.projector
-        old = projector.bases() if projector.refreshes else None
-        projector.refresh(grad)
         similarity = None
         if old is not None:
             new = projector.bases()
@@ -325,28 +446,62 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for p, slot in self._slots.items()
         }
         state_dict["refresh_count"] = self.refresh_count
+        state_dict["skipped_steps"] = self.skipped_steps
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, after checking that it fits (see
+        :mod:`lit_lowrank.optim.checkpoint`): groups, low-rank layout, every state tensor's and
+        projector basis's shape; options that shape the state must match, others take this
+        run's values (with a warning), ``lr``/``initial_lr`` the checkpoint's. Nothing changes
+        if it raises."""
         state_dict = dict(state_dict)
-        lowrank = state_dict.pop("lowrank", {})
-        self.refresh_count = int(state_dict.pop("refresh_count", 0))
+        lowrank = {int(index): entry for index, entry in state_dict.pop("lowrank", {}).items()}
+        saved_state = {int(index): value for index, value in state_dict.get("state", {}).items()}
+        state_dict["param_groups"] = checkpoint.merge_groups(self.param_groups, state_dict["param_groups"],
+                                                             set(self.defaults))
+        slots = self._loaded_slots(lowrank, saved_state)
+        refresh_count = int(state_dict.pop("refresh_count", 0))
+        skipped_steps = int(state_dict.pop("skipped_steps", 0))
         super().load_state_dict(state_dict)
-        params, self._slots = self._params(), {}
+        self._slots, self._components = slots, {}
+        self.refresh_count, self.skipped_steps = refresh_count, skipped_steps
         groups = {p: group for group in self.param_groups for p in group["params"]}
-        for index, entry in lowrank.items():
-            p = params[int(index)]
-            slot = self._make_slot(p, groups[p])
-            slot.projector.load_state_dict(_to_device(entry["projector"], p.device))
-            slot.schedule.load_state_dict(entry["schedule"])
-            self._slots[p] = slot
-        for index, saved in state_dict.get("state", {}).items():
-            # torch casts every state tensor to the param's dtype; packed (quantized) moments
-            # must keep theirs (uint8 codes, float32 scales, int64 shape)
-            p = params[int(index)]
-            for key, value in saved.items():
-                if isinstance(value, dict):
-                    self.state[p][key] = {k: v.to(p.device, copy=True) for k, v in value.items()}
+        params = self._params()
+        for index, saved in saved_state.items():
+            p = params[index]
+            self.state[p] = checkpoint.restore_state(saved, p, follows_param=not groups[p]["lowrank"])
+
+    def _loaded_slots(self, lowrank: dict[int, dict], saved_state: dict[int, dict]) -> dict[Tensor, LowRankSlot]:
+        """Projectors and schedules rebuilt from the checkpoint's ``lowrank`` entries, after
+        checking every saved state tensor's shape against its parameter (ValueError naming it)."""
+        params, slots = self._params(), {}
+        groups = {p: group for group in self.param_groups for p in group["params"]}
+        for index in sorted(set(lowrank) | set(saved_state)):
+            p = params[index]
+            group, name = groups[p], self._name(p)
+            if not group["lowrank"]:
+                if index in lowrank:
+                    raise ValueError(f"the checkpoint has a projector for {name}, which is dense here; use the "
+                                     "same targets/exclude as the run that saved it.")
+                expected = {key: torch.empty(p.shape, device="meta") for key in ("exp_avg", "exp_avg_sq")}
+                checkpoint.check_state(name, saved_state[index], expected)
+                continue
+            if index not in lowrank:
+                raise ValueError(f"the checkpoint has optimizer state but no projector for {name}, which is "
+                                 "low-rank here; use the same targets/exclude as the run that saved it.")
+            slot = slots[p] = self._make_slot(p, group)
+            try:
+                slot.projector.load_state_dict(_to_device(lowrank[index]["projector"], p.device))
+                slot.schedule.load_state_dict(lowrank[index]["schedule"])
+                bases = slot.projector.bases()
+            except (KeyError, RuntimeError, TypeError, ValueError) as error:
+                raise ValueError(f"the checkpoint's projector/schedule state of {name} does not fit this "
+                                 f"optimizer's ({group['projector']}, {group['schedule']}): {error}") from error
+            low = torch.zeros(checkpoint.projected_shape(name, p.shape, *bases), dtype=p.dtype)
+            if index in saved_state:
+                checkpoint.check_state(name, saved_state[index], self._group_components(group)[0].init_state(low))
+        return slots
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state by role: ``moments`` (low-rank moments and rule state),
@@ -426,6 +581,15 @@ def tensor_bytes(value: Any) -> int:
     if isinstance(value, Tensor) and value.ndim > 0:
         return value.numel() * value.element_size()
     return 0
+
+
+def _clone(tree: Any) -> Any:
+    """A copy of a (nested) dict of tensors that later in-place updates cannot reach."""
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    return tree
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:

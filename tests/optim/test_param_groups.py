@@ -1,0 +1,62 @@
+"""``LowRankOptimizer.add_param_group``: validated and indexed like the constructor's groups; a
+group without ``lowrank`` is split into projected targets and dense rest, keeping the hypers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lit_lowrank import LowRankOptimizer, build_optimizer
+
+
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(8, 12)
+        self.mlp = nn.Linear(12, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.mlp(torch.tanh(self.attn(x))))
+
+
+def _step(model, optimizer):
+    optimizer.zero_grad()
+    model(torch.randn(4, 8, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+    optimizer.step()
+
+
+def test_lowrank_group_with_a_vector_is_refused_without_printing_it():
+    optimizer = LowRankOptimizer([nn.Parameter(torch.zeros(3, 3))])
+    with pytest.raises(ValueError, match=r"2-D weights only, got shape \(5,\)") as error:
+        optimizer.add_param_group({"params": [nn.Parameter(torch.full((5,), 7.0))], "lowrank": True})
+    assert "tensor(" not in str(error.value)
+    assert len(optimizer.param_groups) == 1
+
+
+def test_added_lowrank_group_is_indexed_and_stepped():
+    first, added = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(10, 6))
+    optimizer = LowRankOptimizer([{"params": [first], "lowrank": True}], rank=2)
+    optimizer.add_param_group({"params": [added], "lowrank": True})
+    first.grad, added.grad = torch.randn(6, 4), torch.randn(10, 6)
+    optimizer.step()
+    assert optimizer.state[added]["exp_avg"].shape == (10, 2)  # std: 10×6 projected on the right (G Q), rank 2
+    assert set(optimizer.state_dict()["lowrank"]) == {0, 1}
+
+
+def test_unfrozen_layer_is_split_into_projected_and_dense_with_the_hypers():
+    model = Blocks()
+    model.mlp.requires_grad_(False)
+    optimizer = build_optimizer(model, rank=3, betas=(0.8, 0.95), weight_decay=0.05, lr=1e-2)
+    assert all(p is not model.mlp.weight for group in optimizer.param_groups for p in group["params"])
+    model.mlp.requires_grad_(True)
+    optimizer.add_param_group({"params": list(model.mlp.parameters()), "lr": 1e-3})
+    projected, dense = optimizer.param_groups[-2:]
+    assert projected["lowrank"] and projected["params"] == [model.mlp.weight]
+    assert not dense["lowrank"] and dense["params"] == [model.mlp.bias]
+    for group in (projected, dense):
+        assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.05 and group["lr"] == 1e-3
+    _step(model, optimizer)
+    assert model.mlp.weight in optimizer.projectors
+    assert optimizer.state[model.mlp.weight]["exp_avg"].shape == (3, 12)  # std: 8×12 projected on the left (Lᵀ G)

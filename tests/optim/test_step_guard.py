@@ -1,0 +1,188 @@
+"""A step updates every parameter or none: non-finite gradients (``nonfinite`` policy), sparse
+gradients and a failing subspace refresh leave weights, moments, projectors and counters
+bit-identical; in layer-wise mode the policy applies per parameter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lit_lowrank import LowRankOptimizer
+from lit_lowrank.optim.layerwise import LayerwiseUpdates
+from lit_lowrank.projectors.svd import SVDProjector
+
+RULES = [dict(rule="galore"), dict(rule="fira"), dict(rule="apollo", projector="random"),
+         dict(rule="apollo-mini", projector="random", rank=1)]
+INNERS = [dict(inner="adamw"), dict(inner="adafactor", inner_args={"beta1": 0.9}), dict(inner="lion"),
+          dict(inner="adamw8bit", inner_args={"min_8bit_size": 1, "block_size": 64})]
+
+
+def _setup(**options):
+    torch.manual_seed(0)
+    weights = [nn.Parameter(torch.randn(12, 8)), nn.Parameter(torch.randn(6, 10))]
+    bias = nn.Parameter(torch.randn(6))
+    groups = [{"params": weights, "lowrank": True, "names": ["first.weight", "second.weight"]},
+              {"params": [bias], "names": ["bias"]}]
+    options = {"rank": 3, "update_gap": 2, "lr": 1e-2, "weight_decay": 0.1, **options}
+    return [*weights, bias], LowRankOptimizer(groups, **options)
+
+
+def _grads(params, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+
+
+def _snapshot(params, optimizer):
+    state = copy.deepcopy(optimizer.state_dict())
+    state.pop("skipped_steps")
+    bases = {i: optimizer.projectors[p].bases() for i, p in enumerate(params) if p in optimizer.projectors}
+    return [p.detach().clone() for p in params], state, copy.deepcopy(bases)
+
+
+def _assert_identical(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_identical(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_identical(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def _all_finite(tree):
+    if isinstance(tree, dict):
+        return all(_all_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(_all_finite(v) for v in tree)
+    return not isinstance(tree, torch.Tensor) or not tree.is_floating_point() or bool(tree.isfinite().all())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("good_steps", [1, 2], ids=["plain-step", "refresh-step"])  # update_gap 2: step 3 refreshes
+@pytest.mark.parametrize("inner", INNERS, ids=lambda c: c["inner"])
+@pytest.mark.parametrize("rule", RULES, ids=lambda c: c["rule"])
+def test_nonfinite_gradient_skips_the_whole_step(rule, inner, good_steps, bad):
+    params, optimizer = _setup(**rule, **inner)
+    for seed in range(good_steps):
+        _grads(params, seed)
+        optimizer.step()
+    before = _snapshot(params, optimizer)
+    _grads(params, 10)
+    params[1].grad[2, 3] = bad
+    with pytest.warns(RuntimeWarning, match="non-finite gradient in second.weight: step skipped"):
+        optimizer.step()
+    after = _snapshot(params, optimizer)
+    _assert_identical(after, before)
+    assert optimizer.skipped_steps == 1 and optimizer.state_dict()["skipped_steps"] == 1
+    _grads(params, 11)
+    optimizer.step()  # training goes on, finite
+    assert _all_finite(_snapshot(params, optimizer))
+
+
+def test_nonfinite_raise_names_the_parameter_and_changes_nothing():
+    params, optimizer = _setup(nonfinite="raise")
+    _grads(params, 0)
+    optimizer.step()
+    before = _snapshot(params, optimizer)
+    _grads(params, 1)
+    params[2].grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite gradient in bias"):
+        optimizer.step()
+    _assert_identical(_snapshot(params, optimizer), before)
+
+
+def test_nonfinite_ignore_lets_the_value_through():
+    params, optimizer = _setup(nonfinite="ignore")
+    _grads(params, 0)
+    params[2].grad[0] = float("nan")
+    optimizer.step()
+    assert params[2].isnan().any() and optimizer.skipped_steps == 0
+
+
+def test_unknown_nonfinite_policy_is_refused():
+    with pytest.raises(ValueError, match="nonfinite='zero'; expected one of"):
+        LowRankOptimizer([nn.Parameter(torch.zeros(2))], nonfinite="zero")
+
+
+@pytest.mark.parametrize("good_steps", [0, 2], ids=["first-step", "later-refresh"])
+def test_failed_refresh_of_one_weight_rolls_back_every_weight(monkeypatch, good_steps):
+    params, optimizer = _setup()
+    for seed in range(good_steps):
+        _grads(params, seed)
+        optimizer.step()
+    before = _snapshot(params, optimizer)
+    refreshes = optimizer.refresh_count
+    fit = SVDProjector.fit
+    calls = []
+
+    def failing_fit(self, grad, side):
+        calls.append(tuple(grad.shape))
+        if len(calls) == 2:  # the second weight's SVD
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return fit(self, grad, side)
+
+    monkeypatch.setattr(SVDProjector, "fit", failing_fit)
+    _grads(params, 5)
+    with pytest.raises(torch.linalg.LinAlgError):
+        optimizer.step()
+    assert calls == [(12, 8), (6, 10)]
+    _assert_identical(_snapshot(params, optimizer), before)
+    assert optimizer.refresh_count == refreshes
+    monkeypatch.setattr(SVDProjector, "fit", fit)
+    optimizer.step()  # the same gradients now go through: the first weight refreshes from its old basis
+    assert optimizer.refresh_count == refreshes + 2
+
+
+def test_sparse_gradient_in_a_later_group_changes_nothing():
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(8, 6))
+    embedding = nn.Embedding(10, 4, sparse=True)
+    optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True, "names": ["w"]},
+                                  {"params": [embedding.weight], "names": ["embedding.weight"]}], rank=2)
+    weight.grad = torch.randn(8, 6)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    before = _snapshot([weight, embedding.weight], optimizer)
+    with pytest.raises(RuntimeError, match=r"sparse gradients \(embedding.weight\)"):
+        optimizer.step()
+    _assert_identical(_snapshot([weight, embedding.weight], optimizer), before)
+
+
+def test_layerwise_skips_only_the_parameter_with_a_nonfinite_gradient():
+    """Layer-wise mode steps each parameter as its gradient arrives: the bad one is skipped
+    (and counted), the others are updated as usual."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4))
+    groups = [{"params": [model[0].weight, model[2].weight], "lowrank": True, "names": ["0.weight", "2.weight"]},
+              {"params": [model[0].bias, model[2].bias], "names": ["0.bias", "2.bias"]}]
+    optimizer = LowRankOptimizer(groups, rank=2, lr=1e-2)
+    LayerwiseUpdates(optimizer).attach()
+    model[0].weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.warns(RuntimeWarning, match="non-finite gradient in 0.weight"):
+        model(torch.randn(3, 8)).sum().backward()
+    assert torch.equal(model[0].weight, start["0.weight"]) and optimizer.skipped_steps == 1
+    assert not optimizer.state[model[0].weight] and model[0].weight not in optimizer.projectors
+    for name in ("0.bias", "2.weight", "2.bias"):
+        assert not torch.equal(dict(model.named_parameters())[name], start[name]), name
+
+
+def test_the_policy_of_the_offending_parameters_group_decides():
+    torch.manual_seed(0)
+    tolerant, strict = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(3))
+    optimizer = LowRankOptimizer([{"params": [tolerant], "lowrank": True, "nonfinite": "ignore"},
+                                  {"params": [strict], "nonfinite": "raise"}], rank=2)
+    tolerant.grad, strict.grad = torch.full((4, 4), float("nan")), torch.ones(3)
+    with pytest.raises(torch.linalg.LinAlgError):  # `ignore` lets the NaN reach the SVD, as before
+        optimizer.step()
+    tolerant.grad, strict.grad = torch.ones(4, 4), torch.full((3,), float("inf"))
+    with pytest.raises(FloatingPointError, match="parameter 1"):
+        optimizer.step()
