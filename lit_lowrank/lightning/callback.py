@@ -39,3 +39,4 @@ class LowRankCallback(LowRankTelemetry):
         strategy = trainer.strategy
         strategy.optimizers = convert_optimizers(pl_module, strategy.optimizers,
                                                  strategy.lr_scheduler_configs, self.config)
+        super().on_fit_start(trainer, pl_module)  # the low-rank summary

@@ -29,7 +29,8 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
     Each user param group is split into its low-rank part (target weights) and its dense part,
     both keeping the group's ``lr``, ``weight_decay``, ``betas``, ``eps`` (and scheduler keys such
     as ``initial_lr``); the ``config``'s values only fill what the user's groups lack. Schedulers
-    in ``schedulers`` are re-pointed at the new optimizer, in place.
+    in ``schedulers`` are re-pointed at the new optimizer, in place. LearningRateMonitor keys stay
+    the user's (``lr-AdamW/pg1``...); the dense part of a split group adds ``<key>-dense``.
 
     Raises:
         ValueError: if no weight matches ``config.targets``, or an optimizer maximizes.
@@ -48,25 +49,29 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
         if not any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
             converted.append(optimizer)
             continue
-        new, group_map = _lowrank_copy(optimizer, targets, config)
+        new, group_map = _lowrank_copy(optimizer, targets, config, module)
         for scheduler_config in schedulers:
             if scheduler_config.scheduler.optimizer is optimizer:
                 _rebind(scheduler_config.scheduler, len(optimizer.param_groups), new, group_map)
+                scheduler_config.name = scheduler_config.name or f"lr-{type(optimizer).__name__}"  # LR monitor key
         converted.append(new)
     return converted
 
 
-def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: set[int], config: LowRankConfig,
+def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: set[int], config: LowRankConfig, module: nn.Module,
                   ) -> tuple[LowRankOptimizer, list[int]]:
+    names = {id(p): name for name, p in module.named_parameters()}
     groups, group_map = [], []
     for index, group in enumerate(optimizer.param_groups):
         if group.get("maximize"):
             raise ValueError("LowRankOptimizer minimizes; the configured optimizer has maximize=True")
         hyper = {k: v for k, v in group.items() if k not in _IMPLEMENTATION_FLAGS}
-        for lowrank in (True, False):
-            params = [p for p in group["params"] if (id(p) in targets) == lowrank]
+        parts = {lowrank: [p for p in group["params"] if (id(p) in targets) == lowrank] for lowrank in (True, False)}
+        for lowrank, params in parts.items():
             if params:
-                groups.append({**hyper, "params": params, "lowrank": lowrank})
+                label = group.get("name", f"pg{index + 1}") + ("-dense" if not lowrank and parts[True] else "")
+                groups.append({**hyper, "params": params, "lowrank": lowrank, "name": label,
+                               "names": [names.get(id(p), "unnamed") for p in params]})
                 group_map.append(index)
     return LowRankOptimizer(groups, **config.optimizer_options()), group_map
 

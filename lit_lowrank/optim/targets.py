@@ -102,14 +102,16 @@ def classify(model: nn.Module, targets: Sequence[str] | None = None, exclude: Se
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     heads = _output_heads(model)
     blocks = _blocks(model)
-    choices, seen = [], set()
-    for module_name, module, param, is_linear in _matrices(model):
-        if id(param) in seen or id(param) not in names:
-            continue
-        seen.add(id(param))
-        matched = targets is not None and any(re.search(t, module_name) for t in targets)
-        reason = _reason(param, module_name, is_linear, matched, targets is not None, blocks, embeddings, heads,
-                         exclude, include_frozen)
+    uses: dict[int, list[tuple[str, Tensor, bool]]] = {}  # a shared weight: every module using it
+    for module_name, _, param, is_linear in _matrices(model):
+        if id(param) in names:
+            uses.setdefault(id(param), []).append((module_name, param, is_linear))
+    choices = []
+    for (first, param, is_linear), *_ in uses.values():
+        matched = [n for n, _, _ in uses[id(param)] if targets is not None and any(re.search(t, n) for t in targets)]
+        module_name = matched[0] if matched else first
+        reason = _reason(param, module_name, is_linear, bool(matched), targets is not None, blocks, embeddings,
+                         heads, exclude, include_frozen)
         if matched and reason in (_CONV, "embedding", "output head"):
             warnings.warn(f"{module_name} matches targets={list(targets)} but stays dense ({reason}); "
                           "add it to `exclude` to silence this", stacklevel=3)
