@@ -78,12 +78,13 @@ def select_targets(
 
 def no_targets_message(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> str:
     """The error for a model where nothing would be projected (training would be plain AdamW)."""
+    name = type(model).__name__
     if targets is None:
-        found = "no trainable linear layer inside repeated blocks (an nn.ModuleList/ModuleDict of blocks)"
+        found = f"{name} has no trainable linear layer inside repeated blocks (an nn.ModuleList/ModuleDict of blocks)"
     else:
-        found = f"no trainable 2-D weight matching targets={list(targets)}"
-    return (f"{type(model).__name__} has {found}, excluding {list(exclude)}; set `targets` to module-name "
-            "patterns of its linear layers, e.g. ['q_proj', 'v_proj'].")
+        found = f"no trainable 2-D weight of {name} matches targets={list(targets)}"
+    return (f"{found} (excluding {list(exclude)}); set `targets` to module-name patterns of its linear layers, "
+            "e.g. ['q_proj', 'v_proj'].")
 
 
 def target_modules(model: nn.Module, targets: Sequence[str] | None = None, exclude: Sequence[str] = (),
