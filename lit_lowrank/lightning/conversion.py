@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import nn
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.optim.factory import select_targets
+from lit_lowrank.optim.targets import no_targets_message, select_targets
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.reparam.gradnorm import is_gradnorm
 
@@ -41,9 +41,9 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
                          "__init__ (LowRankModule does it from its config)")
     low_rank, _ = select_targets(module, config.targets, config.exclude)
     if not low_rank:
-        raise ValueError(f"no 2-D weight of {type(module).__name__} matches targets={config.targets} "
-                         f"(excluding {config.exclude}); set `targets` to its linear layers' names")
+        raise ValueError(no_targets_message(module, config.targets, config.exclude))
     targets = {id(p) for p in low_rank.values()}
+    _keep_monitor_names(schedulers)
     converted = []
     for optimizer in optimizers:
         if not any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
@@ -53,7 +53,6 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
         for scheduler_config in schedulers:
             if scheduler_config.scheduler.optimizer is optimizer:
                 _rebind(scheduler_config.scheduler, len(optimizer.param_groups), new, group_map)
-                scheduler_config.name = scheduler_config.name or f"lr-{type(optimizer).__name__}"  # LR monitor key
         converted.append(new)
     return converted
 
@@ -74,6 +73,17 @@ def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: set[int], config: L
                                "names": [names.get(id(p), "unnamed") for p in params]})
                 group_map.append(index)
     return LowRankOptimizer(groups, **config.optimizer_options()), group_map
+
+
+def _keep_monitor_names(schedulers: list[LRSchedulerConfig]) -> None:
+    """Name each unnamed scheduler config as LearningRateMonitor would for the user's optimizer
+    (``lr-AdamW``, then ``lr-AdamW-1`` for a second AdamW), so its keys survive the conversion."""
+    seen: dict[type, int] = {}
+    for config in schedulers:
+        if config.name is None:
+            kind = type(config.scheduler.optimizer)
+            seen[kind] = seen.get(kind, 0) + 1
+            config.name = f"lr-{kind.__name__}" + (f"-{seen[kind] - 1}" if seen[kind] > 1 else "")
 
 
 def _rebind(scheduler: Any, old_groups: int, new: LowRankOptimizer, group_map: list[int]) -> None:

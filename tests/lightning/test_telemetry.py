@@ -141,3 +141,18 @@ def test_the_summary_is_printed_at_fit_start(adoption, small_llama, caplog):
         assert re.search(r"encoder\.0\.weight +\| 24×12 \| 2 +\| right", caplog.text)
         assert re.search(r"head\.weight +\| 3×16 +\| - +\| dense \| not matched by targets", caplog.text)
     assert "Optimizer state (predicted)" in caplog.text
+
+
+def test_monitor_names_of_two_optimizers_of_one_class_survive_the_conversion():
+    from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+    from lit_lowrank.lightning.conversion import convert_optimizers
+
+    model = UserClassifier()
+    optimizers = [torch.optim.Adam(model.encoder.parameters()), torch.optim.Adam(model.head.parameters())]
+    configs = [LRSchedulerConfig(torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0)) for o in optimizers]
+    before = LearningRateMonitor()._find_names_from_schedulers(configs)[0]  # Lightning's own naming
+    assert before == [["lr-Adam"], ["lr-Adam-1"]]
+    convert_optimizers(model, optimizers, configs, LowRankConfig(targets=["encoder"], rank=2))
+    after = LearningRateMonitor()._find_names_from_schedulers(configs)[0]
+    assert after == [["lr-Adam/pg1", "lr-Adam/pg1-dense"], ["lr-Adam-1"]]  # the untouched head keeps its key
