@@ -18,7 +18,8 @@ class LowRankCallback(LowRankTelemetry):
         trainer = Trainer(callbacks=[LowRankCallback(rank=128, update_gap=200, scale=0.25)])
 
     Your learning rates, weight decays, betas and LR schedulers are kept; the target weights
-    (``targets``/``exclude`` patterns) are updated in a rank-``rank`` subspace, the rest with
+    (by default the linear layers inside the model's repeated blocks, or ``targets``/``exclude``
+    name patterns; see :func:`lit_lowrank.select_targets`) are updated in a rank-``rank`` subspace, the rest with
     AdamW. Also logs the telemetry of :class:`LowRankTelemetry`.
 
     Args:

@@ -62,18 +62,17 @@ def summarize(model: nn.Module, optimizer: LowRankOptimizer, targets: Sequence[s
     """The summary of ``optimizer`` over ``model``; ``targets``/``exclude`` are those the
     optimizer was built with (they give the dense weights' reasons)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    rows, total, adamw = [], 0, 0
-    projected = set()
+    rows, dense_bytes, adamw = [], 0, 0
     for group in optimizer.param_groups:
         for p in group["params"]:
             adamw += 2 * p.numel() * p.element_size()
-            if not group["lowrank"]:
-                total += 2 * p.numel() * p.element_size()
-                continue
-            projected.add(id(p))
-            row = _projected_row(names.get(id(p), "unnamed"), p, group)
-            rows.append(row)
-            total = None if total is None or row.state_bytes is None else total + row.state_bytes
+            if group["lowrank"]:
+                rows.append(_projected_row(names.get(id(p), "unnamed"), p, group))
+            else:
+                dense_bytes += 2 * p.numel() * p.element_size()
+    lowrank_bytes = [row.state_bytes for row in rows]
+    total = None if None in lowrank_bytes else dense_bytes + sum(lowrank_bytes)
+    projected = {id(p) for group in optimizer.param_groups if group["lowrank"] for p in group["params"]}
     for choice in classify(model, targets, exclude):
         if id(choice.param) not in projected:
             reason = choice.reason or "not in the optimizer"
@@ -88,13 +87,13 @@ def _projected_row(name: str, p: Tensor, group: dict) -> Row:
     low_shape = {Side.LEFT: (rank, n), Side.RIGHT: (m, rank), Side.BOTH: (rank, rank)}[side]
     inner = construct(plugins.get_inner_optimizer(group["inner"]), group["inner_args"], betas=group["betas"],
                       eps=group["eps"])
-    moments = tensor_bytes(inner.init_state(torch.empty(low_shape, dtype=p.dtype, device="meta")))
     projector = construct(plugins.get_projector(group["projector"]), group["projector_args"], rank=rank,
                           side=group["side"], seed=0)
     try:
+        moments = inner.init_state(torch.empty(low_shape, dtype=p.dtype, device="meta"))
         projector.refresh(torch.empty(m, n, dtype=p.dtype, device="meta"))
-        state = moments + tensor_bytes(projector.state_dict())
-    except (RuntimeError, NotImplementedError):  # e.g. .item() of a spectrum on meta
+        state = tensor_bytes(moments) + tensor_bytes(projector.state_dict())
+    except Exception:  # noqa: BLE001 — a component that needs real values (a spectrum's .item()): unknown
         state = None
     return Row(name, (m, n), rank, side.name.lower(), state)
 
