@@ -53,7 +53,8 @@ class LowRankSummary:
         projected = sum(r.reason is None for r in self.rows)
         ratio = f" ({self.state_bytes / self.adamw_bytes:.1%})" if self.state_bytes and self.adamw_bytes else ""
         table.append(f"{projected} weights projected, {len(self.rows) - projected} weight matrices dense")
-        table.append(f"Optimizer state (predicted): {_size(self.state_bytes)}{ratio} vs AdamW {_size(self.adamw_bytes)}")
+        table.append(f"Optimizer state (predicted): {_size(self.state_bytes)}{ratio} "
+                     f"vs AdamW {_size(self.adamw_bytes)}")
         return "\n".join(table)
 
 

@@ -100,64 +100,76 @@ def classify(model: nn.Module, targets: Sequence[str] | None = None, exclude: Se
     """Every weight matrix of ``model`` with ≥ 2 dimensions, once each, with why it stays dense."""
     check_patterns(targets=targets, exclude=exclude)
     names = {id(p): n for n, p in model.named_parameters()}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
-    heads = _output_heads(model)
-    blocks = _blocks(model)
     uses: dict[int, list[tuple[str, Tensor, bool]]] = {}  # a shared weight: every module using it
-    for module_name, _, param, is_linear in _matrices(model):
+    for module_name, param, is_linear in _matrices(model):
         if id(param) in names:
             uses.setdefault(id(param), []).append((module_name, param, is_linear))
+    rules = _Rules(_blocks(model), _embeddings(model), _output_heads(model), targets, exclude, include_frozen)
     choices = []
     for (first, param, is_linear), *_ in uses.values():
-        matched = [n for n, _, _ in uses[id(param)] if targets is not None and any(re.search(t, n) for t in targets)]
+        matched = [n for n, _, _ in uses[id(param)] if rules.matches(n)]
         module_name = matched[0] if matched else first
-        reason = _reason(param, module_name, is_linear, bool(matched), targets is not None, blocks, embeddings,
-                         heads, exclude, include_frozen)
-        if matched and reason in (_CONV, "embedding", "output head"):
+        reason = rules.reason(param, module_name, is_linear, bool(matched))
+        if matched and reason in (_CONV, _EMBEDDING, _HEAD):
             warnings.warn(f"{module_name} matches targets={list(targets)} but stays dense ({reason}); "
                           "add it to `exclude` to silence this", stacklevel=3)
         choices.append(Choice(names[id(param)], module_name, param, reason))
     return choices
 
 
-_CONV = "not a matrix (conv kernel)"
+_CONV, _EMBEDDING, _HEAD = "not a matrix (conv kernel)", "embedding", "output head"
 
 
-def _reason(param: Tensor, module_name: str, is_linear: bool, matched: bool, by_pattern: bool, blocks: set[str],
-            embeddings: set[int], heads: set[int], exclude: Sequence[str], include_frozen: bool) -> str | None:
-    if not (param.requires_grad or include_frozen):
-        return "frozen"
-    if id(param) in embeddings:
-        return "embedding"
-    if id(param) in heads:
-        return "output head"
-    if any(re.search(x, module_name) for x in exclude):
-        return "excluded by pattern"
-    if by_pattern and not matched:
-        return "not matched by targets"
-    if param.ndim != 2:
-        return _CONV
-    if by_pattern:
-        return None
-    if not is_linear:
-        return "not a linear layer"
-    return None if _inside(module_name, blocks) else "outside the blocks"
+@dataclass(frozen=True)
+class _Rules:
+    """What decides a weight's fate: the model's blocks, embedding and head weights (by id),
+    and the user's patterns."""
+
+    blocks: set[str]
+    embeddings: set[int]
+    heads: set[int]
+    targets: Sequence[str] | None
+    exclude: Sequence[str]
+    include_frozen: bool
+
+    def matches(self, module_name: str) -> bool:
+        return self.targets is not None and any(re.search(t, module_name) for t in self.targets)
+
+    def reason(self, param: Tensor, module_name: str, is_linear: bool, matched: bool) -> str | None:
+        """Why ``param`` (used by ``module_name``) stays dense, or None to project it."""
+        if not (param.requires_grad or self.include_frozen):
+            return "frozen"
+        if id(param) in self.embeddings:
+            return _EMBEDDING
+        if id(param) in self.heads:
+            return _HEAD
+        if any(re.search(x, module_name) for x in self.exclude):
+            return "excluded by pattern"
+        if self.targets is not None and not matched:
+            return "not matched by targets"
+        if param.ndim != 2:
+            return _CONV
+        if self.targets is not None:
+            return None
+        if not is_linear:
+            return "not a linear layer"
+        return None if _inside(module_name, self.blocks) else "outside the blocks"
 
 
-def _matrices(model: nn.Module) -> Iterator[tuple[str, nn.Module, Tensor, bool]]:
-    """``(module name, module, weight, is linear)`` for each module's weight of ≥ 2 dimensions."""
+def _matrices(model: nn.Module) -> Iterator[tuple[str, Tensor, bool]]:
+    """``(module name, weight, is linear)`` for each module's weight of ≥ 2 dimensions."""
     conv1d = _hf_conv1d()
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             for attr in _MHA_MATRICES:
                 if isinstance(getattr(module, attr, None), nn.Parameter):
-                    yield name, module, getattr(module, attr), True
+                    yield name, getattr(module, attr), True
             continue
         weight = _matrix(module)
         if isinstance(weight, nn.Parameter) and weight.ndim >= 2:
             linear = (isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
                       or (hasattr(module, "in_features") and hasattr(module, "out_features")))
-            yield name, module, weight, linear and weight.ndim == 2
+            yield name, weight, linear and weight.ndim == 2
 
 
 def _matrix(module: nn.Module) -> Tensor | None:
@@ -201,6 +213,10 @@ def _repeats(children) -> bool:
 def _inside(module_name: str, blocks: set[str]) -> bool:
     parts = module_name.split(".")
     return any(".".join(parts[:i]) in blocks for i in range(1, len(parts)))
+
+
+def _embeddings(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
 
 def _output_heads(model: nn.Module) -> set[int]:

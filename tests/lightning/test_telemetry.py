@@ -133,7 +133,8 @@ def test_the_summary_is_printed_at_fit_start(adoption, small_llama, caplog):
         trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, accelerator="cpu")
         data = torch.randint(0, 64, (8, 9), generator=torch.Generator().manual_seed(0))
-        trainer.fit(LowRankModule(small_llama(), lowrank=LowRankConfig(rank=4, warmup=0)), DataLoader(data, batch_size=4))
+        module = LowRankModule(small_llama(), lowrank=LowRankConfig(rank=4, warmup=0))
+        trainer.fit(module, DataLoader(data, batch_size=4))
         assert re.search(r"network\.model\.layers\.1\.mlp\.down_proj\.weight +\| 32×64 \| 4 +\| left", caplog.text)
         assert "network.lm_head.weight" in caplog.text and "output head" in caplog.text
     else:
