@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.optim.lowrank import LowRankOptimizer, tensor_bytes
 from lit_lowrank.optim.summary import summarize
 
@@ -49,9 +50,9 @@ class LowRankTelemetry(Callback):
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if isinstance(optimizer, LowRankOptimizer):
             # the LowRankConfig of LowRankCallback, LowRankModule or the lowrank strategies
-            config = getattr(self, "config", None) or getattr(pl_module, "lowrank", None) or \
-                getattr(trainer.strategy, "lowrank", None)
-            targets, exclude = (config.targets, config.exclude) if config is not None else (None, ())
+            owners = ((self, "config"), (pl_module, "lowrank"), (trainer.strategy, "lowrank"))
+            configs = [getattr(o, key) for o, key in owners if isinstance(getattr(o, key, None), LowRankConfig)]
+            targets, exclude = (configs[0].targets, configs[0].exclude) if configs else (None, ())
             rank_zero_info(f"Low-rank summary:\n{summarize(pl_module, optimizer, targets, exclude)}")
 
     @override
