@@ -110,14 +110,14 @@ def classify(model: nn.Module, targets: Sequence[str] | None = None, exclude: Se
         matched = [n for n, _, _ in uses[id(param)] if rules.matches(n)]
         module_name = matched[0] if matched else first
         reason = rules.reason(param, module_name, is_linear, bool(matched))
-        if matched and reason in (_CONV, _EMBEDDING, _HEAD):
+        if matched and reason is not None and (reason in (_EMBEDDING, _HEAD) or reason.endswith(_NOT_MATRIX)):
             warnings.warn(f"{module_name} matches targets={list(targets)} but stays dense ({reason}); "
                           "add it to `exclude` to silence this", stacklevel=3)
         choices.append(Choice(names[id(param)], module_name, param, reason))
     return choices
 
 
-_CONV, _EMBEDDING, _HEAD = "not a matrix (conv kernel)", "embedding", "output head"
+_NOT_MATRIX, _EMBEDDING, _HEAD = ", not a matrix", "embedding", "output head"
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class _Rules:
         if self.targets is not None and not matched:
             return "not matched by targets"
         if param.ndim != 2:
-            return _CONV
+            return f"{param.ndim}-D{_NOT_MATRIX}"
         if self.targets is not None:
             return None
         if not is_linear:
@@ -199,15 +199,11 @@ def _blocks(model: nn.Module) -> set[str]:
         if isinstance(module, parametrize.ParametrizationList) or name.endswith("parametrizations"):
             continue
         composite = {key: child for key, child in module.named_children() if any(True for _ in child.children())}
-        if isinstance(module, nn.Sequential) and not _repeats(composite.values()):
-            continue
+        if isinstance(module, nn.Sequential):  # a pipeline: only the classes it repeats are blocks
+            kinds = [type(child) for child in composite.values()]
+            composite = {key: child for key, child in composite.items() if kinds.count(type(child)) >= 2}
         blocks.update(f"{name}.{key}" if name else key for key in composite)
     return blocks
-
-
-def _repeats(children) -> bool:
-    kinds = [type(child) for child in children]
-    return any(kinds.count(kind) >= 2 for kind in kinds)
 
 
 def _inside(module_name: str, blocks: set[str]) -> bool:

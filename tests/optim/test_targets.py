@@ -76,6 +76,18 @@ def test_nn_transformer_projects_in_projections_out_projections_and_feed_forward
     assert all(p.ndim == 1 for p in dense.values())  # biases and norms only
 
 
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+
+
+def test_a_sequential_pipeline_makes_blocks_of_its_repeated_classes_only():
+    model = nn.Sequential(ConvBlock(), MetaBlock(8), MetaBlock(8), Head())
+    low_rank, _ = select_targets(model)
+    assert {n.split(".")[0] for n in low_rank} == {"1", "2"}
+
+
 def test_separate_qkv_attention_projects_each_projection():
     block = nn.ModuleList([nn.Sequential(nn.MultiheadAttention(8, 2, kdim=6, vdim=4))])
     low_rank, _ = select_targets(block)
@@ -136,8 +148,8 @@ def test_a_matched_conv_weight_is_reported_not_silently_dense():
     low_rank, _ = select_targets(model)
     assert set(low_rank) == {"0.proj.weight", "1.proj.weight"}
     reasons = {c.name: c.reason for c in classify(model)}
-    assert reasons["0.conv.weight"] == "not a matrix (conv kernel)"
-    with pytest.warns(UserWarning, match=r"0\.conv matches targets.*conv kernel"):
+    assert reasons["0.conv.weight"] == "3-D, not a matrix"
+    with pytest.warns(UserWarning, match=r"0\.conv matches targets.*3-D, not a matrix"):
         select_targets(model, targets=["conv", "proj"])
 
 
