@@ -1,6 +1,5 @@
-"""Telemetry and the low-rank summary: the summary's rows and predicted bytes on a tiny LLaMA,
-printed at fit start on every path; ``train/lr`` is the lr the step used; layers are named by
-parameter name; LearningRateMonitor keeps the user's keys."""
+"""Telemetry: the low-rank summary printed at fit start on every path; ``train/lr`` is the lr
+the step used; layers are named by parameter name; LearningRateMonitor keeps the user's keys."""
 
 from __future__ import annotations
 
@@ -16,30 +15,7 @@ from lightning.pytorch.loggers.logger import DummyLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_lowrank import build_optimizer
 from lit_lowrank.lightning import LowRankCallback, LowRankConfig, LowRankModule, LowRankStrategy
-from lit_lowrank.optim.summary import summarize
-
-
-def test_summary_rows_and_predicted_bytes_on_a_tiny_llama(small_llama):
-    model = small_llama()  # hidden 32, intermediate 64, 2 layers
-    optimizer = build_optimizer(model, rank=40, update_gap=5)
-    with pytest.warns(UserWarning, match="clamped"):
-        summary = summarize(model, optimizer)
-        tokens = torch.randint(0, 64, (2, 9))
-        model(tokens, labels=tokens).loss.backward()
-        optimizer.step()
-    rows = {row.name: row for row in summary.rows}
-    q, down = rows["model.layers.0.self_attn.q_proj.weight"], rows["model.layers.1.mlp.down_proj.weight"]
-    assert (q.shape, q.rank, q.side) == ((32, 32), 32, "right")  # rank 40 clamped to min(32, 32)
-    assert (down.shape, down.rank, down.side) == ((32, 64), 32, "left")  # std: project the smaller side
-    assert rows["model.embed_tokens.weight"].reason == "embedding"
-    assert rows["lm_head.weight"].reason == "output head"
-    assert sum(row.reason is None for row in summary.rows) == 14
-    assert summary.state_bytes == sum(optimizer.state_bytes().values())  # predicted = measured after a step
-    assert summary.adamw_bytes == 2 * 4 * sum(p.numel() for p in model.parameters())
-    text = str(summary)
-    assert "model.layers.0.self_attn.q_proj.weight | 32×32 | 32" in text and "output head" in text
 
 
 class UserClassifier(pl.LightningModule):
