@@ -122,7 +122,7 @@ def estimate(
     name: str,
     *,
     rank: int,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    targets: Sequence[str] | None = DEFAULT_TARGETS,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     formats: Formats = Formats(),
 ) -> Estimate:
@@ -200,7 +200,7 @@ def _full_rank_states(p: nn.Parameter, spec: Method, formats: Formats) -> int:
 
 
 def llama_on_meta(size: str, *, dtype: torch.dtype = torch.bfloat16, gradnorm: bool = False,
-                  targets: Sequence[str] = DEFAULT_TARGETS) -> nn.Module:
+                  targets: Sequence[str] | None = DEFAULT_TARGETS) -> nn.Module:
     """``LlamaForCausalLM`` of a named size (DESIGN.md §4) on the meta device, in ``dtype``;
     weight-normalized when ``gradnorm``."""
     from transformers import LlamaForCausalLM

@@ -20,11 +20,13 @@ class LowRankCallback(LowRankTelemetry):
     Your AdamW, Adam or SGD is reproduced in low-rank space (see
     :mod:`lit_lowrank.lightning.conversion`; anything else is refused unless you set ``inner``):
     its learning rates, weight decays, betas or momentum and your LR schedulers are kept; the
-    target weights (``targets``/``exclude`` patterns) are updated in a rank-``rank`` subspace.
-    The conversion happens when the strategy builds the optimizers, so ``Tuner.lr_find`` sweeps
-    the optimizer that will train. ``enabled=False`` keeps your optimizers; ``layerwise=True``
-    adds :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback`; ``weight_bits`` quantizes
-    the target linear layers at setup. Also logs the telemetry of :class:`LowRankTelemetry`.
+    target weights (by default the linear layers inside the model's repeated blocks, or
+    ``targets``/``exclude`` name patterns; see :func:`lit_lowrank.select_targets`) are updated in
+    a rank-``rank`` subspace. The conversion happens when the strategy builds the optimizers, so
+    ``Tuner.lr_find`` sweeps the optimizer that will train. ``enabled=False`` keeps your
+    optimizers; ``layerwise=True`` adds :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback`;
+    ``weight_bits`` quantizes the target linear layers at setup. Also logs the telemetry of
+    :class:`LowRankTelemetry` and prints the low-rank summary at fit start.
 
     Args:
         config: a full :class:`LowRankConfig`.

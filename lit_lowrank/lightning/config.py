@@ -12,7 +12,8 @@ from torch import nn
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import ON_REFRESH
 from lit_lowrank.lightning.lr_schedule import DECAYS
-from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, build_optimizer
+from lit_lowrank.optim.factory import build_optimizer
+from lit_lowrank.optim.targets import check_patterns
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
@@ -29,8 +30,10 @@ class LowRankConfig:
         enabled: ``False`` trains every parameter with plain ``torch.optim.AdamW`` (the papers'
             full-rank baseline) through the same module, schedule and telemetry.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
-        targets, exclude: module-name patterns of the weights to project (see
-            :func:`lit_lowrank.select_targets`); everything else gets dense AdamW.
+        targets, exclude: which weights to project (see :func:`lit_lowrank.select_targets`):
+            ``targets: null`` (default) the linear layers inside the network's repeated blocks,
+            never embeddings or the output head; or a list of module-name patterns; ``exclude``
+            patterns remove modules. Everything else gets dense AdamW.
         rank, projector, side, update_gap, scale, rule, inner, schedule, on_refresh,
         projector_args, rule_args, inner_args, schedule_args: :class:`LowRankOptimizer`'s options.
         nonfinite: a step with a NaN/inf gradient is skipped (``skip``, counted in
@@ -58,8 +61,8 @@ class LowRankConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    targets: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
     rank: int = 128
     projector: str = "svd"
     side: str = "std"
@@ -83,6 +86,7 @@ class LowRankConfig:
     weight_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_patterns(targets=self.targets, exclude=self.exclude)
         if self.layerwise and not self.enabled:
             raise ValueError("layerwise: true steps the low-rank optimizer inside backward; set enabled: true "
                              "(plain AdamW has no layer-wise mode here) or layerwise: false")

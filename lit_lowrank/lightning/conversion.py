@@ -29,11 +29,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import LRSchedulerConfig
-from torch import nn
+from torch import Tensor, nn
 
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
-from lit_lowrank.optim.factory import select_targets
+from lit_lowrank.optim.targets import no_targets_message, select_targets
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import is_gradnorm
@@ -125,6 +125,8 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
     ``defaults`` come from the user's, so groups added later inherit them. Schedulers in
     ``schedulers`` are re-pointed at the new optimizer, in place. ``explicit`` holds the config
     fields the user set (an explicit ``inner`` accepts substituting an unsupported optimizer).
+    LearningRateMonitor keys stay the user's (``lr-AdamW/pg1``...); the dense part of a split
+    group adds ``<key>-dense``.
 
     Raises:
         ValueError: if no weight matches ``config.targets``, or an optimizer cannot be reproduced
@@ -139,15 +141,16 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
                          "__init__ (LowRankModule does it from its config)")
     low_rank, _ = select_targets(module, config.targets, config.exclude)
     if not low_rank:
-        raise ValueError(f"no 2-D weight of {type(module).__name__} matches targets={config.targets} "
-                         f"(excluding {config.exclude}); set `targets` to its linear layers' names")
+        raise ValueError(no_targets_message(module, config.targets, config.exclude))
     targets = {id(p) for p in low_rank.values()}
+    is_target = frozenset(select_targets(module, config.targets, config.exclude, include_frozen=True)[0].values())
+    _keep_monitor_names(schedulers)
     converted = []
     for optimizer in optimizers:
         if not any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
             converted.append(optimizer)
             continue
-        new, group_map = _lowrank_copy(optimizer, targets, config, explicit)
+        new, group_map = _lowrank_copy(optimizer, targets, config, explicit, module, is_target)
         for scheduler_config in schedulers:
             if scheduler_config.scheduler.optimizer is optimizer:
                 _rebind(scheduler_config.scheduler, len(optimizer.param_groups), new, group_map)
@@ -156,20 +159,28 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
 
 
 def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: set[int], config: LowRankConfig,
-                  explicit: frozenset[str]) -> tuple[LowRankOptimizer, list[int]]:
+                  explicit: frozenset[str], module: nn.Module, is_target: frozenset[Tensor],
+                  ) -> tuple[LowRankOptimizer, list[int]]:
+    """The LowRankOptimizer reproducing ``optimizer`` and, per new group, its old group's index.
+    ``is_target`` (every target weight, frozen ones included) splits groups added later."""
     convert, dropped = _group_converter(optimizer, config, explicit)
+    names = {id(p): name for name, p in module.named_parameters()}
     groups, group_map = [], []
     for index, group in enumerate(optimizer.param_groups):
         options = {**convert(group), **{k: group[k] for k in _CARRIED if k in group}}
-        for lowrank in (True, False):
-            chosen = [i for i, p in enumerate(group["params"]) if (id(p) in targets) == lowrank]
-            if chosen:
-                split = {"params": [group["params"][i] for i in chosen], "lowrank": lowrank}
+        chosen = {lowrank: [i for i, p in enumerate(group["params"]) if (id(p) in targets) == lowrank]
+                  for lowrank in (True, False)}
+        for lowrank, indices in chosen.items():
+            if indices:
+                params = [group["params"][i] for i in indices]
+                label = group.get("name", f"pg{index + 1}") + ("-dense" if not lowrank and chosen[True] else "")
+                split = {"params": params, "lowrank": lowrank, "name": label,
+                         "names": [names.get(id(p), "unnamed") for p in params]}
                 if "param_names" in group:
-                    split["param_names"] = [group["param_names"][i] for i in chosen]
+                    split["param_names"] = [group["param_names"][i] for i in indices]
                 groups.append({**options, **split})
                 group_map.append(index)
-    new = LowRankOptimizer(groups, **config.optimizer_options())
+    new = LowRankOptimizer(groups, is_target=is_target.__contains__, **config.optimizer_options())
     new.defaults.update(convert(optimizer.defaults))  # for add_param_group (e.g. BaseFinetuning)
     projected = sum(len(g["params"]) for g in groups if g["lowrank"])
     dense = sum(len(g["params"]) for g in groups if not g["lowrank"])
@@ -239,6 +250,17 @@ def _describe(optimizer: torch.optim.Optimizer) -> str:
     values = ", ".join(f"{k}={optimizer.defaults[k]}" for k in reproduced if k in optimizer.defaults
                        and (k == "lr" or optimizer.defaults[k] not in (0, False, None)))
     return f"{type(optimizer).__name__}({values})"
+
+
+def _keep_monitor_names(schedulers: list[LRSchedulerConfig]) -> None:
+    """Name each unnamed scheduler config as LearningRateMonitor would for the user's optimizer
+    (``lr-AdamW``, then ``lr-AdamW-1`` for a second AdamW), so its keys survive the conversion."""
+    seen: dict[type, int] = {}
+    for config in schedulers:
+        if config.name is None:
+            kind = type(config.scheduler.optimizer)
+            seen[kind] = seen.get(kind, 0) + 1
+            config.name = f"lr-{kind.__name__}" + (f"-{seen[kind] - 1}" if seen[kind] > 1 else "")
 
 
 def _rebind(scheduler: Any, old_groups: int, new: LowRankOptimizer, group_map: list[int]) -> None:

@@ -7,9 +7,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.optim.lowrank import LowRankOptimizer, tensor_bytes
+from lit_lowrank.optim.summary import summarize
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -23,7 +26,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 class LowRankTelemetry(Callback):
     """Logs after every optimizer step, for the first optimizer of the run:
 
-    * ``train/lr`` — the first param group's learning rate;
+    * ``train/lr`` — the first param group's learning rate used by this step's update (read
+      before the optimizer step, so before the LR scheduler moves it);
     * ``optim/state_bytes`` and ``optim/{moments,projectors,dense}_bytes``;
     * ``optim/refreshes`` — subspace refreshes so far (low-rank optimizers only);
     * ``optim/skipped_steps`` — steps skipped for a non-finite gradient (``nonfinite: skip``);
@@ -31,11 +35,32 @@ class LowRankTelemetry(Callback):
       refresh (SVD) count, on the steps where some subspace was refreshed (adaptive rank and
       Q-GaLore's lazy schedule make these differ between layers).
 
+    At fit start it prints (rank zero) the low-rank summary of
+    :func:`~lit_lowrank.optim.summary.summarize`: projected weights, dense weight matrices and
+    why, predicted optimizer-state bytes against AdamW.
+
     ``LowRankModule`` adds it automatically; add it to ``Trainer(callbacks=...)`` otherwise.
     """
 
     def __init__(self) -> None:
         self._last_refresh_count = -1
+        self._step_lr: float | None = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if isinstance(optimizer, LowRankOptimizer):
+            # the LowRankConfig of LowRankCallback, LowRankModule or the lowrank strategies
+            owners = ((self, "config"), (pl_module, "lowrank"), (trainer.strategy, "lowrank"))
+            configs = [getattr(o, key) for o, key in owners if isinstance(getattr(o, key, None), LowRankConfig)]
+            targets, exclude = (configs[0].targets, configs[0].exclude) if configs else (None, ())
+            rank_zero_info(f"Low-rank summary:\n{summarize(pl_module, optimizer, targets, exclude)}")
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if trainer.optimizers and optimizer is trainer.optimizers[0]:
+            self._step_lr = float(optimizer.param_groups[0]["lr"])
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -44,8 +69,8 @@ class LowRankTelemetry(Callback):
             return
         optimizer = trainer.optimizers[0]
         sizes = optimizer_state_bytes(optimizer)
-        metrics = {"train/lr": float(optimizer.param_groups[0]["lr"]),
-                   "optim/state_bytes": float(sum(sizes.values()))}
+        lr = self._step_lr if self._step_lr is not None else optimizer.param_groups[0]["lr"]
+        metrics = {"train/lr": float(lr), "optim/state_bytes": float(sum(sizes.values()))}
         metrics.update({f"optim/{role}_bytes": float(size) for role, size in sizes.items()})
         if isinstance(optimizer, LowRankOptimizer):
             metrics["optim/refreshes"] = float(optimizer.refresh_count)

@@ -18,12 +18,12 @@ and a layer without a gradient is simply skipped by the optimizer.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from lit_lowrank.optim.targets import no_targets_message, target_modules
 from lit_lowrank.quantizers.base import Packed
 from lit_lowrank.quantizers.int import IntQuantizer
 
@@ -179,26 +179,25 @@ class QuantizedLinear(nn.Module):
 
 
 def quantize_linear_weights(
-    model: nn.Module, targets: Sequence[str], bits: int = 8, group_size: int = 256, stochastic: bool = True,
-    exclude: Sequence[str] = (),
+    model: nn.Module, targets: Sequence[str] | None = None, bits: int = 8, group_size: int = 256,
+    stochastic: bool = True, exclude: Sequence[str] = (),
 ) -> list[str]:
-    """Replace, in place, every ``nn.Linear`` of ``model`` whose qualified name matches one of
-    ``targets`` (``re.search``) and none of ``exclude`` by a :class:`QuantizedLinear`.
+    """Replace, in place, the target layers of :func:`lit_lowrank.select_targets` (same
+    ``targets`` and ``exclude``) by :class:`QuantizedLinear`\\ s; they must all be ``nn.Linear``.
 
     Use the same ``targets`` as the optimizer's low-rank targets: the quantized weights must be
     updated by the low-rank optimizer, which re-quantizes them. Returns the replaced names.
 
     Raises:
-        ValueError: if no linear layer matches (the run would silently keep float weights).
+        ValueError: if there is no target (the run would silently keep float weights), or a
+            target is not an ``nn.Linear`` (it would silently stay float).
     """
-    chosen = [
-        (name, module) for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(re.search(t, name) for t in targets)
-        and not any(re.search(x, name) for x in exclude)
-    ]
+    chosen = list(target_modules(model, targets, exclude).items())
     if not chosen:
-        raise ValueError(f"no nn.Linear matches targets={list(targets)} (excluding {list(exclude)}); "
-                         "set them to module-name patterns of your model's linear layers, e.g. ['q_proj'].")
+        raise ValueError(no_targets_message(model, targets, exclude))
+    others = [f"{name} ({type(m).__name__})" for name, m in chosen if not isinstance(m, nn.Linear)]
+    if others:
+        raise ValueError(f"weight_bits quantizes nn.Linear layers only, not {others}; add them to `exclude`")
     for seed, (name, linear) in enumerate(chosen):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -21,7 +21,6 @@ so the model has no extra cost.
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 from torch import nn
@@ -29,15 +28,16 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm, weight_norm
 
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
+from lit_lowrank.optim.targets import no_targets_message, target_modules
 
 
 def apply_gradnorm(
     model: nn.Module,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    targets: Sequence[str] | None = DEFAULT_TARGETS,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
 ) -> nn.Module:
-    """Weight-normalize every ``nn.Linear`` whose qualified name matches one of ``targets``
-    (``re.search``, as :func:`lit_lowrank.select_targets`) and none of ``exclude``; in place.
+    """Weight-normalize the target layers of :func:`lit_lowrank.select_targets` (same ``targets``
+    and ``exclude``), in place; they must all be ``nn.Linear``.
     Layers already weight-normalized are left as they are, so applying it twice is harmless.
 
     Returns:
@@ -45,20 +45,16 @@ def apply_gradnorm(
         output row, ``g`` and ``V`` shaped out×1 and out×in).
 
     Raises:
-        ValueError: if no ``nn.Linear`` matches (training would silently be plain GaLore).
+        ValueError: if there is no target (training would silently be plain GaLore), or a target
+            is not an ``nn.Linear`` (its norm axis would be another).
     """
-    chosen = [
-        module for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and any(re.search(t, name) for t in targets)
-        and not any(re.search(x, name) for x in exclude)
-    ]
+    chosen = target_modules(model, targets, exclude)
     if not chosen:
-        raise ValueError(
-            f"no nn.Linear matches targets={list(targets)} (excluding {list(exclude)}); set targets "
-            "to module-name patterns of your model's linear layers, e.g. ['query', 'value']."
-        )
-    for module in chosen:
+        raise ValueError(no_targets_message(model, targets, exclude))
+    others = [f"{name} ({type(m).__name__})" for name, m in chosen.items() if not isinstance(m, nn.Linear)]
+    if others:
+        raise ValueError(f"gradnorm weight-normalizes nn.Linear layers only, not {others}; add them to `exclude`")
+    for module in chosen.values():
         if not is_gradnorm(module):
             weight_norm(module, name="weight", dim=0)
     return model

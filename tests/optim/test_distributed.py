@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lit_lowrank import build_optimizer
 
-OPTIONS = dict(rank=3, update_gap=2, lr=1e-2, scale=1.0)
+OPTIONS = dict(targets=["attn", "mlp"], rank=3, update_gap=2, lr=1e-2, scale=1.0)  # Block has no repeated blocks
 STEPS = 5
 
 

@@ -14,8 +14,11 @@ from lit_lowrank import build_optimizer, select_targets
 from lit_lowrank.reparam.gradnorm import apply_gradnorm, fold_gradnorm, is_gradnorm
 
 
+TARGETS = ["attn", "mlp"]  # TinyNet has no repeated blocks: its targets are named
+
+
 class TinyNet(nn.Module):
-    """Linear layers named like a transformer's, so the default targets pick ``attn``/``mlp``."""
+    """Two target linear layers ``attn``/``mlp`` and a head."""
 
     def __init__(self, dims=(12, 16, 10, 3)) -> None:
         super().__init__()
@@ -37,14 +40,14 @@ def test_apply_keeps_the_function_and_parametrizes_only_targets():
     torch.manual_seed(0)
     model, x = TinyNet().double(), torch.randn(5, 12, dtype=torch.float64)
     before = model(x)
-    apply_gradnorm(model)
+    apply_gradnorm(model, TARGETS)
     assert is_gradnorm(model.attn) and is_gradnorm(model.mlp) and not is_gradnorm(model.head)
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
 
 
 def test_gradients_follow_the_weight_norm_chain_rule():
     torch.manual_seed(0)
-    model = apply_gradnorm(TinyNet().double())
+    model = apply_gradnorm(TinyNet().double(), TARGETS)
     originals = model.mlp.parametrizations.weight
     with torch.no_grad():  # move g and V off their initial W-consistent values
         originals.original0.copy_(torch.rand_like(originals.original0) + 0.5)
@@ -79,10 +82,10 @@ def test_only_the_direction_is_projected():
 @pytest.mark.parametrize("inner", ["adamw", "adamw8bit"])
 def test_a_few_steps_reduce_the_loss(inner):
     torch.manual_seed(0)
-    model = apply_gradnorm(TinyNet((12, 32, 24, 3)))
+    model = apply_gradnorm(TinyNet((12, 32, 24, 3)), TARGETS)
     x = torch.randn(64, 12)
     target = torch.tanh(x @ torch.randn(12, 3))
-    optimizer = build_optimizer(model, lr=0.02, rank=4, update_gap=10, scale=1.0, inner=inner,
+    optimizer = build_optimizer(model, targets=TARGETS, lr=0.02, rank=4, update_gap=10, scale=1.0, inner=inner,
                                 inner_args={"min_8bit_size": 0} if inner == "adamw8bit" else {})
     v = model.mlp.parametrizations.weight.original1
     losses = []
@@ -161,9 +164,9 @@ def test_glue_overlays_parse_on_top_of_a_task_config(overlay, inner, capsys):
 
 
 def test_apply_twice_is_harmless():
-    model = apply_gradnorm(TinyNet())
+    model = apply_gradnorm(TinyNet(), TARGETS)
     v = model.attn.parametrizations.weight.original1
-    apply_gradnorm(model)
+    apply_gradnorm(model, TARGETS)
     assert model.attn.parametrizations.weight.original1 is v and len(model.attn.parametrizations.weight) == 1
 
 

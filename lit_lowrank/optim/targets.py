@@ -1,0 +1,238 @@
+"""Which weights a low-rank optimizer projects, chosen by what they are.
+
+By default (``targets=None``) the projected weights are the matrices of the linear layers inside
+the network's repeated blocks — the composite children of an ``nn.ModuleList``/``nn.ModuleDict``
+(or an ``nn.Sequential`` repeating one block class): HF LLaMA's ``model.layers``, BERT's
+``encoder.layer``, ``nn.Transformer``'s ``encoder.layers``/``decoder.layers``, a Meta-style
+LLaMA's ``layers``. Linear layers are ``nn.Linear`` and its subclasses, anything with
+``in_features``/``out_features`` and a 2-D ``weight`` (``QuantizedLinear``), HF's ``Conv1D``
+(GPT-2); ``nn.MultiheadAttention`` contributes ``in_proj_weight`` (or ``q/k/v_proj_weight``).
+
+Never projected: embeddings (an ``nn.Embedding``'s weight, also where a head is tied to it), HF's
+``get_output_embeddings()`` head, frozen weights (unless ``include_frozen``), and, by default,
+linear layers outside the blocks (heads, poolers, classifiers). ``targets=[regex, ...]``
+replaces "inside the blocks" by "module name matches" (``re.search``); ``exclude`` patterns
+remove modules in both modes. Each parameter is chosen once, however many modules share it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+_MHA_MATRICES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One weight matrix (≥ 2-D) of a model: projected (``reason is None``) or left dense.
+
+    ``name`` is the parameter's qualified name, ``module`` the qualified name of the module that
+    uses it (the one replaced or reparameterized by Q-GaLore / GradNormLoRP)."""
+
+    name: str
+    module: str
+    param: Tensor
+    reason: str | None
+
+
+def check_patterns(**patterns: Sequence[str] | None) -> None:
+    """Raise a TypeError, naming the fix, for a string given where a list of patterns is meant
+    (``targets="q_proj"`` would otherwise search each character's pattern)."""
+    for key, value in patterns.items():
+        if isinstance(value, (str, bytes)):
+            raise TypeError(f"{key}={value!r} is a string; pass a list of module-name patterns: {key}=[{value!r}]")
+
+
+def select_targets(
+    model: nn.Module,
+    targets: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    *,
+    include_frozen: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split the trainable parameters (all, with ``include_frozen``) into ``(low_rank, dense)``,
+    each ``{qualified name: param}``; see the module docstring for the rule.
+
+    A parametrized weight (``torch.nn.utils.parametrize``) is represented by its original of the
+    weight's shape: for GradNormLoRP's weight normalization that is the direction V, and the
+    magnitude g is dense. Warns when a ``targets`` pattern matched a weight that stays dense
+    (a conv kernel, an embedding, the output head).
+
+    Raises:
+        TypeError: if ``targets`` or ``exclude`` is a string instead of a list.
+    """
+    choices = classify(model, targets, exclude, include_frozen=include_frozen)
+    low_rank = {c.name: c.param for c in choices if c.reason is None}
+    chosen = {id(p) for p in low_rank.values()}
+    dense = {n: p for n, p in model.named_parameters()
+             if (include_frozen or p.requires_grad) and id(p) not in chosen}
+    return low_rank, dense
+
+
+def no_targets_message(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> str:
+    """The error for a model where nothing would be projected (training would be plain AdamW)."""
+    name = type(model).__name__
+    if targets is None:
+        found = f"{name} has no trainable linear layer inside repeated blocks (an nn.ModuleList/ModuleDict of blocks)"
+    else:
+        found = f"no trainable 2-D weight of {name} matches targets={list(targets)}"
+    return (f"{found} (excluding {list(exclude)}); set `targets` to module-name patterns of its linear layers, "
+            "e.g. ['q_proj', 'v_proj'].")
+
+
+def target_modules(model: nn.Module, targets: Sequence[str] | None = None, exclude: Sequence[str] = (),
+                   ) -> dict[str, nn.Module]:
+    """The modules whose weights :func:`select_targets` projects, by qualified name (the layers
+    Q-GaLore quantizes and GradNormLoRP weight-normalizes)."""
+    return {c.module: model.get_submodule(c.module)
+            for c in classify(model, targets, exclude) if c.reason is None}
+
+
+def classify(model: nn.Module, targets: Sequence[str] | None = None, exclude: Sequence[str] = (), *,
+             include_frozen: bool = False) -> list[Choice]:
+    """Every weight matrix of ``model`` with ≥ 2 dimensions, once each, with why it stays dense."""
+    check_patterns(targets=targets, exclude=exclude)
+    names = {id(p): n for n, p in model.named_parameters()}
+    uses: dict[int, list[tuple[str, Tensor, bool]]] = {}  # a shared weight: every module using it
+    for module_name, param, is_linear in _matrices(model):
+        if id(param) in names:
+            uses.setdefault(id(param), []).append((module_name, param, is_linear))
+    rules = _Rules(_blocks(model), _embeddings(model), _output_heads(model), targets, exclude, include_frozen)
+    choices = []
+    for (first, param, is_linear), *_ in uses.values():
+        matched = [n for n, _, _ in uses[id(param)] if rules.matches(n)]
+        module_name = matched[0] if matched else first
+        reason = rules.reason(param, module_name, is_linear, bool(matched))
+        if matched and reason is not None and (reason in (_EMBEDDING, _HEAD) or reason.endswith(_NOT_MATRIX)):
+            warnings.warn(f"{module_name} matches targets={list(targets)} but stays dense ({reason}); "
+                          "add it to `exclude` to silence this", stacklevel=3)
+        choices.append(Choice(names[id(param)], module_name, param, reason))
+    return choices
+
+
+_NOT_MATRIX, _EMBEDDING, _HEAD = ", not a matrix", "embedding", "output head"
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """What decides a weight's fate: the model's blocks, embedding and head weights (by id),
+    and the user's patterns."""
+
+    blocks: set[str]
+    embeddings: set[int]
+    heads: set[int]
+    targets: Sequence[str] | None
+    exclude: Sequence[str]
+    include_frozen: bool
+
+    def matches(self, module_name: str) -> bool:
+        return self.targets is not None and any(re.search(t, module_name) for t in self.targets)
+
+    def reason(self, param: Tensor, module_name: str, is_linear: bool, matched: bool) -> str | None:
+        """Why ``param`` (used by ``module_name``) stays dense, or None to project it."""
+        if not (param.requires_grad or self.include_frozen):
+            return "frozen"
+        if id(param) in self.embeddings:
+            return _EMBEDDING
+        if id(param) in self.heads:
+            return _HEAD
+        if any(re.search(x, module_name) for x in self.exclude):
+            return "excluded by pattern"
+        if self.targets is not None and not matched:
+            return "not matched by targets"
+        if param.ndim != 2:
+            return f"{param.ndim}-D{_NOT_MATRIX}"
+        if self.targets is not None:
+            return None
+        if not is_linear:
+            return "not a linear layer"
+        return None if _inside(module_name, self.blocks) else "outside the blocks"
+
+
+def _matrices(model: nn.Module) -> Iterator[tuple[str, Tensor, bool]]:
+    """``(module name, weight, is linear)`` for each module's weight of ≥ 2 dimensions."""
+    conv1d = _hf_conv1d()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for attr in _MHA_MATRICES:
+                if isinstance(getattr(module, attr, None), nn.Parameter):
+                    yield name, getattr(module, attr), True
+            continue
+        weight = _matrix(module)
+        if isinstance(weight, nn.Parameter) and weight.ndim >= 2:
+            linear = (isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+                      or (hasattr(module, "in_features") and hasattr(module, "out_features")))
+            yield name, weight, linear and weight.ndim == 2
+
+
+def _matrix(module: nn.Module) -> Tensor | None:
+    """The matrix a module trains: ``weight``, or the one original of a parametrized ``weight``
+    that has the weight's shape."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return getattr(module, "weight", None)
+    originals = module.parametrizations.weight
+    shape = module.weight.shape
+    same = [(n, p) for n, p in originals.named_parameters(recurse=False) if p.shape == shape]
+    if len(same) != 1:
+        raise ValueError(
+            f"cannot tell which of {[n for n, _ in same]} of a parametrized weight {tuple(shape)} "
+            "to project; pass its module to `exclude`, or parametrize with one original of the "
+            "weight's shape (as torch.nn.utils.parametrizations.weight_norm does)."
+        )
+    return same[0][1]
+
+
+def _blocks(model: nn.Module) -> set[str]:
+    """Qualified names of the repeated blocks: composite children of ``ModuleList``/``ModuleDict``
+    containers, and of ``Sequential`` containers holding ≥ 2 composite children of one class."""
+    blocks = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            continue
+        if isinstance(module, parametrize.ParametrizationList) or name.endswith("parametrizations"):
+            continue
+        composite = {key: child for key, child in module.named_children() if any(True for _ in child.children())}
+        if isinstance(module, nn.Sequential):  # a pipeline: only the classes it repeats are blocks
+            kinds = [type(child) for child in composite.values()]
+            composite = {key: child for key, child in composite.items() if kinds.count(type(child)) >= 2}
+        blocks.update(f"{name}.{key}" if name else key for key in composite)
+    return blocks
+
+
+def _inside(module_name: str, blocks: set[str]) -> bool:
+    parts = module_name.split(".")
+    return any(".".join(parts[:i]) in blocks for i in range(1, len(parts)))
+
+
+def _embeddings(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    """Ids of HF ``get_output_embeddings()`` weights (the LM head) anywhere in ``model``."""
+    heads = set()
+    for module in model.modules():
+        getter = getattr(module, "get_output_embeddings", None)
+        if not callable(getter):
+            continue
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(getattr(head, "weight", None), nn.Parameter):
+            heads.add(id(head.weight))
+    return heads
+
+
+def _hf_conv1d() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layer, weight in×out) if transformers
+    is loaded; never imports it."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
