@@ -484,8 +484,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if index in lowrank:
                     raise ValueError(f"the checkpoint has a projector for {name}, which is dense here; use the "
                                      "same targets/exclude as the run that saved it.")
-                expected = {key: torch.empty(p.shape, device="meta") for key in ("exp_avg", "exp_avg_sq")}
-                checkpoint.check_state(name, saved_state[index], expected)
+                checkpoint.check_state(name, saved_state[index], self._dense_fresh_state(p, group))
                 continue
             if index not in lowrank:
                 raise ValueError(f"the checkpoint has optimizer state but no projector for {name}, which is "
@@ -502,6 +501,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if index in saved_state:
                 checkpoint.check_state(name, saved_state[index], self._group_components(group)[0].init_state(low))
         return slots
+
+    def _dense_fresh_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """The layout of a dense param's state (on the meta device): the group's inner
+        optimizer's if it steps dense params (SGD, HF AdamW), else torch AdamW's two moments."""
+        like = torch.empty(p.shape, device="meta")
+        inner = self._dense_inner(group)
+        if inner is not None:
+            return inner.init_state(like)
+        return {key: like for key in ("exp_avg", "exp_avg_sq")}
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state by role: ``moments`` (low-rank moments and rule state),

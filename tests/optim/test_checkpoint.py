@@ -14,6 +14,11 @@ from torch import nn
 from lit_lowrank import build_optimizer
 
 
+def _build(model, **options):
+    """build_optimizer on these block-less toy models, projecting their `attn` and `mlp` layers."""
+    return build_optimizer(model, **{"targets": ["attn", "mlp"], **options})
+
+
 class Pair(nn.Module):
     def __init__(self, width: int = 24) -> None:
         super().__init__()
@@ -37,7 +42,7 @@ def _train(model, optimizer, batches):
 def _saved(model_factory=Pair, steps=3, **options):
     torch.manual_seed(0)
     model = model_factory()
-    optimizer = build_optimizer(model, **{"rank": 4, "update_gap": 2, **options})
+    optimizer = _build(model, **{"rank": 4, "update_gap": 2, **options})
     _train(model, optimizer, range(steps))
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
@@ -57,7 +62,7 @@ def _refused(optimizer, state, match):
 def test_state_of_other_shapes_is_refused_naming_the_parameter():
     saved = _saved()
     model = Pair(width=32)
-    optimizer = build_optimizer(model, rank=4, update_gap=2)
+    optimizer = _build(model, rank=4, update_gap=2)
     _train(model, optimizer, range(1))
     _refused(optimizer, saved["optimizer"], r"'exp_avg' of attn\.weight has shape \(24, 4\), expected \(32, 4\)")
 
@@ -65,7 +70,7 @@ def test_state_of_other_shapes_is_refused_naming_the_parameter():
 def test_dense_state_of_other_shapes_is_refused_naming_the_parameter():
     saved = _saved()["optimizer"]
     saved["state"][2]["exp_avg"] = torch.zeros(5)  # param 2 is the dense attn.bias
-    optimizer = build_optimizer(Pair(), rank=4, update_gap=2)
+    optimizer = _build(Pair(), rank=4, update_gap=2)
     _refused(optimizer, saved, r"'exp_avg' of attn\.bias has shape \(5,\), expected \(24,\)")
 
 
@@ -74,7 +79,7 @@ def test_changed_targets_are_refused():
     def square_pair():
         return Pair(width=16)
     saved = _saved(square_pair, targets=["attn"])
-    optimizer = build_optimizer(square_pair(), rank=4, update_gap=2, targets=["mlp"])
+    optimizer = _build(square_pair(), rank=4, update_gap=2, targets=["mlp"])
     _refused(optimizer, saved["optimizer"],
              r"param group 0 .*holds \['mlp\.weight'\] here but \['attn\.weight'\] in the checkpoint")
 
@@ -83,14 +88,14 @@ def test_changed_targets_are_refused():
                                            ("side", "right"), ("rule", "fira")])
 def test_options_that_shape_the_state_are_refused(option, value):
     saved = _saved()
-    optimizer = build_optimizer(Pair(), **{"rank": 4, "update_gap": 2, option: value})
+    optimizer = _build(Pair(), **{"rank": 4, "update_gap": 2, option: value})
     _refused(optimizer, saved["optimizer"], f"saved with {option}=.*Resume with {option}")
 
 
 def test_other_option_changes_warn_and_this_runs_values_win():
     saved = _saved(weight_decay=0.1, update_gap=2, lr=1e-3)["optimizer"]
     saved["param_groups"][0]["lr"] = saved["param_groups"][1]["lr"] = 5e-4  # as a scheduler would leave it
-    optimizer = build_optimizer(Pair(), rank=4, update_gap=5, weight_decay=0.0, lr=1e-3)
+    optimizer = _build(Pair(), rank=4, update_gap=5, weight_decay=0.0, lr=1e-3)
     with pytest.warns(UserWarning, match=r"update_gap: 2 -> 5.*weight_decay: 0\.1 -> 0\.0"):
         optimizer.load_state_dict(saved)
     lowrank, dense = optimizer.param_groups
@@ -106,10 +111,10 @@ def test_adafactor_resume_with_bf16_params_is_bitwise():
         return Pair().to(torch.bfloat16)
     options = dict(rank=4, update_gap=2, lr=1e-2, inner="adafactor", inner_args={"beta1": 0.9})
     straight = bf16_pair()
-    _train(straight, build_optimizer(straight, **options), range(6))
+    _train(straight, _build(straight, **options), range(6))
 
     first = bf16_pair()
-    first_optimizer = build_optimizer(first, **options)
+    first_optimizer = _build(first, **options)
     _train(first, first_optimizer, range(3))
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "optimizer": first_optimizer.state_dict()}, buffer)
@@ -117,7 +122,7 @@ def test_adafactor_resume_with_bf16_params_is_bitwise():
     saved = torch.load(buffer, weights_only=True)
     resumed = bf16_pair()
     resumed.load_state_dict(saved["model"])
-    optimizer = build_optimizer(resumed, **copy.deepcopy(options))
+    optimizer = _build(resumed, **copy.deepcopy(options))
     optimizer.load_state_dict(saved["optimizer"])
     assert optimizer.state[resumed.attn.weight]["exp_avg_sq_row"].dtype == torch.float32
     assert optimizer.state[resumed.attn.bias]["exp_avg"].dtype == torch.bfloat16  # dense moments follow the param
@@ -128,18 +133,18 @@ def test_adafactor_resume_with_bf16_params_is_bitwise():
 
 def test_skipped_steps_survive_a_checkpoint():
     model = Pair()
-    optimizer = build_optimizer(model, rank=4)
+    optimizer = _build(model, rank=4)
     _train(model, optimizer, range(1))
     model.attn.weight.grad.fill_(float("nan"))
     with pytest.warns(RuntimeWarning, match="skipped"):
         optimizer.step()
-    again = build_optimizer(Pair(), rank=4)
+    again = _build(Pair(), rank=4)
     again.load_state_dict(optimizer.state_dict())
     assert again.skipped_steps == 1
 
 
 def test_projector_bases_of_other_shapes_are_refused():
     saved = _saved(side="left")
-    optimizer = build_optimizer(Pair(width=32), rank=4, update_gap=2, side="left")
+    optimizer = _build(Pair(width=32), rank=4, update_gap=2, side="left")
     _refused(optimizer, saved["optimizer"], r"projector of attn\.weight has bases \(left \(24, 4\), right None\) "
                                             r"for another shape than its 32×16 weight")

@@ -10,6 +10,11 @@ from torch import nn
 from lit_lowrank import LowRankOptimizer, build_optimizer
 
 
+def _build(model, **options):
+    """build_optimizer on these block-less toy models, projecting their `attn` and `mlp` layers."""
+    return build_optimizer(model, **{"targets": ["attn", "mlp"], **options})
+
+
 class Blocks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -48,7 +53,7 @@ def test_added_lowrank_group_is_indexed_and_stepped():
 def test_unfrozen_layer_is_split_into_projected_and_dense_with_the_hypers():
     model = Blocks()
     model.mlp.requires_grad_(False)
-    optimizer = build_optimizer(model, rank=3, betas=(0.8, 0.95), weight_decay=0.05, lr=1e-2)
+    optimizer = _build(model, rank=3, betas=(0.8, 0.95), weight_decay=0.05, lr=1e-2)
     assert all(p is not model.mlp.weight for group in optimizer.param_groups for p in group["params"])
     model.mlp.requires_grad_(True)
     optimizer.add_param_group({"params": list(model.mlp.parameters()), "lr": 1e-3})
