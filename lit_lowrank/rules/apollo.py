@@ -45,7 +45,8 @@ class ApolloRule(UpdateRule):
         self.gamma = gamma
 
     def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
-        update = inputs.grad * norm_ratio(inputs.direction, inputs.low, inputs.projector.side, self.scaling)
+        ratio = norm_ratio(inputs.direction, inputs.low, inputs.projector.side, self.scaling)  # float32
+        update = inputs.grad.clone().mul_(ratio)  # G ⊙ s, multiplied in float32, kept in G's dtype
         if self.gamma is not None:
             limit_growth_(update, inputs.state, "limiter_norm", self.gamma)
         param.add_(update, alpha=-step_size * math.sqrt(self.scale))
