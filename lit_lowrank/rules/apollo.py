@@ -30,7 +30,9 @@ class ApolloRule(UpdateRule):
     Deliberate difference from apollo-torch: ``N`` is bias-corrected (paper convention), so the
     limiter's history is in the units of the applied update.
 
-    State: ``limiter_norm`` (``{"norm": 0-dim float32}``).
+    State: ``limiter_norm`` (``{"norm": 0-dim float32}``); an all-zero gradient leaves it
+    unchanged (unlike apollo-torch, which stores the 0 and then caps the next updates at
+    γ^k · 1e-8). The ratios and norms are computed in float32.
     """
 
     def __init__(self, scale: float = 1.0, *, scaling: str = "channel", gamma: float | None = 1.01) -> None:
