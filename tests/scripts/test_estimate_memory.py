@@ -138,3 +138,18 @@ def test_state_bytes_equal_measured_on_odd_shapes(name, dtype):
     model(torch.randn(4, 53, dtype=dtype)).square().mean().backward()
     optimizer.step()
     assert predicted.states == optimizer.state_bytes()
+
+
+def test_readme_7b_table_is_the_estimators():
+    """Every row of the README's LLaMA-7B table (bf16, rank 1024) is what the estimator prints."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    lines = readme[readme.index("LLaMA-7B, bf16, rank 1024, GiB"):].splitlines()[2:]
+    table = lines[: next(i for i, line in enumerate(lines) if not line.startswith("|"))]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[2:]]  # below the header
+    assert len(rows) >= 10
+    models = {gradnorm: llama_on_meta("7b", gradnorm=gradnorm) for gradnorm in (False, True)}
+    for name, *figures in rows:
+        spec = METHODS[name.removesuffix("-layerwise")]
+        result = estimate(models[spec.gradnorm], name, rank=1024)
+        expected = [result.weights, result.gradients, result.optimizer, result.total]
+        assert figures == [f"{value / 2**30:.2f}" for value in expected], name
