@@ -86,7 +86,8 @@ METHODS: dict[str, Method] = {
 
 @dataclass(frozen=True)
 class Formats:
-    """Block and group sizes of the quantized formats (the library's defaults)."""
+    """Block and group sizes of the quantized formats (the library's defaults), and whether a
+    regenerable basis (APOLLO's random projection) stays cached (``cache_basis``)."""
 
     block_size: int = 256  # 8-bit moments: elements per absmax
     min_8bit_size: int = 4096  # smaller low-rank tensors keep float moments
@@ -94,6 +95,7 @@ class Formats:
     basis_group: int = 256
     weight_bits: int = 8
     weight_group: int = 256
+    cache_basis: bool = True  # the random projector's cache_basis option
 
 
 @dataclass
@@ -196,7 +198,7 @@ def _basis(p: nn.Parameter, rank: int, spec: Method, formats: Formats) -> int:
     m, n = p.shape
     numel = min(rank, m, n) * min(m, n)
     if spec.basis == "seed":  # int64 shape (m, n) + the cached dense basis
-        return 8 * 2 + numel * p.element_size()
+        return 8 * 2 + (numel * p.element_size() if formats.cache_basis else 0)
     if spec.basis == "int4":
         return int_bytes(numel, formats.basis_bits, formats.basis_group, 2)
     return numel * p.element_size()

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_lowrank import LowRankOptimizer, build_optimizer, plugins
-from lit_lowrank.memory import METHODS, estimate, llama_on_meta
+from lit_lowrank.memory import METHODS, Formats, estimate, llama_on_meta
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
@@ -153,3 +153,15 @@ def test_readme_7b_table_is_the_estimators():
         result = estimate(models[spec.gradnorm], name, rank=1024)
         expected = [result.weights, result.gradients, result.optimizer, result.total]
         assert figures == [f"{value / 2**30:.2f}" for value in expected], name
+
+
+@pytest.mark.parametrize("name", ["apollo", "apollo-mini"])
+def test_uncached_projection_is_estimated_as_measured(name):
+    model = OddShapes(torch.bfloat16)
+    options = {**OPTIONS[name], "projector_args": {"cache_basis": False}}
+    optimizer = build_optimizer(model, targets=["mlp"], exclude=["head"], **{"rank": RANK, **options})
+    predicted = estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"], formats=Formats(cache_basis=False))
+    model(torch.randn(4, 53, dtype=torch.bfloat16)).square().mean().backward()
+    optimizer.step()
+    assert predicted.states == optimizer.state_bytes()
+    assert predicted.optimizer < estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"]).optimizer
