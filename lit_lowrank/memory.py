@@ -12,8 +12,12 @@ a method equals :meth:`LowRankOptimizer.state_bytes` after a step (tested):
   absmax per block of B (256), the packed shape — when ``k ≥ min_8bit_size`` (4096), else float;
 * the INT4 basis of Q-GaLore (``int`` quantizer, asymmetric, group 256): ``⌈n/2⌉`` code bytes
   over whole groups, float32 scale and minimum per group, the packed shape;
-* APOLLO's random projection is regenerated from its seed: only the shape (m, n) is stored
-  (two int64);
+* APOLLO's random projection is checkpointed as its seed and shape (m, n) (two int64) but its
+  dense basis (``r·min(m, n)`` in the parameter's dtype) stays cached between steps
+  (``projector_args: {cache_basis: false}`` drops it and redraws it at every use);
+* Adafactor (``galore-adafactor``): float32 row and column statistics of the low-rank tensor,
+  ``4·(r + max(m, n))``, plus a float32 first moment ``4·k`` with ``beta1`` — float32 whatever
+  the parameter's dtype;
 * ``adamw8bit`` as a full-rank method is ``bitsandbytes.optim.AdamW8bit``: every tensor of at
   least 4096 elements with uint8 moments and float32 absmax per 256, smaller ones float32.
 
@@ -45,8 +49,10 @@ class Method:
 
     Args:
         lowrank: target weights get projected moments (else full-rank Adam on everything).
-        moments: ``"float"`` or ``"8bit"`` (blockwise, bitsandbytes format).
-        basis: ``"float"`` (parameter dtype), ``"int4"`` (Q-GaLore) or ``"seed"`` (APOLLO).
+        moments: ``"float"``, ``"8bit"`` (blockwise, bitsandbytes format), ``"factored"``
+            (Adafactor) or ``"factored-beta1"`` (Adafactor with a first moment).
+        basis: ``"float"`` (parameter dtype), ``"int4"`` (Q-GaLore) or ``"seed"`` (APOLLO: the
+            seed and shape, plus the cached dense basis).
         rank: a fixed rank (APOLLO-Mini: 1) instead of the requested one.
         int8_weights: target weights held as INT8 codes (Q-GaLore).
         gradnorm: the model must be weight-normalized (``apply_gradnorm``): the direction V is
@@ -67,6 +73,8 @@ METHODS: dict[str, Method] = {
     "galore": Method(),
     "galore8bit": Method(moments="8bit"),
     "fira": Method(),
+    "galore-adafactor": Method(moments="factored"),
+    "galore-adafactor-beta1": Method(moments="factored-beta1"),
     "apollo": Method(basis="seed"),
     "apollo-mini": Method(basis="seed", rank=1),
     "q-galore": Method(moments="8bit", basis="int4", int8_weights=True),
@@ -78,7 +86,8 @@ METHODS: dict[str, Method] = {
 
 @dataclass(frozen=True)
 class Formats:
-    """Block and group sizes of the quantized formats (the library's defaults)."""
+    """Block and group sizes of the quantized formats (the library's defaults), and whether a
+    regenerable basis (APOLLO's random projection) stays cached (``cache_basis``)."""
 
     block_size: int = 256  # 8-bit moments: elements per absmax
     min_8bit_size: int = 4096  # smaller low-rank tensors keep float moments
@@ -86,6 +95,7 @@ class Formats:
     basis_group: int = 256
     weight_bits: int = 8
     weight_group: int = 256
+    cache_basis: bool = True  # the random projector's cache_basis option
 
 
 @dataclass
@@ -178,14 +188,17 @@ def _lowrank_moments(p: nn.Parameter, rank: int, spec: Method, formats: Formats)
     k = min(rank, m, n) * max(m, n)
     if spec.moments == "8bit" and k >= formats.min_8bit_size:
         return 2 * blockwise8_bytes(k, formats.block_size, 2)
+    if spec.moments.startswith("factored"):  # float32 row and column statistics (+ first moment)
+        factored = 4 * (min(rank, m, n) + max(m, n))
+        return factored + (4 * k if spec.moments == "factored-beta1" else 0)
     return 2 * k * p.element_size()
 
 
 def _basis(p: nn.Parameter, rank: int, spec: Method, formats: Formats) -> int:
     m, n = p.shape
     numel = min(rank, m, n) * min(m, n)
-    if spec.basis == "seed":
-        return 8 * 2
+    if spec.basis == "seed":  # int64 shape (m, n) + the cached dense basis
+        return 8 * 2 + (numel * p.element_size() if formats.cache_basis else 0)
     if spec.basis == "int4":
         return int_bytes(numel, formats.basis_bits, formats.basis_group, 2)
     return numel * p.element_size()

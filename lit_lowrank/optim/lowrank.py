@@ -513,7 +513,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state by role: ``moments`` (low-rank moments and rule state),
-        ``projectors`` (bases, indices, packed bases), ``dense`` (AdamW moments of dense params).
+        ``projectors`` (bases, indices, packed bases, cached regenerable bases: ``resident_bytes``),
+        ``dense`` (AdamW moments of dense params).
         Scalar bookkeeping (step counters, sides, seeds) is not counted."""
         sizes = {"moments": 0, "projectors": 0, "dense": 0}
         for group in self.param_groups:
@@ -521,7 +522,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 sizes[role] += tensor_bytes(self.state.get(p, {}))
         for slot in self._slots.values():
-            sizes["projectors"] += tensor_bytes(slot.projector.state_dict())
+            sizes["projectors"] += slot.projector.resident_bytes()
         return sizes
 
 

@@ -20,12 +20,13 @@ _LEDGERS: dict[str, dict[int, int]] = {}
 """Granted ranks by budget key, then by parameter seed (index): the shared budget ledger."""
 
 
-def energy_rank(singular_values: Tensor, tau: float) -> int:
-    """Smallest r with ``Σ_{i<r} σᵢ² ≥ τ Σ σᵢ²`` (σ sorted descending); 1 for a zero matrix."""
+def energy_rank(singular_values: Tensor, tau: float) -> int | None:
+    """Smallest r with ``Σ_{i<r} σᵢ² ≥ τ Σ σᵢ²`` (σ sorted descending); None for a zero
+    matrix, whose energy says nothing about the rank."""
     energy = singular_values.double().square()
     total = energy.sum()
     if total == 0:
-        return 1
+        return None
     captured = torch.cumsum(energy, 0) / total
     return int(torch.searchsorted(captured, torch.tensor(tau, dtype=captured.dtype) - 1e-12)) + 1
 
@@ -47,7 +48,9 @@ class AdaptiveRankProjector(DenseBasisProjector):
     ``r = clamp(energy_rank(σ(G), τ), min_rank, rank)``, then reduced to what is left of
     ``budget`` (the sum of ranks over all layers sharing ``budget_key``), never below
     ``min_rank``. The rank is then fixed (the moments are shaped by it); later refreshes take
-    the top-r SVD as GaLore does. Layers are served in the order of their first refresh — the
+    the top-r SVD as GaLore does. An all-zero first gradient (a layer that has not received a
+    gradient yet) cannot measure τ: the layer gets its maximum, still cut by the budget, with a
+    warning — never rank 1 for good. Layers are served in the order of their first refresh — the
     optimizer's parameter order — so with a budget smaller than the sum of the τ-ranks the
     later layers are the ones cut; every grant is logged (logger
     ``lit_lowrank.projectors.adaptive_rank``) and stored in the state dict.
@@ -93,7 +96,11 @@ class AdaptiveRankProjector(DenseBasisProjector):
         return left, right
 
     def _choose_rank(self, singular_values: Tensor) -> None:
-        self.tau_rank = energy_rank(singular_values, self.tau)
+        measured = energy_rank(singular_values, self.tau)
+        if measured is None:
+            warnings.warn(f"adaptive-rank layer {self.seed}: the first gradient is all zero, so τ cannot choose a "
+                          f"rank; the layer keeps its maximum {self.rank} (within the budget)", stacklevel=2)
+        self.tau_rank = self.rank if measured is None else measured
         wanted = min(max(self.tau_rank, self.min_rank), self.rank)
         ledger = _LEDGERS.setdefault(self.budget_key, {})
         ledger.pop(self.seed, None)

@@ -47,6 +47,11 @@ def choose_side(policy: str, shape: torch.Size | tuple[int, int]) -> Side:
     raise ValueError(f"unknown side policy {policy!r}; expected one of {SIDE_POLICIES}")
 
 
+def basis_bytes(bases: tuple[Tensor | None, Tensor | None] | None) -> int:
+    """Bytes of a dense ``(L, Q)`` pair (0 for None, e.g. nothing cached)."""
+    return sum(t.numel() * t.element_size() for t in bases or () if t is not None)
+
+
 class Projector(ABC):
     """Projects one weight's gradient onto a rank-``rank`` subspace.
 
@@ -108,6 +113,11 @@ class Projector(ABC):
         if right is None:
             return target.addmm_(left, low, alpha=alpha)
         return target.addmm_(left @ low, right.T, alpha=alpha)
+
+    def resident_bytes(self) -> int:
+        """Bytes this projector keeps alive between steps: its non-scalar state tensors, plus
+        whatever a subclass caches beside them (a regenerated basis)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values() if t.ndim > 0)
 
     def state_dict(self) -> dict[str, Tensor]:
         side = -1 if self.side is None else int(self.side)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.projectors.base import Projector, Side
+from lit_lowrank.projectors.base import Projector, Side, basis_bytes
 
 
 def dct_ii(x: Tensor) -> Tensor:
@@ -44,12 +44,15 @@ class DCTProjector(Projector):
     order, so the first basis vector is the most aligned one (what lazy schedules compare).
 
     Scoring costs O(mn log n) (FFT); no SVD and no float32 copy of a basis is kept: the state
-    is r integers per projected side plus the scalar shape. The dense columns are a runtime
-    cache rebuilt from the indices.
+    is r integers per projected side plus the scalar shape. The dense columns (``r·d``
+    elements in the gradient's dtype) are a runtime cache rebuilt from the indices, counted by
+    :meth:`resident_bytes`; ``cache_basis=False`` rebuilds them at every use instead (bitwise
+    the same steps, a cosine table of d×r evaluated two or three times per step).
     """
 
-    def __init__(self, rank: int, *, side: str = "std", seed: int = 0) -> None:
+    def __init__(self, rank: int, *, side: str = "std", seed: int = 0, cache_basis: bool = True) -> None:
         super().__init__(rank, side=side, seed=seed)
+        self.cache_basis = cache_basis
         self._indices: dict[str, Tensor] = {}
         self._dims: tuple[int, int] | None = None
         self._like: Tensor | None = None
@@ -74,10 +77,16 @@ class DCTProjector(Projector):
     def bases(self) -> tuple[Tensor | None, Tensor | None]:
         if self._dims is None:
             raise RuntimeError("projector used before its first refresh()")
-        if self._cache is None:
-            m, n = self._dims
-            self._cache = (self._columns(m, "left_indices"), self._columns(n, "right_indices"))
-        return self._cache
+        if self._cache is not None:
+            return self._cache
+        m, n = self._dims
+        bases = (self._columns(m, "left_indices"), self._columns(n, "right_indices"))
+        if self.cache_basis:
+            self._cache = bases
+        return bases
+
+    def resident_bytes(self) -> int:
+        return super().resident_bytes() + basis_bytes(self._cache)
 
     def _columns(self, dim: int, key: str) -> Tensor | None:
         if key not in self._indices:

@@ -1,5 +1,5 @@
 """Seeded random Gaussian projection (APOLLO, Zhu et al. 2024): no SVD, and only the seed
-and a refresh counter are stored — the matrix is regenerated on demand."""
+and a refresh counter are checkpointed — the matrix is regenerated from them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.projectors.base import Projector, Side
+from lit_lowrank.projectors.base import Projector, Side, basis_bytes
 from lit_lowrank.projectors.sketch import gaussian, orthonormalize, seeded_generator
 
 
@@ -25,14 +25,20 @@ class RandomProjector(Projector):
         rank, side, seed: as :class:`Projector` (the optimizer passes the parameter index as seed).
         orthonormal: orthonormalize the Gaussian (QR) — a uniformly random subspace, which makes
             ``lift(project(G))`` an orthogonal projection (useful with the galore/fira rules).
+        cache_basis: keep the dense matrix between steps (True: ``r·d`` elements in the
+            gradient's dtype, counted by :meth:`resident_bytes`) or redraw it from ``(seed, k)``
+            at every use (False: bitwise the same steps, no resident matrix, a CPU draw — and a
+            QR if ``orthonormal`` — two or three times per step).
 
     State: ``side``, ``refreshes``, ``seed``, ``shape`` (m, n) and ``like`` (an empty tensor
-    with the gradient's dtype and device). The dense matrix is a runtime cache.
+    with the gradient's dtype and device). The dense matrix is a runtime cache, not state.
     """
 
-    def __init__(self, rank: int, *, side: str = "std", seed: int = 0, orthonormal: bool = False) -> None:
+    def __init__(self, rank: int, *, side: str = "std", seed: int = 0, orthonormal: bool = False,
+                 cache_basis: bool = True) -> None:
         super().__init__(rank, side=side, seed=seed)
         self.orthonormal = orthonormal
+        self.cache_basis = cache_basis
         self._shape: tuple[int, int] | None = None
         self._like: Tensor | None = None
         self._cache: tuple[Tensor | None, Tensor | None] | None = None
@@ -40,7 +46,7 @@ class RandomProjector(Projector):
     def _refresh(self, grad: Tensor) -> None:
         self._shape = (grad.shape[0], grad.shape[1])
         self._like = grad.new_empty(0)
-        self._cache = self._generate(self.refreshes)
+        self._cache = self._generate(self.refreshes) if self.cache_basis else None
 
     def _generate(self, counter: int) -> tuple[Tensor | None, Tensor | None]:
         m, n = self._shape
@@ -59,11 +65,17 @@ class RandomProjector(Projector):
         return draw.T / math.sqrt(self.rank)
 
     def bases(self) -> tuple[Tensor | None, Tensor | None]:
-        if self._cache is None:
-            if self._shape is None:
-                raise RuntimeError("projector used before its first refresh()")
-            self._cache = self._generate(self.refreshes - 1)
-        return self._cache
+        if self._cache is not None:
+            return self._cache
+        if self._shape is None:
+            raise RuntimeError("projector used before its first refresh()")
+        bases = self._generate(self.refreshes - 1)
+        if self.cache_basis:
+            self._cache = bases
+        return bases
+
+    def resident_bytes(self) -> int:
+        return super().resident_bytes() + basis_bytes(self._cache)
 
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()

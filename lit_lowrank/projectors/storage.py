@@ -21,9 +21,11 @@ class BasisStorage:
         quantizer: a registered quantizer name (``int``, ...) or None for plain storage.
         quantizer_args: its keyword arguments, e.g. ``{"bits": 4, "group_size": 256}``.
 
-    A quantized basis is packed transposed (r×d), so quantization groups run along one basis
-    vector and each singular vector gets its own scales (q-galore-torch groups the r×n or m×r
-    matrix as stored, mixing vectors in a group on the left side).
+    A quantized basis is packed transposed (r×d, row-major), so quantization groups run along
+    the basis vectors: when ``group_size`` divides d each group lies within one vector and every
+    vector gets its own scales; otherwise a group spans the end of one vector and the start of
+    the next (``⌈r·d / group_size⌉`` groups in all). q-galore-torch groups the r×n or m×r matrix
+    as stored, which on the left side mixes all r vectors in every group.
     """
 
     def __init__(self, quantizer: str | None = None, quantizer_args: dict[str, Any] | None = None) -> None:

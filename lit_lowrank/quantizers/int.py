@@ -22,6 +22,7 @@ Other widths (3, 5, 6, 7 bits) take one byte per code: their memory is that of 8
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,8 +61,9 @@ class IntQuantizer(Quantizer):
         self.per_byte = 8 // bits if 8 % bits == 0 else 1
 
     # ------------------------------------------------------------------ public
-    def quantize(self, tensor: Tensor, generator: torch.Generator | None = None) -> Packed:
-        """Pack ``tensor`` (any shape). ``generator`` drives stochastic rounding."""
+    def quantize(self, tensor: Tensor, generator: torch.Generator | np.random.Generator | None = None) -> Packed:
+        """Pack ``tensor`` (any shape). ``generator`` drives stochastic rounding: a torch
+        generator on ``tensor``'s device, or a NumPy one (noise drawn on the CPU, then moved)."""
         groups = self._groups(tensor.detach().float())  # (g, group_size)
         scales, mins = self._scales(groups)
         scaled = groups / scales if mins is None else (groups - mins) / scales
@@ -113,10 +115,13 @@ class IntQuantizer(Quantizer):
             return -top, top
         return 0, 2**self.bits - 1
 
-    def _round(self, scaled: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _round(self, scaled: Tensor, generator: torch.Generator | np.random.Generator | None) -> Tensor:
         if self.rounding == "nearest":
             return scaled.round_()
-        noise = torch.rand(scaled.shape, generator=generator, device=scaled.device)
+        if isinstance(generator, np.random.Generator):
+            noise = torch.from_numpy(generator.random(tuple(scaled.shape), dtype=np.float32)).to(scaled.device)
+        else:
+            noise = torch.rand(scaled.shape, generator=generator, device=scaled.device)
         return scaled.add_(noise).floor_()  # ⌊y + u⌋ = ⌊y⌋ + [u ≥ 1 − frac(y)]: P(up) = frac(y)
 
     # ------------------------------------------------------------------ bit packing

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -53,6 +54,23 @@ class _DequantizedLinear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def rounding_generator(seed: int, update: int, device: torch.device) -> torch.Generator | np.random.Generator:
+    """The generator of the stochastic-rounding noise of update ``update`` of layer ``seed``,
+    distinct for every pair (both in ``[0, 2³²)``).
+
+    On CUDA, torch's Philox generator keeps the whole 64-bit seed ``seed · 2³² + update``;
+    torch's CPU generator keeps only its low 32 bits (every layer would draw the same noise),
+    so elsewhere NumPy's PCG64 seeded by ``SeedSequence([seed, update])`` draws it on the CPU,
+    as the random projector does (``projectors/sketch.py``).
+    """
+    if not (0 <= seed < 2**32 and 0 <= update < 2**32):
+        raise ValueError(f"rounding seed and update count must be in [0, 2**32), got {seed}, {update}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.Generator(device=device).manual_seed(seed * 2**32 + update)
+    return np.random.default_rng([seed, update])
+
+
 class QuantizedLinear(nn.Module):
     """``y = x Ŵᵀ + b`` with ``Ŵ`` stored as ``bits``-bit group-wise codes.
 
@@ -62,8 +80,10 @@ class QuantizedLinear(nn.Module):
         group_size: consecutive weight entries sharing a scale (256 in Q-GaLore).
         stochastic: re-quantize updated weights with stochastic rounding (True, Q-GaLore) or
             nearest rounding (updates below half a step are then lost).
-        seed: seeds the rounding noise; the k-th update of the layer draws from a generator
-            seeded with ``(seed, k)``, so a resumed run rounds exactly like an uninterrupted one.
+        seed: seeds the rounding noise (``quantize_linear_weights`` passes the layer's index);
+            the k-th update draws from :func:`rounding_generator` ``(seed, k)``, so distinct
+            layers and updates draw distinct noise and a resumed run rounds exactly like an
+            uninterrupted one.
 
     The state dict holds the packed codes, scales and offsets and ``(seed, updates)``; it has no
     float weight. ``weight`` is the zero-storage gradient carrier described in the module doc.
@@ -117,8 +137,7 @@ class QuantizedLinear(nn.Module):
     @torch.no_grad()
     def store_(self, weight: Tensor) -> None:
         """Re-quantize the updated ``weight`` (out×in): fresh per-group scales, then rounding."""
-        generator = torch.Generator(device=weight.device)
-        generator.manual_seed(self.seed * 2**32 + self.updates)
+        generator = rounding_generator(self.seed, self.updates, weight.device)
         self._set_packed(self.rounding.quantize(weight, generator=generator))
         self.updates += 1
 

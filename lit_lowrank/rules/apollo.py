@@ -30,7 +30,9 @@ class ApolloRule(UpdateRule):
     Deliberate difference from apollo-torch: ``N`` is bias-corrected (paper convention), so the
     limiter's history is in the units of the applied update.
 
-    State: ``limiter_norm`` (``{"norm": 0-dim float32}``).
+    State: ``limiter_norm`` (``{"norm": 0-dim float32}``); an all-zero gradient leaves it
+    unchanged (unlike apollo-torch, which stores the 0 and then caps the next updates at
+    γ^k · 1e-8). The ratios and norms are computed in float32.
     """
 
     def __init__(self, scale: float = 1.0, *, scaling: str = "channel", gamma: float | None = 1.01) -> None:
@@ -45,7 +47,8 @@ class ApolloRule(UpdateRule):
         self.gamma = gamma
 
     def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
-        update = inputs.grad * norm_ratio(inputs.direction, inputs.low, inputs.projector.side, self.scaling)
+        ratio = norm_ratio(inputs.direction, inputs.low, inputs.projector.side, self.scaling)  # float32
+        update = inputs.grad.clone().mul_(ratio)  # G ⊙ s, multiplied in float32, kept in G's dtype
         if self.gamma is not None:
             limit_growth_(update, inputs.state, "limiter_norm", self.gamma)
         param.add_(update, alpha=-step_size * math.sqrt(self.scale))

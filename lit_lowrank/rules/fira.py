@@ -31,7 +31,8 @@ class FiraRule(UpdateRule):
     bias-correction factor after the limiter.
 
     State: ``limiter_norm`` (``{"norm": 0-dim float32}``), the limited residual norm of the
-    previous step.
+    previous step; an all-zero residual leaves it unchanged (unlike fira, which stores the 0
+    and then caps the next residuals at γ^k · 1e-8). φ and the norms are computed in float32.
     """
 
     def __init__(self, scale: float = 1.0, *, gamma: float | None = 1.01, scaled_residual: bool = False) -> None:

@@ -15,7 +15,8 @@ from lit_lowrank.projectors.base import Side
 
 SCALINGS = ("channel", "tensor")
 RATIO_EPS = 1e-8
-"""Added to ‖R‖ so that a zero channel gets ratio 0 instead of NaN (as fira and apollo-torch do)."""
+"""Added to ‖R‖ so that a zero channel gets ratio 0 instead of NaN (as fira and apollo-torch do).
+Norms and ratios are computed in float32 (at least), where 1e-8 does not underflow as in fp16."""
 
 
 def channel_axis(side: Side) -> int:
@@ -36,23 +37,34 @@ def channel_axis(side: Side) -> int:
     )
 
 
+def precise_norm(tensor: Tensor, dim: int | None = None) -> Tensor:
+    """``‖tensor‖`` (over ``dim``, kept; or over everything, 0-dim) accumulated and returned in
+    float32 at least: a half-precision norm overflows above 65504 and its ε guard underflows."""
+    precision = torch.promote_types(tensor.dtype, torch.float32)
+    if dim is None:
+        return torch.linalg.vector_norm(tensor, dtype=precision)
+    return torch.linalg.vector_norm(tensor, dim=dim, keepdim=True, dtype=precision)
+
+
 def norm_ratio(direction: Tensor, low: Tensor, side: Side, scaling: str = "channel") -> Tensor:
-    """``φ = ‖N‖ / (‖R‖ + 1e-8)``, shaped to broadcast against the m×n gradient.
+    """``φ = ‖N‖ / (‖R‖ + 1e-8)`` in float32 (at least), shaped to broadcast against the m×n
+    gradient.
 
     Args:
         direction: the inner optimizer's output ``N`` (R's shape).
         low: the projected gradient ``R`` (r×n, m×r or r×r).
         side: the side the projector projected.
         scaling: ``channel`` — (1×n) for a left projection, (m×1) for a right one;
-            ``tensor`` — a 0-dim ratio of Frobenius norms.
+            ``tensor`` — one ratio of Frobenius norms, shaped 1×1 so that multiplying a
+            half-precision gradient by it happens in float32 (a 0-dim float32 factor would be
+            cast to the gradient's dtype first, where a large φ overflows).
     """
     if scaling == "tensor":
-        return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low) + RATIO_EPS)
+        return (precise_norm(direction) / (precise_norm(low) + RATIO_EPS)).reshape(1, 1)
     if scaling != "channel":
         raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
     axis = channel_axis(side)
-    numerator = torch.linalg.vector_norm(direction, dim=axis, keepdim=True)
-    return numerator / (torch.linalg.vector_norm(low, dim=axis, keepdim=True) + RATIO_EPS)
+    return precise_norm(direction, axis) / (precise_norm(low, axis) + RATIO_EPS)
 
 
 def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: float) -> Tensor:
@@ -63,11 +75,18 @@ def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: flo
     ``torch.optim.Optimizer.load_state_dict`` casts plain float state to the parameter's dtype
     (bf16 would round away the 1% that γ resolves) and ``LowRankOptimizer`` restores dict-valued
     state as saved. The factor is computed on the device, without a host synchronisation.
+
+    A zero update (an all-zero gradient, a frozen layer's step) leaves the history as it was,
+    and a zero history (only zero updates so far) limits nothing, as before the first step.
+    Departure from fira and apollo-torch, which store the 0 and then cap every later update at
+    ``γ^k · 1e-8`` — an optimizer switched off for thousands of steps.
     """
-    norm = torch.linalg.vector_norm(update, dtype=torch.promote_types(update.dtype, torch.float32))
+    norm = precise_norm(update)
     if key in state:
-        factor = (gamma * (state[key]["norm"] + RATIO_EPS) / norm).clamp(max=1.0)
+        previous = state[key]["norm"]
+        factor = (gamma * (previous + RATIO_EPS) / norm).clamp(max=1.0)
+        factor = torch.where((previous > 0) & (norm > 0), factor, torch.ones_like(factor))
         update.mul_(factor.to(update.dtype))
-        norm = norm * factor
+        norm = torch.where(norm > 0, norm * factor, previous)
     state[key] = {"norm": norm}
     return update

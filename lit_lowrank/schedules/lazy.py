@@ -21,6 +21,12 @@ class LazyGap(Schedule):
     the rolling window, as q-galore-torch does, and the gap then grows at every refresh while
     the mean stays above the threshold.
 
+    The next refresh is always ``gap`` steps after the last one. q-galore-torch refreshes
+    instead at the steps where ``step % gap == 0``, so right after a growth its next refresh
+    comes at the next multiple of the new gap (gap 200 → 400 at step 1000: it refreshes at
+    1200, this schedule at 1400). ``reset_queue=False`` therefore reproduces q-galore-torch's
+    sequence of gaps, not the steps at which it refreshes.
+
     Args:
         gap: initial refresh gap T (Q-GaLore: 200 for LLaMA pretraining).
         threshold: mean-similarity threshold (0.4).

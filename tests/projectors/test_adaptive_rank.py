@@ -93,3 +93,13 @@ def test_options_are_validated():
         AdaptiveRankProjector(4, tau=1.5)
     with pytest.raises(ValueError, match="min_rank"):
         AdaptiveRankProjector(4, min_rank=5)
+
+
+def test_an_all_zero_first_gradient_keeps_the_maximum_rank(budget_key):
+    projector = AdaptiveRankProjector(6, tau=0.5, budget=10, budget_key=budget_key)
+    with pytest.warns(UserWarning, match="all zero"):
+        projector.refresh(torch.zeros(40, 30, dtype=torch.float64))
+    assert projector.rank == 6 and granted_ranks(budget_key) == {0: 6}
+    grad = gradient(40, 30, 0.5, seed=0)
+    projector.refresh(grad)
+    assert projector.project(grad).shape == (40, 6)

@@ -15,8 +15,9 @@ INT4 = {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
 
 
 def int4_round_trip(basis: torch.Tensor, group: int = 256) -> torch.Tensor:
-    """Min-max 4-bit quantization of each basis vector (a column of ``basis``, d×r) in groups of
-    ``group`` consecutive entries, then back: x̂ = min + s·round((x − min)/s), s = (max−min)/15."""
+    """Min-max 4-bit quantization of the basis vectors (columns of ``basis``, d×r) laid end to
+    end, in groups of ``group`` consecutive entries — a group spans two vectors when ``group``
+    does not divide d — then back: x̂ = min + s·round((x − min)/s), s = (max−min)/15."""
     vectors = basis.T.contiguous().flatten()
     pad = -vectors.numel() % group
     padded = torch.cat([vectors, vectors[-1:].expand(pad)]).view(-1, group)

@@ -55,3 +55,23 @@ def test_rejects_what_it_cannot_do():
         cls(rounding="stochastic")
     with pytest.raises(ValueError, match="block size"):
         cls(group_size=100)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_are_nearest_up_to_a_neighbour(signed):
+    """The module doc's claim, against an argmin over the code table written here: the kernel
+    is deterministic, never more than 1e-4·absmax worse than the nearest code, and misses the
+    nearest for under 1 % of values."""
+    torch.manual_seed(0)
+    x = torch.randn(256 * 200)
+    x = x if signed else x.abs()
+    quantizer = get_quantizer("bnb-8bit")(signed=signed)
+    packed = quantizer.quantize(x)
+    assert torch.equal(quantizer.quantize(x)["codes"], packed["codes"])
+    table = bnb_functional.create_dynamic_map(signed=signed)
+    scaled = (x.view(-1, 256) / packed["absmax"][:, None]).flatten()
+    nearest = (scaled[:, None] - table[None]).abs().argmin(dim=1)
+    codes = packed["codes"].long()
+    excess = (table[codes] - scaled).abs() - (table[nearest] - scaled).abs()
+    assert excess.max() <= 1e-4
+    assert (codes != nearest).float().mean() < 0.01

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -175,3 +176,24 @@ def test_errors_name_the_fix():
     quantize_linear_weights(model, ["mlp"])
     with pytest.raises(ValueError, match="low-rank `targets`"):
         build_optimizer(model, targets=["mlp.0"])  # mlp.2 quantized but left dense
+
+
+def test_layers_draw_distinct_rounding_noise_and_a_resume_draws_the_same():
+    """Same weight, same update: layers 0 and 1 must round differently (a CPU torch generator
+    seeded with seed·2³² + k keeps only k, so every layer drew the same noise); layer 1 at its
+    3rd update rounds like PCG64 seeded with (1, 2) says, also after a state-dict round trip."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False)
+    layers = [QuantizedLinear.from_linear(linear, seed=seed) for seed in (0, 1)]
+    target = layers[0].float_weight() + 1e-3 * torch.randn(32, 64)  # off the grid
+    for layer in layers:
+        layer.store_(target)
+    assert not torch.equal(layers[0].weight_codes, layers[1].weight_codes)
+    layers[1].updates = 2
+    resumed = QuantizedLinear(64, 32, bias=False, seed=7)
+    resumed.load_state_dict(layers[1].state_dict())
+    expected = IntQuantizer(bits=8, group_size=256, rounding="stochastic").quantize(
+        target, generator=np.random.default_rng([1, 2]))
+    for layer in (layers[1], resumed):
+        layer.store_(target)
+        assert torch.equal(layer.weight_codes, expected["codes"])

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_lowrank import LowRankOptimizer, build_optimizer, plugins
-from lit_lowrank.memory import METHODS, estimate, llama_on_meta
+from lit_lowrank.memory import METHODS, Formats, estimate, llama_on_meta
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
@@ -23,6 +23,8 @@ OPTIONS = {  # how each method is built with the library
     "galore": {},
     "galore8bit": {"inner": "adamw8bit"},
     "fira": {"rule": "fira"},
+    "galore-adafactor": {"inner": "adafactor"},
+    "galore-adafactor-beta1": {"inner": "adafactor", "inner_args": {"beta1": 0.9}},
     "apollo": {"rule": "apollo", "projector": "random"},
     "apollo-mini": {"rule": "apollo-mini", "projector": "random", "rank": 1},
     "q-galore": {"inner": "adamw8bit", "projector_args": INT4_BASIS, "schedule": "lazy"},
@@ -101,3 +103,65 @@ def test_cli_prints_a_row_per_method(monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["method", "adamw", "q-galore-layerwise"]
+
+
+class OddShapes(torch.nn.Module):
+    """Target weights whose sizes fill no quantization group or 8-bit block exactly, at rank 16:
+    37×53 and 129×37 (k = 848, 2064 < 4096: 8-bit moments stay float) and 300×129 (k = 4800,
+    8-bit over 18.75 blocks); INT4 bases of 592, 592 and 2064 values (partial groups of 256)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(53, 37, bias=False), torch.nn.Linear(37, 129),
+                                       torch.nn.Linear(129, 300, bias=False))
+        self.head = torch.nn.Linear(300, 7)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mlp(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["adamw", *OPTIONS])
+def test_state_bytes_equal_measured_on_odd_shapes(name, dtype):
+    torch.manual_seed(0)
+    model = OddShapes(dtype)
+    if METHODS[name].gradnorm:
+        apply_gradnorm(model, ["mlp"])
+    if METHODS[name].int8_weights:
+        quantize_linear_weights(model, ["mlp"])
+    predicted = estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"])
+    if name == "adamw":
+        optimizer = LowRankOptimizer([{"params": list(model.parameters())}])
+    else:
+        optimizer = build_optimizer(model, targets=["mlp"], exclude=["head"], **{"rank": RANK, **OPTIONS[name]})
+    model(torch.randn(4, 53, dtype=dtype)).square().mean().backward()
+    optimizer.step()
+    assert predicted.states == optimizer.state_bytes()
+
+
+def test_readme_7b_table_is_the_estimators():
+    """Every row of the README's LLaMA-7B table (bf16, rank 1024) is what the estimator prints."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    lines = readme[readme.index("LLaMA-7B, bf16, rank 1024, GiB"):].splitlines()[2:]
+    table = lines[: next(i for i, line in enumerate(lines) if not line.startswith("|"))]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[2:]]  # below the header
+    assert len(rows) >= 10
+    models = {gradnorm: llama_on_meta("7b", gradnorm=gradnorm) for gradnorm in (False, True)}
+    for name, *figures in rows:
+        spec = METHODS[name.removesuffix("-layerwise")]
+        result = estimate(models[spec.gradnorm], name, rank=1024)
+        expected = [result.weights, result.gradients, result.optimizer, result.total]
+        assert figures == [f"{value / 2**30:.2f}" for value in expected], name
+
+
+@pytest.mark.parametrize("name", ["apollo", "apollo-mini"])
+def test_uncached_projection_is_estimated_as_measured(name):
+    model = OddShapes(torch.bfloat16)
+    options = {**OPTIONS[name], "projector_args": {"cache_basis": False}}
+    optimizer = build_optimizer(model, targets=["mlp"], exclude=["head"], **{"rank": RANK, **options})
+    predicted = estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"], formats=Formats(cache_basis=False))
+    model(torch.randn(4, 53, dtype=torch.bfloat16)).square().mean().backward()
+    optimizer.step()
+    assert predicted.states == optimizer.state_bytes()
+    assert predicted.optimizer < estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"]).optimizer

@@ -1,0 +1,71 @@
+"""The README's "optimizer state per target" formulas (Methods table), written out here, against
+the bytes ``state_bytes()`` measures after a step, on weights that fill no 256-group exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lit_lowrank import LowRankOptimizer
+from lit_lowrank.quantizers.quantized_linear import QuantizedLinear
+
+INT4 = {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
+
+
+def eight_bit(k: int, b: int) -> int:
+    """Two Adam moments: 8-bit blockwise from k = 4096 elements on, else in the weight's dtype."""
+    return 2 * (k + 4 * math.ceil(k / 256) + 16) if k >= 4096 else 2 * k * b
+
+
+def groups(values: int) -> int:
+    return math.ceil(values / 256)
+
+
+# method: (optimizer options, formula(k, d, r, b, max(m, n))), k = r·max(m, n), d = min(m, n), b bytes
+FORMULAS = {
+    "galore": ({}, lambda k, d, r, b, big: 2 * k * b + r * d * b),
+    "rsvd": ({"projector": "rsvd"}, lambda k, d, r, b, big: 2 * k * b + r * d * b),
+    "dct": ({"projector": "dct"}, lambda k, d, r, b, big: 2 * k * b + 8 * r + r * d * b),
+    "random": ({"projector": "random"}, lambda k, d, r, b, big: 2 * k * b + 16 + r * d * b),
+    "online-pca": ({"projector": "online-pca", "schedule": "every-step"},
+                   lambda k, d, r, b, big: 2 * k * b + r * d * b),
+    "fira": ({"rule": "fira"}, lambda k, d, r, b, big: 2 * k * b + r * d * b),
+    "apollo": ({"rule": "apollo", "projector": "random"}, lambda k, d, r, b, big: 2 * k * b + 16 + r * d * b),
+    "apollo-mini": ({"rule": "apollo-mini", "projector": "random", "rank": 1},
+                    lambda k, d, r, b, big: 2 * big * b + 16 + d * b),
+    "adafactor": ({"inner": "adafactor"}, lambda k, d, r, b, big: 4 * (r + big) + r * d * b),
+    "adafactor-beta1": ({"inner": "adafactor", "inner_args": {"beta1": 0.9}},
+                        lambda k, d, r, b, big: 4 * (r + big) + 4 * k + r * d * b),
+    "lion": ({"inner": "lion"}, lambda k, d, r, b, big: k * b + r * d * b),
+    "galore8bit": ({"inner": "adamw8bit"}, lambda k, d, r, b, big: eight_bit(k, b) + r * d * b),
+    "q-galore": ({"inner": "adamw8bit", "projector_args": INT4, "schedule": "lazy"},
+                 lambda k, d, r, b, big: eight_bit(k, b) + 256 * groups(d * r) // 2 + 8 * groups(d * r) + 16),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, rank", [((37, 53), 5), ((300, 129), 16), ((129, 300), 16)])
+@pytest.mark.parametrize("name", list(FORMULAS))
+def test_state_formula_equals_measured_bytes(name, shape, rank, dtype):
+    options, formula = FORMULAS[name]
+    generator = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(*shape, generator=generator).to(dtype))
+    optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True}], **{"rank": rank, **options})
+    weight.grad = torch.randn(*shape, generator=generator).to(dtype)
+    optimizer.step()
+    r = options.get("rank", rank)
+    b = torch.finfo(dtype).bits // 8
+    expected = formula(r * max(shape), min(shape), r, b, max(shape))
+    measured = optimizer.state_bytes()
+    assert measured["moments"] + measured["projectors"] == expected
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (300, 129)])
+def test_int8_weight_formula_equals_its_buffers(shape):
+    """Q-GaLore's weight: ⌈m·n⌉₂₅₆ code bytes + 8 per group (scale, minimum) + 16 (shape)."""
+    layer = QuantizedLinear(shape[1], shape[0], bias=False)
+    stored = sum(buffer.numel() * buffer.element_size() for buffer in layer.buffers())
+    assert stored == 256 * groups(shape[0] * shape[1]) + 8 * groups(shape[0] * shape[1]) + 16
