@@ -93,7 +93,8 @@ def _projected_row(name: str, p: Tensor, group: dict) -> Row:
     try:
         moments = inner.init_state(torch.empty(low_shape, dtype=p.dtype, device="meta"))
         projector.refresh(torch.empty(m, n, dtype=p.dtype, device="meta"))
-        state = tensor_bytes(moments) + tensor_bytes(projector.state_dict())
+        projector.bases()  # builds what a projector caches on first use (the DCT basis)
+        state = tensor_bytes(moments) + projector.resident_bytes()
     except Exception:  # noqa: BLE001 — a component that needs real values (a spectrum's .item()): unknown
         state = None
     return Row(name, (m, n), rank, side.name.lower(), state)

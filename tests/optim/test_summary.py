@@ -38,3 +38,18 @@ def test_predicted_bytes_equal_the_closed_form_estimate_on_llama_60m():
     summary = summarize(model, build_optimizer(model, rank=128))
     assert summary.state_bytes == estimate(model, "galore", rank=128).optimizer
     assert summary.adamw_bytes == estimate(model, "adamw", rank=128).optimizer
+
+
+@pytest.mark.parametrize("options", [
+    {"projector": "dct"}, {"projector": "dct", "projector_args": {"cache_basis": False}},
+    {"projector": "random", "rule": "apollo", "scale": 1.0}, {"projector": "rsvd", "rule": "fira"},
+], ids=["dct", "dct-uncached", "apollo", "fira-rsvd"])
+def test_predicted_bytes_count_what_projectors_keep_resident(options):
+    """DCT and random projectors cache a dense basis beside their state dict: counted as measured."""
+    model = Llama("tiny", vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=2)
+    optimizer = build_optimizer(model, rank=8, **options)
+    summary = summarize(model, optimizer)
+    tokens = torch.randint(0, 64, (2, 9))
+    model(tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    assert summary.state_bytes == sum(optimizer.state_bytes().values())
