@@ -106,9 +106,11 @@ def build(option: str, group: Mapping[str, Any], **offered: Any) -> Any:
     try:
         return construct(cls, group[f"{option}_args"], **offered)
     except QuantizerProbeError as exc:
-        raise QuantizerProbeError(exc.name, f"{exc.problem}. It is {describe('quantizers', exc.name)}; "
-                                  f"fix or uninstall that plugin, or set another quantizer in {option}_args "
-                                  f"(registered: {', '.join(sorted(plugins.registered('quantizers')))})") from exc
+        quantizers = plugins.registered("quantizers")
+        provider = quantizers[exc.name].provider if exc.name in quantizers else None
+        raise QuantizerProbeError(exc.name, exc.problem, provider=provider, fix=(
+            f"; fix or uninstall that plugin, or set another quantizer in {option}_args "
+            f"(registered: {', '.join(sorted(quantizers))})")) from exc
     except (plugins.UnknownComponentError, TypeError, ValueError) as exc:
         base = next(t for t in (plugins.UnknownComponentError, TypeError, ValueError) if isinstance(exc, t))
         raise base(f"{describe(kind, name)}: {exc} (check {option}_args)") from exc

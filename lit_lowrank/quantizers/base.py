@@ -43,8 +43,9 @@ class QuantizerProbeError(ValueError):
     """A quantizer failed its round-trip probe (:func:`probe_round_trip`); ``name`` is its
     registered name, so the optimizer can name the plugin that provides it."""
 
-    def __init__(self, name: str, problem: str) -> None:
-        super().__init__(f"quantizer {name!r} fails its round-trip probe: {problem}")
+    def __init__(self, name: str, problem: str, *, provider: str | None = None, fix: str = "") -> None:
+        source = f" (from {provider})" if provider else ""
+        super().__init__(f"quantizer {name!r}{source} fails its round-trip probe: {problem}{fix}")
         self.name = name
         self.problem = problem
 
