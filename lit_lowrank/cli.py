@@ -4,6 +4,9 @@
 ``python -m lit_lowrank {fit,validate,test} --config x.yaml`` (and ``--print_config``) runs
 :class:`LowRankCLI`, a ``LightningCLI`` whose YAML has a top-level ``lowrank:`` section
 (:class:`~lit_lowrank.lightning.LowRankConfig`) naming components by their registered names.
+
+The ``lowrank:`` section is checked right after parsing (and before ``--print_config`` prints
+it): a value the optimizer would refuse stops the CLI with one ``error: ...`` line, exit code 2.
 """
 
 from __future__ import annotations
@@ -16,6 +19,39 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_lowrank import plugins
 from lit_lowrank.lightning import LowRankConfig, LowRankModule
+
+
+class ConfigError(Exception):
+    """A config value that the checks refuse; :func:`main` prints it as one ``error:`` line."""
+
+
+CONFIG_ERRORS = (ValueError, TypeError, plugins.UnknownComponentError)
+
+
+def check_lowrank_section(config: Any) -> None:
+    """Build the :class:`LowRankConfig` of a parsed (sub)command config, which runs the
+    optimizer's own checks, and check the warm-up against ``trainer.max_steps`` when set;
+    raises :class:`ConfigError`."""
+    section = config.get("lowrank") if config is not None else None
+    if section is None:
+        return
+    values = section.as_dict() if hasattr(section, "as_dict") else dict(section)
+    try:
+        lowrank = LowRankConfig(**{k: v for k, v in values.items() if not k.startswith("__")})
+        max_steps = (config.get("trainer") or {}).get("max_steps")
+        if isinstance(max_steps, int) and max_steps > 0:  # the run is at most max_steps long
+            lowrank.warmup_steps(max_steps)
+    except CONFIG_ERRORS as exc:
+        raise ConfigError(f"lowrank: {exc}") from exc
+
+
+class LowRankArgumentParser(LightningArgumentParser):
+    """Checks the ``lowrank:`` section before dumping a config: jsonargparse's ``--print_config``
+    prints before it validates (and never builds the dataclass)."""
+
+    def dump(self, cfg: Any, *args: Any, **kwargs: Any) -> str:
+        check_lowrank_section(cfg)
+        return super().dump(cfg, *args, **kwargs)
 
 
 def print_plugins() -> None:
@@ -49,6 +85,7 @@ class LowRankCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         plugins.plugin_manager()
         kwargs = {"subclass_mode_data": True, "auto_configure_optimizers": False,
+                  "parser_class": LowRankArgumentParser,
                   "save_config_kwargs": {"overwrite": True},
                   "parser_kwargs": {"prog": "python -m lit_lowrank", "description": DESCRIPTION}, **kwargs}
         super().__init__(LowRankModule, pl.LightningDataModule, args=args, **kwargs)
@@ -56,6 +93,10 @@ class LowRankCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_dataclass_arguments(LowRankConfig, "lowrank")
         parser.link_arguments("lowrank", "model.lowrank", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a bad ``lowrank:`` section before the model is built or data prepared."""
+        check_lowrank_section(self.config.get(self.subcommand) if self.subcommand else self.config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,5 +106,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         LowRankCLI(args=argv)
-    except plugins.UnknownComponentError as exc:  # a misspelt or uninstalled plugin: no traceback
-        raise SystemExit(f"error: {exc}") from exc
+    except (ConfigError, plugins.UnknownComponentError) as exc:  # a config error: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

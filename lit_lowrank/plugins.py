@@ -3,6 +3,12 @@
 Built-in modules (``lit_lowrank.builtins.BUILTIN_MODULES``) and every entry point of the
 ``lit_lowrank`` group are registered with one :class:`pluggy.PluginManager`. Components are then
 looked up by kind and name, e.g. ``get("projectors", "svd")``.
+
+A bare name always means the built-in component when one has it: a plugin registering ``svd``
+does not replace the built-in; its projector is reachable as ``<package>:svd`` (as is any
+plugin's component). Two plugins registering the same name make the bare name ambiguous: it is
+refused, and each is reachable as ``<package>:<name>``. A plugin whose import or hook fails
+(``sys.exit()`` included) is skipped with a warning, and nothing it registered in that call is kept.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class UnknownComponentError(KeyError):
 
 _manager: pluggy.PluginManager | None = None
 _registries: dict[str, dict[str, Entry]] | None = None
+_ambiguous: dict[str, dict[str, list[str]]] = {}
+"""Bare names that several plugins register (and no built-in does), by kind: the qualified names."""
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -66,7 +74,9 @@ def _load_entrypoints(manager: pluggy.PluginManager) -> None:
         try:
             manager.register(ep.load(), name=f"{package}:{ep.name}")
             manager.check_pending()
-        except Exception as exc:  # a broken plugin must not take the others down
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin (even one calling sys.exit()) must not take the others down
             stale = manager.get_plugin(f"{package}:{ep.name}")
             if stale is not None:
                 manager.unregister(stale)
@@ -103,53 +113,103 @@ def _invalidate() -> None:
 
 
 def registered(kind: str) -> dict[str, Entry]:
-    """All components of ``kind`` (one of :data:`KINDS`), by name."""
-    global _registries
+    """All components of ``kind`` (one of :data:`KINDS`), by name (qualified ``<package>:<name>``
+    for a plugin's component whose bare name is taken by a built-in or another plugin)."""
+    global _registries, _ambiguous
     if _registries is None:
-        _registries = _collect(plugin_manager())
+        _registries, _ambiguous = _collect(plugin_manager())
     if kind not in _registries:
         raise ValueError(f"unknown component kind {kind!r}; expected one of {KINDS}")
     return _registries[kind]
 
 
-def _collect(manager: pluggy.PluginManager) -> dict[str, dict[str, Entry]]:
+def _collect(manager: pluggy.PluginManager) -> tuple[dict[str, dict[str, Entry]], dict[str, dict[str, list[str]]]]:
+    """Call every ``register_<kind>`` hook, built-ins first; returns the registries and the
+    ambiguous bare names."""
     registries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+    ambiguous: dict[str, dict[str, list[str]]] = {kind: {} for kind in KINDS}
     for kind in KINDS:
-        for impl in getattr(manager.hook, f"register_{kind}").get_hookimpls():
-            registry = registries[kind]
+        impls = getattr(manager.hook, f"register_{kind}").get_hookimpls()
+        for impl in sorted(impls, key=lambda impl: not _is_builtin(impl.plugin_name)):
+            for name, cls in _call_hook(impl, kind):
+                _add(registries[kind], ambiguous[kind], kind, name, Entry(cls, impl.plugin_name))
+    return registries, ambiguous
 
-            def register(name: str, cls: type, _registry=registry, _provider=impl.plugin_name) -> None:
-                if name in _registry and _registry[name].cls is not cls:
-                    warnings.warn(
-                        f"{kind[:-1]} {name!r} from {_provider!r} replaces the one from "
-                        f"{_registry[name].provider!r}",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                _registry[name] = Entry(cls, _provider)
 
-            try:
-                impl.function(register=register)
-            except Exception as exc:
-                warnings.warn(
-                    f"lit_lowrank plugin {impl.plugin_name!r} failed in register_{kind} "
-                    f"({type(exc).__name__}: {exc}); its {kind} are skipped.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-    return registries
+def _call_hook(impl: pluggy.HookImpl, kind: str) -> list[tuple[str, type]]:
+    """What one plugin's ``register_<kind>`` registers: all of it, or nothing if it fails."""
+    offered: list[tuple[str, type]] = []
+    try:
+        impl.function(register=lambda name, cls: offered.append((name, cls)))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        warnings.warn(
+            f"lit_lowrank plugin {impl.plugin_name!r} failed in register_{kind} "
+            f"({type(exc).__name__}: {exc}); its {kind} are skipped.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return []
+    return offered
+
+
+def _add(registry: dict[str, Entry], ambiguous: dict[str, list[str]], kind: str, name: str, entry: Entry) -> None:
+    """Register ``entry`` as ``name``; on a clash with another class the built-in keeps the bare
+    name, and plugins' components go under their qualified names."""
+    current = registry.get(name)
+    if current is not None and current.cls is entry.cls:
+        return
+    if current is None and name not in ambiguous:
+        registry[name] = entry
+        return
+    qualified = _qualified(name, entry.provider)
+    registry[qualified] = entry
+    if current is not None and _is_builtin(current.provider):
+        warnings.warn(f"{kind[:-1]} {name!r} from {entry.provider!r} has the name of a built-in; {name!r} "
+                      f"stays the built-in, the plugin's is {qualified!r}", RuntimeWarning, stacklevel=5)
+        return
+    if current is not None:  # the first plugin's entry moves to its qualified name too
+        del registry[name]
+        registry[_qualified(name, current.provider)] = current
+        ambiguous[name] = [_qualified(name, current.provider)]
+    ambiguous[name].append(qualified)
+    warnings.warn(f"{kind[:-1]} {name!r} is registered by several plugins; name one of {ambiguous[name]}",
+                  RuntimeWarning, stacklevel=5)
+
+
+def _qualified(name: str, provider: str) -> str:
+    """``<package>:<name>``; the provider of an entry point is ``<package>:<entry point>``."""
+    return f"{provider.split(':')[0]}:{name}"
+
+
+def _is_builtin(provider: str) -> bool:
+    from lit_lowrank.builtins import BUILTIN_MODULES
+
+    return provider in BUILTIN_MODULES
 
 
 def get(kind: str, name: str) -> type:
-    """The class registered as ``name``; raises :class:`UnknownComponentError` listing the names."""
+    """The class registered as ``name`` (or ``<package>:<name>``); raises
+    :class:`UnknownComponentError` listing the names, or naming the plugins of an ambiguous name."""
     registry = registered(kind)
-    if name not in registry:
-        known = ", ".join(sorted(registry)) or "(none)"
-        raise UnknownComponentError(
-            f"unknown {kind[:-1].replace('_', ' ')} {name!r}. Registered: {known}. "
-            f"Install the package that provides it, or run `python -m lit_lowrank plugins`."
-        )
-    return registry[name].cls
+    entry = registry.get(name)
+    if entry is None and isinstance(name, str) and ":" in name:  # a plugin's component by package
+        bare = name.split(":", 1)[1]
+        candidate = registry.get(bare)
+        if candidate is not None and _qualified(bare, candidate.provider) == name:
+            entry = candidate
+    if entry is not None:
+        return entry.cls
+    label = kind[:-1].replace("_", " ")
+    if name in _ambiguous.get(kind, {}):
+        raise UnknownComponentError(f"{label} {name!r} is registered by several plugins: "
+                                    f"{', '.join(_ambiguous[kind][name])}; name one of them.")
+    known = ", ".join(sorted(registry)) or "(none)"
+    raise UnknownComponentError(
+        f"unknown {label} {name!r}. Registered: {known}. "
+        f"Install the package that provides it, or run `python -m lit_lowrank plugins`."
+    )
 
 
 def get_projector(name: str) -> type:

@@ -3,6 +3,7 @@ with a projector provided by the pip-installed example plugin, and clear name er
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,35 @@ def test_validate_subcommand(tmp_path, cache_dir):
     assert metrics["val/ppl"].item() > 1.0
 
 
-def test_unknown_component_lists_the_registered_names(tmp_path, cache_dir):
-    with pytest.raises(SystemExit, match="unknown projector 'nope'.*Registered: .*svd"):
+def test_unknown_component_lists_the_registered_names(tmp_path, cache_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(small_config(tmp_path, cache_dir, projector="nope"))])
+    assert exit_info.value.code == 2
+    assert re.fullmatch(r"error: lowrank: unknown projector 'nope'\. Registered: .*svd.*\n", capsys.readouterr().err)
+
+
+BAD_LOWRANK = [
+    ({"betas": [0.9, 1.5]}, r"betas must each be in \[0, 1\)"),
+    ({"lr": float("inf")}, "lr must be a finite number >= 0"),
+    ({"eps": 0.0}, "eps must be a finite number > 0"),
+    ({"rank": 0}, "rank must be >= 1"),
+    ({"update_gap": 0}, "update_gap must be >= 1"),
+    ({"side": "sideways"}, "side='sideways'"),
+    ({"projector_args": {"quantizer": "int4x"}}, r"projector 'svd' .*unknown quantizer 'int4x'\. Registered: .*int"),
+    ({"schedule": "lazy", "schedule_args": {"tresh": 0.5}}, r"schedule 'lazy' .*'tresh'.*accepts: gap, threshold"),
+    ({"warmup": 10}, r"warmup of 10 steps is longer than the run \(3 optimizer steps\)"),
+]
+
+
+@pytest.mark.parametrize("print_config", [False, True], ids=["fit", "print_config"])
+@pytest.mark.parametrize("lowrank, message", BAD_LOWRANK, ids=[str(o) for o, _ in BAD_LOWRANK])
+def test_config_errors_are_one_line_before_anything_runs(tmp_path, cache_dir, capsys, lowrank, message, print_config):
+    """Refused at parse time, with --print_config too, as one ``error:`` line (no traceback),
+    exit code 2; nothing is printed or trained."""
+    argv = ["fit", "--config", str(small_config(tmp_path, cache_dir, **lowrank))] + ["--print_config"] * print_config
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert re.fullmatch(f"error: lowrank: .*{message}.*\n", captured.err)
+    assert "lowrank:" not in captured.out  # --print_config printed nothing

@@ -129,3 +129,100 @@ def test_hook_typo_in_entry_point_is_refused(tmp_path, monkeypatch, fresh_plugin
 def test_unknown_kind_is_an_error(fresh_plugins):
     with pytest.raises(ValueError, match="unknown component kind"):
         fresh_plugins.registered("optimisers")
+
+
+class _Shadow(SVDProjector):
+    pass
+
+
+class _Other(SVDProjector):
+    pass
+
+
+def _plugin(name: str, cls: type):
+    class Plugin:
+        @hookimpl
+        def register_projectors(self, register):
+            register(name, cls)
+
+    return Plugin()
+
+
+def test_a_plugin_cannot_replace_a_builtin_name(fresh_plugins):
+    fresh_plugins.register_plugin(_plugin("svd", _Shadow), name="lit-lowrank-shadow:shadow")
+    with pytest.warns(RuntimeWarning, match="'svd' stays the built-in, the plugin's is 'lit-lowrank-shadow:svd'"):
+        assert fresh_plugins.get_projector("svd") is SVDProjector
+    assert fresh_plugins.get_projector("lit-lowrank-shadow:svd") is _Shadow
+    registry = fresh_plugins.registered("projectors")
+    assert registry["svd"].provider == "lit_lowrank.projectors.svd"
+    assert registry["lit-lowrank-shadow:svd"].provider == "lit-lowrank-shadow:shadow"
+
+
+def test_two_plugins_with_one_name_make_the_bare_name_ambiguous(fresh_plugins):
+    fresh_plugins.register_plugin(_plugin("twin", _Shadow), name="pkg-a:a")
+    fresh_plugins.register_plugin(_plugin("twin", _Other), name="pkg-b:b")
+    with pytest.warns(RuntimeWarning, match="'twin' is registered by several plugins"):
+        fresh_plugins.registered("projectors")
+    with pytest.raises(lit_lowrank.UnknownComponentError, match="'twin' is registered by several plugins: "
+                                                                 "pkg-a:twin, pkg-b:twin; name one of them"):
+        fresh_plugins.get_projector("twin")
+    assert fresh_plugins.get_projector("pkg-a:twin") is _Shadow
+    assert fresh_plugins.get_projector("pkg-b:twin") is _Other
+
+
+def test_a_plugin_component_is_also_reachable_by_package(fresh_plugins):
+    fresh_plugins.register_plugin(_plugin("echo", _EchoProjector), name="lit-lowrank-echo:echo")
+    assert fresh_plugins.get_projector("lit-lowrank-echo:echo") is _EchoProjector
+    with pytest.raises(lit_lowrank.UnknownComponentError):
+        fresh_plugins.get_projector("another-package:echo")
+
+
+def test_plugins_command_lists_the_builtin_and_the_shadowing_plugin(fresh_plugins, capsys):
+    from lit_lowrank.cli import main
+
+    fresh_plugins.register_plugin(_plugin("svd", _Shadow), name="lit-lowrank-shadow:shadow")
+    with pytest.warns(RuntimeWarning, match="stays the built-in"):
+        main(["plugins"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:2] == ["projectors", "svd"] and "SVDProjector" in line for line in lines)
+    assert any(line.split()[:2] == ["projectors", "lit-lowrank-shadow:svd"] and "_Shadow" in line for line in lines)
+
+
+def test_a_hook_failing_half_way_keeps_nothing(fresh_plugins):
+    class HalfWay:
+        @hookimpl
+        def register_projectors(self, register):
+            register("half-first", _EchoProjector)
+            raise RuntimeError("second one needs libfoo")
+
+    fresh_plugins.register_plugin(HalfWay(), name="half-way")
+    with pytest.warns(RuntimeWarning, match="half-way.*libfoo.*skipped"):
+        names = fresh_plugins.registered("projectors")
+    assert "half-first" not in names and "svd" in names
+
+
+def test_a_hook_calling_sys_exit_is_skipped(fresh_plugins):
+    class Exiting:
+        @hookimpl
+        def register_projectors(self, register):
+            register("exit-first", _EchoProjector)
+            sys.exit(3)
+
+    fresh_plugins.register_plugin(Exiting(), name="exiting")
+    with pytest.warns(RuntimeWarning, match="exiting.*SystemExit"):
+        names = fresh_plugins.registered("projectors")
+    assert "exit-first" not in names and "svd" in names
+
+
+def test_entry_point_calling_sys_exit_at_import_is_skipped(tmp_path, monkeypatch, fresh_plugins):
+    _install_fake_distribution(tmp_path, monkeypatch, "lit-lowrank-exits", "exits = lit_lowrank_exits_mod", """
+        import sys
+        sys.exit("no GPU here")
+    """)
+    monkeypatch.delenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV)
+    fresh_plugins.reset()
+    with pytest.warns(RuntimeWarning, match="'lit-lowrank-exits' failed to load \\(SystemExit: no GPU here\\)"):
+        projectors = fresh_plugins.registered("projectors")
+    assert "svd" in projectors
+    monkeypatch.setenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV, "1")
+    sys.modules.pop("lit_lowrank_exits_mod", None)

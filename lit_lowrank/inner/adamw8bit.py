@@ -19,7 +19,7 @@ from torch import Tensor
 from lit_lowrank import plugins
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.inner.base import InnerOptimizer, bias_corrections, zeros_like_state
-from lit_lowrank.quantizers.base import Packed, Quantizer
+from lit_lowrank.quantizers.base import Packed, Quantizer, probe_round_trip
 
 
 class Adam8bitInner(InnerOptimizer):
@@ -55,9 +55,9 @@ class Adam8bitInner(InnerOptimizer):
         self.eps = eps
         self.min_8bit_size = min_8bit_size
         cls = plugins.get_quantizer(quantizer)
-        self.quantizers: dict[str, Quantizer] = {
-            "exp_avg": cls(group_size=block_size, signed=True),
-            "exp_avg_sq": cls(group_size=block_size, signed=False),
+        self.quantizers: dict[str, Quantizer] = {  # each probed: a broken plugin fails now, not as a NaN loss
+            "exp_avg": probe_round_trip(cls(group_size=block_size, signed=True), quantizer),
+            "exp_avg_sq": probe_round_trip(cls(group_size=block_size, signed=False), quantizer),
         }
 
     def quantized(self, low: Tensor) -> bool:

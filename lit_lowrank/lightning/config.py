@@ -3,17 +3,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from lit_lowrank import plugins
-from lit_lowrank.inner.base import ON_REFRESH
 from lit_lowrank.lightning.lr_schedule import DECAYS
 from lit_lowrank.optim.factory import build_optimizer
 from lit_lowrank.optim.targets import check_patterns
+from lit_lowrank.optim.validation import check_group
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
@@ -94,14 +94,10 @@ class LowRankConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}; expected one of {LR_SCHEDULES}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0 (steps, or a fraction < 1), got {self.warmup}")
-        if self.enabled:  # fail at parse time, listing the registered names
-            for kind, name in (("projectors", self.projector), ("update_rules", self.rule),
-                               ("inner_optimizers", self.inner), ("schedules", self.schedule)):
-                plugins.get(kind, name)
-            if self.on_refresh not in ON_REFRESH:
-                raise ValueError(f"on_refresh={self.on_refresh!r}; expected one of {ON_REFRESH}")
+        if not (0 <= self.warmup < 1 or (1 <= self.warmup < math.inf and self.warmup == int(self.warmup))):
+            raise ValueError(f"warmup must be a whole number of steps (>= 1) or a fraction of the run in "
+                             f"[0, 1), got {self.warmup}")
+        check_group({**vars(self), "lowrank": self.enabled})  # the optimizer's own checks, at parse time
         if self.weight_bits is not None and (not self.enabled or self.gradnorm):
             raise ValueError("weight_bits (quantized weights) needs the low-rank optimizer without gradnorm; "
                              "set enabled: true and gradnorm: false, or weight_bits: null")
@@ -134,8 +130,13 @@ class LowRankConfig:
         return build_optimizer(model, targets=self.targets, exclude=self.exclude, **self.optimizer_options())
 
     def warmup_steps(self, total_steps: int) -> int:
-        """``warmup`` in steps for a run of ``total_steps``."""
-        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * total_steps))
+        """``warmup`` in steps for a run of ``total_steps``; a warm-up longer than the run is an
+        error (the LR would never reach ``lr``)."""
+        steps = int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * total_steps))
+        if steps > total_steps:
+            raise ValueError(f"warmup of {steps} steps is longer than the run ({total_steps} optimizer steps); "
+                             f"set lowrank.warmup to at most {total_steps}, or to a fraction of the run (< 1)")
+        return steps
 
 
 LR_SCHEDULES = DECAYS

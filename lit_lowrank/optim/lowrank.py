@@ -18,7 +18,6 @@ Components are looked up by registered name, so any installed plugin can be name
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -31,9 +30,10 @@ from torch import Tensor
 from torch.optim.adam import adam as adam_functional
 
 from lit_lowrank import plugins
-from lit_lowrank.inner.base import ON_REFRESH, InnerOptimizer
+from lit_lowrank.inner.base import InnerOptimizer
 from lit_lowrank.optim import checkpoint
-from lit_lowrank.optim.guard import check_nonfinite_option, first_nonfinite
+from lit_lowrank.optim.guard import first_nonfinite
+from lit_lowrank.optim.validation import build, check_bases, check_group
 from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
@@ -102,10 +102,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         nonfinite: str = "skip",
         is_target: Callable[[Tensor], bool] | None = None,
     ) -> None:
-        check_nonfinite_option(nonfinite)
         self._is_target = is_target
-        if lr < 0:
-            raise ValueError(f"learning rate must be >= 0, got {lr}")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lowrank=False,
             rank=rank, projector=projector, side=side, update_gap=update_gap, scale=scale,
@@ -123,39 +120,35 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Steps skipped for a non-finite gradient (``nonfinite: skip``); in layer-wise mode,
         skipped parameter updates."""
         for group in self.param_groups:
-            check_nonfinite_option(group["nonfinite"])
-            if group["lowrank"]:
-                self._validate(group)
-            elif any(hasattr(p, "weight_store") for p in group["params"]):
-                raise ValueError("a quantized weight (with a weight_store) is in a dense group; "
-                                 "add its module name to the low-rank `targets`.")
-            else:
-                self._dense_inner(group)  # an inner optimizer that steps dense params is built (checked) now
+            self._validate(group)
 
     # ------------------------------------------------------------------ setup
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
     def _validate(self, group: dict[str, Any]) -> None:
+        """Refuse a group whose options, components or parameters do not fit (see
+        :func:`~lit_lowrank.optim.validation.check_group`), now rather than at the first step."""
+        check_group(group)
+        if not group["lowrank"]:
+            if any(hasattr(p, "weight_store") for p in group["params"]):
+                raise ValueError("a quantized weight (with a weight_store) is in a dense group; "
+                                 "add its module name to the low-rank `targets`.")
+            self._dense_inner(group)  # an inner optimizer that steps dense params is built (probed) now
+            return
         for p in group["params"]:
             if p.ndim != 2:
                 raise ValueError(
                     f"low-rank param groups take 2-D weights only, got shape {tuple(p.shape)}; "
                     "put it in a group without lowrank=True (build_optimizer does this)."
                 )
-        if group["on_refresh"] not in ON_REFRESH:
-            raise ValueError(f"on_refresh={group['on_refresh']!r}; expected one of {ON_REFRESH}")
-        for kind, name in (("projectors", group["projector"]), ("update_rules", group["rule"]),
-                           ("inner_optimizers", group["inner"]), ("schedules", group["schedule"])):
-            plugins.get(kind, name)
         self._group_components(group)
 
     def _group_components(self, group: dict[str, Any]) -> tuple[InnerOptimizer, UpdateRule]:
         key = id(group)
         if key not in self._components:
-            inner = construct(plugins.get_inner_optimizer(group["inner"]), group["inner_args"],
-                              betas=group["betas"], eps=group["eps"])
-            rule = construct(plugins.get_update_rule(group["rule"]), group["rule_args"], scale=group["scale"])
+            inner = build("inner", group, betas=group["betas"], eps=group["eps"])
+            rule = build("rule", group, scale=group["scale"])
             self._components[key] = (inner, rule)
         return self._components[key]
 
@@ -174,10 +167,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                               f"{min(m, n)} (full rank, no memory saved for it).", stacklevel=4)
                 self._warned_ranks.add((m, n, rank))
             rank = min(m, n)
-        projector = construct(plugins.get_projector(group["projector"]), group["projector_args"],
-                              rank=rank, side=group["side"], seed=self._index[p])
-        schedule = construct(plugins.get_schedule(group["schedule"]), group["schedule_args"],
-                             gap=group["update_gap"])
+        projector = build("projector", group, rank=rank, side=group["side"], seed=self._index[p])
+        schedule = build("schedule", group, gap=group["update_gap"])
         return LowRankSlot(projector, schedule)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -207,12 +198,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _admit_group(self, group: dict[str, Any]) -> None:
         try:
-            check_nonfinite_option(group["nonfinite"])
-            if group["lowrank"]:
-                self._validate(group)
-            elif any(hasattr(p, "weight_store") for p in group["params"]):
-                raise ValueError("a quantized weight (with a weight_store) is in a dense group; "
-                                 "add its module name to the low-rank `targets`.")
+            self._validate(group)
         except Exception:
             self.param_groups.pop()
             self._components.pop(id(group), None)
@@ -310,7 +296,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                            "check needs_full_gradient() before projecting")
                     snapshots[p] = _clone(projector.state_dict())
                     old_bases[p] = projector.bases() if projector.refreshes else None
-                    projector.refresh(l2_gradient(p.grad, p, group))
+                    grad = l2_gradient(p.grad, p, group)
+                    projector.refresh(grad)
+                    check_bases(projector, grad, min(group["rank"], *grad.shape), group["projector"])
         except BaseException:
             for p, saved in snapshots.items():
                 if p not in created:
@@ -567,19 +555,6 @@ def leading_similarity(old: tuple[Tensor | None, ...], new: tuple[Tensor | None,
     """|cos| between the first basis vectors of two bases (sign-invariant: SVD signs are arbitrary)."""
     old_basis, new_basis = (old[0], new[0]) if old[0] is not None else (old[1], new[1])
     return F.cosine_similarity(old_basis[:, 0].float(), new_basis[:, 0].float(), dim=0).abs().item()
-
-
-def construct(cls: type, explicit: dict[str, Any], **offered: Any) -> Any:
-    """``cls(**offered, **explicit)``, offering only the keywords ``cls`` accepts; an unknown
-    explicit keyword raises a TypeError naming what ``cls`` does accept."""
-    parameters = inspect.signature(cls).parameters
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    kwargs = {k: v for k, v in offered.items() if var_kw or k in parameters}
-    unknown = [k for k in explicit if not var_kw and k not in parameters]
-    if unknown:
-        accepted = ", ".join(k for k in parameters if k not in ("self",))
-        raise TypeError(f"{cls.__name__} got unknown option(s) {unknown}; it accepts: {accepted}")
-    return cls(**{**kwargs, **explicit})
 
 
 def tensor_bytes(value: Any) -> int:

@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_lowrank import plugins
-from lit_lowrank.optim.lowrank import LowRankOptimizer, construct, tensor_bytes
+from lit_lowrank.optim.lowrank import LowRankOptimizer, tensor_bytes
 from lit_lowrank.optim.targets import classify
+from lit_lowrank.optim.validation import build
 from lit_lowrank.projectors.base import Side, choose_side
 
 
@@ -86,10 +86,8 @@ def _projected_row(name: str, p: Tensor, group: dict) -> Row:
     rank = min(group["rank"], m, n)
     side = choose_side(group["side"], (m, n))
     low_shape = {Side.LEFT: (rank, n), Side.RIGHT: (m, rank), Side.BOTH: (rank, rank)}[side]
-    inner = construct(plugins.get_inner_optimizer(group["inner"]), group["inner_args"], betas=group["betas"],
-                      eps=group["eps"])
-    projector = construct(plugins.get_projector(group["projector"]), group["projector_args"], rank=rank,
-                          side=group["side"], seed=0)
+    inner = build("inner", group, betas=group["betas"], eps=group["eps"])
+    projector = build("projector", group, rank=rank, side=group["side"], seed=0)
     try:
         moments = inner.init_state(torch.empty(low_shape, dtype=p.dtype, device="meta"))
         projector.refresh(torch.empty(m, n, dtype=p.dtype, device="meta"))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lit_lowrank import plugins
-from lit_lowrank.quantizers.base import Packed
+from lit_lowrank.quantizers.base import Packed, probe_round_trip
 
 Stored = Tensor | Packed
 
@@ -21,6 +21,9 @@ class BasisStorage:
         quantizer: a registered quantizer name (``int``, ...) or None for plain storage.
         quantizer_args: its keyword arguments, e.g. ``{"bits": 4, "group_size": 256}``.
 
+    The quantizer gets a round-trip probe when built
+    (:func:`~lit_lowrank.quantizers.base.probe_round_trip`).
+
     A quantized basis is packed transposed (r×d, row-major), so quantization groups run along
     the basis vectors: when ``group_size`` divides d each group lies within one vector and every
     vector gets its own scales; otherwise a group spans the end of one vector and the start of
@@ -31,7 +34,9 @@ class BasisStorage:
     def __init__(self, quantizer: str | None = None, quantizer_args: dict[str, Any] | None = None) -> None:
         if quantizer is None and quantizer_args:
             raise ValueError(f"quantizer_args {quantizer_args} given without a quantizer; set `quantizer` too")
-        self.quantizer = None if quantizer is None else plugins.get_quantizer(quantizer)(**(quantizer_args or {}))
+        self.quantizer = None
+        if quantizer is not None:  # probed once here: a broken plugin fails now, not as a NaN loss
+            self.quantizer = probe_round_trip(plugins.get_quantizer(quantizer)(**(quantizer_args or {})), quantizer)
         self.dtype: torch.dtype | None = None
 
     def pack(self, basis: Tensor | None, dtype: torch.dtype) -> Stored | None:

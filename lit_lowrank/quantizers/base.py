@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor
 
 Packed = dict[str, Tensor]
@@ -36,3 +37,42 @@ class Quantizer(ABC):
     @abstractmethod
     def dequantize(self, packed: Packed) -> Tensor:
         """The float32 tensor that ``packed`` encodes, in its original shape."""
+
+
+class QuantizerProbeError(ValueError):
+    """A quantizer failed its round-trip probe (:func:`probe_round_trip`); ``name`` is its
+    registered name, so the optimizer can name the plugin that provides it."""
+
+    def __init__(self, name: str, problem: str, *, provider: str | None = None, fix: str = "") -> None:
+        source = f" (from {provider})" if provider else ""
+        super().__init__(f"quantizer {name!r}{source} fails its round-trip probe: {problem}{fix}")
+        self.name = name
+        self.problem = problem
+
+
+PROBE_SHAPE = (8, 32)
+"""Shape of the probe tensor: not square, so a transposed or flattened round trip shows."""
+
+
+def probe_round_trip(quantizer: Quantizer, name: str) -> Quantizer:
+    """Check ``x̂ = dequantize(quantize(x))`` on a small fixed Gaussian ``x`` (CPU, float32):
+    ``x̂`` must have ``x``'s shape, be finite and satisfy ``max|x̂ − x| ≤ 2·max|x|``, which any
+    rounding onto a grid inside the data's range ``[−max|x|, max|x|]`` meets, stochastic or
+    not, at any bit width. Returns ``quantizer``; raises :class:`QuantizerProbeError` naming
+    ``name``, its registered name."""
+    x = torch.randn(PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
+    try:
+        restored = quantizer.dequantize(quantizer.quantize(x.clone()))
+    except Exception as exc:  # a plugin's bug, reported with its name below
+        raise QuantizerProbeError(name, f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(restored, Tensor) or tuple(restored.shape) != PROBE_SHAPE:
+        shape = tuple(restored.shape) if isinstance(restored, Tensor) else type(restored).__name__
+        raise QuantizerProbeError(name, f"a {PROBE_SHAPE} tensor came back as {shape}")
+    restored = restored.detach().float().cpu()
+    if not torch.isfinite(restored).all():
+        raise QuantizerProbeError(name, "the round trip of a finite tensor has NaN or infinite values")
+    error, bound = (restored - x).abs().max().item(), 2 * x.abs().max().item()
+    if error > bound * (1 + 1e-6):
+        raise QuantizerProbeError(name, f"it errs by up to {error:.3g}, beyond 2·max|x| = {bound:.3g} "
+                                        "(its values leave the data's range)")
+    return quantizer

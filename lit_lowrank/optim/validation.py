@@ -1,0 +1,198 @@
+"""What :class:`~lit_lowrank.LowRankOptimizer` checks so that it never trains something other than
+asked: a param group's options when the optimizer is built (values, registered names, and a probe
+of each component built from its ``*_args``), and the bases a projector returns at each refresh.
+
+Errors name the option or the component (with the plugin that provides it) and say what to set.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from lit_lowrank import plugins
+from lit_lowrank.inner.base import ON_REFRESH
+from lit_lowrank.optim.guard import check_nonfinite_option
+from lit_lowrank.projectors.base import SIDE_POLICIES, Projector, Side
+from lit_lowrank.quantizers.base import QuantizerProbeError
+
+COMPONENTS = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers",
+              "schedule": "schedules"}
+"""Group option naming a component → its registry kind; its keyword arguments are ``<option>_args``."""
+
+
+def check_group(group: Mapping[str, Any]) -> None:
+    """Validate a param group's options (or a config's): AdamW's ``lr``, ``betas``, ``eps``,
+    ``weight_decay`` and ``nonfinite`` for every group; for ``lowrank`` groups also ``rank``, ``update_gap``,
+    ``scale``, ``side``, ``on_refresh``, and a probe of each component built from its name and
+    ``*_args`` (so typos and unknown names fail now, not at the first step).
+
+    Raises:
+        TypeError: an option of the wrong type, or a keyword a component does not take.
+        ValueError: an option out of range, or a component rejecting its arguments.
+        lit_lowrank.UnknownComponentError: a name that is not registered.
+    """
+    check_adamw_options(group)
+    check_nonfinite_option(group["nonfinite"])
+    if group.get("lowrank"):
+        check_lowrank_options(group)
+        probe_components(group)
+
+
+def check_adamw_options(group: Mapping[str, Any]) -> None:
+    """``lr`` finite ≥ 0, ``betas`` two numbers in [0, 1), ``eps`` finite > 0, ``weight_decay`` finite ≥ 0."""
+    lr = real("lr", group["lr"])
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr}; set the peak learning rate, e.g. 1e-3")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be two numbers, got {betas!r}; e.g. betas: [0.9, 0.999]")
+    for beta in betas:
+        if not 0 <= real("betas", beta) < 1:
+            raise ValueError(f"betas must each be in [0, 1), got {list(betas)}; e.g. betas: [0.9, 0.999] "
+                             "(a beta >= 1 makes the moments grow without bound)")
+    eps = real("eps", group["eps"])
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}; e.g. eps: 1e-8")
+    decay = real("weight_decay", group["weight_decay"])
+    if not (math.isfinite(decay) and decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {decay}; use 0 for none")
+
+
+def check_lowrank_options(group: Mapping[str, Any]) -> None:
+    """``rank`` and ``update_gap`` integers ≥ 1, ``scale`` finite > 0, ``side`` and
+    ``on_refresh`` known, component names strings and ``*_args`` mappings."""
+    for key, meaning in (("rank", "the subspace rank r, e.g. 128"),
+                         ("update_gap", "steps between subspace refreshes, e.g. 200")):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{key} must be an integer, got {value!r} ({type(value).__name__}); it is {meaning}")
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}; it is {meaning}")
+    scale = real("scale", group["scale"])
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale (α, the update scale) must be a finite number > 0, got {scale}; GaLore uses 0.25")
+    if group["side"] not in SIDE_POLICIES:
+        raise ValueError(f"side={group['side']!r}; expected one of {SIDE_POLICIES}")
+    if group["on_refresh"] not in ON_REFRESH:
+        raise ValueError(f"on_refresh={group['on_refresh']!r}; expected one of {ON_REFRESH}")
+    for option in COMPONENTS:
+        if not isinstance(group[option], str):
+            raise TypeError(f"{option} must be a registered name (a string), got {group[option]!r}; "
+                            "`python -m lit_lowrank plugins` lists them")
+        if not isinstance(group[f"{option}_args"], Mapping):
+            raise TypeError(f"{option}_args must be a mapping of keyword arguments, got {group[f'{option}_args']!r}")
+
+
+def probe_components(group: Mapping[str, Any]) -> None:
+    """Build each component of a low-rank group once, as the optimizer will (the projector at
+    the group's rank; seed 0), so that its own argument checks and those of the quantizers it
+    builds run now."""
+    build("projector", group, rank=group["rank"], side=group["side"], seed=0)
+    build("schedule", group, gap=group["update_gap"])
+    build("inner", group, betas=tuple(group["betas"]), eps=group["eps"])
+    build("rule", group, scale=group["scale"])
+
+
+def build(option: str, group: Mapping[str, Any], **offered: Any) -> Any:
+    """The component that ``group[option]`` names, built with ``group[option + "_args"]`` and
+    those of ``offered`` it accepts. Errors are re-raised (same type) naming the component, its
+    provider and the option to fix."""
+    kind, name = COMPONENTS[option], group[option]
+    cls = plugins.get(kind, name)
+    try:
+        return construct(cls, group[f"{option}_args"], **offered)
+    except QuantizerProbeError as exc:
+        quantizers = plugins.registered("quantizers")
+        provider = quantizers[exc.name].provider if exc.name in quantizers else None
+        raise QuantizerProbeError(exc.name, exc.problem, provider=provider, fix=(
+            f"; fix or uninstall that plugin, or set another quantizer in {option}_args "
+            f"(registered: {', '.join(sorted(quantizers))})")) from exc
+    except (plugins.UnknownComponentError, TypeError, ValueError) as exc:
+        base = next(t for t in (plugins.UnknownComponentError, TypeError, ValueError) if isinstance(exc, t))
+        raise base(f"{describe(kind, name)}: {exc} (check {option}_args)") from exc
+
+
+def describe(kind: str, name: str) -> str:
+    """``projector 'svd' (from lit_lowrank.projectors.svd)``: a component and its provider."""
+    entry = plugins.registered(kind).get(name)
+    provider = f" (from {entry.provider})" if entry is not None else ""
+    return f"{kind[:-1].replace('_', ' ')} {name!r}{provider}"
+
+
+def construct(cls: type, explicit: Mapping[str, Any], **offered: Any) -> Any:
+    """``cls(**offered, **explicit)``, offering only the keywords ``cls`` accepts; an unknown
+    explicit keyword raises a TypeError naming what ``cls`` accepts (for a ``**kwargs``
+    constructor, also what its base classes' constructors accept)."""
+    parameters = inspect.signature(cls).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs = {k: v for k, v in offered.items() if var_kw or k in parameters}
+    unknown = [k for k in explicit if not var_kw and k not in parameters]
+    if unknown:
+        raise TypeError(f"{cls.__name__} got unknown option(s) {unknown}; it accepts: {', '.join(accepted(cls))}")
+    try:
+        return cls(**{**kwargs, **explicit})
+    except TypeError as exc:
+        if not var_kw or "unexpected keyword" not in str(exc):
+            raise
+        raise TypeError(f"{cls.__name__}: {exc}; it accepts: {', '.join(accepted(cls))}") from exc
+
+
+def accepted(cls: type) -> list[str]:
+    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` into base classes."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in parameters if p.name != "self" and p.name not in names
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+def check_bases(projector: Projector, grad: Tensor, rank: int, name: str) -> None:
+    """After a refresh on ``grad`` (m×n): the projector's bases must be L m×r' (left side)
+    and/or Q n×r' (right side), as its ``side`` says, with 1 ≤ r' ≤ ``rank``, and finite.
+    ``name`` is the projector's registered name (for the message)."""
+    m, n = grad.shape
+    wanted = {Side.LEFT: (m, None), Side.RIGHT: (None, n), Side.BOTH: (m, n)}[projector.side]
+    for label, basis, rows in zip(("L", "Q"), projector.bases(), wanted):
+        problem = basis_problem(basis, rows, rank)
+        if problem and not torch.isfinite(grad).all():
+            raise RuntimeError(f"a subspace refresh got a gradient with NaN or inf values ({m}×{n}), so its "
+                               f"basis {label} has {problem}; find where the loss or gradient overflows "
+                               "(lower lr, use bf16 rather than fp16, clip gradients)")
+        if problem:
+            raise RuntimeError(
+                f"{describe('projectors', name)} returned {problem} as its basis {label} for a {m}×{n} gradient "
+                f"(side {projector.side.name}, rank {rank}); a projector must return L m×r' and/or Q n×r' "
+                f"with 1 ≤ r' ≤ rank. Fix or uninstall that plugin, or set another projector.")
+
+
+def basis_problem(basis: Tensor | None, rows: int | None, rank: int) -> str | None:
+    """What is wrong with one basis (None if nothing): presence, shape (rows×r', r' ≤ rank), finiteness."""
+    if rows is None:
+        return None if basis is None else f"a {tuple(basis.shape)} tensor where none belongs"
+    if basis is None:
+        return "None"
+    if basis.ndim != 2 or basis.shape[0] != rows or not 1 <= basis.shape[1] <= rank:
+        return f"a {tuple(basis.shape)} tensor"
+    if not torch.isfinite(basis).all():
+        return "non-finite values (NaN or inf)"
+    return None
+
+
+def real(key: str, value: Any) -> float:
+    """``value`` as a float if it is a real number (or a one-element tensor), else a TypeError."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
