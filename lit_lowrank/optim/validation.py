@@ -38,7 +38,7 @@ def check_group(group: Mapping[str, Any]) -> None:
         lit_lowrank.UnknownComponentError: a name that is not registered.
     """
     check_adamw_options(group)
-    check_nonfinite_option(group["nonfinite"])
+    check_nonfinite_option(group.get("nonfinite", "skip"))
     if group.get("lowrank"):
         check_lowrank_options(group)
         probe_components(group)
