@@ -45,6 +45,7 @@ METHODS: dict[str, Factory] = {
     "adamw-fused": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
     "galore-torch": _galore_torch,
     "galore": lambda model: build_optimizer(model, **GALORE),
+    "galore-unguarded": lambda model: build_optimizer(model, **GALORE, nonfinite="ignore"),
     "galore-rsvd": lambda model: build_optimizer(model, **GALORE, projector="rsvd"),
     "galore-dct": lambda model: build_optimizer(model, **GALORE, projector="dct"),
     "galore-online-pca": lambda model: build_optimizer(model, **GALORE, projector="online-pca", schedule="every-step"),
