@@ -92,11 +92,15 @@ def check_lowrank_options(group: Mapping[str, Any]) -> None:
 def probe_components(group: Mapping[str, Any]) -> None:
     """Build each component of a low-rank group once, as the optimizer will (the projector at
     the group's rank; seed 0), so that its own argument checks and those of the quantizers it
-    builds run now."""
+    builds run now; a rule that works at one rank only (``UpdateRule.required_rank``) refuses
+    another."""
     build("projector", group, rank=group["rank"], side=group["side"], seed=0)
     build("schedule", group, gap=group["update_gap"])
     build("inner", group, betas=tuple(group["betas"]), eps=group["eps"])
-    build("rule", group, scale=group["scale"])
+    rule = build("rule", group, scale=group["scale"])
+    if rule.required_rank is not None and group["rank"] != rule.required_rank:
+        raise ValueError(f"{describe('update_rules', group['rule'])} works at rank {rule.required_rank} only, but "
+                         f"rank is {group['rank']}; set rank: {rule.required_rank}, or choose another rule")
 
 
 def build(option: str, group: Mapping[str, Any], **offered: Any) -> Any:

@@ -57,20 +57,14 @@ class ApolloRule(UpdateRule):
 class ApolloMiniRule(ApolloRule):
     """APOLLO-Mini: rank-1 projection, tensor-wise scaling, α = 128 (so √128 ≈ 11.3 multiplies
     the update). α is fixed here and the optimizer's ``scale`` option does not reach it; for
-    another α use ``rule: apollo`` with ``rule_args: {scaling: tensor}``.
-
-    Raises:
-        ValueError: at the first step, if the projector's rank is not 1.
+    another α use ``rule: apollo`` with ``rule_args: {scaling: tensor}``, which also takes any rank
+    (``required_rank = 1`` here: the optimizer refuses another rank when it is built).
     """
+
+    required_rank = 1
 
     def __init__(self, *, gamma: float | None = 1.01) -> None:
         super().__init__(128.0, scaling="tensor", gamma=gamma)
-
-    def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
-        if inputs.projector.rank != 1:
-            raise ValueError(f"apollo-mini is APOLLO at rank 1, but the rank is {inputs.projector.rank}; set rank: 1, "
-                             "or use rule: apollo with rule_args {scaling: tensor} for a higher rank.")
-        super().apply_(param, inputs, step_size=step_size)
 
 
 @hookimpl

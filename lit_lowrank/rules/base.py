@@ -43,6 +43,9 @@ class UpdateRule(ABC):
     """
 
     uses_gradient: bool = True
+    required_rank: int | None = None
+    """The one subspace rank the rule works at (APOLLO-Mini: 1), or None for any; the optimizer
+    refuses another rank when it is built."""
 
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = scale
