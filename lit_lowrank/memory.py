@@ -214,7 +214,7 @@ def _full_rank_states(p: nn.Parameter, spec: Method, formats: Formats) -> int:
 
 def llama_on_meta(size: str, *, dtype: torch.dtype = torch.bfloat16, gradnorm: bool = False,
                   targets: Sequence[str] | None = DEFAULT_TARGETS) -> nn.Module:
-    """``LlamaForCausalLM`` of a named size (DESIGN.md §4) on the meta device, in ``dtype``;
+    """``LlamaForCausalLM`` of a named size (:data:`lit_lowrank.models.llama.LLAMA_SIZES`) on the meta device, in ``dtype``;
     weight-normalized when ``gradnorm``."""
     from transformers import LlamaForCausalLM
 

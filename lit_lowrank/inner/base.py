@@ -1,4 +1,4 @@
-"""The InnerOptimizer contract: the moment update in low-rank space (DESIGN.md §2).
+"""The InnerOptimizer contract: the moment update in low-rank space (docs/plugins.md).
 
 An inner optimizer turns projected gradients ``R`` into normalized directions ``N`` (same
 shape), keeping its moments in each parameter's optimizer state. It is called once per step

@@ -1,5 +1,5 @@
-"""LLaMA decoders by named size, as in GaLore's pretraining table (Zhao et al. 2024, Table 11 /
-DESIGN.md §4), built with ``transformers.LlamaConfig``/``LlamaForCausalLM`` and random init."""
+"""LLaMA decoders by named size, as in GaLore's pretraining table (Zhao et al. 2024,
+Table 11), built with ``transformers.LlamaConfig``/``LlamaForCausalLM`` and random init."""
 
 from __future__ import annotations
 

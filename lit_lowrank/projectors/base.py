@@ -1,4 +1,4 @@
-"""The Projector contract: an m×n gradient to a low-rank tensor and back (DESIGN.md §2).
+"""The Projector contract: an m×n gradient to a low-rank tensor and back (docs/plugins.md).
 
 A projector holds one orthonormal basis per projected side:
 

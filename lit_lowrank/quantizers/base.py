@@ -1,4 +1,4 @@
-"""The Quantizer contract: a tensor to a packed, tensor-only form and back (DESIGN.md §2)."""
+"""The Quantizer contract: a tensor to a packed, tensor-only form and back (docs/plugins.md)."""
 
 from __future__ import annotations
 

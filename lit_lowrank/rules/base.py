@@ -1,4 +1,4 @@
-"""The UpdateRule contract: how the low-rank direction becomes a full-rank step (DESIGN.md §2)."""
+"""The UpdateRule contract: how the low-rank direction becomes a full-rank step (docs/plugins.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Schedule contract: when a parameter's projector is refreshed (DESIGN.md §2)."""
+"""The Schedule contract: when a parameter's projector is refreshed (docs/plugins.md)."""
 
 from __future__ import annotations
 

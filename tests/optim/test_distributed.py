@@ -1,5 +1,5 @@
 """DDP (gloo, 2 CPU processes): every rank holds the same projector, and training equals the
-single-process run on the whole batch (DESIGN.md §5)."""
+single-process run on the whole batch."""
 
 from __future__ import annotations
 
