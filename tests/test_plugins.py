@@ -99,14 +99,23 @@ def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch, fresh_plugins):
     sys.modules.pop("lit_lowrank_fake_mod", None)
 
 
-def test_broken_entry_point_warns_with_package_name(tmp_path, monkeypatch, fresh_plugins):
-    _install_fake_distribution(tmp_path, monkeypatch, "lit-lowrank-broken", "broken = lit_lowrank_missing_module", None)
+@pytest.mark.parametrize("package, value, source, failure", [
+    ("lit-lowrank-broken", "broken = lit_lowrank_missing_module", None, "ModuleNotFoundError"),
+    ("lit-lowrank-exits", "exits = lit_lowrank_exits_mod", """
+        import sys
+        sys.exit("no GPU here")
+    """, "SystemExit: no GPU here"),
+], ids=["missing-module", "sys-exit"])
+def test_entry_point_failing_at_import_is_skipped_naming_its_package(tmp_path, monkeypatch, fresh_plugins, package,
+                                                                     value, source, failure):
+    _install_fake_distribution(tmp_path, monkeypatch, package, value, source)
     monkeypatch.delenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV)
     fresh_plugins.reset()
-    with pytest.warns(RuntimeWarning, match="'lit-lowrank-broken' failed to load"):
+    with pytest.warns(RuntimeWarning, match=rf"'{package}' failed to load \({failure}"):
         projectors = fresh_plugins.registered("projectors")
     assert "svd" in projectors
     monkeypatch.setenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV, "1")
+    sys.modules.pop("lit_lowrank_exits_mod", None)
 
 
 def test_hook_typo_in_entry_point_is_refused(tmp_path, monkeypatch, fresh_plugins):
@@ -214,15 +223,3 @@ def test_a_hook_calling_sys_exit_is_skipped(fresh_plugins):
     assert "exit-first" not in names and "svd" in names
 
 
-def test_entry_point_calling_sys_exit_at_import_is_skipped(tmp_path, monkeypatch, fresh_plugins):
-    _install_fake_distribution(tmp_path, monkeypatch, "lit-lowrank-exits", "exits = lit_lowrank_exits_mod", """
-        import sys
-        sys.exit("no GPU here")
-    """)
-    monkeypatch.delenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV)
-    fresh_plugins.reset()
-    with pytest.warns(RuntimeWarning, match="'lit-lowrank-exits' failed to load \\(SystemExit: no GPU here\\)"):
-        projectors = fresh_plugins.registered("projectors")
-    assert "svd" in projectors
-    monkeypatch.setenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV, "1")
-    sys.modules.pop("lit_lowrank_exits_mod", None)
