@@ -21,4 +21,5 @@ BUILTIN_MODULES = (
     "lit_lowrank.projectors.online_pca",
     "lit_lowrank.projectors.dct",
     "lit_lowrank.projectors.adaptive_rank",
+    "lit_lowrank.methods",
 )

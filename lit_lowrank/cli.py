@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_lowrank import plugins
+from lit_lowrank.methods import Method
 from lit_lowrank.lightning import LowRankConfig, LowRankModule
 
 
@@ -55,15 +56,19 @@ class LowRankArgumentParser(LightningArgumentParser):
 
 
 def print_plugins() -> None:
-    """One line per registered component: kind, name, providing plugin."""
+    """One line per registered component — kind, name, class (a method: its settings), providing
+    plugin."""
     for kind in plugins.KINDS:
         for name, entry in sorted(plugins.registered(kind).items()):
-            print(f"{kind:<17} {name:<16} {entry.cls.__module__}.{entry.cls.__qualname__}  [{entry.provider}]")
+            component = entry.component
+            what = (component.settings() if isinstance(component, Method)
+                    else f"{component.__module__}.{component.__qualname__}")
+            print(f"{kind:<17} {name:<16} {what}  [{entry.provider}]")
 
 
 DESCRIPTION = ("Train with low-rank gradient optimizers (GaLore, Fira, APOLLO, Q-GaLore, ...). "
                "`python -m lit_lowrank plugins` lists the registered projectors, rules, inner "
-               "optimizers, schedules and quantizers.")
+               "optimizers, schedules, quantizers and methods.")
 
 
 class LowRankCLI(LightningCLI):

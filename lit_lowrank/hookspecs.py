@@ -1,15 +1,19 @@
 """The plugin contract: one hook per kind of component, each handed a ``register`` callback.
 
 A plugin module implements any of these with ``@lit_lowrank.hookimpl`` and calls
-``register(name, cls)`` once per component it provides. Built-in components are registered
+``register(name, cls)`` once per component it provides (``register(name, method)`` for
+named methods). Built-in components are registered
 through exactly these hooks (see ``lit_lowrank/builtins.py``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pluggy
+
+if TYPE_CHECKING:
+    from lit_lowrank.methods import Method
 
 hookspec = pluggy.HookspecMarker("lit_lowrank")
 hookimpl = pluggy.HookimplMarker("lit_lowrank")
@@ -40,3 +44,9 @@ def register_inner_optimizers(register: Register) -> None:
 @hookspec
 def register_schedules(register: Register) -> None:
     """Call ``register(name, cls)`` for each :class:`~lit_lowrank.Schedule` subclass."""
+
+
+@hookspec
+def register_methods(register: Callable[[str, "Method"], None]) -> None:
+    """Call ``register(name, method)`` for each :class:`~lit_lowrank.methods.Method`: a named
+    recipe of the components above (``build_optimizer(model, method=name)``)."""

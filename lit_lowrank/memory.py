@@ -1,17 +1,21 @@
 """Training-memory estimate per method — weights, gradients, optimizer states — from parameter
 shapes alone (build the model on the ``meta`` device: no weights are allocated).
 
-The figures follow what this library stores, tensor by tensor, so the optimizer-state figure of
-a method equals :meth:`LowRankOptimizer.state_bytes` after a step (tested):
+A method is a registered :class:`~lit_lowrank.methods.Method` (its storage is derived from its
+options by :func:`storage`) or a full-rank baseline (:data:`BASELINES`). The figures follow what
+this library stores, tensor by tensor, so the optimizer-state figure of a method equals
+:meth:`LowRankOptimizer.state_bytes` after a step (tested):
 
 * target weights (``select_targets``) of shape m×n at rank r (clamped to ``min(m, n)``) on
   GaLore's ``std`` side: low-rank moments of ``k = r·max(m, n)`` elements, a basis of
   ``r·min(m, n)``; every other parameter gets dense AdamW moments (2 per element);
 * float moments and bases are in the parameter's dtype (moments are shaped like the gradient);
+  Lion keeps one moment;
 * 8-bit moments (``adamw8bit`` inner): ``k + 4⌈k/B⌉ + 16`` bytes each — uint8 codes, a float32
   absmax per block of B (256), the packed shape — when ``k ≥ min_8bit_size`` (4096), else float;
 * the INT4 basis of Q-GaLore (``int`` quantizer, asymmetric, group 256): ``⌈n/2⌉`` code bytes
   over whole groups, float32 scale and minimum per group, the packed shape;
+* the DCT projector checkpoints its r column indices (int64) and caches the r columns;
 * APOLLO's random projection is checkpointed as its seed and shape (m, n) (two int64) but its
   dense basis (``r·min(m, n)`` in the parameter's dtype) stays cached between steps
   (``projector_args: {cache_basis: false}`` drops it and redraws it at every use);
@@ -38,64 +42,83 @@ import torch
 from torch import nn
 
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, select_targets
+from lit_lowrank.optim.targets import GRADNORM_DIRECTION
+from lit_lowrank.methods import Method
+from lit_lowrank.plugins import get_method
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
 LAYERWISE = "-layerwise"
+BASELINES = ("adamw", "adamw8bit")
+"""Full-rank references: ``torch.optim.AdamW`` and ``bitsandbytes.optim.AdamW8bit``."""
+
+MOMENTS = {"adamw": "float", "adamw-hf": "float", "adamw8bit": "8bit", "lion": "single", "adafactor": "factored"}
+"""How each inner optimizer with a known formula stores its moments."""
+BASES = {"svd": "float", "rsvd": "float", "online-pca": "float", "random": "seed", "dct": "columns"}
+"""How each projector with a known formula stores its basis (before any basis quantizer)."""
 
 
 @dataclass(frozen=True)
-class Method:
-    """How a method stores its state (see the module docstring for the byte counts).
+class Storage:
+    """How a method stores its state (see the module docstring for the byte counts), derived
+    from its registered options by :func:`storage`.
 
     Args:
         lowrank: target weights get projected moments (else full-rank Adam on everything).
-        moments: ``"float"``, ``"8bit"`` (blockwise, bitsandbytes format), ``"factored"``
-            (Adafactor) or ``"factored-beta1"`` (Adafactor with a first moment).
-        basis: ``"float"`` (parameter dtype), ``"int4"`` (Q-GaLore) or ``"seed"`` (APOLLO: the
-            seed and shape, plus the cached dense basis).
+        moments: ``"float"``, ``"8bit"`` (blockwise, bitsandbytes format), ``"single"`` (one
+            moment: Lion), ``"factored"`` or ``"factored-beta1"`` (Adafactor without/with a first moment).
+        basis: ``"float"`` (parameter dtype), ``"columns"`` (DCT: r indices and the cached
+            columns), ``"seed"`` (random: the seed and shape, plus the cached basis) or
+            ``"int<bits>"`` (a quantized basis, Q-GaLore's ``int4``).
         rank: a fixed rank (APOLLO-Mini: 1) instead of the requested one.
-        int8_weights: target weights held as INT8 codes (Q-GaLore).
-        gradnorm: the model must be weight-normalized (``apply_gradnorm``): the direction V is
-            projected, the magnitude g is dense.
+        weight_bits: target weights held as integer codes of this many bits (Q-GaLore: 8).
+        gradnorm: the model must be weight-normalized (``apply_gradnorm``).
+        cache_basis: the projector keeps its regenerable basis between steps.
     """
 
     lowrank: bool = True
     moments: str = "float"
     basis: str = "float"
     rank: int | None = None
-    int8_weights: bool = False
+    weight_bits: int | None = None
     gradnorm: bool = False
+    cache_basis: bool = True
 
 
-METHODS: dict[str, Method] = {
-    "adamw": Method(lowrank=False),
-    "adamw8bit": Method(lowrank=False, moments="8bit"),
-    "galore": Method(),
-    "galore8bit": Method(moments="8bit"),
-    "fira": Method(),
-    "galore-adafactor": Method(moments="factored"),
-    "galore-adafactor-beta1": Method(moments="factored-beta1"),
-    "apollo": Method(basis="seed"),
-    "apollo-mini": Method(basis="seed", rank=1),
-    "q-galore": Method(moments="8bit", basis="int4", int8_weights=True),
-    "gradnorm": Method(gradnorm=True),
-    "gradnorm8bit": Method(moments="8bit", gradnorm=True),
-}
-"""Every method by name; append ``-layerwise`` to any of them for the layer-wise variant."""
+def storage(name: str | Method) -> Storage:
+    """The :class:`Storage` of a baseline, a registered method (by name) or a :class:`Method`.
+
+    Raises:
+        UnknownComponentError: for an unregistered method (the message lists them).
+        ValueError: for a method whose components have no formula here (a plugin's, or an
+            adaptive rank that depends on the gradients): measure it with ``state_bytes()``.
+    """
+    if name in BASELINES:
+        return Storage(lowrank=False, moments="8bit" if name == "adamw8bit" else "float")
+    method = get_method(name) if isinstance(name, str) else name
+    options = method.options
+    inner, projector = options.get("inner", "adamw"), options.get("projector", "svd")
+    if inner not in MOMENTS or projector not in BASES:
+        raise ValueError(f"no memory formula for method {name!r} (inner {inner!r}, projector {projector!r}); "
+                         "measure it with LowRankOptimizer.state_bytes() after a step")
+    moments = MOMENTS[inner]
+    if moments == "factored" and options.get("inner_args", {}).get("beta1") is not None:
+        moments = "factored-beta1"
+    projector_args = options.get("projector_args", {})
+    basis = BASES[projector]
+    if projector_args.get("quantizer") == "int":
+        basis = f"int{projector_args.get('quantizer_args', {}).get('bits', 8)}"
+    return Storage(moments=moments, basis=basis, rank=options.get("rank"), weight_bits=method.weight_bits,
+                   gradnorm=method.gradnorm, cache_basis=projector_args.get("cache_basis", True))
 
 
 @dataclass(frozen=True)
 class Formats:
-    """Block and group sizes of the quantized formats (the library's defaults), and whether a
-    regenerable basis (APOLLO's random projection) stays cached (``cache_basis``)."""
+    """Block and group sizes of the quantized formats (the library's defaults)."""
 
     block_size: int = 256  # 8-bit moments: elements per absmax
     min_8bit_size: int = 4096  # smaller low-rank tensors keep float moments
-    basis_bits: int = 4
     basis_group: int = 256
-    weight_bits: int = 8
     weight_group: int = 256
-    cache_basis: bool = True  # the random projector's cache_basis option
 
 
 @dataclass
@@ -115,21 +138,18 @@ class Estimate:
         return self.weights + self.gradients + self.optimizer
 
 
-def method(name: str) -> tuple[Method, bool]:
-    """``(Method, layerwise)`` for a name such as ``galore8bit`` or ``q-galore-layerwise``.
-
-    Raises:
-        ValueError: for an unknown name (the message lists the known ones).
-    """
-    base = name[: -len(LAYERWISE)] if name.endswith(LAYERWISE) else name
-    if base not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}, optionally with '{LAYERWISE}'")
-    return METHODS[base], name.endswith(LAYERWISE)
+def method(name: str | Method) -> tuple[Storage, bool]:
+    """``(Storage, layerwise)`` for a name such as ``galore-8bit`` or ``q-galore-layerwise``, or a
+    :class:`Method` (not layer-wise)."""
+    if not isinstance(name, str):
+        return storage(name), False
+    base = name.removesuffix(LAYERWISE)
+    return storage(base), base != name
 
 
 def estimate(
     model: nn.Module,
-    name: str,
+    name: str | Method,
     *,
     rank: int,
     targets: Sequence[str] | None = DEFAULT_TARGETS,
@@ -139,18 +159,19 @@ def estimate(
     """The memory of training ``model`` (real or on the ``meta`` device) with method ``name``.
 
     Raises:
-        ValueError: for an unknown method, or a ``gradnorm`` method on a model without
-            ``apply_gradnorm``.
+        UnknownComponentError: for an unregistered method (the message lists them).
+        ValueError: for a method without a formula here (see :func:`storage`), or a
+            ``gradnorm`` method on a model without ``apply_gradnorm``.
     """
     spec, layerwise = method(name)
     low_rank, dense = select_targets(model, targets, exclude)
-    if spec.gradnorm and not any(n.endswith("parametrizations.weight.original1") for n in low_rank):
+    if spec.gradnorm and not any(n.endswith(GRADNORM_DIRECTION) for n in low_rank):
         raise ValueError(f"{name} needs a weight-normalized model: call "
                          "lit_lowrank.reparam.apply_gradnorm(model, targets) first")
     trainable = [*low_rank.values(), *dense.values()]
     weights = sum(_nbytes(p) for p in model.parameters())
-    if spec.int8_weights:
-        weights += sum(int_bytes(p.numel(), formats.weight_bits, formats.weight_group, p.ndim) - _nbytes(p)
+    if spec.weight_bits is not None:
+        weights += sum(int_bytes(p.numel(), spec.weight_bits, formats.weight_group, p.ndim) - _nbytes(p)
                        for p in low_rank.values())
     grads = [_nbytes(p) for p in trainable]
     gradients = max(grads, default=0) if layerwise else sum(grads)
@@ -183,7 +204,7 @@ def _nbytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
-def _lowrank_moments(p: nn.Parameter, rank: int, spec: Method, formats: Formats) -> int:
+def _lowrank_moments(p: nn.Parameter, rank: int, spec: Storage, formats: Formats) -> int:
     m, n = p.shape
     k = min(rank, m, n) * max(m, n)
     if spec.moments == "8bit" and k >= formats.min_8bit_size:
@@ -191,20 +212,23 @@ def _lowrank_moments(p: nn.Parameter, rank: int, spec: Method, formats: Formats)
     if spec.moments.startswith("factored"):  # float32 row and column statistics (+ first moment)
         factored = 4 * (min(rank, m, n) + max(m, n))
         return factored + (4 * k if spec.moments == "factored-beta1" else 0)
-    return 2 * k * p.element_size()
+    return (1 if spec.moments == "single" else 2) * k * p.element_size()
 
 
-def _basis(p: nn.Parameter, rank: int, spec: Method, formats: Formats) -> int:
+def _basis(p: nn.Parameter, rank: int, spec: Storage, formats: Formats) -> int:
     m, n = p.shape
     numel = min(rank, m, n) * min(m, n)
+    cached = numel * p.element_size() if spec.cache_basis else 0
     if spec.basis == "seed":  # int64 shape (m, n) + the cached dense basis
-        return 8 * 2 + (numel * p.element_size() if formats.cache_basis else 0)
-    if spec.basis == "int4":
-        return int_bytes(numel, formats.basis_bits, formats.basis_group, 2)
+        return 8 * 2 + cached
+    if spec.basis == "columns":  # r int64 column indices + the cached columns
+        return 8 * min(rank, m, n) + cached
+    if spec.basis.startswith("int"):
+        return int_bytes(numel, int(spec.basis[3:]), formats.basis_group, 2)
     return numel * p.element_size()
 
 
-def _full_rank_states(p: nn.Parameter, spec: Method, formats: Formats) -> int:
+def _full_rank_states(p: nn.Parameter, spec: Storage, formats: Formats) -> int:
     if spec.moments != "8bit":
         return 2 * _nbytes(p)
     if p.numel() < 4096:  # bitsandbytes keeps float32 moments for small tensors

@@ -2,7 +2,8 @@
 
 Built-in modules (``lit_lowrank.builtins.BUILTIN_MODULES``) and every entry point of the
 ``lit_lowrank`` group are registered with one :class:`pluggy.PluginManager`. Components are then
-looked up by kind and name, e.g. ``get("projectors", "svd")``.
+looked up by kind and name, e.g. ``get("projectors", "svd")``; named methods (recipes
+combining them) are registered the same way.
 
 A bare name always means the built-in component when one has it: a plugin registering ``svd``
 does not replace the built-in; its projector is reachable as ``<package>:svd`` (as is any
@@ -22,16 +23,18 @@ from importlib.metadata import entry_points
 import pluggy
 
 from lit_lowrank import hookspecs
+from lit_lowrank.methods import Method
 
-KINDS = ("projectors", "quantizers", "update_rules", "inner_optimizers", "schedules")
+KINDS = ("projectors", "quantizers", "update_rules", "inner_optimizers", "schedules", "methods")
 DISABLE_ENTRYPOINTS_ENV = "LIT_LOWRANK_DISABLE_ENTRYPOINTS"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered component: the class and the plugin (package) that provided it."""
+    """One registered component — a class, or a :class:`~lit_lowrank.methods.Method` — and the
+    plugin (package) that provided it."""
 
-    cls: type
+    component: object
     provider: str
 
 
@@ -158,7 +161,7 @@ def _add(registry: dict[str, Entry], ambiguous: dict[str, list[str]], kind: str,
     """Register ``entry`` as ``name``; on a clash with another class the built-in keeps the bare
     name, and plugins' components go under their qualified names."""
     current = registry.get(name)
-    if current is not None and current.cls is entry.cls:
+    if current is not None and current.component is entry.component:
         return
     if current is None and name not in ambiguous:
         registry[name] = entry
@@ -189,8 +192,8 @@ def _is_builtin(provider: str) -> bool:
     return provider in BUILTIN_MODULES
 
 
-def get(kind: str, name: str) -> type:
-    """The class registered as ``name`` (or ``<package>:<name>``); raises
+def get(kind: str, name: str) -> object:
+    """The component registered as ``name`` (or ``<package>:<name>``); raises
     :class:`UnknownComponentError` listing the names, or naming the plugins of an ambiguous name."""
     registry = registered(kind)
     entry = registry.get(name)
@@ -200,7 +203,7 @@ def get(kind: str, name: str) -> type:
         if candidate is not None and _qualified(bare, candidate.provider) == name:
             entry = candidate
     if entry is not None:
-        return entry.cls
+        return entry.component
     label = kind[:-1].replace("_", " ")
     if name in _ambiguous.get(kind, {}):
         raise UnknownComponentError(f"{label} {name!r} is registered by several plugins: "
@@ -230,3 +233,8 @@ def get_inner_optimizer(name: str) -> type:
 
 def get_schedule(name: str) -> type:
     return get("schedules", name)
+
+
+def get_method(name: str) -> Method:
+    """The :class:`~lit_lowrank.methods.Method` registered as ``name``."""
+    return get("methods", name)

@@ -1,10 +1,14 @@
 """Optimizer step time and state memory on a real LLaMA shape, against torch AdamW in the same run.
 
-    python scripts/bench_optim.py                      # LLaMA-60M, every method
+    python scripts/bench_optim.py                      # LLaMA-60M, the baselines and every registered method
     python scripts/bench_optim.py --size 130m --methods adamw galore fira
+    python scripts/bench_optim.py --device cuda --dtype bf16
 
-Each method gets the same model and the same fixed gradients; only ``optimizer.step()`` is
-timed. The first step (which computes the projections) is reported separately as the refresh
+Methods are the baselines below and every registered method (``python -m lit_lowrank plugins``),
+built with ``build_optimizer(model, method=name)`` at GaLore's 60M settings (rank 128, T = 200,
+α = 0.25 unless the method sets them, lr 0.01); a method's model transform (Q-GaLore's INT8
+weights, GradNormLoRP's weight normalization) is applied first. Each method gets the same model
+and the same fixed gradients; only ``optimizer.step()`` is timed (CUDA events on a GPU). The first step (which computes the projections) is reported separately as the refresh
 cost; the steady-state figure is the median over ``--steps`` steps after ``--warmup`` steps, with
 no refresh in between (T = 200). State MiB sums the real storage of every tensor the optimizer
 holds (moments, bases, quantization scales), excluding scalar step counters.
@@ -20,10 +24,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lit_lowrank import LowRankOptimizer, build_optimizer
+from lit_lowrank import LowRankOptimizer, build_optimizer, registered
+from lit_lowrank.methods import Method
 from lit_lowrank.models.llama import llama_config
+from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
+from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
 GALORE = dict(rank=128, update_gap=200, scale=0.25, lr=0.01)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 Factory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -40,26 +48,36 @@ def _galore_torch(model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-METHODS: dict[str, Factory] = {
+BASELINES: dict[str, Factory] = {
     "adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3),
     "adamw-fused": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
     "galore-torch": _galore_torch,
-    "galore": lambda model: build_optimizer(model, **GALORE),
     "galore-unguarded": lambda model: build_optimizer(model, **GALORE, nonfinite="ignore"),
-    "galore-rsvd": lambda model: build_optimizer(model, **GALORE, projector="rsvd"),
-    "galore-dct": lambda model: build_optimizer(model, **GALORE, projector="dct"),
-    "galore-online-pca": lambda model: build_optimizer(model, **GALORE, projector="online-pca", schedule="every-step"),
-    "galore-8bit": lambda model: build_optimizer(model, **GALORE, inner="adamw8bit"),
-    "q-galore": lambda model: build_optimizer(
-        model, **GALORE, inner="adamw8bit", schedule="lazy",
-        projector_args={"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}),
-    "galore-adafactor": lambda model: build_optimizer(model, **GALORE, inner="adafactor"),
-    "galore-lion": lambda model: build_optimizer(model, **GALORE, inner="lion", inner_args={"betas": (0.9, 0.99)}),
-    "fira": lambda model: build_optimizer(model, **GALORE, rule="fira"),
-    "apollo": lambda model: build_optimizer(model, **{**GALORE, "scale": 1.0}, projector="random", rule="apollo"),
-    "apollo-mini": lambda model: build_optimizer(model, **{**GALORE, "rank": 1}, projector="random",
-                                                 rule="apollo-mini"),
 }
+"""Full-rank references, the peer package, and GaLore without the non-finite guard (its cost)."""
+
+
+def method_factory(name: str) -> Factory:
+    """``build_optimizer(model, method=name)`` at GaLore's settings, minus those the method sets."""
+    method: Method = registered("methods")[name].component
+    return lambda model: build_optimizer(model, method=name, **{k: v for k, v in GALORE.items()
+                                                                if k not in method.options})
+
+
+def prepared_model(size: str, name: str, dtype: torch.dtype, device: str) -> nn.Module:
+    """LLaMA of ``size`` with the method's transform applied and fixed gradients set."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(size)).to(device=device, dtype=dtype)
+    method = registered("methods").get(name)
+    if method is not None and method.component.gradnorm:
+        apply_gradnorm(model)
+    if method is not None and method.component.weight_bits is not None:
+        quantize_linear_weights(model, None, bits=method.component.weight_bits)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -87,46 +105,64 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def measure(model: nn.Module, factory: Factory, warmup: int, steps: int) -> dict[str, float]:
     optimizer = factory(model)
-    start = time.perf_counter()
-    optimizer.step()
-    first = time.perf_counter() - start
+    clock = Clock(next(model.parameters()).device)
+    first = clock.time(optimizer.step)
     for _ in range(warmup):
         optimizer.step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    steady = statistics.median(times)
+    steady = statistics.median(clock.time(optimizer.step) for _ in range(steps))
     return {"ms": steady * 1e3, "refresh_ms": max(first - steady, 0.0) * 1e3, "mib": state_bytes(optimizer) / 2**20}
 
 
-def main() -> None:
+class Clock:
+    """Seconds one call takes: CUDA events on a GPU (the step is asynchronous), else wall time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def time(self, call: Callable[[], object]) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            call()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    methods = [*BASELINES, *registered("methods")]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="60m")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights, gradients, float states")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
 
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(args.size))
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    n_params = sum(p.numel() for p in model.parameters())
-    device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    print(f"LLaMA-{args.size}: {n_params / 1e6:.1f}M params, {device}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; median of {args.steps} steps after {args.warmup + 1}")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    n_params = sum(p.numel() for p in prepared_model(args.size, "adamw", DTYPES[args.dtype], "meta").parameters())
+    print(f"LLaMA-{args.size}: {n_params / 1e6:.1f}M params, {args.dtype}, {device}, torch {torch.__version__}; "
+          f"median of {args.steps} steps after {args.warmup + 1}")
     results = {}
     for name in args.methods:
+        factory = BASELINES.get(name) or method_factory(name)
         try:
-            results[name] = measure(model, METHODS[name], args.warmup, args.steps)
-        except ImportError as exc:
-            print(f"  {name}: skipped ({exc})")
+            model = prepared_model(args.size, name, DTYPES[args.dtype], args.device)
+            results[name] = measure(model, factory, args.warmup, args.steps)
+        except (ImportError, RuntimeError) as exc:  # a peer not installed; a CUDA-only kernel on CPU
+            print(f"  {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+    print_table(results)
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
     base = results.get("adamw")
-    print(f"| method | step ms | × adamw | first-step extra ms (refresh) | state MiB | × adamw |")
+    print("| method | step ms | × adamw | first-step extra ms (refresh) | state MiB | × adamw |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         ratio_ms = r["ms"] / base["ms"] if base else float("nan")

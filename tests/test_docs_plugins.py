@@ -39,6 +39,8 @@ def examples(fresh_plugins):
 
 def options(kind: str, name: str) -> dict:
     """Optimizer options that put the example component ``name`` of ``kind`` to use."""
+    if kind == "methods":
+        return dict(plugins.get_method(name).options)
     if kind == "quantizers":  # the basis and the 8-bit moments both packed by it
         return dict(projector_args={"quantizer": name}, inner="adamw8bit",
                     inner_args={"quantizer": name, "min_8bit_size": 1})
@@ -126,6 +128,13 @@ def test_capped_rule_limits_the_growth_of_the_step(examples):
         steps.append(param.norm().item())
     lifted = projector.project_back(torch.ones(6, 2)).norm().item()
     assert steps == pytest.approx([lifted, 1.5 * lifted, 0.1 * lifted], rel=1e-5)
+
+
+def test_method_builds_its_recipe(examples):
+    (name,) = examples["methods"]
+    group = lit_lowrank.build_optimizer(make(), method=name, targets=[r"^\d$"]).param_groups[0]
+    assert (group["projector"], group["inner"], group["rule"], group["rule_args"]) == (
+        "top-norm", "momentum", "capped-galore", {"growth": 2.0})
 
 
 def test_doubling_schedule_refreshes_at_0_T_3T_7T(examples):

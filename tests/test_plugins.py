@@ -14,7 +14,7 @@ from lit_lowrank.projectors.svd import SVDProjector
 
 def test_builtins_register_through_the_hooks(fresh_plugins):
     entry = fresh_plugins.registered("projectors")["svd"]
-    assert entry.cls is SVDProjector
+    assert entry.component is SVDProjector
     assert entry.provider == "lit_lowrank.projectors.svd"
 
 
@@ -93,7 +93,7 @@ def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch, fresh_plugins):
     monkeypatch.delenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV)
     fresh_plugins.reset()
     entry = fresh_plugins.registered("projectors")["fake"]
-    assert entry.cls.__name__ == "FakeProjector"
+    assert entry.component.__name__ == "FakeProjector"
     assert entry.provider == "lit-lowrank-fake:fake"
     monkeypatch.setenv(fresh_plugins.DISABLE_ENTRYPOINTS_ENV, "1")
     sys.modules.pop("lit_lowrank_fake_mod", None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from lit_lowrank.lightning.lr_schedule import DECAYS
 from lit_lowrank.optim.factory import build_optimizer
 from lit_lowrank.optim.targets import check_patterns
 from lit_lowrank.optim.validation import check_group
+from lit_lowrank.plugins import get_method
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
@@ -27,6 +29,10 @@ class LowRankConfig:
     is usable by writing its name here. ``*_args`` are that component's extra keyword arguments.
 
     Args:
+        method: a registered method (``python -m lit_lowrank plugins`` lists them, e.g. ``fira``,
+            ``apollo``, ``q-galore``): its settings fill the method fields (rank, projector,
+            side, update_gap, scale, rule, inner, schedule, on_refresh, ``*_args``, gradnorm,
+            weight_bits) left at ``null``; a field you set replaces the method's value for it.
         enabled: ``False`` trains every parameter with plain ``torch.optim.AdamW`` (the papers'
             full-rank baseline) through the same module, schedule and telemetry.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
@@ -57,35 +63,37 @@ class LowRankConfig:
     """
 
     enabled: bool = True
+    method: str | None = None
     lr: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
     targets: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
-    rank: int = 128
-    projector: str = "svd"
-    side: str = "std"
-    update_gap: int = 200
-    scale: float = 0.25
-    rule: str = "galore"
-    inner: str = "adamw"
-    schedule: str = "fixed"
-    on_refresh: str = "keep"
-    projector_args: dict[str, Any] = field(default_factory=dict)
-    rule_args: dict[str, Any] = field(default_factory=dict)
-    inner_args: dict[str, Any] = field(default_factory=dict)
-    schedule_args: dict[str, Any] = field(default_factory=dict)
+    rank: int | None = None
+    projector: str | None = None
+    side: str | None = None
+    update_gap: int | None = None
+    scale: float | None = None
+    rule: str | None = None
+    inner: str | None = None
+    schedule: str | None = None
+    on_refresh: str | None = None
+    projector_args: dict[str, Any] | None = None
+    rule_args: dict[str, Any] | None = None
+    inner_args: dict[str, Any] | None = None
+    schedule_args: dict[str, Any] | None = None
     nonfinite: str = "skip"
     warmup: float = 0.1
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"
     layerwise: bool = False
-    gradnorm: bool = False
+    gradnorm: bool | None = None
     weight_bits: int | None = None
     weight_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._resolve_method()
         check_patterns(targets=self.targets, exclude=self.exclude)
         if self.layerwise and not self.enabled:
             raise ValueError("layerwise: true steps the low-rank optimizer inside backward; set enabled: true "
@@ -102,10 +110,19 @@ class LowRankConfig:
             raise ValueError("weight_bits (quantized weights) needs the low-rank optimizer without gradnorm; "
                              "set enabled: true and gradnorm: false, or weight_bits: null")
 
+    def _resolve_method(self) -> None:
+        """Fill every method field left at ``None``: from ``method``'s settings, else the
+        built-in default (:data:`METHOD_DEFAULTS`). A field set explicitly is kept."""
+        settings = get_method(self.method).settings() if self.method is not None else {}
+        for name, default in METHOD_DEFAULTS.items():
+            if getattr(self, name) is None:
+                value = settings.get(name, default)
+                setattr(self, name, copy.deepcopy(value))
+
     def optimizer_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""
         options = asdict(self)
-        for key in ("enabled", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm", "layerwise",
+        for key in ("enabled", "method", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm", "layerwise",
                     "weight_bits", "weight_args"):
             options.pop(key)
         options["betas"] = tuple(options["betas"])
@@ -140,3 +157,9 @@ class LowRankConfig:
 
 
 LR_SCHEDULES = DECAYS
+METHOD_DEFAULTS: dict[str, Any] = {
+    "rank": 128, "projector": "svd", "side": "std", "update_gap": 200, "scale": 0.25, "rule": "galore",
+    "inner": "adamw", "schedule": "fixed", "on_refresh": "keep", "projector_args": {}, "rule_args": {},
+    "inner_args": {}, "schedule_args": {}, "gradnorm": False, "weight_bits": None,
+}
+"""The fields a ``method`` may set (``null`` in YAML: the method's value, else this default)."""

@@ -3,12 +3,15 @@ calls to turn a model into a :class:`LowRankOptimizer`."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 from torch import nn
 
+from lit_lowrank.methods import Method
 from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.optim.targets import no_targets_message, select_targets
+from lit_lowrank.optim.targets import GRADNORM_DIRECTION, no_targets_message, select_targets
+from lit_lowrank.plugins import get_method
 
 DEFAULT_TARGETS: Sequence[str] | None = None
 """``None``: the linear layers inside the network's repeated blocks (see :mod:`lit_lowrank.optim.targets`)."""
@@ -19,23 +22,44 @@ DEFAULT_EXCLUDE: Sequence[str] = ()
 def build_optimizer(
     model: nn.Module,
     *,
+    method: str | Method | None = None,
     targets: Sequence[str] | None = DEFAULT_TARGETS,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     **options: Any,
 ) -> LowRankOptimizer:
     """A :class:`LowRankOptimizer` over ``model``: target weights in a ``lowrank=True`` group,
-    the rest in a dense AdamW group. ``options`` are ``LowRankOptimizer``'s keyword arguments.
-    Frozen target weights unfrozen later and added with ``add_param_group`` (Lightning's
-    ``BaseFinetuning``) are projected too: the optimizer's ``is_target`` knows every target.
+    the rest in a dense AdamW group. ``options`` are ``LowRankOptimizer``'s keyword arguments;
+    with a ``method`` (a registered name such as ``"fira"``, or a :class:`Method`) they start
+    from the method's options and replace them key by key. Frozen target weights unfrozen later
+    and added with ``add_param_group`` (Lightning's ``BaseFinetuning``) are projected too: the
+    optimizer's ``is_target`` knows every target.
 
     Raises:
-        ValueError: if no weight is selected (training would silently be plain AdamW).
+        ValueError: if no weight is selected (training would silently be plain AdamW), or the
+            model lacks a transform the method needs (INT8 weights, weight normalization).
+        UnknownComponentError: for an unregistered method name (the message lists them).
     """
     low_rank, dense = select_targets(model, targets, exclude)
     if not low_rank:
         raise ValueError(no_targets_message(model, targets, exclude))
+    if method is not None:
+        recipe = get_method(method) if isinstance(method, str) else method
+        check_model_fits(recipe, low_rank, method)
+        options = {**copy.deepcopy(recipe.options), **options}
     groups = [{"params": list(low_rank.values()), "names": list(low_rank), "lowrank": True}]
     if dense:
         groups.append({"params": list(dense.values()), "names": list(dense), "lowrank": False})
     targets_incl_frozen = frozenset(select_targets(model, targets, exclude, include_frozen=True)[0].values())
     return LowRankOptimizer(groups, is_target=targets_incl_frozen.__contains__, **options)
+
+
+def check_model_fits(method: Method, targets: dict[str, nn.Parameter], name: object) -> None:
+    """Refuse a model that lacks the transform ``method`` trains (never silently train the
+    plain weights instead): INT8 weights for Q-GaLore, weight normalization for GradNormLoRP."""
+    if method.weight_bits is not None and not any(hasattr(p, "weight_store") for p in targets.values()):
+        raise ValueError(f"method {name!r} trains quantized target weights: call lit_lowrank.quantizers."
+                         f"quantized_linear.quantize_linear_weights(model, bits={method.weight_bits}) before building the "
+                         "optimizer (the Lightning config does it with weight_bits)")
+    if method.gradnorm and not any(n.endswith(GRADNORM_DIRECTION) for n in targets):
+        raise ValueError(f"method {name!r} trains weight-normalized targets: call "
+                         "lit_lowrank.reparam.apply_gradnorm(model) before building the optimizer")

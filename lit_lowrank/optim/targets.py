@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 _MHA_MATRICES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+GRADNORM_DIRECTION = "parametrizations.weight.original1"
+"""The name suffix of a weight-normalized weight's direction V (``apply_gradnorm``)."""
 
 
 @dataclass(frozen=True)

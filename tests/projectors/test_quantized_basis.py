@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lit_lowrank import LowRankOptimizer, UnknownComponentError, get_projector
+from lit_lowrank.methods import INT4_BASIS
 
-INT4 = {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
 
 
 def int4_round_trip(basis: torch.Tensor, group: int = 256) -> torch.Tensor:
@@ -28,7 +28,7 @@ def int4_round_trip(basis: torch.Tensor, group: int = 256) -> torch.Tensor:
 
 
 def reference_qgalore(weight, grads, *, rank, gap, scale, lr, betas, eps):
-    """GaLore (Alg. 1) whose basis is replaced by its INT4 round trip after each SVD."""
+    """GaLore (Alg. 1) whose basis is replaced by its INT4_BASIS round trip after each SVD."""
     beta1, beta2 = betas
     right = weight.shape[0] >= weight.shape[1]
     exp_avg = exp_avg_sq = None
@@ -58,14 +58,14 @@ def test_qgalore_step_matches_reference_with_dequantized_basis(shape):
     expected = reference_qgalore(weight.detach().clone(), grads, **options)
     optimizer = LowRankOptimizer(
         [{"params": [weight], "lowrank": True}], lr=options["lr"], betas=options["betas"], eps=options["eps"],
-        rank=options["rank"], update_gap=options["gap"], scale=options["scale"], projector_args=INT4,
+        rank=options["rank"], update_gap=options["gap"], scale=options["scale"], projector_args=INT4_BASIS,
     )
     plain = torch.linalg.svd(grads[0], full_matrices=False)
     for grad, want in zip(grads, expected):
         weight.grad = grad
         optimizer.step()
         torch.testing.assert_close(weight.detach(), want, rtol=0, atol=1e-5)
-    # the INT4 basis really differs from the float one (the comparison above is not vacuous)
+    # the INT4_BASIS basis really differs from the float one (the comparison above is not vacuous)
     basis = optimizer._slots[weight].projector.bases()
     float_basis = plain[2][:8].T if shape[0] >= shape[1] else plain[0][:, :8]
     assert (basis[0] if basis[0] is not None else basis[1]).sub(float_basis).abs().max() > 1e-3
@@ -75,7 +75,7 @@ def test_basis_is_stored_packed():
     torch.manual_seed(0)
     grad = torch.randn(512, 1024)
     plain = get_projector("svd")(rank=32)
-    packed = get_projector("svd")(rank=32, **INT4)
+    packed = get_projector("svd")(rank=32, **INT4_BASIS)
     for projector in (plain, packed):
         projector.refresh(grad)
     plain_state, packed_state = plain.state_dict(), packed.state_dict()
@@ -93,7 +93,7 @@ def test_basis_is_stored_packed():
 
 
 def test_bf16_gradient_gets_bf16_basis():
-    projector = get_projector("svd")(rank=4, **INT4)
+    projector = get_projector("svd")(rank=4, **INT4_BASIS)
     projector.refresh(torch.randn(64, 32, dtype=torch.bfloat16))
     assert projector.bases()[1].dtype == torch.bfloat16
     assert projector.project(torch.randn(64, 32, dtype=torch.bfloat16)).shape == (64, 4)
@@ -106,7 +106,7 @@ def test_state_round_trip_resumes_exactly():
 
     def make(param):
         return LowRankOptimizer([{"params": [param], "lowrank": True}], rank=6, update_gap=3,
-                                schedule="lazy", projector_args=INT4)
+                                schedule="lazy", projector_args=INT4_BASIS)
 
     optimizer = make(weight)
     for grad in grads[:4]:

@@ -14,6 +14,7 @@ from torch import nn
 from lit_lowrank import LowRankOptimizer, build_optimizer
 from lit_lowrank.quantizers.int import IntQuantizer
 from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
+from lit_lowrank.methods import INT4_BASIS
 
 
 def test_forward_and_backward_match_a_float_layer_with_the_dequantized_weight():
@@ -126,7 +127,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> l
 
 def make_qgalore(model: nn.Module) -> LowRankOptimizer:
     return build_optimizer(model, targets=["mlp"], lr=0.01, rank=8, update_gap=20, scale=0.25,
-                           projector_args={"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}},
+                           projector_args=INT4_BASIS,
                            schedule="lazy")
 
 

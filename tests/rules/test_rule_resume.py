@@ -11,17 +11,17 @@ import torch
 from torch import nn
 
 from lit_lowrank import LowRankOptimizer
+from lit_lowrank.methods import BUILTIN_METHODS
 
-COMBOS = [
-    dict(rule="fira", projector="svd"),
-    dict(rule="fira", projector="rsvd"),
-    dict(rule="apollo", projector="random"),
-    dict(rule="apollo-mini", projector="random", rank=1),
-    dict(rule="galore", projector="dct"),
-    dict(rule="galore", projector="random", projector_args={"orthonormal": True}),
-    dict(rule="galore", projector="online-pca", schedule="every-step"),
-    dict(rule="fira", projector="adaptive-rank", projector_args={"tau": 0.5, "budget_key": "resume-test"}),
-]
+METHODS = {name: method.options for name, method in BUILTIN_METHODS.items()}
+"""Every built-in method's optimizer options (their model transforms are tested elsewhere)."""
+COMBOS = {
+    **METHODS,
+    "fira-rsvd": dict(rule="fira", projector="rsvd"),
+    "galore-random-orthonormal": dict(projector="random", projector_args={"orthonormal": True}),
+    "fira-adaptive-rank": dict(rule="fira", projector="adaptive-rank",
+                               projector_args={"tau": 0.5, "budget_key": "resume-test"}),
+}
 
 
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -47,10 +47,10 @@ def _optimizer(model, combo):
     return LowRankOptimizer([{"params": matrices, "lowrank": True}, {"params": rest}], **options)
 
 
-@pytest.mark.parametrize("combo,dtype", [(c, torch.float32) for c in COMBOS] + [
-    (dict(rule="fira", projector="svd", lr=1.0), torch.bfloat16),
-    (dict(rule="apollo", projector="random", lr=1.0), torch.bfloat16)],
-    ids=lambda v: f"{v['rule']}-{v['projector']}" if isinstance(v, dict) else str(v).split(".")[-1])
+@pytest.mark.parametrize("combo,dtype", [(c, torch.float32) for c in COMBOS.values()] + [
+    ({**METHODS["fira"], "lr": 1.0}, torch.bfloat16),
+    ({**METHODS["apollo"], "lr": 1.0}, torch.bfloat16)],
+    ids=[*COMBOS, "fira-bf16", "apollo-bf16"])
 def test_resume_is_exact(combo, dtype):
     """bf16 too: the limiter's float32 history must not be cast to the parameter's dtype (a
     large lr makes a 0.4% bf16 rounding of it visible in the weights)."""

@@ -11,26 +11,38 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_lowrank import LowRankOptimizer, build_optimizer, plugins
-from lit_lowrank.memory import METHODS, Formats, estimate, llama_on_meta
+from lit_lowrank import LowRankOptimizer, UnknownComponentError, build_optimizer, hookimpl, plugins
+from lit_lowrank.memory import BASELINES, estimate, llama_on_meta
+from lit_lowrank.methods import Method
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 
 RANK = 16  # q/k/v/o moments 16×128 < 4096 stay float; MLP moments 16×344 are 8-bit
-INT4_BASIS = {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
-OPTIONS = {  # how each method is built with the library
-    "galore": {},
-    "galore8bit": {"inner": "adamw8bit"},
-    "fira": {"rule": "fira"},
-    "galore-adafactor": {"inner": "adafactor"},
-    "galore-adafactor-beta1": {"inner": "adafactor", "inner_args": {"beta1": 0.9}},
-    "apollo": {"rule": "apollo", "projector": "random"},
-    "apollo-mini": {"rule": "apollo-mini", "projector": "random", "rank": 1},
-    "q-galore": {"inner": "adamw8bit", "projector_args": INT4_BASIS, "schedule": "lazy"},
-    "gradnorm": {},
-    "gradnorm8bit": {"inner": "adamw8bit"},
-}
+UNESTIMATED = {"adaptive-rank"}  # its ranks depend on the gradients' spectra
+ADAFACTOR_BETA1 = Method("Adafactor with a first moment", {"inner": "adafactor", "inner_args": {"beta1": 0.9}})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def adafactor_beta1_plugin():
+    """A method shipped by a plugin: the estimator reads it from the registry like a built-in."""
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register("galore-adafactor-beta1", ADAFACTOR_BETA1)
+
+    plugins.register_plugin(Plugin(), name="adafactor-beta1-recipe")
+    yield
+    plugins.unregister_plugin("adafactor-beta1-recipe")
+
+
+def estimated_methods() -> list[str]:
+    return [name for name in plugins.registered("methods") if name not in UNESTIMATED] + ["galore-adafactor-beta1"]
+
+
+def recipe(name: str) -> Method:
+    return ADAFACTOR_BETA1 if name == "galore-adafactor-beta1" else plugins.get_method(name)
 
 
 def small_llama() -> LlamaForCausalLM:
@@ -42,16 +54,23 @@ def small_llama() -> LlamaForCausalLM:
 
 def prepared(name: str) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
     model = small_llama()
-    if METHODS[name].gradnorm:
-        apply_gradnorm(model)
-    if METHODS[name].int8_weights:
-        quantize_linear_weights(model, DEFAULT_TARGETS, exclude=DEFAULT_EXCLUDE)
     if name == "adamw":
         return model, LowRankOptimizer([{"params": list(model.parameters())}])
-    for kind, key in (("update_rules", "rule"), ("projectors", "projector")):
-        if key in OPTIONS[name] and OPTIONS[name][key] not in plugins.registered(kind):
-            pytest.skip(f"{key} {OPTIONS[name][key]!r} is not registered")
-    return model, build_optimizer(model, **{"rank": RANK, **OPTIONS[name]})
+    transform(model, recipe(name), DEFAULT_TARGETS)
+    return model, build_optimizer(model, method=recipe(name), **rank_unless_fixed(recipe(name)))
+
+
+def rank_unless_fixed(method: Method) -> dict:
+    """``rank=RANK`` unless the method fixes its rank (APOLLO-Mini: 1)."""
+    return {} if "rank" in method.options else {"rank": RANK}
+
+
+def transform(model: torch.nn.Module, method: Method, targets) -> None:
+    """The model transforms ``method`` trains: weight normalization, INT8 weights."""
+    if method.gradnorm:
+        apply_gradnorm(model, targets)
+    if method.weight_bits is not None:
+        quantize_linear_weights(model, targets, bits=method.weight_bits, exclude=DEFAULT_EXCLUDE)
 
 
 def backward(model: LlamaForCausalLM) -> None:
@@ -59,7 +78,7 @@ def backward(model: LlamaForCausalLM) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
 
 
-@pytest.mark.parametrize("name", ["adamw", *OPTIONS])
+@pytest.mark.parametrize("name", ["adamw", *estimated_methods()])
 def test_state_and_gradient_bytes_equal_measured(name):
     model, optimizer = prepared(name)
     predicted = estimate(model, name, rank=RANK)
@@ -70,12 +89,12 @@ def test_state_and_gradient_bytes_equal_measured(name):
 
 
 def test_layerwise_keeps_one_gradient():
-    model, _ = prepared("galore8bit")
+    model, _ = prepared("galore-8bit")
     backward(model)
     largest = max(p.grad.numel() * p.grad.element_size() for p in model.parameters())
-    result = estimate(model, "galore8bit-layerwise", rank=RANK)
+    result = estimate(model, "galore-8bit-layerwise", rank=RANK)
     assert result.gradients == largest
-    assert result.states == estimate(model, "galore8bit", rank=RANK).states
+    assert result.states == estimate(model, "galore-8bit", rank=RANK).states
 
 
 def test_q_galore_weights_equal_the_int8_storage():
@@ -93,13 +112,19 @@ def test_7b_adamw_matches_the_closed_form():
 
 
 def test_unknown_method_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="galore8bit"):
+    with pytest.raises(UnknownComponentError, match="galore-8bit"):
         estimate(small_llama(), "galore9bit", rank=RANK)
+
+
+@pytest.mark.parametrize("name", sorted(UNESTIMATED))
+def test_a_method_without_a_formula_is_refused(name):
+    with pytest.raises(ValueError, match="state_bytes"):
+        estimate(small_llama(), name, rank=RANK)
 
 
 def test_cli_prints_a_row_per_method(monkeypatch, capsys):
     script = Path(__file__).parents[2] / "scripts" / "estimate_memory.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--model", "llama_60m", "--method", "adamw", "q-galore-layerwise"])
+    monkeypatch.setattr(sys, "argv", [str(script), "--size", "60m", "--methods", "adamw", "q-galore-layerwise"])
     runpy.run_path(str(script), run_name="__main__")
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["method", "adamw", "q-galore-layerwise"]
@@ -122,19 +147,17 @@ class OddShapes(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["adamw", *OPTIONS])
+@pytest.mark.parametrize("name", ["adamw", *estimated_methods()])
 def test_state_bytes_equal_measured_on_odd_shapes(name, dtype):
     torch.manual_seed(0)
     model = OddShapes(dtype)
-    if METHODS[name].gradnorm:
-        apply_gradnorm(model, ["mlp"])
-    if METHODS[name].int8_weights:
-        quantize_linear_weights(model, ["mlp"])
-    predicted = estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"])
     if name == "adamw":
         optimizer = LowRankOptimizer([{"params": list(model.parameters())}])
     else:
-        optimizer = build_optimizer(model, targets=["mlp"], exclude=["head"], **{"rank": RANK, **OPTIONS[name]})
+        transform(model, recipe(name), ["mlp"])
+        optimizer = build_optimizer(model, method=recipe(name), targets=["mlp"], exclude=["head"],
+                                    **rank_unless_fixed(recipe(name)))
+    predicted = estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"])
     model(torch.randn(4, 53, dtype=dtype)).square().mean().backward()
     optimizer.step()
     assert predicted.states == optimizer.state_bytes()
@@ -149,18 +172,19 @@ def test_readme_7b_table_is_the_estimators():
     assert len(rows) >= 10
     models = {gradnorm: llama_on_meta("7b", gradnorm=gradnorm) for gradnorm in (False, True)}
     for name, *figures in rows:
-        spec = METHODS[name.removesuffix("-layerwise")]
-        result = estimate(models[spec.gradnorm], name, rank=1024)
+        gradnorm = name not in BASELINES and plugins.get_method(name.removesuffix("-layerwise")).gradnorm
+        result = estimate(models[gradnorm], name, rank=1024)
         expected = [result.weights, result.gradients, result.optimizer, result.total]
         assert figures == [f"{value / 2**30:.2f}" for value in expected], name
 
 
-@pytest.mark.parametrize("name", ["apollo", "apollo-mini"])
+@pytest.mark.parametrize("name", ["apollo", "apollo-mini", "galore-dct"])
 def test_uncached_projection_is_estimated_as_measured(name):
     model = OddShapes(torch.bfloat16)
-    options = {**OPTIONS[name], "projector_args": {"cache_basis": False}}
-    optimizer = build_optimizer(model, targets=["mlp"], exclude=["head"], **{"rank": RANK, **options})
-    predicted = estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"], formats=Formats(cache_basis=False))
+    base = plugins.get_method(name)
+    uncached = Method(base.description, {**base.options, "projector_args": {"cache_basis": False}})
+    optimizer = build_optimizer(model, method=uncached, targets=["mlp"], exclude=["head"], **rank_unless_fixed(uncached))
+    predicted = estimate(model, uncached, rank=RANK, targets=["mlp"], exclude=["head"])
     model(torch.randn(4, 53, dtype=torch.bfloat16)).square().mean().backward()
     optimizer.step()
     assert predicted.states == optimizer.state_bytes()

@@ -79,7 +79,7 @@ def installed_plugins(monkeypatch):
 
 def test_registered_through_the_entry_point(installed_plugins):
     entry = installed_plugins.registered("projectors")["srht"]
-    assert entry.cls is SRHTProjector
+    assert entry.component is SRHTProjector
     assert entry.provider.startswith("lit-lowrank-hadamard")
 
 

@@ -1,0 +1,96 @@
+"""Named methods: the settings a paper's method stands for, in one table.
+
+A :class:`Method` is a recipe — :class:`~lit_lowrank.LowRankOptimizer` options plus the model
+transforms the method needs — registered by name through the ``register_methods`` hook, so a
+plugin can ship a whole recipe. ``build_optimizer(model, method="fira")``, ``lowrank: {method:
+fira}`` in YAML, the memory estimator, the benchmarks and the README's method table all read it
+from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lit_lowrank.hookspecs import hookimpl
+
+OPTION_KEYS = ("rank", "projector", "side", "update_gap", "scale", "rule", "inner", "schedule", "on_refresh",
+               "projector_args", "rule_args", "inner_args", "schedule_args")
+"""The optimizer options a method may set: what makes the method, not training hyper-parameters
+(``lr``, ``betas``, ``weight_decay``, the LR schedule stay the user's)."""
+
+INT4_BASIS = {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
+"""Q-GaLore's projection basis: INT4 codes, asymmetric, one scale and minimum per 256 values."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A recipe.
+
+    Args:
+        description: one line: what it computes.
+        options: :class:`~lit_lowrank.LowRankOptimizer` keyword arguments (``projector``,
+            ``rule``, ``inner``, ``schedule``, ``scale``, ``rank``, ``*_args`` …); options a user
+            sets explicitly replace these, key by key.
+        weight_bits: target weights held as integer codes of this many bits
+            (:func:`~lit_lowrank.quantizers.quantized_linear.quantize_linear_weights`; Q-GaLore: 8).
+        gradnorm: target weights are weight-normalized first
+            (:func:`~lit_lowrank.reparam.gradnorm.apply_gradnorm`; GradNormLoRP).
+        paper: the reference.
+    """
+
+    description: str
+    options: dict[str, Any] = field(default_factory=dict)
+    weight_bits: int | None = None
+    gradnorm: bool = False
+    paper: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.options) - set(OPTION_KEYS))
+        if unknown:
+            raise ValueError(f"a Method sets only {OPTION_KEYS}, not {unknown}")
+
+    def settings(self) -> dict[str, Any]:
+        """Everything the recipe sets, as ``lowrank:`` keys of a YAML config."""
+        extra = {"weight_bits": self.weight_bits} if self.weight_bits is not None else {}
+        return {**self.options, **extra, **({"gradnorm": True} if self.gradnorm else {})}
+
+
+BUILTIN_METHODS: dict[str, Method] = {
+    "galore": Method("every T steps a thin SVD of G; Adam on R = PᵀG; W ← W − η·α·P N (Alg. 1)",
+                     {}, paper="Zhao et al. 2024, GaLore"),
+    "galore-rsvd": Method("GaLore with a randomized SVD (Halko et al. range finder)",
+                          {"projector": "rsvd"}),
+    "galore-dct": Method("GaLore with the top-r DCT-II columns instead of an SVD",
+                         {"projector": "dct"}, paper="Modoranu et al. 2025, SVD-free low-rank adaptive gradient"),
+    "online-pca": Method("one online-PCA step per optimizer step instead of a periodic SVD",
+                         {"projector": "online-pca", "schedule": "every-step"},
+                         paper="Liang et al. 2024, Online Subspace Descent"),
+    "galore-random": Method("GaLore with a seeded Gaussian projection", {"projector": "random"}),
+    "adaptive-rank": Method("per-layer rank: the smallest with spectral energy ≥ τ, under a global budget",
+                            {"projector": "adaptive-rank"}),
+    "fira": Method("GaLore + the norm-scaled residual G − P PᵀG, norm-growth limiter",
+                   {"rule": "fira"}, paper="Chen et al. 2024, Fira"),
+    "apollo": Method("G scaled per channel by ‖N_j‖/‖R_j‖ from random-projected Adam",
+                     {"projector": "random", "rule": "apollo", "scale": 1.0}, paper="Zhu et al. 2024, APOLLO"),
+    "apollo-mini": Method("APOLLO at rank 1 with one tensor-wise ratio, α = 128",
+                          {"projector": "random", "rule": "apollo-mini", "rank": 1}, paper="Zhu et al. 2024, APOLLO"),
+    "galore-adafactor": Method("factored second moment on R, update clipping", {"inner": "adafactor"},
+                               paper="Zhao et al. 2024, GaLore"),
+    "galore-lion": Method("Lion's sign update on R", {"inner": "lion", "inner_args": {"betas": (0.9, 0.99)}}),
+    "galore-8bit": Method("Adam moments kept 8-bit blockwise between steps", {"inner": "adamw8bit"},
+                          paper="Zhao et al. 2024, GaLore"),
+    "q-galore": Method("INT4 basis, lazy layer-adaptive refresh, 8-bit moments, INT8 weights",
+                       {"inner": "adamw8bit", "schedule": "lazy", "projector_args": INT4_BASIS},
+                       weight_bits=8, paper="Zhang et al. 2024, Q-GaLore"),
+    "gradnorm": Method("W = g·V/‖V‖: V gets GaLore-projected Adam, g dense Adam", {}, gradnorm=True,
+                       paper="Huang et al. 2024, GradNormLoRP"),
+    "gradnorm-8bit": Method("GradNormLoRP with 8-bit moments", {"inner": "adamw8bit"}, gradnorm=True,
+                            paper="Huang et al. 2024, GradNormLoRP"),
+}
+
+
+@hookimpl
+def register_methods(register):
+    for name, method in BUILTIN_METHODS.items():
+        register(name, method)

@@ -1,0 +1,53 @@
+"""``scripts/bench_optim.py`` on the tiny LLaMA: a row per baseline and registered method asked for,
+ratios against the ``adamw`` row of the same run, and each method built with its transform."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_lowrank import LowRankOptimizer
+
+SCRIPT = Path(__file__).parents[2] / "scripts" / "bench_optim.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_optim", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(output: str) -> dict[str, list[str]]:
+    rows = [line for line in output.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in row.split("|")[1:-1]] for row in rows[1:])}
+
+
+def test_prints_a_row_per_method_with_ratios_of_the_same_run(bench, capsys):
+    bench.main(["--size", "tiny", "--methods", "adamw", "galore", "q-galore", "--steps", "1", "--warmup", "0"])
+    rows = table(capsys.readouterr().out)
+    assert list(rows) == ["adamw", "galore", "q-galore"]
+    for name in ("galore", "q-galore"):
+        ms, ratio_ms, _, mib, ratio_mib = (float(value) for value in rows[name])
+        assert ratio_ms == pytest.approx(ms / float(rows["adamw"][0]), abs=0.01)
+        assert ratio_mib == pytest.approx(mib / float(rows["adamw"][3]), abs=0.001)
+
+
+def test_a_method_is_built_from_the_registry_with_its_transform(bench):
+    model = bench.prepared_model("tiny", "q-galore", torch.float32, "cpu")
+    optimizer = bench.method_factory("q-galore")(model)
+    assert isinstance(optimizer, LowRankOptimizer)
+    group = optimizer.param_groups[0]
+    assert (group["inner"], group["schedule"], group["rank"]) == ("adamw8bit", "lazy", 128)
+    assert all(hasattr(p, "weight_store") for p in group["params"])  # INT8 weights, as the method trains
+
+
+def test_cuda_without_a_gpu_is_refused(bench):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--methods", "adamw"])

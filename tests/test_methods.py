@@ -1,0 +1,148 @@
+"""Named methods: one registry (``register_methods``) read by ``build_optimizer(method=...)``,
+``lowrank: {method: ...}``, the estimator, the benchmark and the README's method table."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lit_lowrank import UnknownComponentError, build_optimizer, hookimpl, plugins
+from lit_lowrank.lightning import LowRankConfig
+from lit_lowrank.methods import BUILTIN_METHODS, OPTION_KEYS, Method
+from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
+from lit_lowrank.reparam.gradnorm import apply_gradnorm
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 16)) for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+
+def prepared(method: Method) -> Blocks:
+    model = Blocks()
+    if method.gradnorm:
+        apply_gradnorm(model)
+    if method.weight_bits is not None:
+        quantize_linear_weights(model, None, bits=method.weight_bits)
+    return model
+
+
+def comparable(group: dict) -> dict:
+    return {key: value for key, value in group.items() if key != "params"}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_METHODS))
+def test_a_method_builds_what_its_explicit_options_build(name):
+    method = plugins.get_method(name)
+    by_name = build_optimizer(prepared(method), method=name, lr=0.003)
+    explicit = build_optimizer(prepared(method), lr=0.003, **method.options)
+    assert [comparable(g) for g in by_name.param_groups] == [comparable(g) for g in explicit.param_groups]
+    for key, value in method.options.items():
+        assert by_name.param_groups[0][key] == value
+
+
+def test_explicit_options_replace_the_methods_key_by_key():
+    optimizer = build_optimizer(Blocks(), method="apollo", scale=0.5, rank=4)
+    group = optimizer.param_groups[0]
+    assert (group["projector"], group["rule"], group["scale"], group["rank"]) == ("random", "apollo", 0.5, 4)
+
+
+def test_every_builtin_is_registered_through_the_hook():
+    registered = plugins.registered("methods")
+    for name, method in BUILTIN_METHODS.items():
+        assert registered[name].component is method
+        assert registered[name].provider == "lit_lowrank.methods"
+
+
+def test_unknown_method_lists_the_registered_ones():
+    with pytest.raises(UnknownComponentError, match=r"unknown method 'firra'\. Registered: .*fira"):
+        build_optimizer(Blocks(), method="firra")
+
+
+@pytest.mark.parametrize("name, fix", [("q-galore", "quantize_linear_weights"), ("gradnorm", "apply_gradnorm")])
+def test_a_model_without_the_methods_transform_is_refused(name, fix):
+    with pytest.raises(ValueError, match=fix):
+        build_optimizer(Blocks(), method=name)
+
+
+def test_a_method_sets_only_method_options():
+    with pytest.raises(ValueError, match=r"not \['lr'\]"):
+        Method("with a learning rate", {"rule": "fira", "lr": 0.1})
+
+
+def test_a_plugin_ships_a_recipe_usable_by_name_everywhere():
+    recipe = Method("Fira over the DCT basis", {"rule": "fira", "projector": "dct", "rule_args": {"gamma": 1.02}})
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register("fira-dct", recipe)
+
+    plugins.register_plugin(Plugin(), name="fira-dct-recipe")
+    try:
+        group = build_optimizer(Blocks(), method="fira-dct").param_groups[0]
+        assert (group["rule"], group["projector"], group["rule_args"]) == ("fira", "dct", {"gamma": 1.02})
+        config = LowRankConfig(method="fira-dct")
+        assert (config.rule, config.projector, config.rule_args) == ("fira", "dct", {"gamma": 1.02})
+    finally:
+        plugins.unregister_plugin("fira-dct-recipe")
+
+
+def test_config_method_fills_only_fields_left_unset():
+    config = LowRankConfig(method="q-galore", scale=0.5)
+    assert (config.inner, config.schedule, config.weight_bits, config.scale, config.rank) == (
+        "adamw8bit", "lazy", 8, 0.5, 128)
+    assert config.projector_args == {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
+    # explicitly set to what would otherwise be the default: kept, not replaced by the method's
+    assert LowRankConfig(method="apollo", projector="svd").projector == "svd"
+    config.projector_args["quantizer_args"]["bits"] = 2  # a config's copy, never the registry's
+    assert plugins.get_method("q-galore").options["projector_args"]["quantizer_args"]["bits"] == 4
+
+
+def test_config_without_method_keeps_the_defaults():
+    config = LowRankConfig()
+    assert (config.projector, config.rule, config.inner, config.rank, config.scale, config.gradnorm) == (
+        "svd", "galore", "adamw", 128, 0.25, False)
+
+
+def test_config_method_trains_like_build_optimizer_method():
+    config = LowRankConfig(method="fira", rank=4, lr=0.002)
+    model = Blocks()
+    built = config.build(model)
+    reference = build_optimizer(Blocks(), method="fira", rank=4, lr=0.002, nonfinite="skip")
+    assert [comparable(g) for g in built.param_groups] == [comparable(g) for g in reference.param_groups]
+
+
+def readme_method_rows() -> dict[str, str]:
+    """The README method table: method name → its ``lowrank:`` settings cell."""
+    text = README.read_text()
+    table = text[text.index("| method | `lowrank:` settings"):].split("\n\n")[0].splitlines()[2:]
+    rows = {}
+    for line in table:
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        name = re.search(r"`method: ([\w-]+)`", cells[1])
+        if name:
+            rows[name.group(1)] = cells[1]
+    return rows
+
+
+def test_readme_method_table_has_every_builtin_with_its_settings():
+    rows = readme_method_rows()
+    assert set(BUILTIN_METHODS) <= set(rows), sorted(set(BUILTIN_METHODS) - set(rows))
+    for name, cell in rows.items():
+        spelled = re.findall(r"`([^`]*)`", cell.split("` = ", 1)[1]) if "` = " in cell else []
+        settings = yaml.safe_load("{" + ", ".join(spelled) + "}")
+        expected = json.loads(json.dumps(plugins.get_method(name).settings()))  # tuples as YAML's lists
+        assert settings == expected, name
+    assert set(OPTION_KEYS) <= set(LowRankConfig.__dataclass_fields__)
