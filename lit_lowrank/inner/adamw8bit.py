@@ -2,7 +2,7 @@
 via Block-wise Quantization"; GaLore-8bit, Zhao et al. 2024 §4; GradNormLoRP 8-bit).
 
 Between steps each moment of a low-rank tensor ``R`` is stored as uint8 codes of bitsandbytes'
-dynamic map plus one float32 absmax per block (quantizer ``bnb-8bit``, looked up by name): the
+dynamic map plus one float32 absmax per block (quantizer ``bnb-8bit`` by default): the
 first moment with the signed map, the non-negative second moment with the unsigned one, as
 ``bitsandbytes.optim.Adam8bit`` does. A step dequantizes, applies Adam's update in float32,
 computes ``N`` from the float32 moments, and requantizes them for storage — so ``N`` carries
@@ -16,10 +16,10 @@ import math
 import torch
 from torch import Tensor
 
-from lit_lowrank import plugins
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.inner.base import InnerOptimizer, bias_corrections, zeros_like_state
 from lit_lowrank.quantizers.base import Packed, Quantizer, probe_round_trip
+from lit_lowrank.quantizers.bnb import BnbBlockwise8bit
 
 
 class Adam8bitInner(InnerOptimizer):
@@ -32,8 +32,8 @@ class Adam8bitInner(InnerOptimizer):
         min_8bit_size: low-rank tensors with fewer elements keep float moments, as
             bitsandbytes' ``min_8bit_size`` (4096): for them the scales and the error outweigh
             the bytes saved.
-        quantizer: registered name of the moment quantizer; it must accept ``group_size`` and
-            ``signed`` (``bnb-8bit`` does).
+        quantizer: the moment quantizer's class (the optimizer resolves a registered name in
+            ``inner_args``); it must accept ``group_size`` and ``signed`` (``bnb-8bit`` does).
 
     State bytes per quantized moment of ``k`` elements: ``k + 4·⌈k / block_size⌉`` (plus the
     packed shape, 8 bytes per dimension) — a quarter of float32 plus the block scales.
@@ -49,15 +49,14 @@ class Adam8bitInner(InnerOptimizer):
         *,
         block_size: int = 256,
         min_8bit_size: int = 4096,
-        quantizer: str = "bnb-8bit",
+        quantizer: type[Quantizer] = BnbBlockwise8bit,
     ) -> None:
         self.betas = tuple(betas)
         self.eps = eps
         self.min_8bit_size = min_8bit_size
-        cls = plugins.get_quantizer(quantizer)
         self.quantizers: dict[str, Quantizer] = {  # each probed: a broken plugin fails now, not as a NaN loss
-            "exp_avg": probe_round_trip(cls(group_size=block_size, signed=True), quantizer),
-            "exp_avg_sq": probe_round_trip(cls(group_size=block_size, signed=False), quantizer),
+            "exp_avg": probe_round_trip(quantizer(group_size=block_size, signed=True), quantizer.__name__),
+            "exp_avg_sq": probe_round_trip(quantizer(group_size=block_size, signed=False), quantizer.__name__),
         }
 
     def quantized(self, low: Tensor) -> bool:

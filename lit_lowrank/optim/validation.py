@@ -109,17 +109,27 @@ def build(option: str, group: Mapping[str, Any], **offered: Any) -> Any:
     provider and the option to fix."""
     kind, name = COMPONENTS[option], group[option]
     cls = plugins.get(kind, name)
+    explicit = group[f"{option}_args"]
     try:
-        return construct(cls, group[f"{option}_args"], **offered)
+        return construct(cls, with_quantizer_class(explicit), **offered)
     except QuantizerProbeError as exc:
         quantizers = plugins.registered("quantizers")
-        provider = quantizers[exc.name].provider if exc.name in quantizers else None
-        raise QuantizerProbeError(exc.name, exc.problem, provider=provider, fix=(
+        quantizer = explicit.get("quantizer", exc.name)
+        provider = quantizers[quantizer].provider if quantizer in quantizers else None
+        raise QuantizerProbeError(quantizer, exc.problem, provider=provider, fix=(
             f"; fix or uninstall that plugin, or set another quantizer in {option}_args "
             f"(registered: {', '.join(sorted(quantizers))})")) from exc
     except (plugins.UnknownComponentError, TypeError, ValueError) as exc:
         base = next(t for t in (plugins.UnknownComponentError, TypeError, ValueError) if isinstance(exc, t))
         raise base(f"{describe(kind, name)}: {exc} (check {option}_args)") from exc
+
+
+def with_quantizer_class(args: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``args`` with a registered quantizer name (``quantizer: int``) replaced by its class:
+    components take classes and never look the registry up themselves."""
+    if not isinstance(args.get("quantizer"), str):
+        return args
+    return {**args, "quantizer": plugins.get_quantizer(args["quantizer"])}
 
 
 def describe(kind: str, name: str) -> str:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.projectors.base import DenseBasisProjector, Side
+from lit_lowrank.quantizers.base import Quantizer
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class AdaptiveRankProjector(DenseBasisProjector):
 
     def __init__(
         self, rank: int, *, side: str = "std", seed: int = 0, tau: float = 0.9, budget: int | None = None,
-        min_rank: int = 1, budget_key: str = "default", quantizer: str | None = None,
+        min_rank: int = 1, budget_key: str = "default", quantizer: type[Quantizer] | None = None,
         quantizer_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(rank, side=side, seed=seed, quantizer=quantizer, quantizer_args=quantizer_args)

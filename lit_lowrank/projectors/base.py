@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lit_lowrank.projectors.storage import BasisStorage, Stored
+from lit_lowrank.quantizers.base import Quantizer
 
 SIDE_POLICIES = ("std", "reverse_std", "left", "right", "full")
 
@@ -134,13 +135,14 @@ class DenseBasisProjector(Projector):
 
     Subclasses implement :meth:`fit`, returning new bases from a float32 gradient. Bases are
     stored in the gradient's dtype; half-precision gradients are fitted in float32 (as in GaLore).
-    With ``quantizer`` (a registered name) and ``quantizer_args`` they are stored packed and
-    dequantized on use — Q-GaLore's INT4 basis is ``quantizer="int"``,
-    ``quantizer_args={"bits": 4, "group_size": 256}``.
+    With ``quantizer`` (a :class:`~lit_lowrank.Quantizer` class; the optimizer resolves the
+    registered name in ``projector_args``) and ``quantizer_args`` they are stored packed and
+    dequantized on use — Q-GaLore's INT4 basis is ``projector_args: {quantizer: int,
+    quantizer_args: {bits: 4, group_size: 256}}``.
     """
 
     def __init__(
-        self, rank: int, *, side: str = "std", seed: int = 0, quantizer: str | None = None,
+        self, rank: int, *, side: str = "std", seed: int = 0, quantizer: type[Quantizer] | None = None,
         quantizer_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(rank, side=side, seed=seed)

@@ -12,6 +12,7 @@ from torch import Tensor
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.projectors.base import DenseBasisProjector, Side
 from lit_lowrank.projectors.sketch import gaussian, orthonormalize, range_finder, seeded_generator
+from lit_lowrank.quantizers.base import Quantizer
 
 INITS = ("range", "svd")
 
@@ -52,7 +53,7 @@ class OnlinePCAProjector(DenseBasisProjector):
 
     def __init__(
         self, rank: int, *, side: str = "std", seed: int = 0, lr: float = 0.5, init: str = "range",
-        power_iters: int = 1, quantizer: str | None = None, quantizer_args: dict[str, Any] | None = None,
+        power_iters: int = 1, quantizer: type[Quantizer] | None = None, quantizer_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(rank, side=side, seed=seed, quantizer=quantizer, quantizer_args=quantizer_args)
         if init not in INITS:

@@ -11,6 +11,7 @@ from torch import Tensor
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.projectors.base import DenseBasisProjector, Side
 from lit_lowrank.projectors.sketch import gaussian, range_finder, seeded_generator
+from lit_lowrank.quantizers.base import Quantizer
 
 
 class RandomizedSVDProjector(DenseBasisProjector):
@@ -31,7 +32,7 @@ class RandomizedSVDProjector(DenseBasisProjector):
 
     def __init__(
         self, rank: int, *, side: str = "std", seed: int = 0, oversample: int = 10, power_iters: int = 2,
-        quantizer: str | None = None, quantizer_args: dict[str, Any] | None = None,
+        quantizer: type[Quantizer] | None = None, quantizer_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(rank, side=side, seed=seed, quantizer=quantizer, quantizer_args=quantizer_args)
         if oversample < 0 or power_iters < 0:

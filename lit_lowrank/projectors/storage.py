@@ -1,5 +1,5 @@
 """How a dense-basis projector keeps its bases between steps: as plain tensors in the gradient's
-dtype, or packed by a registered quantizer and dequantized on use (Q-GaLore's INT4 basis)."""
+dtype, or packed by a quantizer and dequantized on use (Q-GaLore's INT4 basis)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_lowrank import plugins
-from lit_lowrank.quantizers.base import Packed, probe_round_trip
+from lit_lowrank.quantizers.base import Packed, Quantizer, probe_round_trip
 
 Stored = Tensor | Packed
 
@@ -18,7 +17,8 @@ class BasisStorage:
     """Packs a basis (d×r) for storage and unpacks it for use.
 
     Args:
-        quantizer: a registered quantizer name (``int``, ...) or None for plain storage.
+        quantizer: a :class:`~lit_lowrank.Quantizer` class (the optimizer resolves registered
+            names such as ``int``), or None for plain storage.
         quantizer_args: its keyword arguments, e.g. ``{"bits": 4, "group_size": 256}``.
 
     The quantizer gets a round-trip probe when built
@@ -31,12 +31,13 @@ class BasisStorage:
     as stored, which on the left side mixes all r vectors in every group.
     """
 
-    def __init__(self, quantizer: str | None = None, quantizer_args: dict[str, Any] | None = None) -> None:
+    def __init__(self, quantizer: type[Quantizer] | None = None, quantizer_args: dict[str, Any] | None = None,
+                 ) -> None:
         if quantizer is None and quantizer_args:
             raise ValueError(f"quantizer_args {quantizer_args} given without a quantizer; set `quantizer` too")
         self.quantizer = None
         if quantizer is not None:  # probed once here: a broken plugin fails now, not as a NaN loss
-            self.quantizer = probe_round_trip(plugins.get_quantizer(quantizer)(**(quantizer_args or {})), quantizer)
+            self.quantizer = probe_round_trip(quantizer(**(quantizer_args or {})), quantizer.__name__)
         self.dtype: torch.dtype | None = None
 
     def pack(self, basis: Tensor | None, dtype: torch.dtype) -> Stored | None:

@@ -11,7 +11,9 @@ from torch import nn
 
 from lit_lowrank import LowRankOptimizer, UnknownComponentError, get_projector
 from lit_lowrank.methods import INT4_BASIS
+from lit_lowrank.quantizers.int import IntQuantizer
 
+INT4_CLASS = {**INT4_BASIS, "quantizer": IntQuantizer}  # built directly: a class, as the optimizer hands it
 
 
 def int4_round_trip(basis: torch.Tensor, group: int = 256) -> torch.Tensor:
@@ -28,7 +30,7 @@ def int4_round_trip(basis: torch.Tensor, group: int = 256) -> torch.Tensor:
 
 
 def reference_qgalore(weight, grads, *, rank, gap, scale, lr, betas, eps):
-    """GaLore (Alg. 1) whose basis is replaced by its INT4_BASIS round trip after each SVD."""
+    """GaLore (Alg. 1) whose basis is replaced by its INT4 round trip after each SVD."""
     beta1, beta2 = betas
     right = weight.shape[0] >= weight.shape[1]
     exp_avg = exp_avg_sq = None
@@ -65,7 +67,7 @@ def test_qgalore_step_matches_reference_with_dequantized_basis(shape):
         weight.grad = grad
         optimizer.step()
         torch.testing.assert_close(weight.detach(), want, rtol=0, atol=1e-5)
-    # the INT4_BASIS basis really differs from the float one (the comparison above is not vacuous)
+    # the INT4 basis really differs from the float one (the comparison above is not vacuous)
     basis = optimizer._slots[weight].projector.bases()
     float_basis = plain[2][:8].T if shape[0] >= shape[1] else plain[0][:, :8]
     assert (basis[0] if basis[0] is not None else basis[1]).sub(float_basis).abs().max() > 1e-3
@@ -75,7 +77,7 @@ def test_basis_is_stored_packed():
     torch.manual_seed(0)
     grad = torch.randn(512, 1024)
     plain = get_projector("svd")(rank=32)
-    packed = get_projector("svd")(rank=32, **INT4_BASIS)
+    packed = get_projector("svd")(rank=32, **INT4_CLASS)
     for projector in (plain, packed):
         projector.refresh(grad)
     plain_state, packed_state = plain.state_dict(), packed.state_dict()
@@ -93,7 +95,7 @@ def test_basis_is_stored_packed():
 
 
 def test_bf16_gradient_gets_bf16_basis():
-    projector = get_projector("svd")(rank=4, **INT4_BASIS)
+    projector = get_projector("svd")(rank=4, **INT4_CLASS)
     projector.refresh(torch.randn(64, 32, dtype=torch.bfloat16))
     assert projector.bases()[1].dtype == torch.bfloat16
     assert projector.project(torch.randn(64, 32, dtype=torch.bfloat16)).shape == (64, 4)
@@ -130,4 +132,5 @@ def test_bad_options_name_the_fix():
     with pytest.raises(ValueError, match="without a quantizer"):
         get_projector("svd")(rank=4, quantizer_args={"bits": 4})
     with pytest.raises(UnknownComponentError, match="Registered: .*int"):
-        get_projector("svd")(rank=4, quantizer="int3")
+        LowRankOptimizer([{"params": [nn.Parameter(torch.zeros(8, 8))], "lowrank": True}],
+                         projector_args={"quantizer": "int3"})
