@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.inner.base import ON_REFRESH, InnerOptimizer, change_basis
+from lit_lowrank.inner.base import InnerOptimizer, change_basis
 
 
 class AdafactorInner(InnerOptimizer):
@@ -86,26 +86,16 @@ class AdafactorInner(InnerOptimizer):
             update = state["exp_avg"].lerp_(update, 1 - self.beta1).clone()
         return update.to(low.dtype)
 
-    def on_refresh(self, state: dict[str, Tensor], mode: str, left: Tensor | None, right: Tensor | None) -> None:
-        """``keep`` and ``reset`` as :meth:`InnerOptimizer.on_refresh`. ``rotate`` maps the first
-        moment exactly (``L M Rᵀ``) and the factored estimate ``V̂ = row colᵀ / mean(row)`` with
-        the squared maps, ``V̂' = (L∘L) V̂ (R∘R)ᵀ``: the result is still rank one, so it is stored
+    def rotate(self, state: dict[str, Tensor], left: Tensor | None, right: Tensor | None) -> None:
+        """Maps the first moment exactly (``L M Rᵀ``) and the factored estimate
+        ``V̂ = row colᵀ / mean(row)`` with the squared maps, ``V̂' = (L∘L) V̂ (R∘R)ᵀ``: the result is still rank one, so it is stored
         exactly — ``row' = (L∘L) row``, ``col' = (R∘R) col · mean(row') / mean(row)``. Only the
         statistic of the projected dimension changes (the rows of an r×n ``R``, the columns of
         an m×r one); the other is indexed by the weight's own rows or columns.
 
-        After ``reset`` the statistics restart at zero but ``t`` does not, so the first updates
+        After ``on_refresh: reset`` the statistics restart at zero but ``t`` does not, so the first updates
         average with weight ``t^decay_rate`` and are bounded by the RMS clipping.
         """
-        if mode == "keep":
-            return
-        if mode == "reset":
-            for key in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col"):
-                if key in state:
-                    state[key].zero_()
-            return
-        if mode != "rotate":
-            raise ValueError(f"unknown on_refresh {mode!r}; expected one of {ON_REFRESH}")
         if "exp_avg" in state:
             maps = (None if m is None else m.to(state["exp_avg"].dtype) for m in (left, right))
             state["exp_avg"].copy_(change_basis(state["exp_avg"], *maps))

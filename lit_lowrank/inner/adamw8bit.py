@@ -95,12 +95,10 @@ class Adam8bitInner(InnerOptimizer):
             self.store(state, "exp_avg_sq", exp_avg_sq)
         return directions
 
-    def on_refresh(self, state: dict, mode: str, left: Tensor | None, right: Tensor | None) -> None:
-        """As :meth:`InnerOptimizer.on_refresh`, applied to the dequantized moments."""
-        if mode == "keep":
-            return
+    def rotate(self, state: dict, left: Tensor | None, right: Tensor | None) -> None:
+        """As :meth:`InnerOptimizer.rotate`, applied to the dequantized moments."""
         floats = {key: self.load(state, key) for key in self.quantizers}
-        super().on_refresh(floats, mode, left, right)
+        super().rotate(floats, left, right)
         for key, value in floats.items():
             self.store(state, key, value)
 

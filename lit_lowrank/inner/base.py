@@ -13,9 +13,6 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-ON_REFRESH = ("keep", "reset", "rotate")
-
-
 class InnerOptimizer(ABC):
     """Base class. ``linear_state`` names the state tensors that transform like ``R`` (first
     moments); ``quadratic_state`` those that transform like ``R²`` (second moments)."""
@@ -46,22 +43,15 @@ class InnerOptimizer(ABC):
         ``step`` is the 1-based step number after this update, equal for every tensor.
         """
 
-    def on_refresh(self, state: dict[str, Tensor], mode: str, left: Tensor | None, right: Tensor | None) -> None:
-        """Adapt the moments to a new basis.
+    def rotate(self, state: dict[str, Tensor], left: Tensor | None, right: Tensor | None) -> None:
+        """Map the moments onto a new basis (``on_refresh: rotate``; the optimizer itself does
+        ``keep`` and ``reset``, the latter with :meth:`init_state`).
 
         ``left`` (r×r) = L_newᵀ L_old and ``right`` (r×r) = Q_newᵀ Q_old map old low-rank
-        coordinates to new ones: ``R_new ≈ left · R_old · rightᵀ``. ``keep`` leaves the moments
-        as they are (the papers' code), ``reset`` zeroes them, ``rotate`` maps first moments
-        exactly and second moments with the squared maps (exact for diagonal covariance).
+        coordinates to new ones: ``R_new ≈ left · R_old · rightᵀ`` (None: that side has no
+        basis). First moments (:attr:`linear_state`) are mapped exactly, second moments
+        (:attr:`quadratic_state`) with the squared maps (exact for a diagonal covariance).
         """
-        if mode == "keep":
-            return
-        if mode == "reset":
-            for key in self.linear_state + self.quadratic_state:
-                state[key].zero_()
-            return
-        if mode != "rotate":
-            raise ValueError(f"unknown on_refresh {mode!r}; expected one of {ON_REFRESH}")
         for key in self.linear_state:
             state[key].copy_(change_basis(state[key], left, right))
         for key in self.quadratic_state:

@@ -384,9 +384,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             fresh = "step" not in state
             step = 0 if fresh else int(state["step"])
             grads[p] = grad = l2_gradient(p.grad, p, group)
-            if p in old_bases:
-                self._after_refresh(old_bases[p], slot, state, inner, group, step)
             low = slot.projector.project(grad) if p not in lows else l2_projection(lows[p], p, slot.projector, group)
+            if p in old_bases:
+                self._after_refresh(old_bases[p], slot, state, inner, group, step, low)
             if fresh:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(low))
@@ -405,17 +405,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     p.weight_store.store_(weight)
 
     def _after_refresh(self, old: tuple[Tensor | None, Tensor | None] | None, slot: LowRankSlot, state: dict,
-                       inner: InnerOptimizer, group: dict[str, Any], step: int) -> None:
-        """Adapt the moments and the schedule to a basis :meth:`_refresh_subspaces` changed."""
-        projector = slot.projector
+                       inner: InnerOptimizer, group: dict[str, Any], step: int, low: Tensor) -> None:
+        """Adapt the moments (``on_refresh``) and the schedule to a basis :meth:`_refresh_subspaces`
+        changed: ``keep`` leaves the moments as they are (the papers' code), ``reset`` restarts them
+        from the inner optimizer's fresh state for ``low`` (the step count goes on), ``rotate``
+        hands the inner optimizer the maps ``L_newᵀ L_old`` and ``Q_newᵀ Q_old``."""
         similarity = None
         if old is not None:
-            new = projector.bases()
+            new = slot.projector.bases()
             similarity = leading_similarity(old, new)
-            if "step" in state:  # only `rotate` needs the basis maps L_newᵀL_old, Q_newᵀQ_old
-                rotate = group["on_refresh"] == "rotate"
-                maps = [None if n is None or not rotate else n.T @ o for o, n in zip(old, new)]
-                inner.on_refresh(state, group["on_refresh"], *maps)
+            if "step" in state and group["on_refresh"] == "reset":
+                state.update(inner.init_state(low))
+            elif "step" in state and group["on_refresh"] == "rotate":
+                inner.rotate(state, *(None if n is None else n.T @ o for o, n in zip(old, new)))
         slot.schedule.after_refresh(step, similarity)
         self.refresh_count += 1
 

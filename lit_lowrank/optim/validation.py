@@ -16,10 +16,12 @@ import torch
 from torch import Tensor
 
 from lit_lowrank import plugins
-from lit_lowrank.inner.base import ON_REFRESH
 from lit_lowrank.optim.guard import check_nonfinite_option
 from lit_lowrank.projectors.base import SIDE_POLICIES, Projector, Side
 from lit_lowrank.quantizers.base import QuantizerProbeError
+
+ON_REFRESH = ("keep", "reset", "rotate")
+"""What happens to the moments when a basis changes (see ``LowRankOptimizer._after_refresh``)."""
 
 COMPONENTS = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers",
               "schedule": "schedules"}

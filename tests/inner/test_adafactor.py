@@ -78,18 +78,14 @@ def test_rotate_maps_factored_estimate_exactly():
     exp_avg = state["exp_avg"].clone()
     left = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
     right = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
-    inner.on_refresh(state, "rotate", left, right)
+    inner.rotate(state, left, right)
     rotated = torch.outer(state["exp_avg_sq_row"], state["exp_avg_sq_col"]) / state["exp_avg_sq_row"].mean()
     torch.testing.assert_close(rotated, left.square() @ estimate @ right.square().T)
     torch.testing.assert_close(state["exp_avg"], left @ exp_avg @ right.T)
-    inner.on_refresh(state, "rotate", None, right)  # one-sided map: the other statistic unchanged
+    inner.rotate(state, None, right)  # one-sided map: the other statistic unchanged
     row = state["exp_avg_sq_row"].clone()
-    inner.on_refresh(state, "rotate", None, right)
+    inner.rotate(state, None, right)
     torch.testing.assert_close(state["exp_avg_sq_row"], row)
-    inner.on_refresh(state, "reset", None, None)
-    assert all(not state[key].any() for key in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col"))
-    with pytest.raises(ValueError, match="rotate"):
-        inner.on_refresh(state, "spin", None, None)
 
 
 def test_state_bytes_are_factored():

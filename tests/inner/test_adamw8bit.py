@@ -174,10 +174,19 @@ def test_resume_is_exact(on_refresh):
     assert torch.equal(weight, resumed_weight)
 
 
-def test_reset_on_refresh_zeroes_quantized_moments():
-    inner = make_inner()
-    lows = gradients((64, 128), steps=2)
-    _, state = run_inner(inner, lows)
-    inner.on_refresh(state, "reset", None, None)
-    assert inner.load(state, "exp_avg").abs().max() == 0 and inner.load(state, "exp_avg_sq").abs().max() == 0
+def test_reset_on_refresh_restarts_quantized_moments():
+    """``on_refresh: reset`` restarts the moments from ``init_state``: after the refresh step they
+    hold that step's update only, still packed (written out here: M = (1−β1)·R, V = (1−β2)·R²)."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 128))
+    optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True}], rank=64, update_gap=2,
+                                 on_refresh="reset", inner="adamw8bit", inner_args={"min_8bit_size": 1})
+    for _ in range(3):  # refreshes at steps 0 and 2
+        weight.grad = torch.randn(64, 128)
+        optimizer.step()
+    state, inner = optimizer.state[weight], optimizer._group_components(optimizer.param_groups[0])[0]
+    low = optimizer.projectors[weight].project(weight.grad)
     assert state["exp_avg"]["codes"].dtype == torch.uint8
+    torch.testing.assert_close(inner.load(state, "exp_avg"), 0.1 * low, atol=0.1 * low.abs().max() / 60, rtol=0)
+    torch.testing.assert_close(inner.load(state, "exp_avg_sq"), 0.001 * low.square(),
+                               atol=0.001 * low.square().max() / 60, rtol=0)
