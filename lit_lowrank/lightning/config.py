@@ -13,6 +13,7 @@ from torch import nn
 
 from lit_lowrank.lightning.lr_schedule import DECAYS
 from lit_lowrank.optim.factory import build_optimizer
+from lit_lowrank.optim.lowrank import ADAMW_BETAS, ADAMW_EPS
 from lit_lowrank.optim.targets import check_patterns
 from lit_lowrank.optim.validation import check_group
 from lit_lowrank.plugins import get_method
@@ -35,7 +36,9 @@ class LowRankConfig:
             weight_bits) left at ``null``; a field you set replaces the method's value for it.
         enabled: ``False`` trains every parameter with plain ``torch.optim.AdamW`` (the papers'
             full-rank baseline) through the same module, schedule and telemetry.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; ``betas``/``eps`` left ``null``
+            take the inner optimizer's own defaults (Lion's betas (0.9, 0.99)) and AdamW's
+            ((0.9, 0.999), 1e-8) for dense weights and ``enabled: false``.
         targets, exclude: which weights to project (see :func:`lit_lowrank.select_targets`):
             ``targets: null`` (default) the linear layers inside the network's repeated blocks,
             never embeddings or the output head; or a list of module-name patterns; ``exclude``
@@ -65,8 +68,8 @@ class LowRankConfig:
     enabled: bool = True
     method: str | None = None
     lr: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
     weight_decay: float = 0.0
     targets: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
@@ -125,7 +128,7 @@ class LowRankConfig:
         for key in ("enabled", "method", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm", "layerwise",
                     "weight_bits", "weight_args"):
             options.pop(key)
-        options["betas"] = tuple(options["betas"])
+        options["betas"] = None if options["betas"] is None else tuple(options["betas"])
         return options
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -142,8 +145,8 @@ class LowRankConfig:
         """The optimizer for ``model``: a :class:`LowRankOptimizer`, or AdamW if not ``enabled``."""
         if not self.enabled:
             params = [p for p in model.parameters() if p.requires_grad]
-            return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), eps=self.eps,
-                                     weight_decay=self.weight_decay)
+            return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas or ADAMW_BETAS),
+                                     eps=ADAMW_EPS if self.eps is None else self.eps, weight_decay=self.weight_decay)
         return build_optimizer(model, targets=self.targets, exclude=self.exclude, **self.optimizer_options())
 
     def warmup_steps(self, total_steps: int) -> int:

@@ -18,6 +18,7 @@ Components are looked up by registered name, so any installed plugin can be name
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from lit_lowrank import plugins
 from lit_lowrank.inner.base import InnerOptimizer
 from lit_lowrank.optim import checkpoint
 from lit_lowrank.optim.guard import first_nonfinite
-from lit_lowrank.optim.validation import build, check_bases, check_group
+from lit_lowrank.optim.validation import build, build_inner, build_rule, check_bases, check_group
 from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
@@ -47,6 +48,16 @@ class LowRankSlot:
     schedule: Schedule
 
 
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8
+"""torch AdamW's defaults: dense groups stepped by torch's AdamW whose ``betas``/``eps`` are unset."""
+COMPONENT_OPTIONS = ("inner", "inner_args", "betas", "eps", "rule", "rule_args", "scale")
+"""The group options a group's inner optimizer and rule are built from."""
+
+
+def component_options(group: dict[str, Any]) -> dict[str, Any]:
+    return {key: copy.deepcopy(group[key]) for key in COMPONENT_OPTIONS}
+
+
 class LowRankOptimizer(torch.optim.Optimizer):
     """AdamW whose ``lowrank=True`` param groups are updated in a low-rank subspace.
 
@@ -55,6 +66,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             ``lowrank=True`` must hold 2-D tensors only; ``build_optimizer`` makes them.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, before the step;
             ``inner="adamw-hf"``: as ``transformers.AdamW``, after it, for every group).
+            ``betas``/``eps`` left None take the inner optimizer's own defaults (Lion's betas
+            (0.9, 0.99), HF AdamW's eps 1e-6) and AdamW's for dense groups; each group then
+            shows the values in use.
         rank: subspace rank r; clamped to ``min(m, n)`` with a warning.
         projector: registered projector name (``svd``, ...).
         side: ``std | reverse_std | left | right | full`` (see :func:`choose_side`).
@@ -82,8 +96,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
         weight_decay: float = 0.0,
         *,
         rank: int = 128,
@@ -104,7 +118,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     ) -> None:
         self._is_target = is_target
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lowrank=False,
+            lr=lr, betas=None if betas is None else tuple(betas), eps=eps, weight_decay=weight_decay, lowrank=False,
             rank=rank, projector=projector, side=side, update_gap=update_gap, scale=scale,
             rule=rule, inner=inner, schedule=schedule, on_refresh=on_refresh,
             projector_args=dict(projector_args or {}), rule_args=dict(rule_args or {}),
@@ -112,7 +126,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self._slots: dict[Tensor, LowRankSlot] = {}
-        self._components: dict[int, tuple[InnerOptimizer, UpdateRule]] = {}
+        self._components: dict[int, tuple[dict[str, Any], InnerOptimizer, UpdateRule]] = {}
+        """By param-group index: the options the components were built from, the inner optimizer, the rule."""
         self._index = {p: i for i, p in enumerate(self._params())}
         self._warned_ranks: set[tuple[int, int, int]] = set()
         self.refresh_count = 0
@@ -130,6 +145,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Refuse a group whose options, components or parameters do not fit (see
         :func:`~lit_lowrank.optim.validation.check_group`), now rather than at the first step."""
         check_group(group)
+        if not group["lowrank"] and self._dense_inner(group) is None:  # torch's AdamW/Adam
+            group["betas"] = ADAMW_BETAS if group["betas"] is None else group["betas"]
+            group["eps"] = ADAMW_EPS if group["eps"] is None else group["eps"]
         if not group["lowrank"]:
             if any(hasattr(p, "weight_store") for p in group["params"]):
                 raise ValueError("a quantized weight (with a weight_store) is in a dense group; "
@@ -145,12 +163,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._group_components(group)
 
     def _group_components(self, group: dict[str, Any]) -> tuple[InnerOptimizer, UpdateRule]:
-        key = id(group)
-        if key not in self._components:
-            inner = build("inner", group, betas=group["betas"], eps=group["eps"])
-            rule = build("rule", group, scale=group["scale"])
-            self._components[key] = (inner, rule)
-        return self._components[key]
+        """The group's inner optimizer and rule, rebuilt whenever an option they are built from
+        changes (``betas`` edited mid-run, a group replaced by :meth:`load_state_dict`). ``betas``
+        and ``eps`` left None are filled in from the inner optimizer, so the group shows what is used."""
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        cached = self._components.get(index)
+        if cached is None or cached[0] != component_options(group):
+            inner, rule = build_inner(group), build_rule(group)
+            for key in ("betas", "eps"):
+                if group[key] is None and hasattr(inner, key):
+                    group[key] = getattr(inner, key)
+            cached = self._components[index] = (component_options(group), inner, rule)
+        return cached[1], cached[2]
 
     def _slot(self, p: Tensor, group: dict[str, Any]) -> LowRankSlot:
         slot = self._slots.get(p)
@@ -200,8 +224,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         try:
             self._validate(group)
         except Exception:
+            self._components.pop(len(self.param_groups) - 1, None)
             self.param_groups.pop()
-            self._components.pop(id(group), None)
             raise
         self._index.update({p: len(self._index) + i for i, p in enumerate(group["params"])})
 

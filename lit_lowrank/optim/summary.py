@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lit_lowrank.optim.lowrank import LowRankOptimizer, tensor_bytes
 from lit_lowrank.optim.targets import classify
-from lit_lowrank.optim.validation import build
+from lit_lowrank.optim.validation import build, build_inner
 from lit_lowrank.projectors.base import Side, choose_side
 
 
@@ -86,7 +86,7 @@ def _projected_row(name: str, p: Tensor, group: dict) -> Row:
     rank = min(group["rank"], m, n)
     side = choose_side(group["side"], (m, n))
     low_shape = {Side.LEFT: (rank, n), Side.RIGHT: (m, rank), Side.BOTH: (rank, rank)}[side]
-    inner = build("inner", group, betas=group["betas"], eps=group["eps"])
+    inner = build_inner(group)
     projector = build("projector", group, rank=rank, side=group["side"], seed=0)
     try:
         moments = inner.init_state(torch.empty(low_shape, dtype=p.dtype, device="meta"))

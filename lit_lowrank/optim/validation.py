@@ -47,18 +47,19 @@ def check_group(group: Mapping[str, Any]) -> None:
 
 
 def check_adamw_options(group: Mapping[str, Any]) -> None:
-    """``lr`` finite ≥ 0, ``betas`` two numbers in [0, 1), ``eps`` finite > 0, ``weight_decay`` finite ≥ 0."""
+    """``lr`` finite ≥ 0, ``betas`` two numbers in [0, 1), ``eps`` finite > 0, ``weight_decay``
+    finite ≥ 0; ``betas`` and ``eps`` may be None (the inner optimizer's own defaults)."""
     lr = real("lr", group["lr"])
     if not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr}; set the peak learning rate, e.g. 1e-3")
     betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    if betas is not None and (not isinstance(betas, (tuple, list)) or len(betas) != 2):
         raise TypeError(f"betas must be two numbers, got {betas!r}; e.g. betas: [0.9, 0.999]")
-    for beta in betas:
+    for beta in betas or ():
         if not 0 <= real("betas", beta) < 1:
             raise ValueError(f"betas must each be in [0, 1), got {list(betas)}; e.g. betas: [0.9, 0.999] "
                              "(a beta >= 1 makes the moments grow without bound)")
-    eps = real("eps", group["eps"])
+    eps = real("eps", group["eps"]) if group["eps"] is not None else 1.0
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps}; e.g. eps: 1e-8")
     decay = real("weight_decay", group["weight_decay"])
@@ -98,11 +99,25 @@ def probe_components(group: Mapping[str, Any]) -> None:
     another."""
     build("projector", group, rank=group["rank"], side=group["side"], seed=0)
     build("schedule", group, gap=group["update_gap"])
-    build("inner", group, betas=tuple(group["betas"]), eps=group["eps"])
-    rule = build("rule", group, scale=group["scale"])
+    build_inner(group)
+    rule = build_rule(group)
     if rule.required_rank is not None and group["rank"] != rule.required_rank:
         raise ValueError(f"{describe('update_rules', group['rule'])} works at rank {rule.required_rank} only, but "
                          f"rank is {group['rank']}; set rank: {rule.required_rank}, or choose another rule")
+
+
+def build_inner(group: Mapping[str, Any]) -> Any:
+    """The group's inner optimizer, offered the group's ``betas`` and ``eps`` only where set (not
+    None): an inner optimizer keeps its own defaults otherwise (Lion's betas (0.9, 0.99), HF
+    AdamW's eps 1e-6)."""
+    offered = {key: tuple(group[key]) if key == "betas" else group[key]
+               for key in ("betas", "eps") if group[key] is not None}
+    return build("inner", group, **offered)
+
+
+def build_rule(group: Mapping[str, Any]) -> Any:
+    """The group's update rule, offered ``scale`` (α)."""
+    return build("rule", group, scale=group["scale"])
 
 
 def build(option: str, group: Mapping[str, Any], **offered: Any) -> Any:

@@ -177,8 +177,10 @@ def test_fields_the_module_owns_are_refused(field, value):
 
 
 def test_a_config_at_its_defaults_is_accepted():
-    config = LowRankConfig(betas=[0.9, 0.999], rank=1, targets=["layer"])  # a list, as YAML gives it
+    config = LowRankConfig(rank=1, targets=["layer"], method="fira")  # fields the method fills are not "set"
     assert LowRankCallback(config).config.rank == 1
+    with pytest.raises(ValueError, match=r"\['betas'\] set on the low-rank callback"):
+        LowRankCallback(LowRankConfig(betas=[0.9, 0.999]))  # a list, as YAML gives it: the user's optimizer owns betas
 
 
 def test_callback_with_lowrank_strategy_is_refused_naming_both():

@@ -65,3 +65,46 @@ def test_unfrozen_layer_is_split_into_projected_and_dense_with_the_hypers():
     _step(model, optimizer)
     assert model.mlp.weight in optimizer.projectors
     assert optimizer.state[model.mlp.weight]["exp_avg"].shape == (3, 12)  # std: 8×12 projected on the left (Lᵀ G)
+
+
+def test_betas_changed_mid_run_are_used_from_the_next_step():
+    """Editing a group's ``betas`` between steps rebuilds its inner optimizer: the run equals one
+    whose inner optimizer had the new betas from that step on (a plain Adam reference)."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(12, 8))
+    grads = [torch.randn(12, 8) for _ in range(4)]
+    optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True}], lr=0.1, rank=8, side="full",
+                                 on_refresh="rotate", update_gap=100)
+    exp_avg, exp_avg_sq, reference = torch.zeros(8, 8), torch.zeros(8, 8), weight.detach().clone()
+    for step, grad in enumerate(grads, start=1):
+        betas = (0.9, 0.999) if step <= 2 else (0.5, 0.9)
+        optimizer.param_groups[0]["betas"] = betas
+        weight.grad = grad
+        optimizer.step()
+        left, right = (basis for basis in optimizer.projectors[weight].bases())
+        low = left.T @ grad @ right
+        exp_avg.lerp_(low, 1 - betas[0])
+        exp_avg_sq.mul_(betas[1]).addcmul_(low, low, value=1 - betas[1])
+        # Adam with a changing beta: each step's bias correction uses that step's betas
+        direction = (exp_avg / (1 - betas[0] ** step)) / ((exp_avg_sq / (1 - betas[1] ** step)).sqrt() + 1e-8)
+        reference -= 0.1 * 0.25 * left @ direction @ right.T
+        torch.testing.assert_close(weight.detach(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_scale_changed_mid_run_scales_the_next_update():
+    """GaLore's step is −η·α·P N: doubling ``group["scale"]`` between steps doubles the next update
+    (the moments, and so N, do not depend on α), also after a ``load_state_dict``."""
+    torch.manual_seed(0)
+    grads = [torch.randn(12, 8) for _ in range(3)]
+    deltas = []
+    for scales in ((0.25, 0.25, 0.25), (0.25, 0.25, 0.5)):
+        weight = nn.Parameter(torch.ones(12, 8))
+        optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True}], lr=0.1, rank=4)
+        for grad, scale in zip(grads, scales):
+            optimizer.load_state_dict(optimizer.state_dict())  # replaced groups: rebuilt, not stale
+            optimizer.param_groups[0]["scale"] = scale
+            before = weight.detach().clone()
+            weight.grad = grad
+            optimizer.step()
+        deltas.append(weight.detach() - before)
+    torch.testing.assert_close(deltas[1], 2 * deltas[0])
