@@ -15,7 +15,14 @@ from torch import Tensor
 
 class InnerOptimizer(ABC):
     """Base class. ``linear_state`` names the state tensors that transform like ``R`` (first
-    moments); ``quadratic_state`` those that transform like ``R²`` (second moments)."""
+    moments); ``quadratic_state`` those that transform like ``R²`` (second moments).
+
+    Built by the optimizer once per param group, offered the group's ``betas`` and ``eps`` only
+    where the user set them (else your own defaults apply) and only if ``__init__`` accepts
+    them; the user's ``inner_args`` come on top, with a ``quantizer`` name resolved to its class.
+    Rebuilt when those options change. After building, a group whose ``betas``/``eps`` were unset
+    shows your instance's ``betas``/``eps`` attributes.
+    """
 
     linear_state: tuple[str, ...] = ()
     quadratic_state: tuple[str, ...] = ()

@@ -130,6 +130,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """By param-group index: the options the components were built from, the inner optimizer, the rule."""
         self._index = {p: i for i, p in enumerate(self._params())}
         self._warned_ranks: set[tuple[int, int, int]] = set()
+        self.rank_ledger: dict[int, int] = {}
+        """Ranks granted by adaptive-rank projectors, by parameter index: their shared budget
+        (offered to projectors as ``ledger``); restored from their state on resume."""
         self.refresh_count = 0
         self.skipped_steps = 0
         """Steps skipped for a non-finite gradient (``nonfinite: skip``); in layer-wise mode,
@@ -191,7 +194,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                               f"{min(m, n)} (full rank, no memory saved for it).", stacklevel=4)
                 self._warned_ranks.add((m, n, rank))
             rank = min(m, n)
-        projector = build("projector", group, rank=rank, side=group["side"], seed=self._index[p])
+        projector = build("projector", group, rank=rank, side=group["side"], seed=self._index[p],
+                          ledger=self.rank_ledger)
         schedule = build("schedule", group, gap=group["update_gap"])
         return LowRankSlot(projector, schedule)
 

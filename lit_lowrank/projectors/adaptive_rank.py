@@ -1,6 +1,6 @@
 """Adaptive per-layer rank (in the spirit of WeLore, Jaiswal et al. 2024): each layer's rank is
 the smallest r whose top-r singular values hold a fraction τ of its gradient's energy, capped
-by a per-layer maximum and by a rank budget shared by the layers of a training run."""
+by a per-layer maximum and by a rank budget shared by the layers of one optimizer (its ledger)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,6 @@ from lit_lowrank.quantizers.base import Quantizer
 
 log = logging.getLogger(__name__)
 
-_LEDGERS: dict[str, dict[int, int]] = {}
-"""Granted ranks by budget key, then by parameter seed (index): the shared budget ledger."""
-
-
 def energy_rank(singular_values: Tensor, tau: float) -> int | None:
     """Smallest r with ``Σ_{i<r} σᵢ² ≥ τ Σ σᵢ²`` (σ sorted descending); None for a zero
     matrix, whose energy says nothing about the rank."""
@@ -32,22 +28,11 @@ def energy_rank(singular_values: Tensor, tau: float) -> int | None:
     return int(torch.searchsorted(captured, torch.tensor(tau, dtype=captured.dtype) - 1e-12)) + 1
 
 
-def granted_ranks(budget_key: str = "default") -> dict[int, int]:
-    """The ranks granted so far under ``budget_key``, by parameter index (a copy)."""
-    return dict(_LEDGERS.get(budget_key, {}))
-
-
-def reset_budget(budget_key: str = "default") -> None:
-    """Forget the ranks granted under ``budget_key`` (call before building a second optimizer
-    that uses the same key in one process)."""
-    _LEDGERS.pop(budget_key, None)
-
-
 class AdaptiveRankProjector(DenseBasisProjector):
     """Exact-SVD projector whose rank is chosen per layer at its first refresh.
 
     ``r = clamp(energy_rank(σ(G), τ), min_rank, rank)``, then reduced to what is left of
-    ``budget`` (the sum of ranks over all layers sharing ``budget_key``), never below
+    ``budget`` (the sum of ranks over all layers sharing ``ledger``), never below
     ``min_rank``. The rank is then fixed (the moments are shaped by it); later refreshes take
     the top-r SVD as GaLore does. An all-zero first gradient (a layer that has not received a
     gradient yet) cannot measure τ: the layer gets its maximum, still cut by the budget, with a
@@ -61,9 +46,10 @@ class AdaptiveRankProjector(DenseBasisProjector):
         side, seed, quantizer, quantizer_args: as :class:`DenseBasisProjector` (seed is the
             parameter index and keys the layer's grant in the ledger).
         tau: energy fraction τ in (0, 1].
-        budget: total rank over the layers of ``budget_key``; ``None`` for no budget.
+        budget: total rank over the layers sharing ``ledger``; ``None`` for no budget.
         min_rank: the least rank any layer gets.
-        budget_key: names the ledger; one training run (optimizer) per key.
+        ledger: the ranks granted so far, by seed, shared by the layers of one budget: the
+            optimizer offers its own (one per optimizer); a projector built alone keeps its own.
 
     State: the base state plus ``rank`` (granted), ``tau_rank`` (requested by τ) and
     ``energy`` (fraction of the first gradient's energy the granted rank holds).
@@ -71,7 +57,7 @@ class AdaptiveRankProjector(DenseBasisProjector):
 
     def __init__(
         self, rank: int, *, side: str = "std", seed: int = 0, tau: float = 0.9, budget: int | None = None,
-        min_rank: int = 1, budget_key: str = "default", quantizer: type[Quantizer] | None = None,
+        min_rank: int = 1, ledger: dict[int, int] | None = None, quantizer: type[Quantizer] | None = None,
         quantizer_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(rank, side=side, seed=seed, quantizer=quantizer, quantizer_args=quantizer_args)
@@ -84,7 +70,7 @@ class AdaptiveRankProjector(DenseBasisProjector):
         self.tau = tau
         self.budget = budget
         self.min_rank = min_rank
-        self.budget_key = budget_key
+        self.ledger = {} if ledger is None else ledger
         self.tau_rank = 0
         self.energy = float("nan")
 
@@ -103,12 +89,12 @@ class AdaptiveRankProjector(DenseBasisProjector):
                           f"rank; the layer keeps its maximum {self.rank} (within the budget)", stacklevel=2)
         self.tau_rank = self.rank if measured is None else measured
         wanted = min(max(self.tau_rank, self.min_rank), self.rank)
-        ledger = _LEDGERS.setdefault(self.budget_key, {})
+        ledger = self.ledger
         ledger.pop(self.seed, None)
         if self.budget is not None:
             left = self.budget - sum(ledger.values())
             if left < wanted:
-                warnings.warn(f"adaptive-rank budget {self.budget} ({self.budget_key!r}) exhausted: layer "
+                warnings.warn(f"adaptive-rank budget {self.budget} exhausted: layer "
                               f"{self.seed} gets rank {max(left, self.min_rank)} instead of {wanted}", stacklevel=2)
             wanted = max(min(wanted, left), self.min_rank)
         self.rank = ledger[self.seed] = wanted
@@ -125,7 +111,7 @@ class AdaptiveRankProjector(DenseBasisProjector):
         super().load_state_dict(state)
         self.rank, self.tau_rank, self.energy = int(state["rank"]), int(state["tau_rank"]), float(state["energy"])
         if self.refreshes:
-            _LEDGERS.setdefault(self.budget_key, {})[self.seed] = self.rank
+            self.ledger[self.seed] = self.rank
 
 
 @hookimpl

@@ -64,6 +64,11 @@ class Projector(ABC):
     Subclasses implement :meth:`_refresh` (recompute the basis from a gradient) and
     :meth:`bases` (the dense bases in the gradient's dtype), and extend
     :meth:`state_dict`/:meth:`load_state_dict` with their own tensors.
+
+    Built by the optimizer once per weight, offered ``rank``, ``side``, ``seed`` and ``ledger``
+    (the optimizer's dict of ranks granted by seed, for projectors that share a rank budget),
+    each only if ``__init__`` accepts it; the user's ``projector_args`` come on top, with a
+    ``quantizer`` name resolved to its class.
     """
 
     def __init__(self, rank: int, *, side: str = "std", seed: int = 0) -> None:

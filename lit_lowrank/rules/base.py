@@ -34,6 +34,9 @@ class UpdateRule(ABC):
     """Applies ``W ← W − step_size · U`` where ``U`` is built from the gradient ``G`` (m×n), its
     projection ``R``, the inner optimizer's direction ``N`` (R's shape) and the projector.
 
+    Built by the optimizer once per param group (rebuilt when its options change), offered
+    ``scale`` if ``__init__`` accepts it; the user's ``rule_args`` come on top.
+
     Args:
         scale: the papers' α, multiplying the lifted low-rank update.
 

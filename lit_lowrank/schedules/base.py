@@ -12,6 +12,9 @@ class Schedule:
     ``step`` is the number of updates the parameter has already received (0 on its first
     step). The base class refreshes on the first step only; subclasses set
     :attr:`next_refresh` in :meth:`after_refresh`.
+
+    Built by the optimizer once per weight, offered ``gap`` (the group's ``update_gap``, T) if
+    ``__init__`` accepts it; the user's ``schedule_args`` come on top.
     """
 
     def __init__(self) -> None:

@@ -20,7 +20,7 @@ COMBOS = {
     "fira-rsvd": dict(rule="fira", projector="rsvd"),
     "galore-random-orthonormal": dict(projector="random", projector_args={"orthonormal": True}),
     "fira-adaptive-rank": dict(rule="fira", projector="adaptive-rank",
-                               projector_args={"tau": 0.5, "budget_key": "resume-test"}),
+                               projector_args={"tau": 0.5}),
 }
 
 
