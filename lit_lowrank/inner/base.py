@@ -67,9 +67,10 @@ class InnerOptimizer(ABC):
 
 
 def change_basis(low: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
-    """``left · low · rightᵀ`` with either factor optional."""
-    out = low if left is None else left @ low
-    return out if right is None else out @ right.T
+    """``left · low · rightᵀ`` with either factor optional, in ``low``'s dtype (moments may be
+    kept in another precision than the bases the maps come from)."""
+    out = low if left is None else left.to(low.dtype) @ low
+    return out if right is None else out @ right.to(low.dtype).T
 
 
 def bias_corrections(betas: tuple[float, float], step: int) -> tuple[float, float]:

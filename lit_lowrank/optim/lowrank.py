@@ -332,7 +332,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if p not in created:
                     self._slots[p].projector.load_state_dict(saved)
             for p in created:
-                del self._slots[p]
+                self._slots.pop(p, None)  # None: its projector failed to build
             raise
         return old_bases
 

@@ -157,12 +157,13 @@ def describe(kind: str, name: str) -> str:
 
 
 def construct(cls: type, explicit: Mapping[str, Any], **offered: Any) -> Any:
-    """``cls(**offered, **explicit)``, offering only the keywords ``cls`` accepts; an unknown
+    """``cls(**offered, **explicit)``, offering only the keywords ``cls`` accepts (following
+    ``**kwargs`` into its base classes' constructors); an unknown
     explicit keyword raises a TypeError naming what ``cls`` accepts (for a ``**kwargs``
     constructor, also what its base classes' constructors accept)."""
     parameters = inspect.signature(cls).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    kwargs = {k: v for k, v in offered.items() if var_kw or k in parameters}
+    kwargs = {k: v for k, v in offered.items() if k in accepted(cls)}
     unknown = [k for k in explicit if not var_kw and k not in parameters]
     if unknown:
         raise TypeError(f"{cls.__name__} got unknown option(s) {unknown}; it accepts: {', '.join(accepted(cls))}")

@@ -1,6 +1,7 @@
 """The Projector contract: an m×n gradient to a low-rank tensor and back (docs/plugins.md).
 
-A projector holds one orthonormal basis per projected side:
+A projector holds one basis per projected side, orthonormal unless it says otherwise
+(:attr:`Projector.orthonormal`):
 
 * ``Side.LEFT``  — ``L`` (m×r): ``R = Lᵀ G`` (r×n), lifted back as ``L R``;
 * ``Side.RIGHT`` — ``Q`` (n×r): ``R = G Q`` (m×r), lifted back as ``R Qᵀ``;
@@ -70,6 +71,10 @@ class Projector(ABC):
     each only if ``__init__`` accepts it; the user's ``projector_args`` come on top, with a
     ``quantizer`` name resolved to its class.
     """
+
+    orthonormal: bool = True
+    """Whether the bases have orthonormal columns (``LᵀL = I``), so ``project_back ∘ project``
+    is an orthogonal projection; a plain Gaussian sketch (``random``) has not."""
 
     def __init__(self, rank: int, *, side: str = "std", seed: int = 0) -> None:
         if rank < 1:

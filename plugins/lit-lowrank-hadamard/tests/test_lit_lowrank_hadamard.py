@@ -8,6 +8,7 @@ import torch
 
 import lit_lowrank
 from lit_lowrank import plugins
+from lit_lowrank.testing import check_projector
 from lit_lowrank_hadamard import SRHTProjector, fwht
 
 
@@ -99,3 +100,9 @@ def test_trains_inside_lowrank_optimizer_by_name(installed_plugins):
         optimizer.step()
     assert isinstance(optimizer.projectors[model.mlp.weight], SRHTProjector)
     assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("options", [{}, {"oversample": 2, "power_iters": 0}])
+def test_keeps_the_projector_contract(options):
+    """lit_lowrank's conformance kit: shapes, orthonormal bases, state round trip, bitwise resume."""
+    check_projector(SRHTProjector, **options)
