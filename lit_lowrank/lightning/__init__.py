@@ -2,6 +2,10 @@
 and the ``"lowrank"``/``"ddp_lowrank"`` strategies (adopt in an existing project), telemetry,
 and :class:`LastStepCheckpoint` (checkpoints that always include the final step)."""
 
+from lit_lowrank.extras import require
+
+require("lightning", "lightning", "torchmetrics", "jsonargparse")
+
 from lit_lowrank.lightning.callback import LowRankCallback
 from lit_lowrank.lightning.checkpoint import LastStepCheckpoint
 from lit_lowrank.lightning.config import LowRankConfig

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lit_lowrank.extras import require
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.quantizers.base import Packed, Quantizer
 
@@ -54,6 +55,7 @@ class BnbBlockwise8bit(Quantizer):
     BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
     def __init__(self, bits: int = 8, group_size: int = 256, rounding: str = "nearest", signed: bool = True) -> None:
+        require("bnb", "bitsandbytes")
         super().__init__(bits=bits, group_size=group_size, rounding=rounding)
         if bits != 8:
             raise ValueError(f"bnb-8bit quantizes to 8 bits only, got bits={bits}; use `int` for other widths")
