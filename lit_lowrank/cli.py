@@ -102,10 +102,26 @@ class LowRankCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_dataclass_arguments(LowRankConfig, "lowrank")
         parser.link_arguments("lowrank", "model.lowrank", apply_on="instantiate")
+        list_registered_names(parser)
 
     def before_instantiate_classes(self) -> None:
         """Refuse a bad ``lowrank:`` section before the model is built or data prepared."""
         check_lowrank_section(self.config.get(self.subcommand) if self.subcommand else self.config)
+
+
+REGISTERED_FIELDS = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers",
+                     "schedule": "schedules", "method": "methods"}
+"""``lowrank.<field>`` → the registry kind whose names it takes."""
+
+
+def list_registered_names(parser: LightningArgumentParser) -> None:
+    """Append the names registered now (built-ins and installed plugins) to the help of each
+    ``lowrank`` field that takes one."""
+    for action in parser._actions:
+        field = action.dest.removeprefix("lowrank.")
+        if action.dest.startswith("lowrank.") and field in REGISTERED_FIELDS:
+            names = ", ".join(sorted(plugins.registered(REGISTERED_FIELDS[field])))
+            action.help = f"{action.help or ''} Registered: {names}."
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -117,3 +117,32 @@ def test_config_errors_are_one_line_before_anything_runs(tmp_path, cache_dir, ca
     assert exit_info.value.code == 2
     assert re.fullmatch(f"error: lowrank: .*{message}.*\n", captured.err)
     assert "lowrank:" not in captured.out  # --print_config printed nothing
+
+
+def test_fit_help_describes_every_lowrank_field_and_lists_registered_names(capsys):
+    import dataclasses
+    import re
+
+    from lit_lowrank import registered
+    from lit_lowrank.cli import main
+    from lit_lowrank.lightning import LowRankConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("  --lowrank.enabled"):]
+    blocks = re.split(r"^  (?=--)", options, flags=re.M)
+    entries = {}
+    for block in (block for block in blocks if block.startswith("--lowrank.")):
+        words = block.split()
+        name = words[0].split(".", 1)[1]
+        while words and (words[0].startswith("--lowrank") or re.fullmatch(r"[A-Z_]+,?|[{\[].*[}\]],?", words[0])):
+            words.pop(0)  # the option strings and metavars
+        entries[name] = " ".join(words)
+    for field in dataclasses.fields(LowRankConfig):
+        description = entries[field.name].split("(type:")[0].strip()
+        assert len(description) > 10, (field.name, description)
+    for field, kind in [("projector", "projectors"), ("inner", "inner_optimizers"), ("method", "methods")]:
+        listed = entries[field].replace("- ", "-")
+        assert all(name in listed for name in registered(kind)), (field, listed)

@@ -29,40 +29,56 @@ class LowRankConfig:
     (``python -m lit_lowrank plugins`` lists them), so a projector from a pip-installed plugin
     is usable by writing its name here. ``*_args`` are that component's extra keyword arguments.
 
+    A method field left ``null`` takes the ``method``'s value, else the default named in its help.
+
     Args:
-        method: a registered method (``python -m lit_lowrank plugins`` lists them, e.g. ``fira``,
-            ``apollo``, ``q-galore``): its settings fill the method fields (rank, projector,
-            side, update_gap, scale, rule, inner, schedule, on_refresh, ``*_args``, gradnorm,
-            weight_bits) left at ``null``; a field you set replaces the method's value for it.
-        enabled: ``False`` trains every parameter with plain ``torch.optim.AdamW`` (the papers'
-            full-rank baseline) through the same module, schedule and telemetry.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; ``betas``/``eps`` left ``null``
-            take the inner optimizer's own defaults (Lion's betas (0.9, 0.99)) and AdamW's
-            ((0.9, 0.999), 1e-8) for dense weights and ``enabled: false``.
-        targets, exclude: which weights to project (see :func:`lit_lowrank.select_targets`):
-            ``targets: null`` (default) the linear layers inside the network's repeated blocks,
-            never embeddings or the output head; or a list of module-name patterns; ``exclude``
-            patterns remove modules. Everything else gets dense AdamW.
-        rank, projector, side, update_gap, scale, rule, inner, schedule, on_refresh,
-        projector_args, rule_args, inner_args, schedule_args: :class:`LowRankOptimizer`'s options.
-        nonfinite: a step with a NaN/inf gradient is skipped (``skip``, counted in
-            ``optim/skipped_steps``), raises (``raise``) or goes through (``ignore``).
-        warmup: linear warm-up length, in steps (int ≥ 1) or as a fraction of the run (float < 1).
-        min_lr_ratio: the decay ends at ``min_lr_ratio · lr`` (0.1 in the GaLore papers' pretraining).
-        lr_schedule: after warm-up, ``cosine`` decay (LLaMA pretraining), ``linear`` decay (the
-            papers' GLUE fine-tuning) or ``constant``.
-        layerwise: step each weight inside backward and free its gradient at once
-            (:class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback`): lower peak memory by
-            about the gradients' size; works with ``accumulate_grad_batches`` (low-rank weights
-            accumulate their projections), not with ``gradient_clip_val``, fp16 scaling or DDP.
-        gradnorm: GradNormLoRP — weight-normalize the target linear weights (``W = g·V/‖V‖``,
-            :func:`lit_lowrank.reparam.apply_gradnorm`) in :meth:`prepare`, so the direction V
-            is projected and the magnitude g trained densely; ``fold_gradnorm`` undoes it.
-        weight_bits, weight_args: Q-GaLore's quantized weights — with ``weight_bits`` (8 in the
-            paper) :meth:`prepare` replaces the target linear layers by
-            :class:`~lit_lowrank.quantizers.quantized_linear.QuantizedLinear` (weight held as
-            group-wise integer codes, updated with stochastic rounding); ``weight_args`` are
-            :func:`quantize_linear_weights`'s ``group_size`` (256) and ``stochastic`` (true).
+        enabled: False trains every parameter with plain torch.optim.AdamW (the papers' full-rank
+            baseline) through the same module, schedule and telemetry.
+        method: A registered method (fira, apollo, q-galore, ...; `python -m lit_lowrank plugins`
+            lists them): its settings fill the method fields left null; a field you set replaces
+            the method's value for it.
+        lr: Peak learning rate (as torch.optim.AdamW).
+        betas: Adam's (β1, β2); null: the inner optimizer's own (Lion (0.9, 0.99)), AdamW's
+            (0.9, 0.999) for dense weights.
+        eps: Adam's ε; null: the inner optimizer's own (HF AdamW 1e-6), else 1e-8.
+        weight_decay: Decoupled weight decay λ (as torch.optim.AdamW).
+        targets: Which weights to project: null, the linear layers inside the network's repeated
+            blocks (never embeddings or the output head); or a list of module-name regexes.
+            Everything else gets dense AdamW.
+        exclude: Module-name regexes removed from the targets.
+        rank: Subspace rank r, clamped to min(m, n) with a warning (method field; default 128).
+        projector: Registered projector: how the subspace is found (method field; default svd).
+        side: Which side to project: std, reverse_std, left, right or full (method field;
+            default std: the smaller dimension).
+        update_gap: Steps between subspace refreshes, T (method field; default 200).
+        scale: The update scale α (method field; default 0.25).
+        rule: Registered update rule: how the low-rank step becomes a full-rank one (method field;
+            default galore).
+        inner: Registered inner optimizer: the moments in low-rank space (method field; default
+            adamw).
+        schedule: Registered refresh schedule (method field; default fixed: every update_gap steps).
+        on_refresh: The moments when a subspace changes: keep, reset or rotate (method field;
+            default keep).
+        projector_args: The projector's own options, e.g. {oversample: 8} (method field).
+        rule_args: The rule's own options, e.g. {gamma: 1.01} (method field).
+        inner_args: The inner optimizer's own options, e.g. {min_8bit_size: 4096} (method field).
+        schedule_args: The schedule's own options, e.g. {threshold: 0.4} (method field).
+        nonfinite: A step with a NaN/inf gradient is skipped (skip, counted in
+            optim/skipped_steps), raises (raise) or goes through (ignore).
+        warmup: Linear warm-up length: steps (an integer ≥ 1) or a fraction of the run (< 1).
+        min_lr_ratio: The decay ends at min_lr_ratio · lr (0.1 in the GaLore papers' pretraining).
+        lr_schedule: After warm-up: cosine decay (LLaMA pretraining), linear decay (the papers'
+            GLUE fine-tuning) or constant.
+        layerwise: Step each weight inside backward and free its gradient at once (lower peak
+            memory by about the gradients' size); works with accumulate_grad_batches, not with
+            gradient_clip_val, fp16 scaling or DDP.
+        gradnorm: GradNormLoRP: weight-normalize the target linear weights (W = g·V/‖V‖) so the
+            direction V is projected and the magnitude g trained densely (method field; default
+            false).
+        weight_bits: Q-GaLore: hold the target linear weights as integer codes of this many bits
+            (8 in the paper), updated with stochastic rounding (method field; default null: float
+            weights).
+        weight_args: Options of the quantized weights: group_size (256), stochastic (true).
     """
 
     enabled: bool = True
