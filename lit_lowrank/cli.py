@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lit_lowrank import plugins
 from lit_lowrank.methods import Method
 from lit_lowrank.lightning import LowRankConfig, LowRankModule
+from lit_lowrank.lightning.progress import progress_bar
 
 
 class ConfigError(Exception):
@@ -94,6 +95,7 @@ class LowRankCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         plugins.plugin_manager()
         kwargs = {"subclass_mode_data": True, "auto_configure_optimizers": False,
+                  "trainer_defaults": {"callbacks": [progress_bar()]},
                   "parser_class": LowRankArgumentParser,
                   "save_config_kwargs": {"overwrite": True},
                   "parser_kwargs": {"prog": "python -m lit_lowrank", "description": DESCRIPTION}, **kwargs}
@@ -105,8 +107,14 @@ class LowRankCLI(LightningCLI):
         list_registered_names(parser)
 
     def before_instantiate_classes(self) -> None:
-        """Refuse a bad ``lowrank:`` section before the model is built or data prepared."""
-        check_lowrank_section(self.config.get(self.subcommand) if self.subcommand else self.config)
+        """Refuse a bad ``lowrank:`` section before the model is built or data prepared; keep
+        the progress bar out of a run that disables it or brings its own."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        check_lowrank_section(config)
+        trainer = config.get("trainer") or {}
+        own = [c for c in trainer.get("callbacks") or [] if "ProgressBar" in str(c.get("class_path", ""))]
+        if trainer.get("enable_progress_bar") is False or own:
+            self.trainer_defaults = {k: v for k, v in self.trainer_defaults.items() if k != "callbacks"}
 
 
 REGISTERED_FIELDS = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers",
