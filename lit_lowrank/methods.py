@@ -9,6 +9,8 @@ from here.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +32,8 @@ class Method:
     Args:
         description: one line: what it computes.
         options: :class:`~lit_lowrank.LowRankOptimizer` keyword arguments (``projector``,
-            ``rule``, ``inner``, ``schedule``, ``scale``, ``rank``, ``*_args`` …); options a user
-            sets explicitly replace these, key by key.
+            ``rule``, ``inner``, ``schedule``, ``scale``, ``rank``, ``*_args`` …); see
+            :meth:`merged` for options a user sets too.
         weight_bits: target weights held as integer codes of this many bits
             (:func:`~lit_lowrank.quantizers.quantized_linear.quantize_linear_weights`; Q-GaLore: 8).
         gradnorm: target weights are weight-normalized first
@@ -54,6 +56,34 @@ class Method:
         """Everything the recipe sets, as ``lowrank:`` keys of a YAML config."""
         extra = {"weight_bits": self.weight_bits} if self.weight_bits is not None else {}
         return {**self.options, **extra, **({"gradnorm": True} if self.gradnorm else {})}
+
+    def merged(self, name: str, explicit: dict[str, Any]) -> dict[str, Any]:
+        """The method's settings with ``explicit`` ones (not None) on top. An explicit value
+        that changes what the method *is* (:data:`DEFINING`) is refused; one that tunes it
+        (``scale``, ``rank``, ``*_args``, ...) replaces the method's with a warning."""
+        settings = copy.deepcopy(self.settings())
+        for key, value in explicit.items():
+            if value is None or key not in settings or _plain(value) == _plain(settings[key]):
+                continue
+            if key in DEFINING:
+                raise ValueError(f"{key}={value!r} contradicts method {name!r}, whose {key} is {settings[key]!r}; "
+                                 f"drop {key} (or the method) from the config")
+            warnings.warn(f"{key}={value!r} replaces method {name!r}'s {key}={settings[key]!r}", UserWarning,
+                          stacklevel=3)
+        return {**settings, **{k: v for k, v in explicit.items() if v is not None}}
+
+
+DEFINING = ("projector", "rule", "inner", "schedule", "gradnorm", "weight_bits")
+"""Settings that make a method what it is: set explicitly to another value, they are refused."""
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (YAML gives lists), recursively, for comparing settings."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 BUILTIN_METHODS: dict[str, Method] = {

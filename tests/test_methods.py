@@ -52,10 +52,25 @@ def test_a_method_builds_what_its_explicit_options_build(name):
         assert by_name.param_groups[0][key] == value
 
 
-def test_explicit_options_replace_the_methods_key_by_key():
-    optimizer = build_optimizer(Blocks(), method="apollo", scale=0.5, rank=4)
+def test_explicit_options_tune_a_method_with_a_warning():
+    with pytest.warns(UserWarning, match="scale=0.5 replaces method 'apollo''s scale=1.0"):
+        optimizer = build_optimizer(Blocks(), method="apollo", scale=0.5, rank=4)
     group = optimizer.param_groups[0]
     assert (group["projector"], group["rule"], group["scale"], group["rank"]) == ("random", "apollo", 0.5, 4)
+
+
+@pytest.mark.parametrize("method, key, value", [("apollo", "projector", "svd"), ("fira", "rule", "galore"),
+                                                ("galore-8bit", "inner", "adamw")])
+def test_an_option_that_makes_another_method_is_refused(method, key, value):
+    with pytest.raises(ValueError, match=f"{key}='{value}' contradicts method '{method}'"):
+        build_optimizer(Blocks(), method=method, **{key: value})
+    with pytest.raises(ValueError, match=f"{key}='{value}' contradicts method '{method}'"):
+        LowRankConfig(method=method, **{key: value})
+
+
+def test_a_component_the_method_leaves_open_composes():
+    group = build_optimizer(Blocks(), method="apollo", inner="lion").param_groups[0]  # APOLLO with Lion
+    assert (group["rule"], group["inner"]) == ("apollo", "lion")
 
 
 def test_every_builtin_is_registered_through_the_hook():
@@ -100,12 +115,12 @@ def test_a_plugin_ships_a_recipe_usable_by_name_everywhere():
 
 
 def test_config_method_fills_only_fields_left_unset():
-    config = LowRankConfig(method="q-galore", scale=0.5)
+    config = LowRankConfig(method="q-galore", scale=0.5)  # q-galore sets no scale: no warning
     assert (config.inner, config.schedule, config.weight_bits, config.scale, config.rank) == (
         "adamw8bit", "lazy", 8, 0.5, 128)
     assert config.projector_args == {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
-    # explicitly set to what would otherwise be the default: kept, not replaced by the method's
-    assert LowRankConfig(method="apollo", projector="svd").projector == "svd"
+    # set explicitly to the method's own value: no contradiction
+    assert LowRankConfig(method="apollo", projector="random", scale=1).projector == "random"
     config.projector_args["quantizer_args"]["bits"] = 2  # a config's copy, never the registry's
     assert plugins.get_method("q-galore").options["projector_args"]["quantizer_args"]["bits"] == 4
 

@@ -131,12 +131,14 @@ class LowRankConfig:
 
     def _resolve_method(self) -> None:
         """Fill every method field left at ``None``: from ``method``'s settings, else the
-        built-in default (:data:`METHOD_DEFAULTS`). A field set explicitly is kept."""
-        settings = get_method(self.method).settings() if self.method is not None else {}
+        built-in default (:data:`METHOD_DEFAULTS`). A field set explicitly is kept, unless it
+        contradicts what the method is (:meth:`Method.merged`: refused)."""
+        explicit = {name: getattr(self, name) for name in METHOD_DEFAULTS}
+        if self.method is not None:
+            explicit = get_method(self.method).merged(self.method, explicit)
         for name, default in METHOD_DEFAULTS.items():
-            if getattr(self, name) is None:
-                value = settings.get(name, default)
-                setattr(self, name, copy.deepcopy(value))
+            value = explicit.get(name)
+            setattr(self, name, copy.deepcopy(default if value is None else value))
 
     def optimizer_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""

@@ -3,7 +3,6 @@ calls to turn a model into a :class:`LowRankOptimizer`."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 from torch import nn
@@ -45,7 +44,8 @@ def build_optimizer(
     if method is not None:
         recipe = get_method(method) if isinstance(method, str) else method
         check_model_fits(recipe, low_rank, method)
-        options = {**copy.deepcopy(recipe.options), **options}
+        options = {key: value for key, value in recipe.merged(str(method), options).items()
+                   if key not in ("gradnorm", "weight_bits")}
     groups = [{"params": list(low_rank.values()), "names": list(low_rank), "lowrank": True}]
     if dense:
         groups.append({"params": list(dense.values()), "names": list(dense), "lowrank": False})
