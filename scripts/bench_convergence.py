@@ -1,0 +1,285 @@
+"""Convergence per method: the demo LLaMA pretrained with AdamW and every method of the README's
+table, same seed, data order and token budget, through the library's own CLI path.
+
+    python scripts/bench_convergence.py --quick --jobs 2      # a representative subset, < 15 min on 2 cores
+    python scripts/bench_convergence.py --jobs 2               # every method: the README's table
+    python scripts/bench_convergence.py --methods adamw galore --steps 100
+
+Each configuration is ``python -m lit_lowrank fit --config configs/demo.yaml`` (hidden 128, 4
+layers, 16 × 128 tokens per step on the embedded Shakespeare corpus) with ``--lowrank.method``
+and ``--lowrank.lr`` set, run in its own process with one thread; the method's own settings
+(APOLLO's α = 1, APOLLO-Mini's rank 1) replace the demo's rank 32 / α 0.25 / T 50 where it sets
+them. Every method gets a small learning-rate sweep (the papers' lr and neighbours), and the best
+by final validation loss is reported.
+
+The low-rank methods train the projected weights at α·lr and everything else at lr. Two
+controls separate that learning-rate split from the projection itself: ``adamw-split`` is plain
+AdamW with the same per-group split (the block linear weights at α·lr), and
+``galore-full-rank`` is GaLore at rank min(m, n), which projects nothing away.
+
+Results go to ``--out`` (``bench/convergence``): ``results.csv`` (one row per run, appended, so an
+interrupted sweep resumes where it stopped), ``curves.csv`` (validation loss by step),
+``table.md`` and ``val_loss.png`` (the best run of each method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo.yaml"
+ALPHA = 0.25  # the demo's scale α
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of the table: how to run it and the learning rates swept."""
+
+    lrs: tuple[float, ...]
+    method: str | None = None  # a registered method; None: plain AdamW
+    split: bool = False  # AdamW with the block linear weights at α·lr
+    full_rank: bool = False  # the method at rank min(m, n)
+
+
+LOW_RANK_LRS = (3e-3, 1e-2)
+VARIANTS: dict[str, Variant] = {
+    "adamw": Variant((1e-3, 3e-3, 1e-2)),
+    "adamw-split": Variant((3e-3, 1e-2, 2e-2), split=True),
+    "galore": Variant((3e-3, 1e-2, 2e-2), method="galore"),
+    "galore-full-rank": Variant((3e-3, 1e-2), method="galore", full_rank=True),
+    "galore-rsvd": Variant(LOW_RANK_LRS, method="galore-rsvd"),
+    "galore-dct": Variant(LOW_RANK_LRS, method="galore-dct"),
+    "online-pca": Variant(LOW_RANK_LRS, method="online-pca"),
+    "galore-random": Variant(LOW_RANK_LRS, method="galore-random"),
+    "adaptive-rank": Variant(LOW_RANK_LRS, method="adaptive-rank"),
+    "fira": Variant(LOW_RANK_LRS, method="fira"),
+    "apollo": Variant(LOW_RANK_LRS, method="apollo"),
+    "apollo-mini": Variant(LOW_RANK_LRS, method="apollo-mini"),
+    "galore-adafactor": Variant(LOW_RANK_LRS, method="galore-adafactor"),
+    "galore-lion": Variant((1e-3, 3e-3), method="galore-lion"),
+    "galore-8bit": Variant(LOW_RANK_LRS, method="galore-8bit"),
+    "q-galore": Variant(LOW_RANK_LRS, method="q-galore"),
+    "gradnorm": Variant(LOW_RANK_LRS, method="gradnorm"),
+}
+"""Every method of the README's table, and the two controls; the registry supplies the settings."""
+QUICK = {"adamw": (3e-3,), "adamw-split": (1e-2,), "galore": (1e-2,), "galore-full-rank": (1e-2,),
+         "fira": (1e-2,), "apollo": (1e-2,)}
+FIELDS = ["variant", "lr", "steps", "val_loss", "val_ppl", "state_bytes", "wall_s"]
+
+
+# ---------------------------------------------------------------------------- one run
+def cli_args(name: str, lr: float, steps: int, out: Path) -> list[str]:
+    """The arguments of ``fit`` for one run (the demo config with the variant's settings)."""
+    from lit_lowrank import get_method
+
+    variant = VARIANTS[name]
+    args = ["--config", str(CONFIG), f"--lowrank.lr={lr}", f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={max(steps // 6, 1)}", f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={run_name(name, lr)}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    if variant.method is None:
+        return [*args, "--lowrank.enabled=false"]
+    args.append(f"--lowrank.method={variant.method}")
+    settings = get_method(variant.method).options
+    for key in ("rank", "scale", "update_gap"):  # the method's own value, not the demo's
+        if key in settings:
+            args.append(f"--lowrank.{key}=null")
+    if variant.full_rank:
+        args.append("--lowrank.rank=100000")  # clamped to min(m, n) per weight, with a warning
+    return args
+
+
+def run_one(name: str, lr: float, steps: int, out: Path) -> None:
+    """Train one configuration in this process (``--run-one``)."""
+    import torch
+
+    from lit_lowrank.cli import LowRankCLI
+    from lit_lowrank.optim.targets import select_targets
+
+    cli = LowRankCLI(args=cli_args(name, lr, steps, out), run=False)
+    if VARIANTS[name].split:
+        module = cli.model
+
+        def split_adamw() -> torch.optim.Optimizer:
+            targets, rest = select_targets(module.network)
+            return torch.optim.AdamW([{"params": list(targets.values()), "lr": ALPHA * lr},
+                                      {"params": list(rest.values()), "lr": lr}], lr=lr)
+
+        module.make_optimizer = split_adamw
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def run_name(name: str, lr: float) -> str:
+    return f"{name}_lr{lr:g}"
+
+
+# ---------------------------------------------------------------------------- the sweep
+def launch(name: str, lr: float, steps: int, out: Path) -> dict[str, Any]:
+    """One run in a subprocess with one thread; its row for results.csv (NaN loss if it failed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, __file__, "--run-one", json.dumps([name, lr, steps, str(out)])]
+    start = time.perf_counter()
+    log = out / f"{run_name(name, lr)}.log"
+    with log.open("w") as stream:
+        code = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    wall = time.perf_counter() - start
+    row = {"variant": name, "lr": lr, "steps": steps, "wall_s": round(wall, 1)}
+    metrics = read_metrics(out / run_name(name, lr))
+    if code != 0 or metrics is None:
+        print(f"  {run_name(name, lr)} failed (exit {code}); see {log}", flush=True)
+        return {**row, "val_loss": math.nan, "val_ppl": math.nan, "state_bytes": math.nan}
+    val_loss = metrics["val/loss"][-1][1]
+    print(f"  {run_name(name, lr)}: val loss {val_loss:.4f} in {wall:.0f} s", flush=True)
+    return {**row, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+            "state_bytes": metrics["optim/state_bytes"][-1][1]}
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]] | None:
+    """``{column: [(step, value), ...]}`` from the newest ``version_*/metrics.csv`` of a run."""
+    versions = sorted(run_dir.glob("version_*/metrics.csv"), key=lambda path: path.stat().st_mtime)
+    if not versions:
+        return None
+    columns: dict[str, list[tuple[int, float]]] = {}
+    with versions[-1].open() as stream:
+        for row in csv.DictReader(stream):
+            for key in ("val/loss", "optim/state_bytes"):
+                if row.get(key):
+                    columns.setdefault(key, []).append((int(row["step"]), float(row[key])))
+    return columns if "val/loss" in columns and "optim/state_bytes" in columns else None
+
+
+def sweep(plan: list[tuple[str, float]], steps: int, out: Path, jobs: int) -> list[dict[str, Any]]:
+    """Run what ``results.csv`` does not have yet, ``jobs`` at a time; all rows for ``plan``."""
+    results_path = out / "results.csv"
+    done = {(row["variant"], float(row["lr"]), int(row["steps"])): row for row in read_rows(results_path)}
+    todo = [(name, lr) for name, lr in plan if (name, lr, steps) not in done]
+    print(f"{len(plan)} runs, {len(plan) - len(todo)} already in {results_path}", flush=True)
+    prepare_data()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for row in pool.map(lambda item: launch(*item, steps, out), todo):
+            append_row(results_path, row)
+            done[(row["variant"], float(row["lr"]), steps)] = row
+    return [done[(name, lr, steps)] for name, lr in plan]
+
+
+def prepare_data() -> None:
+    """Tokenize the demo corpus once, before parallel runs would race to."""
+    from lit_lowrank.data import PretrainData
+
+    PretrainData(seq_len=128, batch_size=16, vocab_size=4096).prepare_data()
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open() as stream:
+        return list(csv.DictReader(stream))
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+# ---------------------------------------------------------------------------- reporting
+def best_runs(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The run with the lowest final validation loss of each variant (failed runs never win)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        loss = float(row["val_loss"])
+        if math.isfinite(loss) and (row["variant"] not in best or loss < float(best[row["variant"]]["val_loss"])):
+            best[row["variant"]] = row
+    return best
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Best lr per variant: final validation perplexity and its ratio to the best AdamW and to
+    AdamW with the split learning rate, optimizer-state MB and wall time."""
+    best = best_runs(rows)
+    swept = {name: sorted({float(r["lr"]) for r in rows if r["variant"] == name}) for name in best}
+    reference = {key: float(best[key]["val_ppl"]) if key in best else math.nan for key in ("adamw", "adamw-split")}
+    state = float(best["adamw"]["state_bytes"]) if "adamw" in best else math.nan
+    lines = ["| method | lr (of swept) | val ppl | × AdamW | × AdamW-split | state MB | × AdamW | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in best.items():
+        ppl, size = float(row["val_ppl"]), float(row["state_bytes"])
+        lrs = ", ".join(f"{lr:g}" for lr in swept[name])
+        lines.append(f"| {name} | {float(row['lr']):g} (of {lrs}) | {ppl:.1f} | {ppl / reference['adamw']:.3f} | "
+                     f"{ppl / reference['adamw-split']:.3f} | {size / 1e6:.2f} | {size / state:.3f} | "
+                     f"{float(row['wall_s']):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_curves(best: dict[str, dict[str, Any]], out: Path) -> dict[str, list[tuple[int, float]]]:
+    curves = {name: read_metrics(out / run_name(name, float(row["lr"])))["val/loss"] for name, row in best.items()}
+    with (out / "curves.csv").open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["variant", "lr", "step", "val_loss"])
+        for name, points in curves.items():
+            writer.writerows([name, best[name]["lr"], step, loss] for step, loss in points)
+    return curves
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, points in curves.items():
+        steps, losses = zip(*points)
+        style = "--" if name.startswith("adamw") else "-"
+        axes.plot(steps, losses, style, label=name, linewidth=1.2)
+    axes.set_xlabel("step")
+    axes.set_ylabel("validation loss")
+    axes.set_title("demo LLaMA on Shakespeare: best lr per method")
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), help="default: all (or the quick subset)")
+    parser.add_argument("--quick", action="store_true", help="a representative subset at one lr each")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (the demo's 300)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "convergence")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_one:
+        name, lr, steps, out = json.loads(args.run_one)
+        return run_one(name, lr, steps, Path(out))
+
+    lrs = QUICK if args.quick else {name: variant.lrs for name, variant in VARIANTS.items()}
+    names = args.methods or list(lrs)
+    plan = [(name, lr) for name in names for lr in lrs.get(name, VARIANTS[name].lrs)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = sweep(plan, args.steps, args.out, args.jobs)
+    table = markdown_table(rows)
+    (args.out / "table.md").write_text(table)
+    best = best_runs(rows)
+    if best:
+        plot_curves(write_curves(best, args.out), args.out / "val_loss.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
