@@ -1,6 +1,7 @@
 """Command line.
 
-``python -m lit_lowrank plugins`` lists every registered component;
+``python -m lit_lowrank plugins`` lists every registered component; ``python -m lit_lowrank plot
+RUN_DIR ...`` draws runs' logged curves (:mod:`lit_lowrank.plot`);
 ``python -m lit_lowrank {fit,validate,test} --config x.yaml`` (and ``--print_config``) runs
 :class:`LowRankCLI`, a ``LightningCLI`` whose YAML has a top-level ``lowrank:`` section
 (:class:`~lit_lowrank.lightning.LowRankConfig`) naming components by their registered names.
@@ -134,9 +135,14 @@ def list_registered_names(parser: LightningArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line."""
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["plugins"]:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["plugins"]:
         print_plugins()
         return
+    if args[:1] == ["plot"]:
+        from lit_lowrank.plot import main as plot
+
+        return plot(args[1:])
     try:
         LowRankCLI(args=argv)
     except (ConfigError, plugins.UnknownComponentError) as exc:  # a config error: one line, no traceback

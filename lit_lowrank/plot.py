@@ -1,0 +1,114 @@
+"""``python -m lit_lowrank plot RUN_DIR [RUN_DIR ...]``: a run's logged curves in one PNG.
+
+Reads the ``metrics.csv`` that Lightning's ``CSVLogger`` writes (the shipped configs log to one)
+and draws one panel per quantity found — training and validation loss, validation perplexity,
+learning rate, optimizer-state bytes, subspace refreshes, skipped steps — against the step,
+with several runs overlaid under their names. A ``RUN_DIR`` is a directory holding
+``metrics.csv`` or one holding ``version_*/metrics.csv`` (each version is a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from lit_lowrank.extras import require
+
+PANELS = {
+    "train/loss": "training loss",
+    "val/loss": "validation loss",
+    "val/ppl": "validation perplexity",
+    "train/lr": "learning rate",
+    "optim/state_bytes": "optimizer state (bytes)",
+    "optim/refreshes": "subspace refreshes",
+    "optim/skipped_steps": "skipped steps",
+}
+"""Logged column → the panel's y label, in drawing order."""
+
+Curves = dict[str, list[tuple[int, float]]]
+
+
+def find_runs(run_dirs: Sequence[Path]) -> dict[str, Path]:
+    """``{run name: metrics.csv}``: a directory's own ``metrics.csv``, else one per version.
+
+    Raises:
+        FileNotFoundError: for a directory with neither (naming it).
+    """
+    runs: dict[str, Path] = {}
+    for run_dir in map(Path, run_dirs):
+        if (run_dir / "metrics.csv").is_file():
+            runs[str(run_dir)] = run_dir / "metrics.csv"
+            continue
+        versions = sorted(run_dir.glob("version_*/metrics.csv"))
+        if not versions:
+            raise FileNotFoundError(f"no metrics.csv in {run_dir} or its version_* directories; pass a run "
+                                    "directory written by Lightning's CSVLogger (e.g. runs/demo)")
+        runs.update({f"{run_dir}/{path.parent.name}": path for path in versions})
+    return runs
+
+
+def read_curves(path: Path) -> Curves:
+    """The known columns of a ``metrics.csv`` as ``(step, value)`` points; CSVLogger leaves a
+    column empty on the rows of other logging calls, and those are skipped.
+
+    Raises:
+        ValueError: if none of the known columns is there (listing those that are).
+    """
+    with path.open() as stream:
+        reader = csv.DictReader(stream)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    curves: Curves = {}
+    for column in PANELS:
+        points = [(int(row["step"]), float(row[column])) for row in rows if row.get(column) not in (None, "")]
+        if points:
+            curves[column] = [(step, value) for step, value in points if math.isfinite(value)]
+    if not curves:
+        raise ValueError(f"{path} has none of the columns {list(PANELS)}; it has {columns}")
+    return curves
+
+
+def plot_runs(run_dirs: Sequence[Path], out: Path) -> Any:
+    """Draw every run of ``run_dirs`` into ``out`` (PNG); returns the matplotlib figure."""
+    require("plot", "matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {name: read_curves(path) for name, path in find_runs(run_dirs).items()}
+    columns = [column for column in PANELS if any(column in curves for curves in runs.values())]
+    cols = 2 if len(columns) > 1 else 1
+    rows = math.ceil(len(columns) / cols)
+    figure, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        for name, curves in runs.items():
+            if column in curves:
+                steps, values = zip(*curves[column])
+                ax.plot(steps, values, label=name, marker="o" if len(steps) < 20 else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(PANELS[column])
+        if column in ("train/loss", "val/ppl", "train/lr"):
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(out, dpi=90)
+    return figure
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lit_lowrank plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write (curves.png)")
+    args = parser.parse_args(argv)
+    try:
+        plot_runs(args.run_dirs, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    print(f"wrote {args.out}")
