@@ -247,3 +247,30 @@ def llama_on_meta(size: str, *, dtype: torch.dtype = torch.bfloat16, gradnorm: b
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(size)).to(dtype)
     return apply_gradnorm(model, targets) if gradnorm else model
+
+
+def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes an optimizer holds now: :meth:`LowRankOptimizer.state_bytes` for ours; for any
+    other (torch's, a peer package's), every non-scalar tensor reachable from its state, each
+    counted once (peer projector objects kept in the state included)."""
+    from lit_lowrank.optim.lowrank import LowRankOptimizer
+
+    if isinstance(optimizer, LowRankOptimizer):
+        return sum(optimizer.state_bytes().values())
+    seen: set[int] = set()
+
+    def walk(value: object) -> int:
+        if isinstance(value, torch.Tensor):
+            if value.ndim == 0 or id(value) in seen:
+                return 0
+            seen.add(id(value))
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v) for v in value)
+        if hasattr(value, "__dict__"):
+            return sum(walk(v) for v in vars(value).values())
+        return 0
+
+    return sum(walk(state) for state in optimizer.state.values())

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from lit_lowrank import LowRankOptimizer, build_optimizer, registered
+from lit_lowrank import build_optimizer, registered
+from lit_lowrank.memory import measured_state_bytes
 from lit_lowrank.methods import Method
 from lit_lowrank.models.llama import llama_config
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
@@ -80,29 +81,6 @@ def prepared_model(size: str, name: str, dtype: torch.dtype, device: str) -> nn.
     return model
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every non-scalar tensor reachable from the optimizer's state (peers included)."""
-    if isinstance(optimizer, LowRankOptimizer):
-        return sum(optimizer.state_bytes().values())
-    seen: set[int] = set()
-
-    def walk(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            if value.ndim == 0 or id(value) in seen:
-                return 0
-            seen.add(id(value))
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(walk(v) for v in value)
-        if hasattr(value, "__dict__"):  # peer projector objects kept in the state
-            return sum(walk(v) for v in vars(value).values())
-        return 0
-
-    return sum(walk(state) for state in optimizer.state.values())
-
-
 def measure(model: nn.Module, factory: Factory, warmup: int, steps: int) -> dict[str, float]:
     optimizer = factory(model)
     clock = Clock(next(model.parameters()).device)
@@ -110,7 +88,7 @@ def measure(model: nn.Module, factory: Factory, warmup: int, steps: int) -> dict
     for _ in range(warmup):
         optimizer.step()
     steady = statistics.median(clock.time(optimizer.step) for _ in range(steps))
-    return {"ms": steady * 1e3, "refresh_ms": max(first - steady, 0.0) * 1e3, "mib": state_bytes(optimizer) / 2**20}
+    return {"ms": steady * 1e3, "refresh_ms": max(first - steady, 0.0) * 1e3, "mib": measured_state_bytes(optimizer) / 2**20}
 
 
 class Clock:

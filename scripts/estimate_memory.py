@@ -16,10 +16,9 @@ import torch
 
 from lit_lowrank import registered
 from lit_lowrank.memory import BASELINES, LAYERWISE, estimate, llama_on_meta, method, storage
-from lit_lowrank.models.llama import LLAMA_SIZES
+from lit_lowrank.models.llama import GALORE_RANKS, LLAMA_SIZES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_RANKS = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}  # GaLore's runs
 LAYERWISE_ROWS = ("galore-8bit", "q-galore", "gradnorm-8bit")
 GIB = 2**30
 
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         method(name)  # fail early on a typo, listing the valid names
 
     size = args.size
-    rank = args.rank or DEFAULT_RANKS[size]
+    rank = args.rank or GALORE_RANKS[size]
     models = {gradnorm: llama_on_meta(size, dtype=DTYPES[args.dtype], gradnorm=gradnorm) for gradnorm in (False, True)}
     n_params = sum(p.numel() for p in models[False].parameters())
     print(f"LLaMA-{size}: {n_params / 1e9:.2f}B params, {args.dtype}, rank {rank}; GiB, activations excluded")

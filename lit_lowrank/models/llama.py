@@ -10,12 +10,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 # size: (hidden, intermediate, attention heads, layers)
 LLAMA_SIZES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (128, 344, 4, 4),  # the CPU demo, not from the paper
+    "20m": (256, 688, 4, 4),  # GaLore's and ReLoRA's smallest
     "60m": (512, 1376, 8, 8),
     "130m": (768, 2048, 12, 12),
     "350m": (1024, 2736, 16, 24),
     "1b": (2048, 5461, 32, 24),
     "7b": (4096, 11008, 32, 32),
 }
+GALORE_RANKS: dict[str, int] = {"tiny": 16, "20m": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+"""The GaLore papers' rank per size (20M and tiny: a quarter of the hidden size, as at 60M)."""
 
 
 def llama_config(size: str, *, vocab_size: int = 32000, max_seq_len: int = 1024, **overrides: Any) -> LlamaConfig:

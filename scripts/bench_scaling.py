@@ -1,0 +1,201 @@
+"""How the optimizer's cost grows: step time and state bytes against model size (LLaMA
+20M/60M/130M/350M at the GaLore papers' ranks) and against rank (at 60M), for torch AdamW
+(default and fused), galore-torch, and GaLore/APOLLO here, in one run.
+
+    python scripts/bench_scaling.py --quick               # 20M and 60M, ranks 32–128: about two minutes
+    python scripts/bench_scaling.py                        # the README's figures
+    python scripts/bench_scaling.py --device cuda
+
+Every optimizer steps the same model with the same fixed gradients; the step time is the median
+of ``--steps`` steady-state steps (no subspace refresh). The low-rank part of a GaLore step is
+two matmuls per target weight — ``R = PᵀG`` and the lift ``P N`` — ``4·r·m·n`` FLOPs for an m×n
+weight; its achieved GFLOP/s is those FLOPs over the whole step's time (a lower bound: the step
+also runs Adam on R and AdamW on the dense weights), next to the machine's float32 matmul peak
+measured in the same run on a 2048×2048 product. Writes ``scaling.csv`` and ``scaling.png`` to
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from lit_lowrank import build_optimizer, select_targets
+from lit_lowrank.memory import measured_state_bytes
+from lit_lowrank.models.llama import GALORE_RANKS, llama_config
+
+Factory = Callable[[nn.Module, int], torch.optim.Optimizer]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def galore_torch(model: nn.Module, rank: int) -> torch.optim.Optimizer:
+    import galore_torch
+
+    targets, dense = select_targets(model)
+    return galore_torch.GaLoreAdamW(
+        [{"params": list(dense.values())},
+         {"params": list(targets.values()), "rank": rank, "update_proj_gap": 1000, "scale": 0.25, "proj_type": "std"}],
+        lr=0.01, no_deprecation_warning=True)
+
+
+OPTIMIZERS: dict[str, Factory] = {
+    "adamw": lambda model, rank: torch.optim.AdamW(model.parameters(), lr=1e-3),
+    "adamw-fused": lambda model, rank: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+    "galore-torch": galore_torch,
+    "galore": lambda model, rank: build_optimizer(model, method="galore", rank=rank, update_gap=1000),
+    "apollo": lambda model, rank: build_optimizer(model, method="apollo", rank=rank, update_gap=1000),
+}
+LOW_RANK = ("galore", "apollo")
+
+
+def model_with_gradients(size: str, device: str) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(size)).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model
+
+
+def median_step(optimizer: torch.optim.Optimizer, steps: int, device: str) -> float:
+    """Seconds of a steady-state ``step()``: median over ``steps`` after two warm-up steps (the
+    first computes the subspaces)."""
+    for _ in range(2):
+        optimizer.step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def lowrank_flops(model: nn.Module, rank: int) -> int:
+    """``Σ 4·r·m·n`` over the target weights (rank clamped to min(m, n))."""
+    targets, _ = select_targets(model)
+    return sum(4 * min(rank, *p.shape) * p.shape[0] * p.shape[1] for p in targets.values())
+
+
+def matmul_peak(device: str, n: int = 2048, repeats: int = 5) -> float:
+    """float32 GFLOP/s of an n×n @ n×n product (best of ``repeats``)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def measure(size: str, rank: int, names: Sequence[str], steps: int, device: str) -> list[dict]:
+    model = model_with_gradients(size, device)
+    params = sum(p.numel() for p in model.parameters())
+    rows = []
+    for name in names:
+        try:
+            optimizer = OPTIMIZERS[name](model, rank)
+        except (ImportError, RuntimeError) as error:  # galore-torch absent, fused AdamW on this device
+            print(f"  {name} at {size}: skipped ({type(error).__name__}: {str(error).splitlines()[0]})")
+            continue
+        seconds = median_step(optimizer, steps, device)
+        flops = lowrank_flops(model, rank) if name in LOW_RANK else 0
+        rows.append({"size": size, "params": params, "rank": rank, "optimizer": name, "step_ms": seconds * 1e3,
+                     "state_mib": measured_state_bytes(optimizer) / 2**20,
+                     "lowrank_gflops": flops / seconds / 1e9 if flops else 0.0})
+        del optimizer
+    return rows
+
+
+def print_table(rows: list[dict], peak: float) -> None:
+    print(f"float32 matmul peak: {peak:.1f} GFLOP/s")
+    print("| size | params | rank | optimizer | step ms | × adamw | state MiB | × adamw | low-rank GFLOP/s (% of peak) |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        base = next(r for r in rows if (r["size"], r["rank"], r["optimizer"]) == (row["size"], row["rank"], "adamw"))
+        gflops = (f"{row['lowrank_gflops']:.1f} ({100 * row['lowrank_gflops'] / peak:.0f} %)"
+                  if row["lowrank_gflops"] else "—")
+        print(f"| {row['size']} | {row['params'] / 1e6:.1f} M | {row['rank']} | {row['optimizer']} | "
+              f"{row['step_ms']:.1f} | {row['step_ms'] / base['step_ms']:.2f} | {row['state_mib']:.1f} | "
+              f"{row['state_mib'] / base['state_mib']:.3f} | {gflops} |")
+
+
+def plot(size_rows: list[dict], rank_rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_size, by_rank) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in OPTIMIZERS:
+        points = [(r["params"] / 1e6, r["step_ms"]) for r in size_rows if r["optimizer"] == name]
+        if points:
+            by_size.plot(*zip(*points), marker="o", label=name)
+        points = [(r["rank"], r["step_ms"]) for r in rank_rows if r["optimizer"] == name]
+        if points:
+            by_rank.plot(*zip(*points), marker="o", label=name)
+    by_size.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="optimizer step (ms)",
+                title="step time against model size (papers' ranks)")
+    by_rank.set(xscale="log", yscale="log", xlabel="rank", ylabel="optimizer step (ms)",
+                title=f"step time against rank ({rank_rows[0]['size'] if rank_rows else ''})")
+    for axes in (by_size, by_rank):
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["20m", "60m", "130m", "350m"], choices=list(GALORE_RANKS))
+    parser.add_argument("--ranks", nargs="+", type=int, default=[32, 64, 128, 256, 512])
+    parser.add_argument("--rank-size", default="60m", help="the model size of the rank sweep")
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="20M and 60M, ranks 32 and 128, 3 steps")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "scaling")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.quick:
+        args.sizes, args.ranks, args.steps = ["20m", "60m"], [32, 128], 3
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{device_name}, torch {torch.__version__}; median of {args.steps} steady-state steps")
+    peak = matmul_peak(args.device)
+    size_rows = [row for size in args.sizes for row in measure(size, GALORE_RANKS[size], args.optimizers, args.steps,
+                                                                args.device)]
+    rank_rows = [row for rank in args.ranks for row in measure(args.rank_size, rank, ["adamw", *LOW_RANK],
+                                                                args.steps, args.device)]
+    print_table(size_rows, peak)
+    print_table(rank_rows, peak)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "scaling.csv").open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=[*size_rows[0], "sweep", "matmul_peak_gflops"])
+        writer.writeheader()
+        for sweep, rows in (("size", size_rows), ("rank", rank_rows)):
+            writer.writerows({**row, "sweep": sweep, "matmul_peak_gflops": peak} for row in rows)
+    plot(size_rows, rank_rows, args.out / "scaling.png")
+    print(f"wrote {args.out / 'scaling.csv'} and {args.out / 'scaling.png'}")
+
+
+if __name__ == "__main__":
+    main()
