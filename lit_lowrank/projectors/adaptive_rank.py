@@ -14,6 +14,7 @@ from torch import Tensor
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.projectors.base import DenseBasisProjector, Side
 from lit_lowrank.quantizers.base import Quantizer
+from lit_lowrank.projectors.svd import top_singular_bases
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,7 @@ class AdaptiveRankProjector(DenseBasisProjector):
         u, singular_values, vh = torch.linalg.svd(grad, full_matrices=False)
         if self.refreshes == 0:
             self._choose_rank(singular_values)
-        left = u[:, : self.rank].clone() if side in (Side.LEFT, Side.BOTH) else None
-        right = vh[: self.rank].T.contiguous() if side in (Side.RIGHT, Side.BOTH) else None
-        return left, right
+        return top_singular_bases(u, vh, self.rank, side)
 
     def _choose_rank(self, singular_values: Tensor) -> None:
         measured = energy_rank(singular_values, self.tau)

@@ -13,6 +13,7 @@ from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.projectors.base import DenseBasisProjector, Side
 from lit_lowrank.projectors.sketch import gaussian, orthonormalize, range_finder, seeded_generator
 from lit_lowrank.quantizers.base import Quantizer
+from lit_lowrank.projectors.svd import top_singular_bases
 
 INITS = ("range", "svd")
 
@@ -74,8 +75,7 @@ class OnlinePCAProjector(DenseBasisProjector):
     def _initial(self, grad: Tensor, side: Side) -> tuple[Tensor | None, Tensor | None]:
         if self.init == "svd":
             u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-            return (u[:, : self.rank].clone() if side in (Side.LEFT, Side.BOTH) else None,
-                    vh[: self.rank].T.contiguous() if side in (Side.RIGHT, Side.BOTH) else None)
+            return top_singular_bases(u, vh, self.rank, side)
         generator = seeded_generator(self.seed, 0)
         left = right = None
         if side in (Side.LEFT, Side.BOTH):

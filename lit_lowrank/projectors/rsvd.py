@@ -12,6 +12,7 @@ from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.projectors.base import DenseBasisProjector, Side
 from lit_lowrank.projectors.sketch import gaussian, range_finder, seeded_generator
 from lit_lowrank.quantizers.base import Quantizer
+from lit_lowrank.projectors.svd import top_singular_bases
 
 
 class RandomizedSVDProjector(DenseBasisProjector):
@@ -46,9 +47,7 @@ class RandomizedSVDProjector(DenseBasisProjector):
         sketch = gaussian(n, size, seeded_generator(self.seed, self.refreshes), grad)
         basis = range_finder(grad, sketch, self.power_iters)  # m×k
         small_u, _, small_vh = torch.linalg.svd(basis.T @ grad, full_matrices=False)
-        left = basis @ small_u[:, : self.rank] if side in (Side.LEFT, Side.BOTH) else None
-        right = small_vh[: self.rank].T.contiguous() if side in (Side.RIGHT, Side.BOTH) else None
-        return left, right
+        return top_singular_bases(basis @ small_u, small_vh, self.rank, side)
 
 
 @hookimpl

@@ -18,9 +18,15 @@ class SVDProjector(DenseBasisProjector):
 
     def fit(self, grad: Tensor, side: Side) -> tuple[Tensor | None, Tensor | None]:
         u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-        left = u[:, : self.rank].clone() if side in (Side.LEFT, Side.BOTH) else None
-        right = vh[: self.rank].clone().T if side in (Side.RIGHT, Side.BOTH) else None
-        return left, right
+        return top_singular_bases(u, vh, self.rank, side)
+
+
+def top_singular_bases(u: Tensor, vh: Tensor, rank: int, side: Side) -> tuple[Tensor | None, Tensor | None]:
+    """From a thin SVD ``U S Vᵀ`` (``u`` m×k, ``vh`` k×n): ``L = U[:, :r]`` (m×r) and/or
+    ``Q = V[:, :r]`` (n×r), as ``side`` asks — the Eckart–Young optimal rank-r subspaces."""
+    left = u[:, :rank].clone() if side in (Side.LEFT, Side.BOTH) else None
+    right = vh[:rank].T.contiguous() if side in (Side.RIGHT, Side.BOTH) else None
+    return left, right
 
 
 @hookimpl
