@@ -161,7 +161,7 @@ def run(name: str, task, args: argparse.Namespace, batches: list, held_out: list
     return Result(name, optimizer.refresh_count, per_layer, final, seconds)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="mlp")
     parser.add_argument("--steps", type=int, default=1000)
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--int8-weights", action="store_true", help="add a Q-GaLore run with INT8 weights")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.task == "mlp":
         args.batch *= 16
 

@@ -102,15 +102,15 @@ def timed_refresh(name: str, options: dict, grad: Tensor, rank: int, repeats: in
     return statistics.median(times), basis(projector)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=128, help="GaLore's rank for LLaMA-60M")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gradients", choices=("llama", "synthetic"), default="llama")
     parser.add_argument("--decay", type=float, default=1.0, help="synthetic spectrum exponent")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     grads = llama_gradients(args.device) if args.gradients == "llama" else synthetic_gradients(args.decay, args.device)
     print(f"rank {args.rank}, {args.gradients} gradients, {args.device} ({torch.get_num_threads()} threads), "

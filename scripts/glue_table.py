@@ -22,10 +22,8 @@ import csv
 import re
 from pathlib import Path
 
-from lit_lowrank.metrics.glue import GLUE_TASKS, PAPER_TASKS, main_metric_key
-
-COLUMN = {"cola": "CoLA", "stsb": "STS-B", "mrpc": "MRPC", "rte": "RTE", "sst2": "SST-2", "mnli": "MNLI",
-          "qnli": "QNLI", "qqp": "QQP", "wnli": "WNLI"}
+from lit_lowrank.data.glue_tasks import GLUE_SPECS, GLUE_TASKS, PAPER_TASKS
+from lit_lowrank.metrics.glue import main_metric_key
 
 
 def task_of(path: Path) -> str | None:
@@ -89,7 +87,7 @@ def table(results: dict[str, dict[str, float]], label: str) -> str:
     average = f"{sum(scored) / len(scored):.2f}" if scored else "–"
     if scored and len(scored) < len(PAPER_TASKS):
         average += f" ({len(scored)} of {len(PAPER_TASKS)} tasks)"
-    header = "| | " + " | ".join(COLUMN[t] for t in tasks) + " | Avg |"
+    header = "| | " + " | ".join(GLUE_SPECS[t].folder for t in tasks) + " | Avg |"
     rule = "|---" * (len(tasks) + 2) + "|"
     return "\n".join([header, rule, f"| {label} | " + " | ".join(cells) + f" | {average} |"])
 
@@ -99,7 +97,7 @@ def details(results: dict[str, dict[str, float]]) -> str:
     for task in sorted(results, key=lambda t: (t not in PAPER_TASKS, GLUE_TASKS.index(t))):
         row = results[task]
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(row.items()) if k.startswith("val"))
-        lines.append(f"{COLUMN[task]} (epoch {int(row.get('epoch', -1))}, step {int(row.get('step', -1))}): {metrics}")
+        lines.append(f"{GLUE_SPECS[task].folder} (epoch {int(row.get('epoch', -1))}, step {int(row.get('step', -1))}): {metrics}")
     return "\n".join(lines)
 
 

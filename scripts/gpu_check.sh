@@ -28,7 +28,7 @@ echo "== how cost grows with size and rank"
 python scripts/bench_scaling.py --device cuda --out bench/scaling-cuda
 
 echo "== layer-wise peak memory (torch.cuda.max_memory_allocated)"
-python scripts/measure_layerwise_memory.py --device cuda --hidden 1024 --layers 8 --vocab 32000 --seq 512
+python scripts/measure_layerwise_memory.py --device cuda --hidden 1024 --layers 8 --vocab-size 32000 --seq 512
 
 echo "== LLaMA-7B layer-wise: measured peak against the estimate (papers: 8-bit GaLore < 24 GB, Q-GaLore < 16 GB)"
 python scripts/measure_7b_peak.py --methods galore-8bit q-galore --seq 256

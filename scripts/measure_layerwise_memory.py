@@ -13,7 +13,7 @@ With gradient accumulation it also reports what is held between micro-batches: t
 mode keeps every gradient; layer-wise mode keeps ``r·max(m, n)`` per projected weight plus the
 dense parameters' gradients.
 
-    python scripts/measure_layerwise_memory.py --hidden 256 --layers 4 --vocab 8192
+    python scripts/measure_layerwise_memory.py --hidden 256 --layers 4 --vocab-size 8192
 """
 
 from __future__ import annotations
@@ -109,16 +109,16 @@ def measure(hidden: int = 128, layers: int = 2, vocab: int = 4096, batch: int = 
             "accumulation_held_layerwise_bytes": held}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--vocab-size", dest="vocab", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    print(json.dumps(measure(**vars(parser.parse_args())), indent=2))
+    print(json.dumps(measure(**vars(parser.parse_args(argv))), indent=2))
 
 
 if __name__ == "__main__":

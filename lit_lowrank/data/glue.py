@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,53 +34,8 @@ from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from lit_lowrank.metrics.glue import check_task
+from lit_lowrank.data.glue_tasks import GLUE_SPECS, GLUETaskSpec, check_task
 from lit_lowrank.models.minilm import MINILM, resolve_pretrained
-
-
-@dataclass(frozen=True)
-class GLUETaskSpec:
-    """Where one task's text and labels are, on the hub and in the GLUE TSV files.
-
-    ``tsv_columns`` are ``(text_a, text_b or None, label)``: header names, or column indices
-    when ``tsv_header`` is false. ``labels`` are the class names in hub order (``()`` for the
-    regression task STS-B). ``validation`` maps each validation set's name to its
-    ``(hub split, TSV file)``.
-    """
-
-    folder: str
-    hub_columns: tuple[str, str | None]
-    tsv_columns: tuple[Any, Any, Any]
-    labels: tuple[str, ...]
-    validation: dict[str, tuple[str, str]]
-    tsv_header: bool = True
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels) or 1
-
-
-_DEV = {"validation": ("validation", "dev.tsv")}
-_PAIR = ("sentence1", "sentence2")
-
-GLUE_SPECS: dict[str, GLUETaskSpec] = {
-    "cola": GLUETaskSpec("CoLA", ("sentence", None), (3, None, 1), ("unacceptable", "acceptable"), _DEV,
-                         tsv_header=False),
-    "sst2": GLUETaskSpec("SST-2", ("sentence", None), ("sentence", None, "label"), ("negative", "positive"), _DEV),
-    "mrpc": GLUETaskSpec("MRPC", _PAIR, ("#1 String", "#2 String", "Quality"), ("not_equivalent", "equivalent"),
-                         _DEV),
-    "qqp": GLUETaskSpec("QQP", ("question1", "question2"), ("question1", "question2", "is_duplicate"),
-                        ("not_duplicate", "duplicate"), _DEV),
-    "stsb": GLUETaskSpec("STS-B", _PAIR, ("sentence1", "sentence2", "score"), (), _DEV),
-    "mnli": GLUETaskSpec("MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2", "gold_label"),
-                         ("entailment", "neutral", "contradiction"),
-                         {"matched": ("validation_matched", "dev_matched.tsv"),
-                          "mismatched": ("validation_mismatched", "dev_mismatched.tsv")}),
-    "qnli": GLUETaskSpec("QNLI", ("question", "sentence"), ("question", "sentence", "label"),
-                         ("entailment", "not_entailment"), _DEV),
-    "rte": GLUETaskSpec("RTE", _PAIR, _PAIR + ("label",), ("entailment", "not_entailment"), _DEV),
-    "wnli": GLUETaskSpec("WNLI", _PAIR, _PAIR + ("label",), ("not_entailment", "entailment"), _DEV),
-}
 
 
 def read_glue_tsv(path: str | Path, spec: GLUETaskSpec) -> dict[str, list]:

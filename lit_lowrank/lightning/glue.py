@@ -3,7 +3,7 @@ its number of labels and its official metrics — from the task name alone."""
 
 from __future__ import annotations
 
-from lit_lowrank.data.glue import GLUE_SPECS
+from lit_lowrank.data.glue_tasks import GLUE_SPECS
 from lit_lowrank.lightning.tasks import SequenceClassification
 from lit_lowrank.metrics.glue import check_task, glue_metrics
 

@@ -28,23 +28,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+from lit_lowrank.data.glue_tasks import GLUE_TASKS, MAIN_METRIC, PAPER_TASKS, check_task
 
-MAIN_METRIC = {"cola": "mcc", "sst2": "accuracy", "mrpc": "f1", "qqp": "accuracy", "stsb": "pearson",
-               "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}
-"""Task → the metric key the papers' table reports."""
-
-PAPER_TASKS = ("cola", "stsb", "mrpc", "rte", "sst2", "mnli", "qnli", "qqp")
-"""The tasks of the papers' GLUE table (no WNLI), in GaLore Table 4's column order."""
-
-
-def check_task(task: str) -> str:
-    """``task`` lower-cased, or a ``ValueError`` listing the GLUE task names."""
-    name = task.lower().replace("-", "")
-    if name not in GLUE_TASKS:
-        raise ValueError(f"unknown GLUE task {task!r}; expected one of {GLUE_TASKS}")
-    return name
-
+__all__ = ["GLUE_TASKS", "MAIN_METRIC", "PAPER_TASKS", "check_task", "glue_metrics", "main_metric_key"]
 
 def glue_metrics(task: str) -> MetricCollection:
     """A fresh collection of ``task``'s metrics, called as ``collection(preds, labels)`` with
