@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import yaml
 import torch
 
 from lit_lowrank import LowRankOptimizer
@@ -22,8 +23,8 @@ from lit_lowrank.metrics.glue import GLUE_TASKS
 from lit_lowrank.models.sequence_classifier import SequenceClassifier
 
 GLUE_CONFIGS = Path(__file__).parents[2] / "configs" / "glue"
-CONFIGS = [GLUE_CONFIGS / f"{task}.yaml" for task in GLUE_TASKS] + \
-    [GLUE_CONFIGS / "minilm" / f"{task}.yaml" for task in GLUE_TASKS]
+CONFIGS = [GLUE_CONFIGS / model / f"{task}.yaml" for model in ("roberta", "minilm") for task in GLUE_TASKS]
+"""Task overlays, each layered on its model's base config (configs/glue/<model>.yaml)."""
 
 TRAIN_WORDS = {1: ["wonderful", "brilliant", "delightful", "excellent", "moving", "superb"],
                0: ["terrible", "boring", "awful", "dreadful", "dull", "horrible"]}
@@ -93,18 +94,23 @@ def test_label_count_mismatch_is_refused(tmp_path):
 def test_glue_configs_parse(config, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lit_lowrank"])
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", str(config), "--print_config"])
+        cli_main(["fit", "--config", str(GLUE_CONFIGS / f"{config.parent.name}.yaml"), "--config", str(config),
+                  "--print_config"])
     assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
-    assert "lit_lowrank.data.glue.GLUEDataModule" in printed
-    assert f"task: {config.stem}" in printed
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["class_path"] == "lit_lowrank.data.glue.GLUEDataModule"
+    task = config.stem
+    assert printed["data"]["init_args"]["task"] == printed["model"]["task"]["init_args"]["task"] == task
+    assert printed["trainer"]["logger"]["init_args"]["name"] == task
+    num_labels = {"stsb": 1, "mnli": 3}.get(task, 2)  # regression, three classes, two classes
+    assert printed["model"]["network"]["init_args"]["num_labels"] == num_labels
 
 
 def test_method_overlay_parses(capsys, monkeypatch):
     """A method config layered over a task config (GradNormLoRP over RoBERTa SST-2)."""
     monkeypatch.setattr(sys, "argv", ["lit_lowrank"])
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", str(GLUE_CONFIGS / "sst2.yaml"), "--config", str(GLUE_CONFIGS / "gradnorm.yaml"),
-                  "--print_config"])
+        cli_main(["fit", "--config", str(GLUE_CONFIGS / "roberta.yaml"), "--config", str(GLUE_CONFIGS / "roberta" / "sst2.yaml"),
+                  "--config", str(GLUE_CONFIGS / "gradnorm.yaml"), "--print_config"])
     printed = capsys.readouterr().out
     assert "gradnorm: true" in printed and "task: sst2" in printed and "lr: 2.0e-05" in printed

@@ -59,16 +59,18 @@ def test_demo_leaves_a_checkpoint_of_its_last_step_and_resumes_from_it(tmp_path,
     assert train_losses(resumed) == pytest.approx({s: v for s, v in train_losses(full).items() if s >= 3}, abs=0)
 
 
-def shipped_configs() -> list[Path]:
-    return sorted(p for p in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("glue/**/*.yaml")] if p.name not in OVERLAYS)
+def shipped_configs() -> list[list[Path]]:
+    """Every runnable config: each top-level one, and each GLUE task overlay on its model's base."""
+    glue = [[CONFIGS / "glue" / f"{p.parent.name}.yaml", p] for p in CONFIGS.glob("glue/*/*.yaml")]
+    return sorted([[p] for p in CONFIGS.glob("*.yaml")] + glue)
 
 
-@pytest.mark.parametrize("config", shipped_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_shipped_config_checkpoints_its_last_step(config, capsys):
+@pytest.mark.parametrize("configs", shipped_configs(), ids=lambda ps: str(ps[-1].relative_to(CONFIGS)))
+def test_every_shipped_config_checkpoints_its_last_step(configs, capsys):
     """The config as the CLI resolves it: checkpointing on, one LastStepCheckpoint, no other
     ModelCheckpoint."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *(arg for path in configs for arg in ("--config", str(path))), "--print_config"])
     assert exit_info.value.code in (0, None)
     trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
     assert trainer["enable_checkpointing"] is not False

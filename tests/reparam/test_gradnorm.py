@@ -154,10 +154,12 @@ def test_glue_overlays_parse_on_top_of_a_task_config(overlay, inner, capsys):
 
     configs = Path(__file__).parents[2] / "configs" / "glue"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(configs / "mrpc.yaml"), "--config", str(configs / overlay), "--print_config"])
+        main(["fit", "--config", str(configs / "roberta.yaml"), "--config", str(configs / "roberta" / "mrpc.yaml"),
+              "--config", str(configs / overlay), "--print_config"])
     assert exit_info.value.code in (0, None)
     lowrank = yaml.safe_load(capsys.readouterr().out)["lowrank"]
-    task = yaml.safe_load((configs / "mrpc.yaml").read_text())["lowrank"]
+    task = {**yaml.safe_load((configs / "roberta.yaml").read_text())["lowrank"],
+            **yaml.safe_load((configs / "roberta" / "mrpc.yaml").read_text()).get("lowrank", {})}
     assert lowrank["gradnorm"] is True and lowrank["inner"] == inner
     assert {k: lowrank[k] for k in ("rank", "scale", "update_gap", "lr", "targets")} == \
         {k: task[k] for k in ("rank", "scale", "update_gap", "lr", "targets")}
