@@ -154,6 +154,10 @@ def _call_hook(impl: pluggy.HookImpl, kind: str) -> list[tuple[str, type]]:
             stacklevel=4,
         )
         return []
+    if kind == "methods" and not all(isinstance(method, Method) for _, method in offered):
+        warnings.warn(f"lit_lowrank plugin {impl.plugin_name!r} registered a method that is not a "
+                      "lit_lowrank.Method; its methods are skipped.", RuntimeWarning, stacklevel=4)
+        return []
     return offered
 
 

@@ -161,3 +161,18 @@ def test_readme_method_table_has_every_builtin_with_its_settings():
         expected = json.loads(json.dumps(plugins.get_method(name).settings()))  # tuples as YAML's lists
         assert settings == expected, name
     assert set(OPTION_KEYS) <= set(LowRankConfig.__dataclass_fields__)
+
+
+def test_a_method_that_is_not_a_method_object_is_skipped_with_a_warning():
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register("dict-recipe", {"rule": "fira"})
+
+    with pytest.warns(RuntimeWarning, match="not a lit_lowrank.Method; its methods are skipped"):
+        plugins.register_plugin(Plugin(), name="dict-recipe")
+        names = set(plugins.registered("methods"))
+    try:
+        assert "dict-recipe" not in names and "fira" in names
+    finally:
+        plugins.unregister_plugin("dict-recipe")
