@@ -59,7 +59,7 @@ VARIANTS: dict[str, Variant] = {
     "adamw": Variant((1e-3, 3e-3, 1e-2)),
     "adamw-split": Variant((1e-3, 3e-3, 1e-2, 2e-2), split=True),
     "galore": Variant((3e-3, 1e-2, 2e-2, 4e-2), method="galore"),
-    "galore-full-rank": Variant((3e-3, 1e-2), method="galore", full_rank=True),
+    "galore-full-rank": Variant((1e-3, 3e-3, 1e-2), method="galore", full_rank=True),
     "fira": Variant((1e-2, 2e-2), method="fira"),
     "apollo": Variant((1e-2, 2e-2), method="apollo"),
     "apollo-mini": Variant((1e-2, 2e-2), method="apollo-mini"),
