@@ -9,27 +9,19 @@ import torch
 from torch import nn
 
 from lit_lowrank import LowRankOptimizer, build_optimizer
+from references import AdamMoments, svd_basis
 
 
 def reference_galore(weight, grads, *, rank, gap, scale, lr, betas, eps, weight_decay, policy="std"):
     """GaLore, Alg. 1 of Zhao et al. 2024, one weight, written out step by step."""
-    beta1, beta2 = betas
     m_rows, n_cols = weight.shape
     right = m_rows >= n_cols if policy == "std" else policy == "right"
-    exp_avg = exp_avg_sq = basis = None
-    trajectory = []
+    adam, basis, trajectory = AdamMoments(betas, eps), None, []
     for t, grad in enumerate(grads, start=1):
         if (t - 1) % gap == 0:
-            u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-            basis = vh[:rank].T if right else u[:, :rank]
+            basis = svd_basis(grad, rank, right)
         low = grad @ basis if right else basis.T @ grad
-        if exp_avg is None:
-            exp_avg, exp_avg_sq = torch.zeros_like(low), torch.zeros_like(low)
-        exp_avg = beta1 * exp_avg + (1 - beta1) * low
-        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * low * low
-        m_hat = exp_avg / (1 - beta1**t)
-        v_hat = exp_avg_sq / (1 - beta2**t)
-        direction = m_hat / (v_hat.sqrt() + eps)
+        direction = adam.direction(low, t)
         lifted = direction @ basis.T if right else basis @ direction
         weight = weight * (1 - lr * weight_decay) - lr * scale * lifted
         trajectory.append(weight)

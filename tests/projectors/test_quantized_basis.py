@@ -12,6 +12,7 @@ from torch import nn
 from lit_lowrank import LowRankOptimizer, UnknownComponentError, get_projector
 from lit_lowrank.methods import INT4_BASIS
 from lit_lowrank.quantizers.int import IntQuantizer
+from references import AdamMoments, svd_basis
 
 INT4_CLASS = {**INT4_BASIS, "quantizer": IntQuantizer}  # built directly: a class, as the optimizer hands it
 
@@ -31,20 +32,13 @@ def int4_round_trip(basis: torch.Tensor, group: int = 256) -> torch.Tensor:
 
 def reference_qgalore(weight, grads, *, rank, gap, scale, lr, betas, eps):
     """GaLore (Alg. 1) whose basis is replaced by its INT4 round trip after each SVD."""
-    beta1, beta2 = betas
     right = weight.shape[0] >= weight.shape[1]
-    exp_avg = exp_avg_sq = None
-    trajectory = []
+    adam, trajectory = AdamMoments(betas, eps), []
     for t, grad in enumerate(grads, start=1):
         if (t - 1) % gap == 0:
-            u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-            basis = int4_round_trip(vh[:rank].T if right else u[:, :rank]).to(grad.dtype)
+            basis = int4_round_trip(svd_basis(grad, rank, right)).to(grad.dtype)
         low = grad @ basis if right else basis.T @ grad
-        if exp_avg is None:
-            exp_avg, exp_avg_sq = torch.zeros_like(low), torch.zeros_like(low)
-        exp_avg = beta1 * exp_avg + (1 - beta1) * low
-        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * low * low
-        direction = (exp_avg / (1 - beta1**t)) / ((exp_avg_sq / (1 - beta2**t)).sqrt() + eps)
+        direction = adam.direction(low, t)
         lifted = direction @ basis.T if right else basis @ direction
         weight = weight - lr * scale * lifted
         trajectory.append(weight)

@@ -16,15 +16,15 @@ from lit_lowrank.projectors.random import RandomProjector
 from lit_lowrank.projectors.svd import SVDProjector
 from lit_lowrank.rules.apollo import ApolloMiniRule, ApolloRule
 from lit_lowrank.rules.base import RuleInputs
+from references import AdamMoments
 
 
 def reference_apollo(weight, grads, *, index, rank, gap, scale, lr, betas, eps, gamma, tensorwise):
     """APOLLO, Alg. 1 of Zhu et al. 2024 (bias-corrected Adam, √scale as in apollo-torch),
     with the k-th Gaussian drawn by PCG64 seeded with SeedSequence([index, k])."""
-    beta1, beta2 = betas
     m_rows, n_cols = weight.shape
     right = m_rows >= n_cols
-    exp_avg = exp_avg_sq = basis = previous = None
+    adam, basis, previous = AdamMoments(betas, eps), None, None
     trajectory = []
     for t, grad in enumerate(grads, start=1):
         if (t - 1) % gap == 0:
@@ -32,11 +32,7 @@ def reference_apollo(weight, grads, *, index, rank, gap, scale, lr, betas, eps, 
             draw = generator.standard_normal((rank, n_cols if right else m_rows), dtype=np.float32)
             basis = torch.from_numpy(draw).T.to(grad.dtype) / math.sqrt(rank)
         low = grad @ basis if right else basis.T @ grad
-        if exp_avg is None:
-            exp_avg, exp_avg_sq = torch.zeros_like(low), torch.zeros_like(low)
-        exp_avg = beta1 * exp_avg + (1 - beta1) * low
-        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * low * low
-        direction = (exp_avg / (1 - beta1**t)) / ((exp_avg_sq / (1 - beta2**t)).sqrt() + eps)
+        direction = adam.direction(low, t)
         if tensorwise:
             ratio = direction.norm() / (low.norm() + 1e-8)
         else:

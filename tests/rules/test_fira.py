@@ -11,6 +11,7 @@ from lit_lowrank import LowRankOptimizer
 from lit_lowrank.projectors.svd import SVDProjector
 from lit_lowrank.rules.base import RuleInputs
 from lit_lowrank.rules.fira import FiraRule
+from references import AdamMoments, svd_basis
 
 fira = pytest.importorskip("fira")
 
@@ -38,19 +39,13 @@ def test_trajectory_matches_fira_package(proj_type, uncorrected_adam, assert_sam
 
 def reference_fira(weight, grads, *, rank, gap, scale, lr, betas, eps, gamma, right):
     """Fira, Alg. 1 of Chen et al. 2024 with bias-corrected Adam, one weight, step by step."""
-    beta1, beta2 = betas
-    exp_avg = exp_avg_sq = basis = previous = None
+    adam, basis, previous = AdamMoments(betas, eps), None, None
     trajectory, limited = [], 0
     for t, grad in enumerate(grads, start=1):
         if (t - 1) % gap == 0:
-            u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-            basis = vh[:rank].T if right else u[:, :rank]
+            basis = svd_basis(grad, rank, right)
         low = grad @ basis if right else basis.T @ grad
-        if exp_avg is None:
-            exp_avg, exp_avg_sq = torch.zeros_like(low), torch.zeros_like(low)
-        exp_avg = beta1 * exp_avg + (1 - beta1) * low
-        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * low * low
-        direction = (exp_avg / (1 - beta1**t)) / ((exp_avg_sq / (1 - beta2**t)).sqrt() + eps)
+        direction = adam.direction(low, t)
         lift = (lambda x: x @ basis.T) if right else (lambda x: basis @ x)
         if right:  # one ratio per row of G
             phi = direction.norm(dim=1, keepdim=True) / (low.norm(dim=1, keepdim=True) + 1e-8)
