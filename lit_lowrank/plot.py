@@ -52,38 +52,44 @@ def find_runs(run_dirs: Sequence[Path]) -> dict[str, Path]:
 
 def read_curves(path: Path) -> Curves:
     """The known columns of a ``metrics.csv`` as ``(step, value)`` points; CSVLogger leaves a
-    column empty on the rows of other logging calls, and those are skipped.
+    column empty on the rows of other logging calls, and those are skipped, as are NaN and
+    infinite values (a diverged run); a column with no finite value gets no curve.
 
     Raises:
-        ValueError: if none of the known columns is there (listing those that are).
+        ValueError: if there is no ``step`` column, or no finite value in any known column
+            (listing the columns there are).
     """
     with path.open() as stream:
         reader = csv.DictReader(stream)
         rows = list(reader)
         columns = reader.fieldnames or []
+    if "step" not in columns:
+        raise ValueError(f"{path} has no step column; it has {columns}")
     curves: Curves = {}
     for column in PANELS:
         points = [(int(row["step"]), float(row[column])) for row in rows if row.get(column) not in (None, "")]
-        if points:
-            curves[column] = [(step, value) for step, value in points if math.isfinite(value)]
+        if points := [(step, value) for step, value in points if math.isfinite(value)]:
+            curves[column] = points
     if not curves:
-        raise ValueError(f"{path} has none of the columns {list(PANELS)}; it has {columns}")
+        raise ValueError(f"{path} has no finite value in any of the columns {list(PANELS)}; it has {columns}")
     return curves
 
 
 def plot_runs(run_dirs: Sequence[Path], out: Path) -> Any:
-    """Draw every run of ``run_dirs`` into ``out`` (PNG); returns the matplotlib figure."""
-    require("plot", "matplotlib")
-    import matplotlib
+    """Draw every run of ``run_dirs`` into ``out`` (PNG); returns the matplotlib figure.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The figure is a bare ``matplotlib.figure.Figure`` saved by the Agg canvas: no pyplot, so no
+    display, no change of the caller's backend and no figure left open in pyplot's registry.
+    """
+    require("plot", "matplotlib")
+    from matplotlib.figure import Figure
 
     runs = {name: read_curves(path) for name, path in find_runs(run_dirs).items()}
     columns = [column for column in PANELS if any(column in curves for curves in runs.values())]
     cols = 2 if len(columns) > 1 else 1
     rows = math.ceil(len(columns) / cols)
-    figure, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    figure = Figure(figsize=(6 * cols, 3.2 * rows))
+    axes = figure.subplots(rows, cols, squeeze=False)
     for ax, column in zip(axes.flat, columns):
         for name, curves in runs.items():
             if column in curves:

@@ -4,6 +4,7 @@ with validation) overlaid, one line per run in every panel, labelled axes; clear
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,7 @@ def test_one_line_per_run_in_every_panel_with_labels(runs, tmp_path):
     for ax in panels:
         assert ax.get_xlabel() == "step"
         assert [line.get_label() for line in ax.get_lines()] == names
+        assert [text.get_text() for text in ax.get_legend().get_texts()] == names
     val = next(ax for ax in panels if ax.get_ylabel() == PANELS["val/loss"])
     with open(runs[0] / "version_0" / "metrics.csv", newline="") as stream:
         logged = [(int(row["step"]), float(row["val/loss"])) for row in csv.DictReader(stream) if row["val/loss"]]
@@ -72,4 +74,33 @@ def test_errors_name_the_problem(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plot", str(foreign)])
     error = capsys.readouterr().err
-    assert "has none of the columns" in error and "['step', 'accuracy']" in error
+    assert "has no finite value in any of the columns" in error and "['step', 'accuracy']" in error
+
+
+def test_nan_and_infinite_values_are_dropped_and_an_all_nan_column_gets_no_panel(tmp_path):
+    run = tmp_path / "diverged"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,0,6.5,\n0,1,nan,\n0,2,inf,nan\n0,3,5.5,\n")
+    figure = plot_runs([run], tmp_path / "diverged.png")
+    [panel] = [ax for ax in figure.axes if ax.get_visible()]
+    assert panel.get_ylabel() == PANELS["train/loss"]
+    assert list(zip(*panel.get_lines()[0].get_data())) == [(0, 6.5), (3, 5.5)]
+
+
+def test_csv_errors_name_the_file_and_its_columns(tmp_path):
+    no_step = tmp_path / "no_step"
+    no_step.mkdir()
+    (no_step / "metrics.csv").write_text("epoch,train/loss\n0,6.5\n")
+    with pytest.raises(ValueError, match=r"no_step/metrics.csv has no step column; it has \['epoch', 'train/loss'\]"):
+        plot_runs([no_step], tmp_path / "x.png")
+    all_nan = tmp_path / "all_nan"
+    all_nan.mkdir()
+    (all_nan / "metrics.csv").write_text("step,train/loss\n0,nan\n")
+    with pytest.raises(ValueError, match="all_nan/metrics.csv has no finite value"):
+        plot_runs([all_nan], tmp_path / "x.png")
+
+
+def test_without_matplotlib_the_error_names_the_extra(runs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "lit-lowrank\[plot\]"'):
+        plot_runs(runs, tmp_path / "x.png")
