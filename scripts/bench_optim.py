@@ -8,8 +8,9 @@ Methods are the baselines below and every registered method (``python -m lit_low
 built with ``build_optimizer(model, method=name)`` at GaLore's 60M settings (rank 128, T = 200,
 α = 0.25 unless the method sets them, lr 0.01); a method's model transform (Q-GaLore's INT8
 weights, GradNormLoRP's weight normalization) is applied first. Each method gets the same model
-and the same fixed gradients; only ``optimizer.step()`` is timed (CUDA events on a GPU). The first step (which computes the projections) is reported separately as the refresh
-cost; the steady-state figure is the median over ``--steps`` steps after ``--warmup`` steps, with
+and the same fixed gradients; only ``optimizer.step()`` is timed (CUDA events on a GPU). The
+first step (which computes the projections) is reported separately as the refresh cost; the
+steady-state figure is the median over ``--steps`` steps after ``--warmup`` steps, with
 no refresh in between (T = 200). State MiB sums the real storage of every tensor the optimizer
 holds (moments, bases, quantization scales), excluding scalar step counters.
 """

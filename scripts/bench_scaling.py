@@ -138,28 +138,26 @@ def print_table(rows: list[dict], peak: float) -> None:
 
 
 def plot(size_rows: list[dict], rank_rows: list[dict], path: Path) -> None:
-    import matplotlib
+    """Step time (top) and state (bottom) against model size (left) and rank (right), log–log."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (by_size, by_rank) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in OPTIMIZERS:
-        points = [(r["params"] / 1e6, r["step_ms"]) for r in size_rows if r["optimizer"] == name]
-        if points:
-            by_size.plot(*zip(*points), marker="o", label=name)
-        points = [(r["rank"], r["step_ms"]) for r in rank_rows if r["optimizer"] == name]
-        if points:
-            by_rank.plot(*zip(*points), marker="o", label=name)
-    by_size.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="optimizer step (ms)",
-                title="step time against model size (papers' ranks)")
-    by_rank.set(xscale="log", yscale="log", xlabel="rank", ylabel="optimizer step (ms)",
-                title=f"step time against rank ({rank_rows[0]['size'] if rank_rows else ''})")
-    for axes in (by_size, by_rank):
-        axes.legend(fontsize=7)
+    figure = Figure(figsize=(11, 7.5))
+    axes = figure.subplots(2, 2)
+    rank_size = rank_rows[0]["size"] if rank_rows else ""
+    for column, (rows, x, xlabel, title) in enumerate([
+            (size_rows, "params", "parameters (M)", "against model size (papers' ranks)"),
+            (rank_rows, "rank", "rank", f"against rank ({rank_size})")]):
+        for row_index, (y, ylabel) in enumerate([("step_ms", "optimizer step (ms)"), ("state_mib", "state (MiB)")]):
+            ax = axes[row_index, column]
+            for name in OPTIMIZERS:
+                points = [(r[x] / 1e6 if x == "params" else r[x], r[y]) for r in rows if r["optimizer"] == name]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=name)
+            ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=f"{ylabel.split(' (')[0]} {title}")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
