@@ -41,15 +41,16 @@ def test_tiny_run_writes_rows_csv_and_png(bench, tmp_path, capsys):
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_lowrank_flops_are_four_r_m_n_per_target(bench):
+def test_lowrank_flops_are_two_r_m_n_per_matmul_and_target(bench):
     class Blocks(nn.Module):
         def __init__(self):
             super().__init__()
             self.layers = nn.ModuleList(nn.Sequential(nn.Linear(6, 10), nn.Linear(10, 6)) for _ in range(2))
 
     model = Blocks()
-    assert bench.lowrank_flops(model, 4) == 2 * (4 * 4 * 10 * 6 + 4 * 4 * 6 * 10)
-    assert bench.lowrank_flops(model, 100) == 2 * 2 * 4 * 6 * 10 * 6  # clamped to min(m, n) = 6
+    assert bench.lowrank_flops(model, 4, matmuls=2) == 2 * (4 * 4 * 10 * 6 + 4 * 4 * 6 * 10)
+    assert bench.lowrank_flops(model, 4, matmuls=1) == 2 * (2 * 4 * 10 * 6 + 2 * 4 * 6 * 10)
+    assert bench.lowrank_flops(model, 100, matmuls=2) == 2 * 2 * 4 * 6 * 10 * 6  # clamped to min(m, n) = 6
 
 
 def test_cuda_without_a_gpu_is_refused(bench):
