@@ -1,7 +1,7 @@
 """Convergence per method: the demo LLaMA pretrained with AdamW and every method of the README's
 table, same seed, data order and token budget, through the library's own CLI path.
 
-    python scripts/bench_convergence.py --quick               # a representative subset, about 11 min on 2 cores
+    python scripts/bench_convergence.py --quick               # a representative subset: 9 min on 2 cores
     python scripts/bench_convergence.py                       # every method: the README's table
     python scripts/bench_convergence.py --methods adamw galore --steps 100
 
