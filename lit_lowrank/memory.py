@@ -19,6 +19,8 @@ this library stores, tensor by tensor, so the optimizer-state figure of a method
 * APOLLO's random projection is checkpointed as its seed and shape (m, n) (two int64) but its
   dense basis (``r·min(m, n)`` in the parameter's dtype) stays cached between steps
   (``projector_args: {cache_basis: false}`` drops it and redraws it at every use);
+* SNSM (``snsm``): one float32 subset norm per row or column, ``4·max(m, n)``, beside its one
+  momentum (``momentum`` inner, like Lion's);
 * Adafactor (``galore-adafactor``): float32 row and column statistics of the low-rank tensor,
   ``4·(r + max(m, n))``, plus a float32 first moment ``4·k`` with ``beta1`` — float32 whatever
   the parameter's dtype;
@@ -51,10 +53,14 @@ LAYERWISE = "-layerwise"
 BASELINES = ("adamw", "adamw8bit")
 """Full-rank references: ``torch.optim.AdamW`` and ``bitsandbytes.optim.AdamW8bit``."""
 
-MOMENTS = {"adamw": "float", "adamw-hf": "float", "adamw8bit": "8bit", "lion": "single", "adafactor": "factored"}
+MOMENTS = {"adamw": "float", "adamw-hf": "float", "adamw8bit": "8bit", "lion": "single", "momentum": "single",
+           "adafactor": "factored"}
 """How each inner optimizer with a known formula stores its moments."""
 BASES = {"svd": "float", "rsvd": "float", "online-pca": "float", "random": "seed", "dct": "columns"}
 """How each projector with a known formula stores its basis (before any basis quantizer)."""
+RULE_STATES = {"galore": 0, "fira": 0, "apollo": 0, "apollo-mini": 0, "snsm": 4}
+"""Float32 bytes each rule keeps per element of the weight's longer side (SNSM's subset norms);
+the limiters' scalars are not counted."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Storage:
         weight_bits: target weights held as integer codes of this many bits (Q-GaLore: 8).
         gradnorm: the model must be weight-normalized (``apply_gradnorm``).
         cache_basis: the projector keeps its regenerable basis between steps.
+        rule_state: bytes per element of max(m, n) that the rule keeps (SNSM: 4).
     """
 
     lowrank: bool = True
@@ -82,6 +89,7 @@ class Storage:
     weight_bits: int | None = None
     gradnorm: bool = False
     cache_basis: bool = True
+    rule_state: int = 0
 
 
 def storage(name: str | Method) -> Storage:
@@ -96,10 +104,11 @@ def storage(name: str | Method) -> Storage:
         return Storage(lowrank=False, moments="8bit" if name == "adamw8bit" else "float")
     method = get_method(name) if isinstance(name, str) else name
     options = method.options
-    inner, projector = options.get("inner", "adamw"), options.get("projector", "svd")
-    if inner not in MOMENTS or projector not in BASES:
-        raise ValueError(f"no memory formula for method {name!r} (inner {inner!r}, projector {projector!r}); "
-                         "measure it with LowRankOptimizer.state_bytes() after a step")
+    inner, projector, rule = (options.get("inner", "adamw"), options.get("projector", "svd"),
+                              options.get("rule", "galore"))
+    if inner not in MOMENTS or projector not in BASES or rule not in RULE_STATES:
+        raise ValueError(f"no memory formula for method {name!r} (inner {inner!r}, projector {projector!r}, "
+                         f"rule {rule!r}); measure it with LowRankOptimizer.state_bytes() after a step")
     moments = MOMENTS[inner]
     if moments == "factored" and options.get("inner_args", {}).get("beta1") is not None:
         moments = "factored-beta1"
@@ -108,7 +117,8 @@ def storage(name: str | Method) -> Storage:
     if projector_args.get("quantizer") == "int":
         basis = f"int{projector_args.get('quantizer_args', {}).get('bits', 8)}"
     return Storage(moments=moments, basis=basis, rank=options.get("rank"), weight_bits=method.weight_bits,
-                   gradnorm=method.gradnorm, cache_basis=projector_args.get("cache_basis", True))
+                   gradnorm=method.gradnorm, cache_basis=projector_args.get("cache_basis", True),
+                   rule_state=RULE_STATES[rule])
 
 
 @dataclass(frozen=True)
@@ -206,13 +216,17 @@ def _nbytes(p: torch.Tensor) -> int:
 
 def _lowrank_moments(p: nn.Parameter, rank: int, spec: Storage, formats: Formats) -> int:
     m, n = p.shape
+    return _inner_moments(m, n, rank, spec, formats, p.element_size()) + spec.rule_state * max(m, n)
+
+
+def _inner_moments(m: int, n: int, rank: int, spec: Storage, formats: Formats, b: int) -> int:
     k = min(rank, m, n) * max(m, n)
     if spec.moments == "8bit" and k >= formats.min_8bit_size:
         return 2 * blockwise8_bytes(k, formats.block_size, 2)
     if spec.moments.startswith("factored"):  # float32 row and column statistics (+ first moment)
         factored = 4 * (min(rank, m, n) + max(m, n))
         return factored + (4 * k if spec.moments == "factored-beta1" else 0)
-    return (1 if spec.moments == "single" else 2) * k * p.element_size()
+    return (1 if spec.moments == "single" else 2) * k * b
 
 
 def _basis(p: nn.Parameter, rank: int, spec: Storage, formats: Formats) -> int:

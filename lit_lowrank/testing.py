@@ -104,8 +104,9 @@ def check_update_rule(cls: type, **options: Any) -> None:
             low = projector.project(grad)
             weight = _randn(shape, dtype, seed=1)
             before = weight.clone()
-            state: dict[str, Any] = {}
+            state: dict[str, Any] = {"step": torch.zeros(())}  # as the optimizer keeps it
             for _ in range(2):  # a rule with history (a limiter) sees it on the second call
+                state["step"] += 1
                 rule.apply_(weight, RuleInputs(grad, low, low.sign(), projector, state), step_size=1e-2)
             _expect(weight.shape == before.shape and weight.dtype == dtype, where, "apply_ changed shape/dtype")
             _expect(torch.isfinite(weight).all(), where, "non-finite weight after apply_")

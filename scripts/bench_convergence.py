@@ -10,7 +10,7 @@ layers, 16 × 128 tokens per step on the embedded Shakespeare corpus) with ``--l
 and ``--lowrank.lr`` set, run in its own process with one thread; the method's own settings
 (APOLLO's α = 1, APOLLO-Mini's rank 1) replace the demo's rank 32 / α 0.25 / T 50 where it sets
 them. AdamW, the controls and the methods with their own update (GaLore, Fira, APOLLO,
-APOLLO-Mini, Adafactor, Lion) and the projections that are not an SVD of G (random, online PCA)
+APOLLO-Mini, SNSM, Adafactor, Lion) and the projections that are not an SVD of G (random, online PCA)
 get a small learning-rate sweep around the papers' lr; GaLore's other projector and storage
 variants run at GaLore's best lr. The best run by final validation loss is reported; a best lr at
 the edge of its sweep got the next value added.
@@ -64,6 +64,7 @@ VARIANTS: dict[str, Variant] = {
     "fira": Variant((5e-3, 1e-2, 2e-2), method="fira"),
     "apollo": Variant((5e-3, 1e-2, 2e-2), method="apollo"),
     "apollo-mini": Variant((1e-3, 3e-3, 1e-2, 2e-2), method="apollo-mini"),
+    "snsm": Variant((3e-3, 1e-2, 3e-2, 1e-1), method="snsm"),
     "galore-adafactor": Variant((3e-3, 1e-2, 2e-2), method="galore-adafactor"),
     "galore-lion": Variant((1e-3, 3e-3, 1e-2, 2e-2), method="galore-lion"),
     "galore-rsvd": Variant(GALORE_BEST, method="galore-rsvd"),

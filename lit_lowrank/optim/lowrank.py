@@ -172,7 +172,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         cached = self._components.get(index)
         if cached is None or cached[0] != component_options(group):
-            inner, rule = build_inner(group), build_rule(group)
+            inner = build_inner(group)
+            rule = build_rule(group, inner)
             for key in ("betas", "eps"):
                 if group[key] is None and hasattr(inner, key):
                     group[key] = getattr(inner, key)

@@ -99,8 +99,7 @@ def probe_components(group: Mapping[str, Any]) -> None:
     another."""
     build("projector", group, rank=group["rank"], side=group["side"], seed=0)
     build("schedule", group, gap=group["update_gap"])
-    build_inner(group)
-    rule = build_rule(group)
+    rule = build_rule(group, build_inner(group))
     if rule.required_rank is not None and group["rank"] != rule.required_rank:
         raise ValueError(f"{describe('update_rules', group['rule'])} works at rank {rule.required_rank} only, but "
                          f"rank is {group['rank']}; set rank: {rule.required_rank}, or choose another rule")
@@ -115,9 +114,12 @@ def build_inner(group: Mapping[str, Any]) -> Any:
     return build("inner", group, **offered)
 
 
-def build_rule(group: Mapping[str, Any]) -> Any:
-    """The group's update rule, offered ``scale`` (α)."""
-    return build("rule", group, scale=group["scale"])
+def build_rule(group: Mapping[str, Any], inner: Any) -> Any:
+    """The group's update rule, offered ``scale`` (α) and the ``betas``/``eps`` of the group's
+    inner optimizer ``inner`` as it resolved them (the user's where set, else its defaults), for
+    a rule with moments of its own (SNSM's subset norms): one pair of values for both."""
+    resolved = {key: getattr(inner, key) for key in ("betas", "eps") if getattr(inner, key, None) is not None}
+    return build("rule", group, scale=group["scale"], **resolved)
 
 
 def build(option: str, group: Mapping[str, Any], **offered: Any) -> Any:

@@ -21,6 +21,7 @@ class RuleInputs:
         direction: the inner optimizer's output ``N`` (R's shape).
         projector: the weight's projector (its ``side`` says which axis was projected).
         state: the weight's optimizer state; rules may keep tensors here (they are checkpointed).
+            ``state["step"]`` (a 0-dim float tensor) is the 1-based number of this step.
     """
 
     grad: Tensor | None
@@ -35,7 +36,8 @@ class UpdateRule(ABC):
     projection ``R``, the inner optimizer's direction ``N`` (R's shape) and the projector.
 
     Built by the optimizer once per param group (rebuilt when its options change), offered
-    ``scale`` if ``__init__`` accepts it; the user's ``rule_args`` come on top.
+    ``scale`` and, where the group sets them, ``betas`` and ``eps`` (for a rule with moments of
+    its own), each only if ``__init__`` accepts it; the user's ``rule_args`` come on top.
 
     Args:
         scale: the papers' α, multiplying the lifted low-rank update.
