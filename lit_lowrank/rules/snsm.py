@@ -4,20 +4,18 @@ complement, and one adaptive step size per row (or column) of the weight."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
+from lit_lowrank.inner.subset_norm import accumulate_, check_subset_options, second_correction, subset_squares
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
-
-SUBSETS = ("auto", "rows", "columns")
 
 
 class SubsetNormRule(UpdateRule):
     """``U = √(1 − β2ᵗ) · (α · lift(N) + (G − lift(R))) / (√V + ε)``, ``W ← W − η U``, with
-    ``V ← β2 V + (1 − β2) s(G)``, ``s(G)_i = Σ_j G_ij²`` over the subset i (one row or column).
+    ``V ← β2 V + (1 − β2) s(G)``, ``s(G)_i = Σ_j G_ij²`` over the subset i (one row or column);
+    β2 = 1 sums instead (``V ← V + s(G)``, AdaGrad's norm) and drops the ``√(1 − β2ᵗ)``.
 
     ``lift`` is the projector's back-projection, so ``G − lift(R)`` is the gradient outside the
     subspace, stepped with plain SGD; ``N`` is the inner optimizer's direction — the ``momentum``
@@ -28,7 +26,7 @@ class SubsetNormRule(UpdateRule):
 
     Args:
         scale: α, multiplying the lifted momentum (1 in the paper).
-        betas: ``(β1, β2)``; β2 is read here (β1 is the inner optimizer's).
+        betas: ``(β1, β2)``; β2 ∈ [0, 1] is read here (β1 is the inner optimizer's).
         eps: ε added to √V (the authors' 1e-6).
         subsets: ``auto | rows | columns``.
 
@@ -38,12 +36,7 @@ class SubsetNormRule(UpdateRule):
     def __init__(self, scale: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  subsets: str = "auto") -> None:
         super().__init__(scale)
-        if subsets not in SUBSETS:
-            raise ValueError(f"subsets must be one of {', '.join(SUBSETS)}, got {subsets!r}")
-        if not 0 <= betas[1] < 1:
-            raise ValueError(f"subset-norm β2 must be in [0, 1), got {betas[1]}")
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be finite and > 0, got {eps}")
+        check_subset_options(betas[1], eps, subsets)
         self.beta2, self.eps, self.subsets = betas[1], eps, subsets
 
     def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
@@ -51,19 +44,12 @@ class SubsetNormRule(UpdateRule):
         squares = subset_squares(grad, self.subsets)
         if "subset_norm" not in state:
             state["subset_norm"] = torch.zeros_like(squares)
-        norm = state["subset_norm"].lerp_(squares, 1 - self.beta2)
+        norm = accumulate_(state["subset_norm"], squares, self.beta2)
         step = int(state["step"])
         update = inputs.projector.add_back_(grad.clone(), inputs.low, alpha=-1.0)  # G − lift(R), m×n
         inputs.projector.add_back_(update, inputs.direction, alpha=self.scale)
         update.div_((norm.sqrt() + self.eps).to(update.dtype))
-        param.add_(update, alpha=-step_size * math.sqrt(1 - self.beta2**step))
-
-
-def subset_squares(grad: Tensor, subsets: str) -> Tensor:
-    """``Σ G²`` per row (m×1) or per column (1×n), in float32; ``auto`` keeps the longer axis."""
-    rows, cols = grad.shape
-    per_row = subsets == "rows" or (subsets == "auto" and rows >= cols)
-    return grad.float().square().sum(dim=1 if per_row else 0, keepdim=True)
+        param.add_(update, alpha=-step_size * second_correction(self.beta2, step))
 
 
 @hookimpl

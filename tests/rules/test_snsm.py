@@ -17,7 +17,8 @@ from references import svd_basis
 def reference_snsm(weight, grads, *, rank, gap, lr, betas, eps, right, rows):
     """AdamSNSM for one weight: every ``gap`` steps a new top-r SVD basis and a fresh momentum;
     ``M ← β1 M + (1−β1) R``; ``V ← β2 V + (1−β2) Σ G²`` per row (``rows``) or column;
-    ``W ← W − η √(1−β2ᵗ)/(1−β1ᵗ) · (lift(M) + G − lift(R)) / (√V + ε)``."""
+    ``W ← W − η √(1−β2ᵗ)/(1−β1ᵗ) · (lift(M) + G − lift(R)) / (√V + ε)``; β2 = 1: ``V ← V + Σ G²``
+    and no ``√(1−β2ᵗ)`` (AdaGrad's norm)."""
     beta1, beta2 = betas
     momentum, norm = None, torch.zeros(weight.shape[0], 1) if rows else torch.zeros(1, weight.shape[1])
     for t, grad in enumerate(grads, start=1):
@@ -28,8 +29,9 @@ def reference_snsm(weight, grads, *, rank, gap, lr, betas, eps, right, rows):
         lift = low @ basis.T if right else basis @ low
         momentum = (1 - beta1) * low if momentum is None else beta1 * momentum + (1 - beta1) * low
         lifted = momentum @ basis.T if right else basis @ momentum
-        norm = beta2 * norm + (1 - beta2) * (grad * grad).sum(dim=1 if rows else 0, keepdim=True)
-        step = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        squares = (grad * grad).sum(dim=1 if rows else 0, keepdim=True)
+        norm = norm + squares if beta2 == 1 else beta2 * norm + (1 - beta2) * squares
+        step = lr * (1.0 if beta2 == 1 else math.sqrt(1 - beta2**t)) / (1 - beta1**t)
         weight = weight - step * (lifted + grad - lift) / (norm.sqrt() + eps)
     return weight
 
@@ -73,6 +75,23 @@ def test_explicit_subsets_and_their_state(subsets, rows):
     torch.testing.assert_close(weight.detach(), expected, rtol=1e-6, atol=1e-9)  # V is float32
     norm = optimizer.state[weight]["subset_norm"]
     assert norm.shape == ((10, 1) if rows else (1, 6)) and norm.dtype == torch.float32
+
+
+def test_beta2_one_accumulates_like_adagrad():
+    """``rule_args: {betas: [β1, 1]}`` (the group's betas stay below 1): V sums the subset squares."""
+    torch.manual_seed(4)
+    grads = [torch.randn(9, 5, dtype=torch.float64) for _ in range(6)]
+    start = torch.randn(9, 5, dtype=torch.float64)
+    weight = nn.Parameter(start.clone())
+    optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True}], lr=1e-2, rank=2, update_gap=4,
+                                 rule="snsm", inner="momentum", scale=1.0, on_refresh="reset", betas=(0.8, 0.95),
+                                 rule_args={"betas": (0.8, 1.0)})
+    for grad in grads:
+        weight.grad = grad
+        optimizer.step()
+    expected = reference_snsm(start, grads, rank=2, gap=4, lr=1e-2, betas=(0.8, 1.0), eps=1e-6, right=True,
+                              rows=True)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-6, atol=1e-9)  # V is float32
 
 
 def test_composes_with_another_projector():
