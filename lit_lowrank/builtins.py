@@ -11,6 +11,7 @@ BUILTIN_MODULES = (
     "lit_lowrank.inner.lion",
     "lit_lowrank.inner.sgd",
     "lit_lowrank.inner.momentum",
+    "lit_lowrank.inner.adamw_sn",
     "lit_lowrank.rules.galore",
     "lit_lowrank.quantizers.int",
     "lit_lowrank.quantizers.bnb",
