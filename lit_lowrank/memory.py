@@ -20,7 +20,8 @@ this library stores, tensor by tensor, so the optimizer-state figure of a method
   dense basis (``r·min(m, n)`` in the parameter's dtype) stays cached between steps
   (``projector_args: {cache_basis: false}`` drops it and redraws it at every use);
 * SNSM (``snsm``): one float32 subset norm per row or column, ``4·max(m, n)``, beside its one
-  momentum (``momentum`` inner, like Lion's);
+  momentum (``momentum`` inner, like Lion's); subset-norm Adam (``adamw-sn`` inner, ``auto``
+  subsets of R) keeps the same: one moment and ``4·max(m, n)``;
 * Adafactor (``galore-adafactor``): float32 row and column statistics of the low-rank tensor,
   ``4·(r + max(m, n))``, plus a float32 first moment ``4·k`` with ``beta1`` — float32 whatever
   the parameter's dtype;
@@ -54,7 +55,7 @@ BASELINES = ("adamw", "adamw8bit")
 """Full-rank references: ``torch.optim.AdamW`` and ``bitsandbytes.optim.AdamW8bit``."""
 
 MOMENTS = {"adamw": "float", "adamw-hf": "float", "adamw8bit": "8bit", "lion": "single", "momentum": "single",
-           "adafactor": "factored"}
+           "adamw-sn": "subset-norm", "adafactor": "factored"}
 """How each inner optimizer with a known formula stores its moments."""
 BASES = {"svd": "float", "rsvd": "float", "online-pca": "float", "random": "seed", "dct": "columns"}
 """How each projector with a known formula stores its basis (before any basis quantizer)."""
@@ -71,7 +72,8 @@ class Storage:
     Args:
         lowrank: target weights get projected moments (else full-rank Adam on everything).
         moments: ``"float"``, ``"8bit"`` (blockwise, bitsandbytes format), ``"single"`` (one
-            moment: Lion), ``"factored"`` or ``"factored-beta1"`` (Adafactor without/with a first moment).
+            moment: Lion), ``"subset-norm"`` (one moment and a float32 value per element of
+            max(m, n)), ``"factored"`` or ``"factored-beta1"`` (Adafactor without/with a first moment).
         basis: ``"float"`` (parameter dtype), ``"columns"`` (DCT: r indices and the cached
             columns), ``"seed"`` (random: the seed and shape, plus the cached basis) or
             ``"int<bits>"`` (a quantized basis, Q-GaLore's ``int4``).
@@ -110,6 +112,9 @@ def storage(name: str | Method) -> Storage:
         raise ValueError(f"no memory formula for method {name!r} (inner {inner!r}, projector {projector!r}, "
                          f"rule {rule!r}); measure it with LowRankOptimizer.state_bytes() after a step")
     moments = MOMENTS[inner]
+    if moments == "subset-norm" and options.get("inner_args", {}).get("subsets", "auto") != "auto":
+        raise ValueError(f"no memory formula for method {name!r}: its subsets are not 'auto'; "
+                         "measure it with LowRankOptimizer.state_bytes() after a step")
     if moments == "factored" and options.get("inner_args", {}).get("beta1") is not None:
         moments = "factored-beta1"
     projector_args = options.get("projector_args", {})
@@ -226,6 +231,8 @@ def _inner_moments(m: int, n: int, rank: int, spec: Storage, formats: Formats, b
     if spec.moments.startswith("factored"):  # float32 row and column statistics (+ first moment)
         factored = 4 * (min(rank, m, n) + max(m, n))
         return factored + (4 * k if spec.moments == "factored-beta1" else 0)
+    if spec.moments == "subset-norm":  # one moment + float32 subset norms along the kept axis
+        return k * b + 4 * max(m, n)
     return (1 if spec.moments == "single" else 2) * k * b
 
 

@@ -108,6 +108,8 @@ BUILTIN_METHODS: dict[str, Method] = {
     "snsm": Method("momentum in the subspace, SGD in its complement, one adaptive step size per row or column",
                    {"rule": "snsm", "inner": "momentum", "scale": 1.0, "on_refresh": "reset"},
                    paper="Nguyen et al. 2025, Subset-Norm and Subspace-Momentum"),
+    "galore-sn": Method("GaLore with subset-norm Adam on R: one second moment per row or column of R",
+                        {"inner": "adamw-sn"}, paper="Nguyen et al. 2025, Subset-Norm and Subspace-Momentum"),
     "galore-adafactor": Method("factored second moment on R, update clipping", {"inner": "adafactor"},
                                paper="Zhao et al. 2024, GaLore"),
     "galore-lion": Method("Lion's sign update on R", {"inner": "lion", "inner_args": {"betas": (0.9, 0.99)}}),

@@ -10,10 +10,10 @@ layers, 16 × 128 tokens per step on the embedded Shakespeare corpus) with ``--l
 and ``--lowrank.lr`` set, run in its own process with one thread; the method's own settings
 (APOLLO's α = 1, APOLLO-Mini's rank 1) replace the demo's rank 32 / α 0.25 / T 50 where it sets
 them. AdamW, the controls and the methods with their own update (GaLore, Fira, APOLLO,
-APOLLO-Mini, SNSM, Adafactor, Lion) and the projections that are not an SVD of G (random, online PCA)
-get a small learning-rate sweep around the papers' lr; GaLore's other projector and storage
-variants run at GaLore's best lr. The best run by final validation loss is reported; a best lr at
-the edge of its sweep got the next value added.
+APOLLO-Mini, SNSM, subset-norm Adam, Adafactor, Lion) and the projections that are not an SVD of
+G (random, online PCA) get a small learning-rate sweep around the papers' lr; GaLore's other
+projector and storage variants run at GaLore's best lr. The best run by final validation loss is
+reported; a best lr at the edge of its sweep got the next value added.
 
 The low-rank methods train the projected weights at α·lr and everything else at lr. Two
 controls separate that learning-rate split from the projection itself: ``adamw-split`` is plain
@@ -65,6 +65,7 @@ VARIANTS: dict[str, Variant] = {
     "apollo": Variant((5e-3, 1e-2, 2e-2), method="apollo"),
     "apollo-mini": Variant((1e-3, 3e-3, 1e-2, 2e-2), method="apollo-mini"),
     "snsm": Variant((3e-3, 1e-2, 3e-2, 1e-1), method="snsm"),
+    "galore-sn": Variant((1e-2, 3e-2, 1e-1), method="galore-sn"),
     "galore-adafactor": Variant((3e-3, 1e-2, 2e-2), method="galore-adafactor"),
     "galore-lion": Variant((1e-3, 3e-3, 1e-2, 2e-2), method="galore-lion"),
     "galore-rsvd": Variant(GALORE_BEST, method="galore-rsvd"),

@@ -36,6 +36,7 @@ FORMULAS = {
     "galore-adafactor": lambda k, d, r, b, big: 4 * (r + big) + r * d * b,
     "galore-lion": lambda k, d, r, b, big: k * b + r * d * b,
     "snsm": lambda k, d, r, b, big: k * b + 4 * big + r * d * b,
+    "galore-sn": lambda k, d, r, b, big: k * b + 4 * big + r * d * b,
     "galore-8bit": lambda k, d, r, b, big: eight_bit(k, b) + r * d * b,
     "q-galore": lambda k, d, r, b, big: eight_bit(k, b) + 256 * groups(d * r) // 2 + 8 * groups(d * r) + 16,
 }
