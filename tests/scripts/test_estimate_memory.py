@@ -122,6 +122,13 @@ def test_a_method_without_a_formula_is_refused(name):
         estimate(small_llama(), name, rank=RANK)
 
 
+def test_subset_norms_other_than_auto_have_no_formula():
+    """Rows or columns of R hold r or max(m, n) values depending on the side: not estimated."""
+    recipe = Method("GaLore-SN over R's rows", {"inner": "adamw-sn", "inner_args": {"subsets": "rows"}})
+    with pytest.raises(ValueError, match="subsets are not 'auto'.*state_bytes"):
+        estimate(small_llama(), recipe, rank=RANK)
+
+
 def test_cli_prints_a_row_per_method(monkeypatch, capsys):
     script = Path(__file__).parents[2] / "scripts" / "estimate_memory.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--size", "60m", "--methods", "adamw", "q-galore-layerwise"])
