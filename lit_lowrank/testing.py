@@ -204,10 +204,7 @@ def _registered(option: str, cls: type) -> Iterator[str]:
             "inner": "inner_optimizers", "schedule": "schedules"}[option]
     name = f"conformance-{cls.__module__}.{cls.__qualname__}"
 
-    class Plugin:
-        pass
-
-    setattr(Plugin, f"register_{kind}", hookimpl(lambda self, register: register(name, cls)))
+    Plugin = type("Plugin", (), {f"register_{kind}": hookimpl(lambda self, register: register(name, cls))})
     plugin_name = f"lit_lowrank.testing:{name}"
     plugins.register_plugin(Plugin(), name=plugin_name)
     try:
