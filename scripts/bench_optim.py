@@ -38,14 +38,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Factory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
-def _galore_torch(model: nn.Module) -> torch.optim.Optimizer:
+def galore_torch(model: nn.Module, rank: int = 128, gap: int = 200) -> torch.optim.Optimizer:
+    """The peer package's ``GaLoreAdamW`` on the same targets (α 0.25, lr 0.01)."""
     import galore_torch
     from lit_lowrank import select_targets
 
     targets, dense = select_targets(model)
     return galore_torch.GaLoreAdamW(
         [{"params": list(dense.values())},
-         {"params": list(targets.values()), "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}],
+         {"params": list(targets.values()), "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}],
         lr=0.01, no_deprecation_warning=True,
     )
 
@@ -53,7 +54,7 @@ def _galore_torch(model: nn.Module) -> torch.optim.Optimizer:
 BASELINES: dict[str, Factory] = {
     "adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3),
     "adamw-fused": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
-    "galore-torch": _galore_torch,
+    "galore-torch": galore_torch,
     "galore-unguarded": lambda model: build_optimizer(model, **GALORE, nonfinite="ignore"),
 }
 """Full-rank references, the peer package, and GaLore without the non-finite guard (its cost)."""

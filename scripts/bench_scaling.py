@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,24 +31,16 @@ from lit_lowrank import build_optimizer, select_targets
 from lit_lowrank.memory import measured_state_bytes
 from lit_lowrank.models.llama import GALORE_RANKS, llama_config
 
+from bench_optim import Clock, galore_torch  # scripts/ is on the path when a script runs
+
 Factory = Callable[[nn.Module, int], torch.optim.Optimizer]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def galore_torch(model: nn.Module, rank: int) -> torch.optim.Optimizer:
-    import galore_torch
-
-    targets, dense = select_targets(model)
-    return galore_torch.GaLoreAdamW(
-        [{"params": list(dense.values())},
-         {"params": list(targets.values()), "rank": rank, "update_proj_gap": 1000, "scale": 0.25, "proj_type": "std"}],
-        lr=0.01, no_deprecation_warning=True)
 
 
 OPTIMIZERS: dict[str, Factory] = {
     "adamw": lambda model, rank: torch.optim.AdamW(model.parameters(), lr=1e-3),
     "adamw-fused": lambda model, rank: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
-    "galore-torch": galore_torch,
+    "galore-torch": lambda model, rank: galore_torch(model, rank, gap=1000),
     "galore": lambda model, rank: build_optimizer(model, method="galore", rank=rank, update_gap=1000),
     "apollo": lambda model, rank: build_optimizer(model, method="apollo", rank=rank, update_gap=1000),
 }
@@ -68,24 +59,12 @@ def model_with_gradients(size: str, device: str) -> nn.Module:
     return model
 
 
-def median_step(optimizer: torch.optim.Optimizer, steps: int, device: str) -> float:
+def median_step(optimizer: torch.optim.Optimizer, steps: int, clock: Clock) -> float:
     """Seconds of a steady-state ``step()``: median over ``steps`` after two warm-up steps (the
     first computes the subspaces)."""
     for _ in range(2):
         optimizer.step()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer.step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    return statistics.median(clock.time(optimizer.step) for _ in range(steps))
 
 
 def lowrank_flops(model: nn.Module, rank: int, matmuls: int) -> int:
@@ -94,23 +73,18 @@ def lowrank_flops(model: nn.Module, rank: int, matmuls: int) -> int:
     return sum(matmuls * 2 * min(rank, *p.shape) * p.shape[0] * p.shape[1] for p in targets.values())
 
 
-def matmul_peak(device: str, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(clock: Clock, n: int = 2048, repeats: int = 5) -> float:
     """float32 GFLOP/s of an n×n @ n×n product (best of ``repeats``)."""
+    device = "cuda" if clock.cuda else "cpu"
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / min(clock.time(lambda: a @ b) for _ in range(repeats)) / 1e9
 
 
 def measure(size: str, rank: int, names: Sequence[str], steps: int, device: str) -> list[dict]:
     model = model_with_gradients(size, device)
     params = sum(p.numel() for p in model.parameters())
+    clock = Clock(torch.device(device))
     rows = []
     for name in names:
         try:
@@ -118,12 +92,12 @@ def measure(size: str, rank: int, names: Sequence[str], steps: int, device: str)
         except (ImportError, RuntimeError) as error:  # galore-torch absent, fused AdamW on this device
             print(f"  {name} at {size}: skipped ({type(error).__name__}: {str(error).splitlines()[0]})")
             continue
-        seconds = median_step(optimizer, steps, device)
+        seconds = median_step(optimizer, steps, clock)
         flops = lowrank_flops(model, rank, LOW_RANK_MATMULS[name]) if name in LOW_RANK_MATMULS else 0
         rows.append({"size": size, "params": params, "rank": rank, "optimizer": name, "step_ms": seconds * 1e3,
                      "state_mib": measured_state_bytes(optimizer) / 2**20,
                      "lowrank_gflops": flops / seconds / 1e9 if flops else 0.0,
-                     "matmul_peak_gflops": matmul_peak(device) if flops else 0.0})
+                     "matmul_peak_gflops": matmul_peak(clock) if flops else 0.0})
         del optimizer
     return rows
 

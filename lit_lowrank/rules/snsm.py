@@ -44,6 +44,10 @@ class SubsetNormRule(UpdateRule):
         squares = subset_squares(grad, self.subsets)
         if "subset_norm" not in state:
             state["subset_norm"] = torch.zeros_like(squares)
+        elif state["subset_norm"].shape != squares.shape:  # a checkpoint saved with other subsets
+            raise ValueError(f"the checkpoint's subset norms have shape {tuple(state['subset_norm'].shape)}, but "
+                             f"subsets={self.subsets!r} gives {tuple(squares.shape)}: resume with the checkpoint's "
+                             "rule_args subsets, or start afresh")
         norm = accumulate_(state["subset_norm"], squares, self.beta2)
         step = int(state["step"])
         update = inputs.projector.add_back_(grad.clone(), inputs.low, alpha=-1.0)  # G − lift(R), m×n

@@ -58,18 +58,23 @@ def test_trajectory_equals_plain_adam_snsm(shape):
     torch.testing.assert_close(weight.detach(), expected, rtol=1e-6, atol=1e-9)  # V is float32
 
 
+def trained(start, grads, **options):
+    """A weight starting at ``start`` stepped with ``grads`` by SNSM's components at lr 0.01."""
+    weight = nn.Parameter(start.clone())
+    optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True}], lr=1e-2, rule="snsm", inner="momentum",
+                                 scale=1.0, on_refresh="reset", **options)
+    for grad in grads:
+        weight.grad = grad
+        optimizer.step()
+    return weight, optimizer
+
+
 @pytest.mark.parametrize("subsets, rows", [("rows", True), ("columns", False)])
 def test_explicit_subsets_and_their_state(subsets, rows):
     torch.manual_seed(1)
     grads = [torch.randn(10, 6, dtype=torch.float64) for _ in range(3)]
     start = torch.randn(10, 6, dtype=torch.float64)
-    weight = nn.Parameter(start.clone())
-    optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True}], lr=1e-2, rank=2, update_gap=5,
-                                 rule="snsm", inner="momentum", scale=1.0, on_refresh="reset",
-                                 rule_args={"subsets": subsets})
-    for grad in grads:
-        weight.grad = grad
-        optimizer.step()
+    weight, optimizer = trained(start, grads, rank=2, update_gap=5, rule_args={"subsets": subsets})
     expected = reference_snsm(start, grads, rank=2, gap=5, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, right=True,
                               rows=rows)
     torch.testing.assert_close(weight.detach(), expected, rtol=1e-6, atol=1e-9)  # V is float32
@@ -82,13 +87,7 @@ def test_beta2_one_accumulates_like_adagrad():
     torch.manual_seed(4)
     grads = [torch.randn(9, 5, dtype=torch.float64) for _ in range(6)]
     start = torch.randn(9, 5, dtype=torch.float64)
-    weight = nn.Parameter(start.clone())
-    optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True}], lr=1e-2, rank=2, update_gap=4,
-                                 rule="snsm", inner="momentum", scale=1.0, on_refresh="reset", betas=(0.8, 0.95),
-                                 rule_args={"betas": (0.8, 1.0)})
-    for grad in grads:
-        weight.grad = grad
-        optimizer.step()
+    weight, _ = trained(start, grads, rank=2, update_gap=4, betas=(0.8, 0.95), rule_args={"betas": (0.8, 1.0)})
     expected = reference_snsm(start, grads, rank=2, gap=4, lr=1e-2, betas=(0.8, 1.0), eps=1e-6, right=True,
                               rows=True)
     torch.testing.assert_close(weight.detach(), expected, rtol=1e-6, atol=1e-9)  # V is float32
@@ -121,3 +120,16 @@ def test_bad_options_are_refused_when_built(options, match):
     weight = nn.Parameter(torch.randn(6, 4))
     with pytest.raises(ValueError, match=match):
         LowRankOptimizer([{"params": [weight], "lowrank": True}], rank=2, rule="snsm", inner="momentum", **options)
+
+
+def test_a_checkpoint_with_other_subsets_is_refused_naming_the_fix():
+    torch.manual_seed(5)
+    _, saved = trained(torch.randn(10, 6), [torch.randn(10, 6)], rank=2, rule_args={"subsets": "rows"})
+    weight, _ = trained(torch.randn(10, 6), [], rank=2)
+    resumed = LowRankOptimizer([{"params": [weight], "lowrank": True}], lr=1e-2, rank=2, rule="snsm",
+                               inner="momentum", scale=1.0, on_refresh="reset", rule_args={"subsets": "columns"})
+    with pytest.warns(UserWarning, match="other than the checkpoint's"):
+        resumed.load_state_dict(saved.state_dict())
+    weight.grad = torch.randn(10, 6)
+    with pytest.raises(ValueError, match="resume with the checkpoint's rule_args subsets"):
+        resumed.step()

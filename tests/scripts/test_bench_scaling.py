@@ -4,25 +4,17 @@ AdamW row of the same size and rank, the FLOP count written out, CSV and PNG."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "bench_scaling.py"
+from script_loader import loaded_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from loaded_script("bench_scaling")
 
 
 def test_tiny_run_writes_rows_csv_and_png(bench, tmp_path, capsys):
