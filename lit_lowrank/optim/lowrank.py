@@ -137,6 +137,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         """Steps skipped for a non-finite gradient (``nonfinite: skip``); in layer-wise mode,
         skipped parameter updates."""
+        self.comm_bytes = 0
+        """Bytes this rank all-reduced for the gradients of the last step, set by lit_lowrank's
+        own communication (:mod:`lit_lowrank.optim.communication`, layer-wise DDP); 0 without it."""
+        self._received: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             self._validate(group)
 
@@ -242,8 +246,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
-        self._step_all([(group, params) for group, params in work if params], {})
+        received, self._received = self._received, {}
+        self._step_all([(group, params) for group, params in work if params], received)
         return loss
+
+    def receive_projections(self, lows: dict[Tensor, Tensor]) -> None:
+        """Projected gradients ``R`` the next :meth:`step` uses instead of projecting ``p.grad``
+        (a communication hook averaged them over the ranks); dropped by :meth:`zero_grad`."""
+        self._received.update(lows)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._received.clear()
 
     @torch.no_grad()
     def step_group(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor] | None = None,
@@ -351,6 +365,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def project(self, p: Tensor, grad: Tensor) -> Tensor:
         """``R``: ``grad`` projected on ``p``'s current subspace (after its first step)."""
         return self._slots[p].projector.project(grad)
+
+    def lift(self, p: Tensor, low: Tensor) -> Tensor:
+        """``P R``: a projected gradient back in ``p``'s shape (after its first step)."""
+        return self._slots[p].projector.project_back(low)
 
     def _dense_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         inner = self._dense_inner(group)

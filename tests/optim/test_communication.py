@@ -1,0 +1,78 @@
+"""Low-rank gradient communication (gloo, 2 CPU processes): all-reducing ``R = PᵀG`` trains the
+same weights as DDP's full all-reduce, and sends ``r·max(m, n)`` numbers per target weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lit_lowrank import build_optimizer
+from lit_lowrank.optim.communication import LowRankCommunication, lowrank_comm_hook
+from ranks import requires_gloo, run_ranks
+from test_distributed import OPTIONS, Block, batches, flat_bases, rank_share
+
+STEPS = 8  # update_gap 2: refreshes at steps 1, 3, 5, 7
+
+
+def _step(model: nn.Module, optimizer, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(inputs), targets).backward()
+    optimizer.step()
+
+
+def _worker(rank: int, world_size: int, out: str, rule: str) -> None:
+    options = {**OPTIONS, "rule": rule}
+    plain, ours = Block(torch.float32), Block(torch.float32)
+    plain_optimizer, our_optimizer = build_optimizer(plain, **options), build_optimizer(ours, **options)
+    plain_ddp, our_ddp = DistributedDataParallel(plain), DistributedDataParallel(ours)
+    communication = LowRankCommunication(our_optimizer)
+    our_ddp.register_comm_hook(communication, lowrank_comm_hook)
+    log = []
+    for inputs, targets in rank_share(batches(STEPS, torch.float32), rank, world_size):
+        _step(plain_ddp, plain_optimizer, inputs, targets)
+        refreshes = our_optimizer.refresh_count
+        _step(our_ddp, our_optimizer, inputs, targets)
+        log.append({**communication.sent_bytes, "comm_bytes": our_optimizer.comm_bytes,
+                    "refreshed": our_optimizer.refresh_count > refreshes})
+    torch.save({"plain": [p.detach() for p in plain.parameters()], "ours": [p.detach() for p in ours.parameters()],
+                "bases": flat_bases(our_optimizer), "log": log}, f"{out}/rank{rank}.pt")
+
+
+@requires_gloo
+def test_lowrank_communication_matches_ddp_and_sends_r_max_mn(tmp_path):
+    run_ranks(_worker, str(tmp_path), "galore")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for a, b in zip(rank0["ours"] + rank0["bases"], rank1["ours"] + rank1["bases"]):
+        assert torch.equal(a, b)
+    for ours, plain in zip(rank0["ours"], rank0["plain"]):
+        torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6 * plain.abs().max().item())
+    model, rank = Block(torch.float32), OPTIONS["rank"]
+    targets = [model.attn.weight, model.mlp.weight]
+    low_rank_bytes = sum(rank * max(w.shape) * 4 for w in targets)
+    all_bytes = sum(p.numel() * 4 for p in model.parameters())
+    log = rank0["log"]
+    assert sum(entry["refreshed"] for entry in log) >= 3
+    for entry in log:
+        assert entry["comm_bytes"] == entry["lowrank"] + entry["full"]
+        if entry["refreshed"]:
+            assert entry == {"lowrank": 0, "full": all_bytes, "comm_bytes": all_bytes, "refreshed": True}
+        else:
+            assert entry["lowrank"] == low_rank_bytes
+            assert entry["full"] == all_bytes - sum(w.numel() * 4 for w in targets)  # the biases
+
+
+@requires_gloo
+def test_rules_reading_the_gradient_communicate_in_full(tmp_path):
+    run_ranks(_worker, str(tmp_path), "fira")
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    for ours, plain in zip(rank0["ours"], rank0["plain"]):
+        torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6 * plain.abs().max().item())
+    assert all(entry["lowrank"] == 0 for entry in rank0["log"])
+
+
+def test_communication_needs_a_lowrank_optimizer():
+    model = Block()
+    with pytest.raises(TypeError, match="LowRankOptimizer"):
+        LowRankCommunication(torch.optim.AdamW(model.parameters()))
