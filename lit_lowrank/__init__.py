@@ -9,6 +9,7 @@ Plugin authors need only this module (docs/plugins.md)::
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.inner.base import InnerOptimizer
 from lit_lowrank.methods import Method
+from lit_lowrank.optim.communication import LowRankCommunication, lowrank_comm_hook
 from lit_lowrank.optim.factory import build_optimizer, select_targets
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.plugins import (
@@ -30,8 +31,8 @@ from lit_lowrank.schedules.base import Schedule
 __version__ = "0.1.0"
 
 __all__ = [
-    "DenseBasisProjector", "InnerOptimizer", "LowRankOptimizer", "Method", "Packed", "Projector",
+    "DenseBasisProjector", "InnerOptimizer", "LowRankCommunication", "LowRankOptimizer", "Method", "Packed", "Projector",
     "Quantizer", "RuleInputs", "Schedule", "Side", "UnknownComponentError", "UpdateRule", "build_optimizer",
     "get_inner_optimizer", "get_method", "get_projector", "get_quantizer", "get_schedule", "get_update_rule",
-    "hookimpl", "register_plugin", "registered", "select_targets",
+    "hookimpl", "lowrank_comm_hook", "register_plugin", "registered", "select_targets",
 ]

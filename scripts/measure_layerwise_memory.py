@@ -31,12 +31,14 @@ from lit_lowrank.models import Llama
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
 
 
-def backward_peak_bytes(model: nn.Module, tokens: torch.Tensor, *, layerwise: bool, **options: Any) -> int:
+def backward_peak_bytes(model: nn.Module, tokens: torch.Tensor, *, layerwise: bool,
+                        layerwise_args: dict[str, Any] | None = None, **options: Any) -> int:
     """Peak bytes allocated by the 2nd step's forward and backward, on top of what was live before
-    (weights and optimizer state). The peak of a training step is reached during backward."""
+    (weights and optimizer state). The peak of a training step is reached during backward.
+    ``layerwise_args`` go to :class:`LayerwiseUpdates` (``bucket_cap_mb`` under data parallel)."""
     optimizer = build_optimizer(model, **options)
     if layerwise:
-        LayerwiseUpdates(optimizer).attach()
+        LayerwiseUpdates(optimizer, **(layerwise_args or {})).attach()
     def forward_backward() -> None:
         model(tokens, labels=tokens).loss.backward()
 

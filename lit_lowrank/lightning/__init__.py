@@ -8,6 +8,7 @@ require("lightning", "lightning", "torchmetrics", "jsonargparse")
 
 from lit_lowrank.lightning.callback import LowRankCallback
 from lit_lowrank.lightning.checkpoint import LastStepCheckpoint
+from lit_lowrank.lightning.communication import LowRankCommunicationCallback
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.module import LowRankModule
@@ -18,4 +19,4 @@ from lit_lowrank.lightning.telemetry import LowRankTelemetry
 register_strategies()
 
 __all__ = ["CausalLM", "DDPLowRankStrategy", "LastStepCheckpoint", "LayerwiseCallback", "LowRankCallback",
-           "LowRankConfig", "LowRankModule", "LowRankStrategy", "LowRankTelemetry", "SequenceClassification", "Task", "TaskOutput"]
+           "LowRankCommunicationCallback", "LowRankConfig", "LowRankModule", "LowRankStrategy", "LowRankTelemetry", "SequenceClassification", "Task", "TaskOutput"]

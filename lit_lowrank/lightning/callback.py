@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, layerwise_callback
+from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, lowrank_callbacks
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
@@ -24,7 +24,8 @@ class LowRankCallback(LowRankTelemetry):
     ``targets``/``exclude`` name patterns; see :func:`lit_lowrank.select_targets`) are updated in
     a rank-``rank`` subspace. The conversion happens when the strategy builds the optimizers, so
     ``Tuner.lr_find`` sweeps the optimizer that will train. ``enabled=False`` keeps your
-    optimizers; ``layerwise=True`` adds :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback`;
+    optimizers; ``layerwise=True`` adds :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback`,
+    ``communication="lowrank"`` :class:`~lit_lowrank.lightning.communication.LowRankCommunicationCallback`;
     ``weight_bits`` quantizes the target linear layers at setup. Also logs the telemetry of
     :class:`LowRankTelemetry` and prints the low-rank summary at fit start.
 
@@ -54,9 +55,7 @@ class LowRankCallback(LowRankTelemetry):
                              "optimizers, each with its own config: use one (put the options on either)")
         if sum(isinstance(c, LowRankCallback) for c in trainer.callbacks) > 1:
             raise ValueError("more than one LowRankCallback: keep one")
-        layerwise = layerwise_callback(trainer, pl_module, self.config)
-        if layerwise is not None:
-            trainer.callbacks.append(layerwise)
+        trainer.callbacks.extend(lowrank_callbacks(trainer, pl_module, self.config))
         self._convert_when_built(trainer.strategy, pl_module)
 
     def _convert_when_built(self, strategy: pl.strategies.Strategy, pl_module: pl.LightningModule) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lit_lowrank.lightning.lr_schedule import DECAYS
+from lit_lowrank.optim.communication import COMMUNICATIONS
 from lit_lowrank.optim.factory import build_optimizer
 from lit_lowrank.optim.lowrank import ADAMW_BETAS, ADAMW_EPS
 from lit_lowrank.optim.targets import check_patterns
@@ -70,8 +71,11 @@ class LowRankConfig:
         lr_schedule: After warm-up: cosine decay (LLaMA pretraining), linear decay (the papers'
             GLUE fine-tuning) or constant.
         layerwise: Step each weight inside backward and free its gradient at once (lower peak
-            memory by about the gradients' size); works with accumulate_grad_batches, not with
-            gradient_clip_val, fp16 scaling or DDP.
+            memory by about the gradients' size); works with accumulate_grad_batches and
+            strategy ddp_lowrank, not with gradient_clip_val or fp16 scaling.
+        communication: What DDP all-reduces for target weights: full (their gradients, as plain
+            DDP) or lowrank (R = PᵀG between subspace refreshes: r·max(m, n) numbers instead of
+            m·n; the same weights); needs a DDP strategy, refuses gradient_clip_val and fp16.
         gradnorm: GradNormLoRP: weight-normalize the target linear weights (W = g·V/‖V‖) so the
             direction V is projected and the magnitude g trained densely (method field; default
             false).
@@ -107,6 +111,7 @@ class LowRankConfig:
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"
     layerwise: bool = False
+    communication: str = "full"
     gradnorm: bool | None = None
     weight_bits: int | None = None
     weight_args: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +122,11 @@ class LowRankConfig:
         if self.layerwise and not self.enabled:
             raise ValueError("layerwise: true steps the low-rank optimizer inside backward; set enabled: true "
                              "(plain AdamW has no layer-wise mode here) or layerwise: false")
+        if self.communication not in COMMUNICATIONS:
+            raise ValueError(f"communication={self.communication!r}; expected one of {COMMUNICATIONS}")
+        if self.communication == "lowrank" and not self.enabled:
+            raise ValueError("communication: lowrank all-reduces projected gradients of the low-rank optimizer; set "
+                             "enabled: true or communication: full")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}; expected one of {LR_SCHEDULES}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -144,7 +154,7 @@ class LowRankConfig:
         """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""
         options = asdict(self)
         for key in ("enabled", "method", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm", "layerwise",
-                    "weight_bits", "weight_args"):
+                    "communication", "weight_bits", "weight_args"):
             options.pop(key)
         options["betas"] = None if options["betas"] is None else tuple(options["betas"])
         return options

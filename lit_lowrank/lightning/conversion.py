@@ -27,11 +27,13 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 
 from lit_lowrank.lightning.config import LowRankConfig
+from lit_lowrank.lightning.communication import LowRankCommunicationCallback
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.optim.targets import no_targets_message, select_targets
 from lit_lowrank.optim.lowrank import LowRankOptimizer
@@ -104,15 +106,26 @@ def adopt_module(module: nn.Module, config: LowRankConfig) -> None:
                          f"weight_bits={config.weight_bits}; build a fresh module or match weight_bits")
 
 
-def layerwise_callback(trainer: pl.Trainer, module: pl.LightningModule, config: LowRankConfig,
-                       ) -> LayerwiseCallback | None:
-    """A validated :class:`LayerwiseCallback` to add for ``layerwise=True`` (None if it is off or
-    the trainer already has one); raises what its ``setup`` refuses (clipping, fp16, DDP, ...)."""
-    if not (config.enabled and config.layerwise) or any(isinstance(c, LayerwiseCallback) for c in trainer.callbacks):
-        return None
-    callback = LayerwiseCallback()
-    callback.setup(trainer, module, "fit")
-    return callback
+def lowrank_callbacks(trainer: pl.Trainer, module: pl.LightningModule, config: LowRankConfig) -> list[Callback]:
+    """The validated callbacks ``config`` needs that the trainer lacks: :class:`LayerwiseCallback`
+    for ``layerwise``, else :class:`LowRankCommunicationCallback` for ``communication: lowrank``;
+    raises what their ``setup`` refuses (clipping, fp16, no DDP, ...)."""
+    wanted = config_callbacks(config)
+    callbacks = [c for c in wanted if not any(isinstance(t, type(c)) for t in trainer.callbacks)]
+    for callback in callbacks:
+        callback.setup(trainer, module, "fit")
+    return callbacks
+
+
+def config_callbacks(config: LowRankConfig) -> list[Callback]:
+    """Fresh instances of the callbacks ``config`` asks for (see :func:`lowrank_callbacks`)."""
+    if not config.enabled:
+        return []
+    if config.layerwise:
+        return [LayerwiseCallback()]
+    if config.communication == "lowrank":
+        return [LowRankCommunicationCallback()]
+    return []
 
 
 def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer],

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.layerwise import LayerwiseCallback
+from lit_lowrank.lightning.conversion import config_callbacks
 from lit_lowrank.lightning.lr_schedule import warmup_decay
 from lit_lowrank.lightning.tasks import CausalLM, Task
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
@@ -35,7 +35,9 @@ class LowRankModule(pl.LightningModule):
     Extension point: :meth:`configure_optimizers` builds the optimizer with
     :meth:`make_optimizer` and the schedule with :meth:`make_lr_scheduler`; a subclass may set
     ``automatic_optimization = False`` and step the optimizer itself. ``lowrank.layerwise`` adds
-    :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback` (updates inside backward).
+    :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback` (updates inside backward),
+    ``lowrank.communication: lowrank``
+    :class:`~lit_lowrank.lightning.communication.LowRankCommunicationCallback`.
     """
 
     def __init__(self, network: nn.Module, task: Task | None = None,
@@ -111,7 +113,4 @@ class LowRankModule(pl.LightningModule):
                             min_ratio=self.lowrank.min_lr_ratio, decay=self.lowrank.lr_schedule)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        callbacks: list[pl.Callback] = [LowRankTelemetry()]
-        if self.lowrank.enabled and self.lowrank.layerwise:
-            callbacks.append(LayerwiseCallback())
-        return callbacks
+        return [LowRankTelemetry(), *config_callbacks(self.lowrank)]

@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, layerwise_callback
+from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, lowrank_callbacks
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
@@ -22,7 +22,9 @@ class _LowRankOptimizers:
     """Mixin: before setup, apply the model transforms of the config (``weight_bits``); after
     the wrapped strategy built the module's optimizers, convert them (and log
     :class:`LowRankTelemetry` unless the trainer already does; add
-    :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback` for ``layerwise=True``)."""
+    :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback` for ``layerwise=True`` and
+    :class:`~lit_lowrank.lightning.communication.LowRankCommunicationCallback` for
+    ``communication="lowrank"``)."""
 
     lowrank: LowRankConfig
     explicit: frozenset[str]
@@ -39,9 +41,7 @@ class _LowRankOptimizers:
                                              self.lr_scheduler_configs, self.lowrank, self.explicit)
         if not any(isinstance(callback, LowRankTelemetry) for callback in trainer.callbacks):
             trainer.callbacks.append(LowRankTelemetry())
-        layerwise = layerwise_callback(trainer, self.lightning_module, self.lowrank)
-        if layerwise is not None:
-            trainer.callbacks.append(layerwise)
+        trainer.callbacks.extend(lowrank_callbacks(trainer, self.lightning_module, self.lowrank))
 
 
 class LowRankStrategy(_LowRankOptimizers, SingleDeviceStrategy):

@@ -31,6 +31,8 @@ class LowRankTelemetry(Callback):
     * ``optim/state_bytes`` and ``optim/{moments,projectors,dense}_bytes``;
     * ``optim/refreshes`` — subspace refreshes so far (low-rank optimizers only);
     * ``optim/skipped_steps`` — steps skipped for a non-finite gradient (``nonfinite: skip``);
+    * ``optim/comm_bytes`` — bytes this rank all-reduced for the step's gradients, when
+      lit_lowrank communicates them (``communication: lowrank``, layer-wise under DDP);
     * ``optim/layers/<param name>/{rank,refreshes}`` — each projected weight's rank and its own
       refresh (SVD) count, on the steps where some subspace was refreshed (adaptive rank and
       Q-GaLore's lazy schedule make these differ between layers).
@@ -75,6 +77,8 @@ class LowRankTelemetry(Callback):
         if isinstance(optimizer, LowRankOptimizer):
             metrics["optim/refreshes"] = float(optimizer.refresh_count)
             metrics["optim/skipped_steps"] = float(optimizer.skipped_steps)
+            if optimizer.comm_bytes is not None:
+                metrics["optim/comm_bytes"] = float(optimizer.comm_bytes)
             if optimizer.refresh_count != self._last_refresh_count:
                 metrics.update(layer_metrics(optimizer))
                 self._last_refresh_count = optimizer.refresh_count

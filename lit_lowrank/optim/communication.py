@@ -62,6 +62,7 @@ class LowRankCommunication:
         self.process_group = process_group
         self.lowrank = lowrank
         self.sent_bytes = {"lowrank": 0, "full": 0}
+        optimizer.comm_bytes = 0
         self._backward_done = True
         self._groups: dict[Tensor, dict[str, Any]] = {}
 
@@ -126,3 +127,11 @@ def lowrank_comm_hook(state: LowRankCommunication, bucket: dist.GradBucket) -> t
 
     work = dist.all_reduce(payload, group=group, async_op=True)
     return work.get_future().then(unpack)
+
+
+def sync_module_states(module: torch.nn.Module, process_group: Any = None, src: int = 0) -> None:
+    """Broadcast ``module``'s parameters and buffers from rank ``src``, as DDP does when it wraps a
+    model: for layer-wise updates under data parallel, where the model is not wrapped."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor, src=src, group=process_group)

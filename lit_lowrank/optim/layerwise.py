@@ -24,19 +24,32 @@ updated; ``raise`` raises from ``backward()``, after the parameters stepped befo
 guarantee is per parameter: no non-finite value enters any state, but one step can update some
 parameters and skip others.
 
+Data parallel (``torch.distributed`` initialized with more than one process): the hooks reduce
+each gradient themselves, in place of DDP (do not wrap the model in DistributedDataParallel: it
+would all-reduce after the hooks stepped; start every rank from the same weights instead,
+e.g. with :func:`~lit_lowrank.optim.communication.sync_module_states`). On the window's last
+micro-batch, a parameter launches an asynchronous all-reduce of what its step needs — ``R_acc + R``
+where the step can take ``R`` and ``communication="lowrank"``, else its full gradient — and is
+stepped when it arrives, in launch order, while backward goes on; the end of backward waits for
+the rest. Every rank issues the same all-reduces in the same order, so every parameter must take
+part in every backward on every rank (DDP's ``find_unused_parameters`` has no counterpart).
+
 Not supported, by construction: global gradient-norm clipping (no per-parameter equivalent —
-every other gradient is already gone when one parameter steps), gradient scaling for fp16 (the
-scaler unscales ``p.grad`` after backward), and DDP (gradients are all-reduced after the hooks).
+every other gradient is already gone when one parameter steps) and gradient scaling for fp16
+(the scaler unscales ``p.grad`` after backward).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lit_lowrank.optim.communication import COMMUNICATIONS
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 
 
@@ -58,18 +71,37 @@ class LayerwiseUpdates:
         accumulation: backward passes (micro-batches) per optimizer step. The window's last
             backward steps the parameters; set :attr:`final` before a backward to decide it
             explicitly instead of counting (Lightning ends a window at an epoch's last batch).
+        process_group: the ranks to average gradients over; default: all of them when
+            ``torch.distributed`` is initialized with several processes, else none.
+        communication: under data parallel, ``lowrank`` all-reduces ``R`` for the steps that
+            take it, ``full`` every full gradient.
+        bucket_cap_mb: all-reduces in flight above this size are waited for before the next
+            one starts (bounds the full gradients held for communication, as DDP's buckets do).
 
     The optimizer's own :meth:`~torch.optim.Optimizer.step` becomes a no-op (no parameter holds
     a gradient afterwards), so loops and frameworks that still call it behave.
     """
 
-    def __init__(self, optimizer: LowRankOptimizer, accumulation: int = 1) -> None:
+    def __init__(self, optimizer: LowRankOptimizer, accumulation: int = 1, *, process_group: Any = None,
+                 communication: str = "lowrank", bucket_cap_mb: float = 25.0) -> None:
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"layer-wise updates need a LowRankOptimizer, got {type(optimizer).__name__}")
         if accumulation < 1:
             raise ValueError(f"accumulation must be >= 1 micro-batch, got {accumulation}")
+        if communication not in COMMUNICATIONS:
+            raise ValueError(f"communication={communication!r}; expected one of {COMMUNICATIONS}")
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
         self.optimizer = optimizer
         self.accumulation = accumulation
+        self.process_group = process_group
+        self.communication = communication
+        self._cap_bytes = int(bucket_cap_mb * 2**20)
+        self._world = _world_size(process_group)
+        self._in_flight: deque[tuple[Tensor, Tensor | None, Tensor, Any]] = deque()  # (p, R or None, payload, work)
+        self._sent = 0
+        if self._world > 1:
+            optimizer.comm_bytes = 0
         self.micro_batch = 0
         """Backward passes done in the current window."""
         self.final: bool | None = None
@@ -101,6 +133,10 @@ class LayerwiseUpdates:
 
     def reset_window(self) -> None:
         """Drop what the current window accumulated (``R_acc`` and kept gradients)."""
+        for _, _, _, work in self._in_flight:
+            work.wait()  # a collective cannot be taken back: let it finish, then drop its result
+        self._in_flight.clear()
+        self._sent = 0
         for p in self._pending:
             p.grad = None
         self._lows.clear()
@@ -123,9 +159,14 @@ class LayerwiseUpdates:
         else:
             self._accumulate(p)
 
+    def _needs_full(self, p: Tensor) -> bool:
+        """Whether ``p`` keeps (and, under data parallel, reduces) its full gradient this window."""
+        reduces_full = self._world > 1 and self.communication == "full"
+        return reduces_full or self.optimizer.needs_full_gradient(p, self._group(p))
+
     def _accumulate(self, p: Tensor) -> None:
         self._pending[p] = None
-        if self.optimizer.needs_full_gradient(p, self._group(p)):
+        if self._needs_full(p):
             return  # autograd keeps summing into p.grad
         low = self.optimizer.project(p, p.grad)
         if p in self._lows:
@@ -135,14 +176,39 @@ class LayerwiseUpdates:
         p.grad = None
 
     def _step(self, p: Tensor) -> None:
+        """Step ``p`` with what the window gathered (``R_acc``, its gradient), after averaging it
+        over the ranks under data parallel."""
         self._pending.pop(p, None)
         low = self._lows.pop(p, None)
-        if low is not None and p.grad is not None:
-            low.add_(self.optimizer.project(p, p.grad))
+        if p.grad is not None and (low is not None or (self._world > 1 and not self._needs_full(p))):
+            projected = self.optimizer.project(p, p.grad)
+            low = projected if low is None else low.add_(projected)
+            p.grad = None
         if low is None and p.grad is None:
             return
+        if self._world == 1:
+            return self._update(p, low)
+        payload = (low if low is not None else p.grad).div_(self._world)
+        work = dist.all_reduce(payload, group=self.process_group, async_op=True)
+        self._in_flight.append((p, low, payload, work))
+        self._sent += payload.numel() * payload.element_size()
+        self._finish_arrived()
+
+    def _update(self, p: Tensor, low: Tensor | None) -> None:
         self.optimizer.step_group(self._group(p), [p], lows=None if low is None else {p: low})
         p.grad = None
+
+    def _finish_arrived(self, wait: bool = False) -> None:
+        """Step the parameters whose all-reduce completed, oldest first (the same order on
+        every rank); with ``wait``, or while more than ``bucket_cap_mb`` is in flight, wait."""
+        while self._in_flight:
+            p, low, payload, work = self._in_flight[0]
+            in_flight = sum(t.numel() * t.element_size() for _, _, t, _ in self._in_flight)
+            if not (wait or in_flight > self._cap_bytes or work.is_completed()):
+                return
+            work.wait()
+            self._in_flight.popleft()
+            self._update(p, low)
 
     def _end_backward(self) -> None:
         self._end_queued = False
@@ -150,6 +216,9 @@ class LayerwiseUpdates:
             with torch.no_grad():
                 for p in list(self._pending):  # used earlier in the window, not in its last micro-batch
                     self._step(p)
+                self._finish_arrived(wait=True)
+            if self._world > 1:
+                self.optimizer.comm_bytes, self._sent = self._sent, 0
             self.micro_batch = 0
         else:
             self.micro_batch += 1
@@ -165,3 +234,13 @@ class LayerwiseUpdates:
         low_rank = sum(t.numel() * t.element_size() for t in self._lows.values())
         full = sum(p.grad.numel() * p.grad.element_size() for p in self._pending if p.grad is not None)
         return {"low_rank": low_rank, "full": full}
+
+
+def _world_size(process_group: Any) -> int:
+    """Ranks to average over: the group's size, the world's when none is given (1 without
+    ``torch.distributed``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError("process_group given, but torch.distributed is not initialized")
+        return 1
+    return dist.get_world_size(process_group)

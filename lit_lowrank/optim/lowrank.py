@@ -137,9 +137,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         """Steps skipped for a non-finite gradient (``nonfinite: skip``); in layer-wise mode,
         skipped parameter updates."""
-        self.comm_bytes = 0
-        """Bytes this rank all-reduced for the gradients of the last step, set by lit_lowrank's
-        own communication (:mod:`lit_lowrank.optim.communication`, layer-wise DDP); 0 without it."""
+        self.comm_bytes: int | None = None
+        """Bytes this rank all-reduced for the gradients of the last step, counted by lit_lowrank's
+        own communication (:mod:`lit_lowrank.optim.communication`, layer-wise DDP); None without it."""
         self._received: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             self._validate(group)

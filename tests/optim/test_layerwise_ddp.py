@@ -1,0 +1,116 @@
+"""Layer-wise updates under data parallel (gloo, 2 CPU processes): the hooks all-reduce ``R``
+(or ``G``) themselves and step inside backward; the weights equal standard DDP's, with and
+without gradient accumulation, and both ranks hold the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from lit_lowrank import build_optimizer
+from lit_lowrank.optim.communication import sync_module_states
+from lit_lowrank.optim.layerwise import LayerwiseUpdates
+from ranks import requires_gloo, run_ranks
+from test_layerwise import RANK, batches, small_llama
+
+STEPS = 4  # update_gap 2: refreshes at steps 1 and 3
+OPTIONS = dict(rank=RANK, update_gap=2, lr=1e-2, weight_decay=0.1)
+
+
+def _windows(rank: int, world_size: int, accumulation: int) -> list[list[torch.Tensor]]:
+    tokens = [t[rank::world_size] for t in batches(STEPS * accumulation)]  # each rank: one row of each batch
+    return [tokens[i:i + accumulation] for i in range(0, len(tokens), accumulation)]
+
+
+def _standard_ddp(rank, world_size, accumulation):
+    model = small_llama(torch.float64)
+    ddp, optimizer = DistributedDataParallel(model), build_optimizer(model, **OPTIONS)
+    for window in _windows(rank, world_size, accumulation):
+        for i, tokens in enumerate(window):
+            last = i == len(window) - 1
+            with (ddp.no_sync() if not last else torch.enable_grad()):
+                (ddp(tokens, labels=tokens).loss / accumulation).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def _layerwise(rank, world_size, accumulation, communication):
+    torch.manual_seed(rank)  # different initial weights on each rank: sync_module_states makes them rank 0's
+    model = small_llama(torch.float64) if rank == 0 else small_llama(torch.float64).apply(_perturbed)
+    sync_module_states(model)
+    optimizer = build_optimizer(model, **OPTIONS)
+    updates = LayerwiseUpdates(optimizer, accumulation, communication=communication).attach()
+    sent = []
+    for window in _windows(rank, world_size, accumulation):
+        refreshes = optimizer.refresh_count
+        for tokens in window:
+            (model(tokens, labels=tokens).loss / accumulation).backward()
+        optimizer.step()  # a no-op
+        sent.append((optimizer.comm_bytes, optimizer.refresh_count > refreshes))
+    assert all(p.grad is None for p in model.parameters()) and updates.accumulator_bytes() == {"low_rank": 0, "full": 0}
+    return model, optimizer, sent
+
+
+def _perturbed(module: torch.nn.Module) -> None:
+    for p in module.parameters(recurse=False):
+        p.data.add_(1.0)
+
+
+def _worker(rank: int, world_size: int, out: str, accumulation: int, communication: str) -> None:
+    standard = _standard_ddp(rank, world_size, accumulation)
+    model, optimizer, sent = _layerwise(rank, world_size, accumulation, communication)
+    targets = [p for group in optimizer.param_groups if group["lowrank"] for p in group["params"]]
+    torch.save({"standard": [p.detach() for p in standard.parameters()],
+                "layerwise": [p.detach() for p in model.parameters()], "sent": sent,
+                "low_rank_bytes": sum(RANK * max(p.shape) * 8 for p in targets),
+                "dense_bytes": sum(p.numel() * 8 for p in model.parameters()) - sum(p.numel() * 8 for p in targets),
+                "all_bytes": sum(p.numel() * 8 for p in model.parameters())}, f"{out}/rank{rank}.pt")
+
+
+@requires_gloo
+@pytest.mark.parametrize("accumulation, communication", [(1, "lowrank"), (2, "lowrank"), (2, "full")])
+def test_layerwise_ddp_equals_standard_ddp(tmp_path, accumulation, communication):
+    run_ranks(_worker, str(tmp_path), accumulation, communication)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for a, b in zip(rank0["layerwise"], rank1["layerwise"]):
+        assert torch.equal(a, b)
+    for ours, standard in zip(rank0["layerwise"], rank0["standard"]):
+        torch.testing.assert_close(ours, standard, rtol=1e-9, atol=1e-9)
+    for sent, refreshed in rank0["sent"]:
+        if refreshed or communication == "full":
+            assert sent == rank0["all_bytes"]
+        else:  # R = PᵀG of every target weight, r·max(m, n) numbers; dense weights in full
+            assert sent == rank0["low_rank_bytes"] + rank0["dense_bytes"]
+
+
+SHAPE = dict(hidden=256, layers=2, vocab=1024)  # gradients outweigh activations (test_layerwise's peak test)
+PEAK_OPTIONS = dict(rank=32, update_gap=200, lr=1e-3)
+
+
+def _peak(script, layerwise_args: dict | None = None) -> int:
+    tokens = torch.randint(0, SHAPE["vocab"], (1, 16), generator=torch.Generator().manual_seed(0))
+    return script.backward_peak_bytes(script.small_llama(*SHAPE.values()), tokens, layerwise=True,
+                                      layerwise_args=layerwise_args, **PEAK_OPTIONS)
+
+
+def _peak_worker(rank: int, world_size: int, out: str) -> None:
+    from test_layerwise import _script
+
+    peaks = {cap: _peak(_script(), {"bucket_cap_mb": cap}) for cap in (1, 25)}
+    torch.save(peaks, f"{out}/peak{rank}.pt")
+
+
+@requires_gloo
+def test_layerwise_ddp_backward_peak_is_single_process_plus_what_is_in_flight(tmp_path):
+    """Allocator-measured (scripts/measure_layerwise_memory.py): under data parallel the backward
+    peak is the single-process layer-wise peak plus at most ``bucket_cap_mb`` of payloads in flight."""
+    from test_layerwise import _script
+
+    single = _peak(_script())
+    run_ranks(_peak_worker, str(tmp_path))
+    peaks = torch.load(tmp_path / "peak0.pt")
+    for cap, peak in peaks.items():
+        assert peak <= single + cap * 2**20, (cap, peak, single)
+    assert peaks[1] <= 1.02 * single
