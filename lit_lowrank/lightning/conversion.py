@@ -122,7 +122,7 @@ def config_callbacks(config: LowRankConfig) -> list[Callback]:
     if not config.enabled:
         return []
     if config.layerwise:
-        return [LayerwiseCallback()]
+        return [LayerwiseCallback(config.communication)]
     if config.communication == "lowrank":
         return [LowRankCommunicationCallback()]
     return []

@@ -7,8 +7,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lit_lowrank.optim.communication import COMMUNICATIONS
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 
@@ -24,14 +26,21 @@ class LayerwiseCallback(Callback):
     micro-batch of each window — Lightning's own rule, so a window cut short at an epoch's end
     steps too — and low-rank weights accumulate only their projections in between.
 
+    With several processes it needs ``strategy="ddp_lowrank"``, which leaves the model unwrapped
+    so that the hooks all-reduce each gradient themselves (``communication``: ``lowrank`` sends
+    ``R`` where the step takes it, ``full`` every gradient).
+
     Raises (at setup, naming the fix):
         ValueError: with ``gradient_clip_val`` (global norm clipping needs every gradient at
             once), with fp16 gradient scaling (the scaler unscales gradients after backward),
-            with manual optimization, or with more than one process (DDP all-reduces gradients
-            after the hooks ran).
+            with manual optimization, or with several processes under another strategy than
+            ``ddp_lowrank`` (DDP would all-reduce gradients after the hooks ran).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, communication: str = "full") -> None:
+        if communication not in COMMUNICATIONS:
+            raise ValueError(f"communication={communication!r}; expected one of {COMMUNICATIONS}")
+        self.communication = communication
         self.updates: LayerwiseUpdates | None = None
 
     @override
@@ -50,10 +59,10 @@ class LayerwiseCallback(Callback):
             raise ValueError("LayerwiseCallback drives Lightning's automatic optimization; with "
                              "automatic_optimization=False attach lit_lowrank.optim.layerwise.LayerwiseUpdates "
                              "to your optimizer yourself.")
-        if trainer.world_size > 1:
-            raise ValueError(f"layer-wise updates are single-process (world_size={trainer.world_size}): DDP "
-                             "all-reduces gradients after the per-parameter hooks have already stepped; "
-                             "use one device or layerwise: false.")
+        if trainer.world_size > 1 and getattr(trainer.strategy, "strategy_name", None) != "ddp_lowrank":
+            raise ValueError(f"layer-wise updates with {trainer.world_size} processes reduce each gradient inside "
+                             f"backward, which {type(trainer.strategy).__name__} would do again after it: use "
+                             "strategy='ddp_lowrank' (with LowRankCallback's options on it), or layerwise: false.")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -63,7 +72,11 @@ class LayerwiseCallback(Callback):
             kinds = [type(o).__name__ for o in trainer.optimizers]
             raise ValueError(f"layer-wise updates need exactly one optimizer, a LowRankOptimizer; got {kinds}. "
                              "Set lowrank.enabled: true (LowRankModule) or add LowRankCallback.")
-        self.updates = LayerwiseUpdates(optimizers[0], trainer.accumulate_grad_batches).attach()
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            raise ValueError("layer-wise updates reduce gradients themselves, but the model is wrapped in "
+                             "DistributedDataParallel: use strategy='ddp_lowrank'")
+        self.updates = LayerwiseUpdates(optimizers[0], trainer.accumulate_grad_batches,
+                                        communication=self.communication).attach()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

@@ -10,12 +10,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
+from lit_lowrank.lightning.layerwise import LayerwiseCallback
+from lit_lowrank.lightning.module import LowRankModule
 from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, lowrank_callbacks
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
+from lit_lowrank.optim.communication import sync_module_states
 
 
 class _LowRankOptimizers:
@@ -32,11 +37,19 @@ class _LowRankOptimizers:
     @override
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)  # type: ignore[misc]
+        if isinstance(model, LowRankModule):  # it builds its own LowRankOptimizer from its lowrank section
+            if self.explicit:
+                raise ValueError(f"{sorted(self.explicit)} set on strategy={self.strategy_name!r}, but LowRankModule "
+                                 "takes its optimizer from its own lowrank section: set them there")
+            self.lowrank = model.lowrank
+            return
         adopt_module(model, self.lowrank)  # before configure_optimizers and checkpoint restoring
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)  # type: ignore[misc]
+        if isinstance(self.lightning_module, LowRankModule):
+            return  # its optimizer and callbacks come from its own config
         self.optimizers = convert_optimizers(self.lightning_module, self.optimizers,
                                              self.lr_scheduler_configs, self.lowrank, self.explicit)
         if not any(isinstance(callback, LowRankTelemetry) for callback in trainer.callbacks):
@@ -66,7 +79,15 @@ class LowRankStrategy(_LowRankOptimizers, SingleDeviceStrategy):
 
 class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
     """DDP with LowRankOptimizers: gradients are all-reduced before the step, so every rank
-    computes the same SVD and holds the same projectors. ``ddp_kwargs`` go to ``DDPStrategy``."""
+    computes the same SVD and holds the same projectors. ``ddp_kwargs`` go to ``DDPStrategy``.
+
+    ``communication="lowrank"`` all-reduces ``R = PᵀG`` of target weights between refreshes.
+    In layer-wise mode (``layerwise=True``, or a LowRankModule whose config says so) the model is
+    not wrapped in DistributedDataParallel: its weights are broadcast from rank 0 once, and the
+    per-parameter hooks all-reduce each gradient themselves inside backward
+    (:class:`~lit_lowrank.optim.layerwise.LayerwiseUpdates`). Also trains a
+    :class:`~lit_lowrank.lightning.LowRankModule`, with the options of its own ``lowrank`` section.
+    """
 
     strategy_name = "ddp_lowrank"
 
@@ -74,6 +95,24 @@ class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
                  **options: Any) -> None:
         super().__init__(**(ddp_kwargs or {}))
         self.lowrank, self.explicit = adoption_config(lowrank, options)
+
+    def reduces_in_backward(self) -> bool:
+        """Whether layer-wise hooks reduce the gradients (then the model is not DDP-wrapped)."""
+        trainer = self.lightning_module.trainer
+        return (self.lowrank.enabled and self.lowrank.layerwise) or any(
+            isinstance(callback, LayerwiseCallback) for callback in trainer.callbacks)
+
+    @override
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        if self.reduces_in_backward():
+            sync_module_states(model)  # what DDP does when it wraps a model
+            return model
+        return super()._setup_model(model)
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        if isinstance(self.model, DistributedDataParallel):
+            super()._register_ddp_hooks()
 
 
 def register_strategies() -> None:
