@@ -11,8 +11,10 @@ all-reduce, its bytes counted by a hook that wraps it), ``ddp + lowrank`` (DDP w
 all-reduce inside backward). GaLore at the size's rank with T = 1000, so only the first step
 refreshes: bytes and times are of the steady-state steps (median over ``--steps`` after
 ``--warmup``), one step = forward, backward (with its communication) and optimizer step. The last
-column is the largest weight difference from ``ddp`` after the run (the same training, up to
-float rounding). Gloo on one CPU is not NCCL between GPUs: the byte ratio carries over, the time
+column is the weights' relative distance from ``ddp``'s after the run, ‖W − W_ddp‖ / ‖W_ddp‖ over
+all weights (the same training, up to float rounding that Adam's normalization amplifies where
+a gradient entry is near zero). The measured model has a 1,024-token vocabulary (the on-paper
+one 32,000), so its embedding and head weigh less than at the papers' setting. Gloo on one CPU is not NCCL between GPUs: the byte ratio carries over, the time
 ratio says only that less traffic also costs less here.
 
 On paper: per target-weight shape, ``r/min(m, n)`` — the fraction of its gradient that a rank sends
@@ -131,7 +133,7 @@ def _worker(rank: int, world_size: int, port: int, size: str, steps: int, warmup
 
 def measure(size: str = "60m", steps: int = 5, warmup: int = 2, seq: int = 128) -> list[dict[str, Any]]:
     """Per mode: bytes rank 0 all-reduced and its step time (steady-state medians), and the
-    largest weight difference from ``ddp`` after the run."""
+    weights' relative distance from ``ddp``'s after the run."""
     from socket import socket
 
     with socket() as sock:
@@ -143,16 +145,21 @@ def measure(size: str = "60m", steps: int = 5, warmup: int = 2, seq: int = 128) 
         results = torch.load(out)
     base = results["ddp"]
     return [{"mode": mode, "bytes": r["bytes"], "bytes_ratio": r["bytes"] / base["bytes"], "time": r["time"],
-             "time_ratio": r["time"] / base["time"],
-             "max_weight_diff": max((a - b).abs().max().item() for a, b in zip(r["weights"], base["weights"]))}
+             "time_ratio": r["time"] / base["time"], "weight_distance": relative_distance(r["weights"], base["weights"])}
             for mode, r in results.items()]
 
 
+def relative_distance(weights: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """‖W − W_ref‖ / ‖W_ref‖ over all the tensors together (Frobenius)."""
+    difference = sum(((a - b).double() ** 2).sum() for a, b in zip(weights, reference))
+    return (difference / sum((b.double() ** 2).sum() for b in reference)).sqrt().item()
+
+
 def measured_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| mode | MiB sent per step (rank 0) | × DDP | step time (s) | × DDP | max |ΔW| vs DDP |",
+    lines = ["| mode | MiB sent per step (rank 0) | × DDP | step time (s) | × DDP | ‖W − W_ddp‖ / ‖W_ddp‖ |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['bytes'] / MiB:,.2f} | {r['bytes_ratio']:.3f} | {r['time']:.3f} | "
-              f"{r['time_ratio']:.2f} | {r['max_weight_diff']:.1e} |" for r in rows]
+              f"{r['time_ratio']:.2f} | {r['weight_distance']:.1e} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-measure", action="store_true", help="only the on-paper table")
     args = parser.parse_args(argv)
     if not args.no_measure:
-        print(f"Measured: LLaMA-{args.size}, 2 gloo processes, rank {GALORE_RANKS[args.size]}, "
+        print(f"Measured: LLaMA-{args.size} (vocabulary 1,024), 2 gloo processes, rank {GALORE_RANKS[args.size]}, "
               f"{args.seq} tokens per rank per step, median of {args.steps} steps\n")
         print(measured_table(measure(args.size, args.steps, args.warmup, args.seq)))
         print()

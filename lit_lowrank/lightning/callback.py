@@ -8,7 +8,8 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, lowrank_callbacks
+from lit_lowrank.lightning.conversion import (adopt_module, adoption_config, check_strategy, convert_optimizers,
+                                              lowrank_callbacks)
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
@@ -48,6 +49,8 @@ class LowRankCallback(LowRankTelemetry):
         adopt_module(pl_module, self.config)  # every stage (a checkpoint holds quantized layers), before restoring
         if stage != "fit":
             return
+        if self.config.enabled:
+            check_strategy(trainer)
         from lit_lowrank.lightning.strategy import _LowRankOptimizers
 
         if isinstance(trainer.strategy, _LowRankOptimizers):

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
@@ -104,6 +105,15 @@ def adopt_module(module: nn.Module, config: LowRankConfig) -> None:
     elif any(m.initial.bits != config.weight_bits for m in quantized):
         raise ValueError(f"the module already holds quantized linear layers of other widths than "
                          f"weight_bits={config.weight_bits}; build a fresh module or match weight_bits")
+
+
+def check_strategy(trainer: pl.Trainer) -> None:
+    """Refuse Lightning's sharding strategies: each rank would hold some rows of a weight, and
+    the low-rank optimizer would step them as if they were whole weights."""
+    if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        raise ValueError(f"{type(trainer.strategy).__name__} shards the weights, which the low-rank optimizer does not "
+                         "support yet: use strategy='ddp_lowrank' (layerwise: true and communication: lowrank save "
+                         "gradient memory and traffic), see README 'Scaling out'")
 
 
 def lowrank_callbacks(trainer: pl.Trainer, module: pl.LightningModule, config: LowRankConfig) -> list[Callback]:

@@ -34,7 +34,7 @@ from lit_lowrank import plugins
 from lit_lowrank.inner.base import InnerOptimizer
 from lit_lowrank.optim import checkpoint
 from lit_lowrank.optim.guard import first_nonfinite
-from lit_lowrank.optim.validation import build, build_inner, build_rule, check_bases, check_group
+from lit_lowrank.optim.validation import build, build_inner, build_rule, check_bases, check_group, check_not_sharded
 from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
@@ -152,6 +152,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Refuse a group whose options, components or parameters do not fit (see
         :func:`~lit_lowrank.optim.validation.check_group`), now rather than at the first step."""
         check_group(group)
+        check_not_sharded(group["params"])
         if not group["lowrank"] and self._dense_inner(group) is None:  # torch's AdamW/Adam
             group["betas"] = ADAMW_BETAS if group["betas"] is None else group["betas"]
             group["eps"] = ADAMW_EPS if group["eps"] is None else group["eps"]

@@ -10,10 +10,15 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
 
 from lit_lowrank import plugins
 from lit_lowrank.optim.guard import check_nonfinite_option
@@ -44,6 +49,20 @@ def check_group(group: Mapping[str, Any]) -> None:
     if group.get("lowrank"):
         check_lowrank_options(group)
         probe_components(group)
+
+
+def check_not_sharded(params: Iterable[Tensor]) -> None:
+    """Refuse parameters sharded by FSDP (``fully_shard``'s DTensors, FSDP1's flat parameters):
+    a rank holds some rows of each weight, while a projector needs the whole gradient's
+    subspace — stepping the shards would silently train another method."""
+    for p in params:
+        sharded = (DTensor is not None and isinstance(p, DTensor)) or getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False)
+        if sharded:
+            raise ValueError(
+                f"LowRankOptimizer got a parameter sharded by FSDP or tensor parallelism ({type(p).__name__} of shape "
+                f"{tuple(p.shape)}); sharded low-rank training is not supported yet. Train with DDP (strategy "
+                "'ddp_lowrank', with layerwise: true and communication: lowrank to save gradient memory and "
+                "traffic), see README 'Scaling out'.")
 
 
 def check_adamw_options(group: Mapping[str, Any]) -> None:

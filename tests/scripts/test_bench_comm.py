@@ -44,6 +44,6 @@ def test_measured_bytes_and_weights(bench, capsys):
     assert rows["ddp"]["bytes"] == expected["all"]
     for mode in ("ddp + lowrank", "layer-wise + lowrank"):
         assert rows[mode]["bytes"] == expected["low"] + expected["dense"]
-        assert rows[mode]["max_weight_diff"] < 1e-5
+        assert rows[mode]["weight_distance"] < 1e-5
     table = bench.measured_table(list(rows.values()))
     assert table.count("\n") == 4 and "| ddp | " in table
