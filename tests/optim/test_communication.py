@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lit_lowrank import build_optimizer
+from lit_lowrank import build_optimizer, get_method, get_update_rule
 from lit_lowrank.optim.communication import LowRankCommunication, lowrank_comm_hook
 from ranks import requires_gloo, run_ranks
 from test_distributed import OPTIONS, Block, batches, flat_bases, rank_share
@@ -22,8 +22,8 @@ def _step(model: nn.Module, optimizer, inputs: torch.Tensor, targets: torch.Tens
     optimizer.step()
 
 
-def _worker(rank: int, world_size: int, out: str, rule: str) -> None:
-    options = {**OPTIONS, "rule": rule}
+def _worker(rank: int, world_size: int, out: str, method: str) -> None:
+    options = {**OPTIONS, "method": method}
     plain, ours = Block(torch.float32), Block(torch.float32)
     plain_optimizer, our_optimizer = build_optimizer(plain, **options), build_optimizer(ours, **options)
     plain_ddp, our_ddp = DistributedDataParallel(plain), DistributedDataParallel(ours)
@@ -33,9 +33,11 @@ def _worker(rank: int, world_size: int, out: str, rule: str) -> None:
     for inputs, targets in rank_share(batches(STEPS, torch.float32), rank, world_size):
         _step(plain_ddp, plain_optimizer, inputs, targets)
         refreshes = our_optimizer.refresh_count
+        ranks = {p: projector.rank for p, projector in our_optimizer.projectors.items()}  # as communicated
         _step(our_ddp, our_optimizer, inputs, targets)
         log.append({**communication.sent_bytes, "comm_bytes": our_optimizer.comm_bytes,
-                    "refreshed": our_optimizer.refresh_count > refreshes})
+                    "refreshed": our_optimizer.refresh_count > refreshes,
+                    "r_max_mn": sum(r * max(p.shape) * 4 for p, r in ranks.items())})
     torch.save({"plain": [p.detach() for p in plain.parameters()], "ours": [p.detach() for p in ours.parameters()],
                 "bases": flat_bases(our_optimizer), "log": log}, f"{out}/rank{rank}.pt")
 
@@ -57,19 +59,28 @@ def test_lowrank_communication_matches_ddp_and_sends_r_max_mn(tmp_path):
     for entry in log:
         assert entry["comm_bytes"] == entry["lowrank"] + entry["full"]
         if entry["refreshed"]:
-            assert entry == {"lowrank": 0, "full": all_bytes, "comm_bytes": all_bytes, "refreshed": True}
+            assert (entry["lowrank"], entry["full"]) == (0, all_bytes)
         else:
             assert entry["lowrank"] == low_rank_bytes
             assert entry["full"] == all_bytes - sum(w.numel() * 4 for w in targets)  # the biases
 
 
 @requires_gloo
-def test_rules_reading_the_gradient_communicate_in_full(tmp_path):
-    run_ranks(_worker, str(tmp_path), "fira")
+@pytest.mark.parametrize("method", ["galore-rsvd", "galore-random", "adaptive-rank", "galore-adafactor", "online-pca",
+                                    "fira", "apollo"])
+def test_every_method_trains_ddp_weights(tmp_path, method):
+    """The methods' projectors and rules under low-rank communication: plain DDP's weights; ``R``
+    on the steps that take it, the full gradient where the rule reads ``G`` (Fira, APOLLO) or
+    the basis is refit every step (online PCA)."""
+    run_ranks(_worker, str(tmp_path), method)
     rank0 = torch.load(tmp_path / "rank0.pt")
     for ours, plain in zip(rank0["ours"], rank0["plain"]):
-        torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6 * plain.abs().max().item())
-    assert all(entry["lowrank"] == 0 for entry in rank0["log"])
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    reads_gradient = get_update_rule(get_method(method).options.get("rule", "galore")).uses_gradient
+    for entry in rank0["log"]:
+        sends_r = not entry["refreshed"] and not reads_gradient
+        assert entry["lowrank"] == (entry["r_max_mn"] if sends_r else 0)
+    assert any(entry["lowrank"] for entry in rank0["log"]) == (method not in ("fira", "apollo", "online-pca"))
 
 
 def test_communication_needs_a_lowrank_optimizer():
