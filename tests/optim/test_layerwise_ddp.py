@@ -23,9 +23,9 @@ def _windows(rank: int, world_size: int, accumulation: int) -> list[list[torch.T
     return [tokens[i:i + accumulation] for i in range(0, len(tokens), accumulation)]
 
 
-def _standard_ddp(rank, world_size, accumulation):
+def _standard_ddp(rank, world_size, accumulation, rule):
     model = small_llama(torch.float64)
-    ddp, optimizer = DistributedDataParallel(model), build_optimizer(model, **OPTIONS)
+    ddp, optimizer = DistributedDataParallel(model), build_optimizer(model, **OPTIONS, rule=rule)
     for window in _windows(rank, world_size, accumulation):
         for i, tokens in enumerate(window):
             last = i == len(window) - 1
@@ -36,11 +36,11 @@ def _standard_ddp(rank, world_size, accumulation):
     return model
 
 
-def _layerwise(rank, world_size, accumulation, communication):
+def _layerwise(rank, world_size, accumulation, communication, rule):
     torch.manual_seed(rank)  # different initial weights on each rank: sync_module_states makes them rank 0's
     model = small_llama(torch.float64) if rank == 0 else small_llama(torch.float64).apply(_perturbed)
     sync_module_states(model)
-    optimizer = build_optimizer(model, **OPTIONS)
+    optimizer = build_optimizer(model, **OPTIONS, rule=rule)
     updates = LayerwiseUpdates(optimizer, accumulation, communication=communication).attach()
     sent = []
     for window in _windows(rank, world_size, accumulation):
@@ -58,9 +58,9 @@ def _perturbed(module: torch.nn.Module) -> None:
         p.data.add_(1.0)
 
 
-def _worker(rank: int, world_size: int, out: str, accumulation: int, communication: str) -> None:
-    standard = _standard_ddp(rank, world_size, accumulation)
-    model, optimizer, sent = _layerwise(rank, world_size, accumulation, communication)
+def _worker(rank: int, world_size: int, out: str, accumulation: int, communication: str, rule: str) -> None:
+    standard = _standard_ddp(rank, world_size, accumulation, rule)
+    model, optimizer, sent = _layerwise(rank, world_size, accumulation, communication, rule)
     targets = [p for group in optimizer.param_groups if group["lowrank"] for p in group["params"]]
     torch.save({"standard": [p.detach() for p in standard.parameters()],
                 "layerwise": [p.detach() for p in model.parameters()], "sent": sent,
@@ -70,16 +70,19 @@ def _worker(rank: int, world_size: int, out: str, accumulation: int, communicati
 
 
 @requires_gloo
-@pytest.mark.parametrize("accumulation, communication", [(1, "lowrank"), (2, "lowrank"), (2, "full")])
-def test_layerwise_ddp_equals_standard_ddp(tmp_path, accumulation, communication):
-    run_ranks(_worker, str(tmp_path), accumulation, communication)
+@pytest.mark.parametrize("accumulation, communication, rule", [
+    (1, "lowrank", "galore"), (2, "lowrank", "galore"), (2, "full", "galore"),
+    (2, "lowrank", "fira"),  # reads G: its full gradient is reduced
+])
+def test_layerwise_ddp_equals_standard_ddp(tmp_path, accumulation, communication, rule):
+    run_ranks(_worker, str(tmp_path), accumulation, communication, rule)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for a, b in zip(rank0["layerwise"], rank1["layerwise"]):
         assert torch.equal(a, b)
     for ours, standard in zip(rank0["layerwise"], rank0["standard"]):
         torch.testing.assert_close(ours, standard, rtol=1e-9, atol=1e-9)
     for sent, refreshed in rank0["sent"]:
-        if refreshed or communication == "full":
+        if refreshed or communication == "full" or rule == "fira":
             assert sent == rank0["all_bytes"]
         else:  # R = PᵀG of every target weight, r·max(m, n) numbers; dense weights in full
             assert sent == rank0["low_rank_bytes"] + rank0["dense_bytes"]
