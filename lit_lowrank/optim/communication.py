@@ -47,7 +47,6 @@ class LowRankCommunication:
     Args:
         optimizer: the :class:`LowRankOptimizer` of the DDP model's parameters.
         process_group: the group to reduce over (default: the world, as DDP's).
-        lowrank: False sends every gradient in full through the same hook (a counted baseline).
 
     Attributes:
         sent_bytes: bytes this rank all-reduced in the last backward that communicated,
@@ -55,12 +54,11 @@ class LowRankCommunication:
             the optimizer's ``comm_bytes`` (logged as ``optim/comm_bytes``).
     """
 
-    def __init__(self, optimizer: LowRankOptimizer, process_group: Any = None, *, lowrank: bool = True) -> None:
+    def __init__(self, optimizer: LowRankOptimizer, process_group: Any = None) -> None:
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"low-rank communication needs a LowRankOptimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.process_group = process_group
-        self.lowrank = lowrank
         self.sent_bytes = {"lowrank": 0, "full": 0}
         optimizer.comm_bytes = 0
         self._backward_done = True
@@ -69,13 +67,16 @@ class LowRankCommunication:
     def sends_projection(self, p: Tensor) -> bool:
         """Whether ``p`` sends ``R`` this step (the same answer on every rank: same state)."""
         group = self._groups.get(p)
-        return self.lowrank and group is not None and not self.optimizer.needs_full_gradient(p, group)
+        return group is not None and not self.optimizer.needs_full_gradient(p, group)
 
-    def start_backward(self) -> None:
-        """Called by the hook at the first bucket of a backward: reset the counters."""
-        self.sent_bytes = {"lowrank": 0, "full": 0}
-        self.optimizer.comm_bytes = 0
-        self._groups = {p: group for group in self.optimizer.param_groups for p in group["params"]}
+    def enter_bucket(self, last: bool) -> None:
+        """Called by the hook for each bucket: at a backward's first, reset the counters and
+        look up the param groups afresh (groups may have been added since)."""
+        if self._backward_done:
+            self.sent_bytes = {"lowrank": 0, "full": 0}
+            self.optimizer.comm_bytes = 0
+            self._groups = {p: group for group in self.optimizer.param_groups for p in group["params"]}
+        self._backward_done = last
 
     def count(self, kind: str, tensor: Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -92,11 +93,7 @@ def lowrank_comm_hook(state: LowRankCommunication, bucket: dist.GradBucket) -> t
     back into the bucket, each averaged ``R`` is handed to the optimizer and its lift written as
     the parameter's gradient.
     """
-    if state._backward_done:
-        state.start_backward()
-        state._backward_done = False
-    if bucket.is_last():
-        state._backward_done = True
+    state.enter_bucket(bucket.is_last())
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     grads, params = bucket.gradients(), bucket.parameters()
