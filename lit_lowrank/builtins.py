@@ -24,5 +24,6 @@ BUILTIN_MODULES = (
     "lit_lowrank.projectors.online_pca",
     "lit_lowrank.projectors.dct",
     "lit_lowrank.projectors.adaptive_rank",
+    "lit_lowrank.projectors.tucker",
     "lit_lowrank.methods",
 )

@@ -8,7 +8,8 @@ this library stores, tensor by tensor, so the optimizer-state figure of a method
 
 * target weights (``select_targets``) of shape m×n at rank r (clamped to ``min(m, n)``) on
   GaLore's ``std`` side: low-rank moments of ``k = r·max(m, n)`` elements, a basis of
-  ``r·min(m, n)``; every other parameter gets dense AdamW moments (2 per element);
+  ``r·min(m, n)``; E times that for a stack of E experts (E×m×n), and a conv kernel as its
+  out × (in·k…) matricization; every other parameter gets dense AdamW moments (2 per element);
 * float moments and bases are in the parameter's dtype (moments are shaped like the gradient);
   Lion keeps one moment;
 * 8-bit moments (``adamw8bit`` inner): ``k + 4⌈k/B⌉ + 16`` bytes each — uint8 codes, a float32
@@ -45,7 +46,8 @@ import torch
 from torch import nn
 
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, select_targets
-from lit_lowrank.optim.targets import GRADNORM_DIRECTION
+from lit_lowrank.optim.layouts import View
+from lit_lowrank.optim.targets import GRADNORM_DIRECTION, target_layouts
 from lit_lowrank.methods import Method
 from lit_lowrank.plugins import get_method
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
@@ -194,9 +196,10 @@ def estimate(
         states = {"moments": 0, "projectors": 0, "dense": sum(_full_rank_states(p, spec, formats) for p in trainable)}
     else:
         r = spec.rank or rank
+        views = [(View.of(p, layout), p.element_size()) for p, layout in target_layouts(model, targets, exclude).items()]
         states = {
-            "moments": sum(_lowrank_moments(p, r, spec, formats) for p in low_rank.values()),
-            "projectors": sum(_basis(p, r, spec, formats) for p in low_rank.values()),
+            "moments": sum(_lowrank_moments(view, r, spec, formats, b) for view, b in views),
+            "projectors": sum(_basis(view, r, spec, formats, b) for view, b in views),
             "dense": sum(2 * _nbytes(p) for p in dense.values()),
         }
     return Estimate(weights, gradients, states)
@@ -219,9 +222,9 @@ def _nbytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
-def _lowrank_moments(p: nn.Parameter, rank: int, spec: Storage, formats: Formats) -> int:
-    m, n = p.shape
-    return _inner_moments(m, n, rank, spec, formats, p.element_size()) + spec.rule_state * max(m, n)
+def _lowrank_moments(view: View, rank: int, spec: Storage, formats: Formats, b: int) -> int:
+    m, n = view.matrix
+    return view.count * (_inner_moments(m, n, rank, spec, formats, b) + spec.rule_state * max(m, n))
 
 
 def _inner_moments(m: int, n: int, rank: int, spec: Storage, formats: Formats, b: int) -> int:
@@ -236,17 +239,21 @@ def _inner_moments(m: int, n: int, rank: int, spec: Storage, formats: Formats, b
     return (1 if spec.moments == "single" else 2) * k * b
 
 
-def _basis(p: nn.Parameter, rank: int, spec: Storage, formats: Formats) -> int:
-    m, n = p.shape
+def _basis(view: View, rank: int, spec: Storage, formats: Formats, b: int) -> int:
+    m, n = view.matrix
+    return view.count * _matrix_basis(m, n, rank, spec, formats, b)
+
+
+def _matrix_basis(m: int, n: int, rank: int, spec: Storage, formats: Formats, b: int) -> int:
     numel = min(rank, m, n) * min(m, n)
-    cached = numel * p.element_size() if spec.cache_basis else 0
+    cached = numel * b if spec.cache_basis else 0
     if spec.basis == "seed":  # int64 shape (m, n) + the cached dense basis
         return 8 * 2 + cached
     if spec.basis == "columns":  # r int64 column indices + the cached columns
         return 8 * min(rank, m, n) + cached
     if spec.basis.startswith("int"):
         return int_bytes(numel, int(spec.basis[3:]), formats.basis_group, 2)
-    return numel * p.element_size()
+    return numel * b
 
 
 def _full_rank_states(p: nn.Parameter, spec: Storage, formats: Formats) -> int:

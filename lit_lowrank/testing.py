@@ -44,7 +44,9 @@ RANK = 3
 def check_projector(cls: type, **options: Any) -> None:
     """Bases of the promised shape (L m×r', Q n×r', 1 ≤ r' ≤ rank), orthonormal where
     ``cls.orthonormal``, finite; ``project``/``project_back`` shapes; ``state_dict`` tensors
-    only, round-tripping to identical bases; and a bitwise resume."""
+    only, round-tripping to identical bases; a ``batched`` projector's stacks projected slice by
+    slice as each matrix alone; a tensor projector's per-mode bases of a 4-D kernel; and a
+    bitwise resume."""
     for shape in SHAPES:
         for dtype in DTYPES:
             for side in ("std", "full"):
@@ -62,7 +64,46 @@ def check_projector(cls: type, **options: Any) -> None:
                 restored.load_state_dict(_through_torch_save(projector.state_dict(), where))
                 for mine, theirs in zip(projector.bases(), restored.bases()):
                     _expect(_same(mine, theirs), where, "bases differ after a state_dict round trip")
+    if cls.batched:
+        _check_stack(cls, options)
+    if cls.projects_tensors:
+        _check_tensor(cls, options)
     _check_resume("projector", cls, options)
+
+
+def _check_stack(cls: type, options: dict[str, Any]) -> None:
+    """A ``batched`` projector projects each slice of an E×m×n stack as it projects that slice alone."""
+    for dtype in (torch.float32, torch.float64):
+        where = f"{cls.__name__} on a 3×12×7 {dtype} stack"
+        stack = _randn((3, 12, 7), dtype)
+        stacked = construct(cls, options, rank=RANK, side="std", seed=5)
+        stacked.refresh(stack)
+        lifted = stacked.project_back(stacked.project(stack))
+        _expect(lifted.shape == stack.shape, where, f"project_back gave {tuple(lifted.shape)}")
+        for index, matrix in enumerate(stack):
+            alone = construct(cls, options, rank=RANK, side="std", seed=5)
+            alone.refresh(matrix)
+            _expect(torch.allclose(lifted[index], alone.project_back(alone.project(matrix)), rtol=1e-4, atol=1e-5),
+                    where, f"slice {index} is projected otherwise than the same matrix alone")
+
+
+def _check_tensor(cls: type, options: dict[str, Any]) -> None:
+    """A tensor projector gives one orthonormal d_k×r_k basis per mode of a 4-D kernel gradient,
+    a lift of the gradient's shape, and an idempotent projection."""
+    for dtype in (torch.float32, torch.float64):
+        where = f"{cls.__name__} on a 6×5×3×3 {dtype} kernel gradient"
+        grad = _randn((6, 5, 3, 3), dtype)
+        projector = construct(cls, options, rank=RANK, side="std", seed=5)
+        projector.refresh(grad)
+        bases = projector.bases()
+        _expect(len(bases) == grad.ndim, where, f"{len(bases)} bases for {grad.ndim} modes")
+        for mode, basis in enumerate(bases):
+            problem = basis_problem(basis, grad.shape[mode], min(RANK, grad.shape[mode]))
+            _expect(problem is None, where, f"the basis of mode {mode + 1} is {problem}")
+        once = projector.project_back(projector.project(grad))
+        _expect(once.shape == grad.shape, where, f"project_back gave {tuple(once.shape)}")
+        twice = projector.project_back(projector.project(once))
+        _expect(torch.allclose(once, twice, rtol=1e-4, atol=1e-5), where, "the projection is not idempotent")
 
 
 def check_quantizer(cls: type, **options: Any) -> None:

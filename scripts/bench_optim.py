@@ -3,6 +3,14 @@
     python scripts/bench_optim.py                      # LLaMA-60M, the baselines and every registered method
     python scripts/bench_optim.py --size 130m --methods adamw galore fira
     python scripts/bench_optim.py --device cuda --dtype bf16
+    python scripts/bench_optim.py --model mixtral --methods adamw galore fira   # stacked MoE experts
+    python scripts/bench_optim.py --model cnn --methods adamw galore galore-tucker   # conv kernels
+
+``--model mixtral`` is transformers' ``MixtralForCausalLM`` at the size's shape with 4 fused
+experts per layer (the experts are E×m×n parameters, projected per expert in one batched step);
+``--model cnn`` a stack of 3×3 convolutions (:class:`ConvNet`) whose kernels are the targets
+(matricized out × in·9 by ``galore``, per mode by ``galore-tucker``). A method that cannot take a
+model's targets is reported as refused, with the optimizer's reason.
 
 Methods are the baselines below and every registered method (``python -m lit_lowrank plugins``),
 built with ``build_optimizer(model, method=name)`` at GaLore's 60M settings (rank 128, T = 200,
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -55,24 +64,55 @@ BASELINES: dict[str, Factory] = {
     "adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3),
     "adamw-fused": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
     "galore-torch": galore_torch,
-    "galore-unguarded": lambda model: build_optimizer(model, **GALORE, nonfinite="ignore"),
+    "galore-unguarded": lambda model: build_optimizer(model, targets=targets_of(model), **GALORE, nonfinite="ignore"),
+    "galore-tucker": lambda model: build_optimizer(model, targets=targets_of(model), projector="tucker", **GALORE),
 }
-"""Full-rank references, the peer package, and GaLore without the non-finite guard (its cost)."""
+"""Full-rank references, the peer package, GaLore without the non-finite guard (its cost), and
+GaLore with the Tucker projector (per-mode bases; for conv kernels)."""
+
+
+class ConvNet(nn.Sequential):
+    """``blocks`` 3×3 convolutions (``conv1``…) of ``channels`` channels with ReLUs, between a
+    1×1 ``stem`` and a linear ``head``: the conv-kernel shape of a ResNet stage."""
+
+    def __init__(self, channels: int = 256, blocks: int = 8, classes: int = 1000) -> None:
+        layers: dict[str, nn.Module] = {"stem": nn.Conv2d(3, channels, 1)}
+        for index in range(1, blocks + 1):
+            layers[f"conv{index}"] = nn.Conv2d(channels, channels, 3, padding=1)
+            layers[f"relu{index}"] = nn.ReLU()
+        super().__init__(OrderedDict(**layers, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+                                     head=nn.Linear(channels, classes)))
+
+
+def targets_of(model: nn.Module) -> list[str] | None:
+    """The 3×3 kernels of a :class:`ConvNet` (named explicitly: the default targets are linear
+    layers), the default targets of the transformers."""
+    return ["conv"] if isinstance(model, ConvNet) else None
 
 
 def method_factory(name: str) -> Factory:
     """``build_optimizer(model, method=name)`` at GaLore's settings, minus those the method sets."""
     method: Method = registered("methods")[name].component
-    return lambda model: build_optimizer(model, method=name, **{k: v for k, v in GALORE.items()
-                                                                if k not in method.options})
+    return lambda model: build_optimizer(model, method=name, targets=targets_of(model),
+                                         **{k: v for k, v in GALORE.items() if k not in method.options})
 
 
-def prepared_model(size: str, name: str, dtype: torch.dtype, device: str) -> nn.Module:
-    """LLaMA of ``size`` with the method's transform applied and fixed gradients set."""
-    from transformers import LlamaForCausalLM
+def network(kind: str, size: str) -> nn.Module:
+    """The benchmarked network: LLaMA of ``size``, Mixtral of its shape with 4 experts, or a ConvNet."""
+    from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
+    if kind == "cnn":
+        return ConvNet()
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**llama_config(size).to_diff_dict() | dict(
+            num_local_experts=4, num_experts_per_tok=2, model_type="mixtral")))
+    return LlamaForCausalLM(llama_config(size))
+
+
+def prepared_model(size: str, name: str, dtype: torch.dtype, device: str, kind: str = "llama") -> nn.Module:
+    """The network with the method's transform applied and fixed gradients set."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(size)).to(device=device, dtype=dtype)
+    model = network(kind, size).to(device=device, dtype=dtype)
     method = registered("methods").get(name)
     if method is not None and method.component.gradnorm:
         apply_gradnorm(model)
@@ -116,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = [*BASELINES, *registered("methods")]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="60m")
+    parser.add_argument("--model", default="llama", choices=["llama", "mixtral", "cnn"])
     parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights, gradients, float states")
@@ -126,17 +167,22 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device is available")
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    n_params = sum(p.numel() for p in prepared_model(args.size, "adamw", DTYPES[args.dtype], "meta").parameters())
-    print(f"LLaMA-{args.size}: {n_params / 1e6:.1f}M params, {args.dtype}, {device}, torch {torch.__version__}; "
+    n_params = sum(p.numel() for p in prepared_model(args.size, "adamw", DTYPES[args.dtype], "meta",
+                                                     args.model).parameters())
+    label = {"llama": f"LLaMA-{args.size}", "mixtral": f"Mixtral (LLaMA-{args.size} shape, 4 experts)",
+             "cnn": "ConvNet (8 × 3×3 conv, 256 channels)"}[args.model]
+    print(f"{label}: {n_params / 1e6:.1f}M params, {args.dtype}, {device}, torch {torch.__version__}; "
           f"median of {args.steps} steps after {args.warmup + 1}")
     results = {}
     for name in args.methods:
         factory = BASELINES.get(name) or method_factory(name)
         try:
-            model = prepared_model(args.size, name, DTYPES[args.dtype], args.device)
+            model = prepared_model(args.size, name, DTYPES[args.dtype], args.device, args.model)
             results[name] = measure(model, factory, args.warmup, args.steps)
         except (ImportError, RuntimeError) as exc:  # a peer not installed; a CUDA-only kernel on CPU
             print(f"  {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+        except ValueError as exc:  # the optimizer refuses the model's targets (e.g. stacked experts)
+            print(f"  {name}: refused ({str(exc).splitlines()[0]})")
     print_table(results)
 
 

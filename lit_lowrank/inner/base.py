@@ -29,6 +29,10 @@ class InnerOptimizer(ABC):
     decay_after_step: bool = False
     """Decoupled weight decay ``W ← W − η λ W`` applied to the *updated* weight (HF
     ``transformers.AdamW`` and the peers built on it) instead of before the update (torch)."""
+    batched: bool = False
+    """Whether the update is elementwise (or otherwise treats each slice of an E×r×n stack as
+    its own matrix), so stacked experts (the ``experts`` layout) may use it; the optimizer
+    refuses stacks otherwise."""
     steps_dense: bool = False
     """Dense groups naming this inner optimizer are stepped by it on their full gradients
     (``W ← W − η · step_size_factor(t) · N``) instead of by torch's AdamW: an optimizer family
@@ -70,7 +74,7 @@ def change_basis(low: Tensor, left: Tensor | None, right: Tensor | None) -> Tens
     """``left · low · rightᵀ`` with either factor optional, in ``low``'s dtype (moments may be
     kept in another precision than the bases the maps come from)."""
     out = low if left is None else left.to(low.dtype) @ low
-    return out if right is None else out @ right.to(low.dtype).T
+    return out if right is None else out @ right.to(low.dtype).mT
 
 
 def bias_corrections(betas: tuple[float, float], step: int) -> tuple[float, float]:

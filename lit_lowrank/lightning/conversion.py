@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.communication import LowRankCommunicationCallback
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
-from lit_lowrank.optim.targets import no_targets_message, select_targets
+from lit_lowrank.optim.targets import no_targets_message, select_targets, target_layouts
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import is_gradnorm
@@ -165,8 +165,8 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
     low_rank, _ = select_targets(module, config.targets, config.exclude)
     if not low_rank:
         raise ValueError(no_targets_message(module, config.targets, config.exclude))
-    targets = {id(p) for p in low_rank.values()}
-    is_target = frozenset(select_targets(module, config.targets, config.exclude, include_frozen=True)[0].values())
+    targets = {id(p): layout for p, layout in target_layouts(module, config.targets, config.exclude).items()}
+    is_target = target_layouts(module, config.targets, config.exclude, include_frozen=True)
     _keep_monitor_names(schedulers)
     converted = []
     for optimizer in optimizers:
@@ -181,29 +181,35 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
     return converted
 
 
-def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: set[int], config: LowRankConfig,
-                  explicit: frozenset[str], module: nn.Module, is_target: frozenset[Tensor],
+def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: dict[int, str], config: LowRankConfig,
+                  explicit: frozenset[str], module: nn.Module, is_target: dict[Tensor, str],
                   ) -> tuple[LowRankOptimizer, list[int]]:
     """The LowRankOptimizer reproducing ``optimizer`` and, per new group, its old group's index.
-    ``is_target`` (every target weight, frozen ones included) splits groups added later."""
+    ``targets`` gives the layout of each target (by id); a group holding several is split, one
+    group per layout and one dense. ``is_target`` (every target weight, frozen ones included)
+    splits groups added later."""
     convert, dropped = _group_converter(optimizer, config, explicit)
     names = {id(p): name for name, p in module.named_parameters()}
     groups, group_map = [], []
     for index, group in enumerate(optimizer.param_groups):
         options = {**convert(group), **{k: group[k] for k in _CARRIED if k in group}}
-        chosen = {lowrank: [i for i, p in enumerate(group["params"]) if (id(p) in targets) == lowrank]
-                  for lowrank in (True, False)}
-        for lowrank, indices in chosen.items():
+        layouts = [targets.get(id(p)) for p in group["params"]]
+        chosen = {layout: [i for i, found in enumerate(layouts) if found == layout]
+                  for layout in sorted(set(layouts), key=lambda layout: (layout is None, layout != "matrix", layout or ""))}
+        for layout, indices in chosen.items():
             if indices:
                 params = [group["params"][i] for i in indices]
-                label = group.get("name", f"pg{index + 1}") + ("-dense" if not lowrank and chosen[True] else "")
-                split = {"params": params, "lowrank": lowrank, "name": label,
+                suffix = "" if layout == next(iter(chosen)) else "-dense" if layout is None else f"-{layout}"
+                label = group.get("name", f"pg{index + 1}") + suffix
+                split = {"params": params, "lowrank": layout is not None, "name": label,
                          "names": [names.get(id(p), "unnamed") for p in params]}
+                if layout not in (None, "matrix"):
+                    split["layout"] = layout
                 if "param_names" in group:
                     split["param_names"] = [group["param_names"][i] for i in indices]
                 groups.append({**options, **split})
                 group_map.append(index)
-    new = LowRankOptimizer(groups, is_target=is_target.__contains__, **config.optimizer_options())
+    new = LowRankOptimizer(groups, is_target=is_target.get, **config.optimizer_options())
     new.defaults.update(convert(optimizer.defaults))  # for add_param_group (e.g. BaseFinetuning)
     projected = sum(len(g["params"]) for g in groups if g["lowrank"])
     dense = sum(len(g["params"]) for g in groups if not g["lowrank"])

@@ -89,17 +89,32 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def projected_shape(name: str, shape: tuple[int, int], left: Tensor | None, right: Tensor | None) -> tuple[int, int]:
-    """The shape of ``R`` for a weight of ``shape`` with bases ``left`` (m×r) and ``right`` (n×r);
-    raises a ValueError naming the parameter if the bases are for another shape."""
-    m, n = shape
-    if (left is not None and left.shape[0] != m) or (right is not None and right.shape[0] != n):
+def projected_shape(name: str, shape: tuple[int, ...], left: Tensor | None, right: Tensor | None,
+                    ) -> tuple[int, ...]:
+    """The shape of ``R`` for a weight of ``shape`` (m×n, or E×m×n) with bases ``left`` (m×r)
+    and ``right`` (n×r; per slice E× each, or shared, for a stack); raises a ValueError naming the parameter if the
+    bases are for another shape."""
+    *batch, m, n = shape
+    fits = all(basis is None or tuple(basis.shape[:-1]) in ((*batch, rows), (rows,))  # per slice, or shared
+               for basis, rows in ((left, m), (right, n)))
+    if not fits:
         found = ", ".join(f"{side} {None if basis is None else tuple(basis.shape)}"
                           for side, basis in (("left", left), ("right", right)))
         raise ValueError(f"the checkpoint's projector of {name} has bases ({found}) for another shape than its "
-                         f"{m}×{n} weight; load it into a model with the same layers (targets/exclude) as the run "
-                         "that saved it.")
-    return (left.shape[1] if left is not None else m, right.shape[1] if right is not None else n)
+                         f"{'×'.join(map(str, shape))} weight; load it into a model with the same layers "
+                         "(targets/exclude) as the run that saved it.")
+    return (*batch, left.shape[-1] if left is not None else m, right.shape[-1] if right is not None else n)
+
+
+def core_shape(name: str, shape: tuple[int, ...], factors: tuple[Tensor, ...]) -> tuple[int, ...]:
+    """The core's shape for a weight of ``shape`` with one basis per mode (d_k×r_k, a tensor
+    projector's); raises a ValueError naming the parameter if the bases are for another shape."""
+    if tuple(factor.shape[0] for factor in factors) != tuple(shape):
+        found = ", ".join(str(tuple(factor.shape)) for factor in factors)
+        raise ValueError(f"the checkpoint's projector of {name} has bases ({found}) for another shape than its "
+                         f"{'×'.join(map(str, shape))} weight; load it into a model with the same layers "
+                         "(targets/exclude) as the run that saved it.")
+    return tuple(factor.shape[1] for factor in factors)
 
 
 def check_state(name: str, saved: dict[str, Any], expected: dict[str, Any]) -> None:

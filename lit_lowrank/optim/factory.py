@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from lit_lowrank.methods import Method
 from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.optim.targets import GRADNORM_DIRECTION, no_targets_message, select_targets
+from lit_lowrank.optim.targets import GRADNORM_DIRECTION, no_targets_message, select_targets, target_layouts
 from lit_lowrank.optim.validation import check_not_sharded
 from lit_lowrank.plugins import get_method
 
@@ -27,8 +27,9 @@ def build_optimizer(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     **options: Any,
 ) -> LowRankOptimizer:
-    """A :class:`LowRankOptimizer` over ``model``: target weights in a ``lowrank=True`` group,
-    the rest in a dense AdamW group. ``options`` are ``LowRankOptimizer``'s keyword arguments;
+    """A :class:`LowRankOptimizer` over ``model``: target weights in ``lowrank=True`` groups, one
+    per layout (matrices; stacked experts and conv kernels where the model has such targets, see
+    :mod:`lit_lowrank.optim.layouts`), the rest in a dense AdamW group. ``options`` are ``LowRankOptimizer``'s keyword arguments;
     with a ``method`` (a registered name such as ``"fira"``, or a :class:`Method`) they start
     from the method's options and replace them key by key. Frozen target weights unfrozen later
     and added with ``add_param_group`` (Lightning's ``BaseFinetuning``) are projected too: the
@@ -49,11 +50,24 @@ def build_optimizer(
         check_model_fits(recipe, low_rank, method)
         options = {key: value for key, value in recipe.merged(str(method), options).items()
                    if key not in ("gradnorm", "weight_bits")}
-    groups = [{"params": list(low_rank.values()), "names": list(low_rank), "lowrank": True}]
+    groups = layout_groups(low_rank, target_layouts(model, targets, exclude))
     if dense:
         groups.append({"params": list(dense.values()), "names": list(dense), "lowrank": False})
-    targets_incl_frozen = frozenset(select_targets(model, targets, exclude, include_frozen=True)[0].values())
-    return LowRankOptimizer(groups, is_target=targets_incl_frozen.__contains__, **options)
+    layouts = target_layouts(model, targets, exclude, include_frozen=True)
+    return LowRankOptimizer(groups, is_target=layouts.get, **options)
+
+
+def layout_groups(low_rank: dict[str, Tensor], layouts: dict[Tensor, str]) -> list[dict[str, Any]]:
+    """``lowrank=True`` param groups of the ``low_rank`` weights (by name), one per layout in the
+    order met, the ``matrix`` group without a ``layout`` key (as every 2-D-only model's)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, p in low_rank.items():
+        layout = layouts[p]
+        group = groups.setdefault(layout, {"params": [], "names": [], "lowrank": True,
+                                           **({} if layout == "matrix" else {"layout": layout})})
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
 
 
 def check_model_fits(method: Method, targets: dict[str, nn.Parameter], name: object) -> None:

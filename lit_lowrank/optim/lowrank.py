@@ -34,7 +34,10 @@ from lit_lowrank import plugins
 from lit_lowrank.inner.base import InnerOptimizer
 from lit_lowrank.optim import checkpoint
 from lit_lowrank.optim.guard import first_nonfinite
-from lit_lowrank.optim.validation import build, build_inner, build_rule, check_bases, check_group, check_not_sharded
+from lit_lowrank.optim.layouts import View, check_layout, target_layout
+from lit_lowrank.optim.validation import (
+    build, build_inner, build_rule, check_bases, check_batched, check_group, check_not_sharded, check_tensor_projector,
+)
 from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
@@ -42,10 +45,12 @@ from lit_lowrank.schedules.base import Schedule
 
 @dataclass
 class LowRankSlot:
-    """The per-weight objects that are not plain tensors; saved through their state dicts."""
+    """The per-weight objects that are not plain tensors (saved through their state dicts), and
+    the view of the weight its components see (its matricization, for a conv kernel)."""
 
     projector: Projector
     schedule: Schedule
+    view: View
 
 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8
@@ -63,7 +68,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups, as for ``torch.optim.AdamW``. Groups with
-            ``lowrank=True`` must hold 2-D tensors only; ``build_optimizer`` makes them.
+            ``lowrank=True`` hold 2-D weights, or, with the group key ``layout``, stacked
+            experts (``experts``: E×m×n) or conv kernels (``kernel``); see
+            :mod:`lit_lowrank.optim.layouts`. ``build_optimizer`` makes these groups.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, before the step;
             ``inner="adamw-hf"``: as ``transformers.AdamW``, after it, for every group).
             ``betas``/``eps`` left None take the inner optimizer's own defaults (Lion's betas
@@ -84,7 +91,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             (counted in :attr:`skipped_steps`, with a warning naming the parameter), ``raise``
             ``FloatingPointError``, or ``ignore`` (no check). See :mod:`lit_lowrank.optim.guard`.
         is_target: for :meth:`add_param_group`: which parameters of a group given without a
-            ``lowrank`` key are projected (``build_optimizer`` passes its target selection).
+            ``lowrank`` key are projected — True (2-D weights) or a layout name, falsy for dense
+            (``build_optimizer`` passes its target selection).
 
     Every option can also be set per param group, and a group may set
     ``decoupled_weight_decay=False`` for torch Adam's / SGD's coupled L2 (``G + λW``). A step
@@ -162,12 +170,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                  "add its module name to the low-rank `targets`.")
             self._dense_inner(group)  # an inner optimizer that steps dense params is built (probed) now
             return
+        layout = group.get("layout", "matrix")
         for p in group["params"]:
-            if p.ndim != 2:
-                raise ValueError(
-                    f"low-rank param groups take 2-D weights only, got shape {tuple(p.shape)}; "
-                    "put it in a group without lowrank=True (build_optimizer does this)."
-                )
+            check_layout(layout, p)
+        if layout == "experts":
+            check_batched(group)
+        if plugins.get_projector(group["projector"]).projects_tensors:
+            check_tensor_projector(group)
         self._group_components(group)
 
     def _group_components(self, group: dict[str, Any]) -> tuple[InnerOptimizer, UpdateRule]:
@@ -192,9 +201,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return slot
 
     def _make_slot(self, p: Tensor, group: dict[str, Any]) -> LowRankSlot:
-        m, n = p.shape
+        tensors = plugins.get_projector(group["projector"]).projects_tensors
+        view = View.of(p, group.get("layout", "matrix"), tensors)
+        m, n = view.matrix
         rank = group["rank"]
-        if rank > min(m, n):
+        if rank > min(m, n) and not tensors:  # a tensor projector clamps each mode's rank itself
             if (m, n, rank) not in self._warned_ranks:
                 warnings.warn(f"rank {rank} exceeds min{(m, n)} of a {m}×{n} weight; clamped to "
                               f"{min(m, n)} (full rank, no memory saved for it).", stacklevel=4)
@@ -203,13 +214,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         projector = build("projector", group, rank=rank, side=group["side"], seed=self._index[p],
                           ledger=self.rank_ledger)
         schedule = build("schedule", group, gap=group["update_gap"])
-        return LowRankSlot(projector, schedule)
+        return LowRankSlot(projector, schedule, view)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (e.g. layers Lightning's ``BaseFinetuning`` unfreezes), validated and
         indexed like the constructor's; options it lacks come from the constructor's defaults.
-        A group without a ``lowrank`` key is split by ``is_target`` into a projected group (its
-        2-D target weights) and a dense one."""
+        A group without a ``lowrank`` key is split by ``is_target`` into projected groups (its
+        target weights, one group per layout) and a dense one."""
         for group in self._split_targets(param_group):
             super().add_param_group(group)
             if hasattr(self, "_index"):  # after construction; the constructor checks its own groups
@@ -220,15 +231,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if self._is_target is None or "lowrank" in group or not params:
             return [group]
         names = group.get("names")
+        layouts = [target_layout(self._is_target(p), p) for p in params]
         parts = []
-        for lowrank in (True, False):
-            chosen = [i for i, p in enumerate(params) if bool(self._is_target(p) and p.ndim == 2) == lowrank]
-            if chosen:
-                part = {**group, "params": [params[i] for i in chosen], "lowrank": lowrank}
-                if names is not None:
-                    part["names"] = [names[i] for i in chosen]
-                parts.append(part)
-        return parts
+        for layout in dict.fromkeys(layouts):
+            chosen = [i for i, found in enumerate(layouts) if found == layout]
+            part = {**group, "params": [params[i] for i in chosen], "lowrank": layout is not None}
+            if layout not in (None, "matrix"):
+                part["layout"] = layout
+            if names is not None:
+                part["names"] = [names[i] for i in chosen]
+            parts.append(part)
+        return sorted(parts, key=lambda part: not part["lowrank"])
 
     def _admit_group(self, group: dict[str, Any]) -> None:
         try:
@@ -340,9 +353,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                            "check needs_full_gradient() before projecting")
                     snapshots[p] = _clone(projector.state_dict())
                     old_bases[p] = projector.bases() if projector.refreshes else None
-                    grad = l2_gradient(p.grad, p, group)
+                    grad = slot.view(l2_gradient(p.grad, p, group))
                     projector.refresh(grad)
-                    check_bases(projector, grad, min(group["rank"], *grad.shape), group["projector"])
+                    check_bases(projector, grad, group["rank"], group["projector"])
         except BaseException:
             for p, saved in snapshots.items():
                 if p not in created:
@@ -364,12 +377,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return slot.schedule.should_refresh(int(state["step"]))
 
     def project(self, p: Tensor, grad: Tensor) -> Tensor:
-        """``R``: ``grad`` projected on ``p``'s current subspace (after its first step)."""
-        return self._slots[p].projector.project(grad)
+        """``R``: ``grad`` (``p``'s shape) projected on ``p``'s current subspace (after its first step)."""
+        slot = self._slots[p]
+        return slot.projector.project(slot.view(grad))
 
     def lift(self, p: Tensor, low: Tensor) -> Tensor:
         """``P R``: a projected gradient back in ``p``'s shape (after its first step)."""
-        return self._slots[p].projector.project_back(low)
+        slot = self._slots[p]
+        return slot.view.back(slot.projector.project_back(low), p)
 
     def _dense_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         inner = self._dense_inner(group)
@@ -431,8 +446,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             state, slot = self.state[p], self._slots[p]
             fresh = "step" not in state
             step = 0 if fresh else int(state["step"])
-            grads[p] = grad = l2_gradient(p.grad, p, group)
-            low = slot.projector.project(grad) if p not in lows else l2_projection(lows[p], p, slot.projector, group)
+            grads[p] = grad = None if p.grad is None else slot.view(l2_gradient(p.grad, p, group))
+            low = slot.projector.project(grad) if p not in lows else l2_projection(lows[p], p, slot, group)
             if p in old_bases:
                 self._after_refresh(old_bases[p], slot, state, inner, group, step, low)
             if fresh:
@@ -447,7 +462,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for (p, low, state, slot), direction in zip(items, directions):
                 weight = float_weight(p)
                 with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
-                    rule.apply_(weight, RuleInputs(grads[p], low, direction, slot.projector, state),
+                    rule.apply_(slot.view(weight), RuleInputs(grads[p], low, direction, slot.projector, state),
                                 step_size=lr * inner.step_size_factor(step))
                 if weight is not p:
                     p.weight_store.store_(weight)
@@ -535,7 +550,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             except (KeyError, RuntimeError, TypeError, ValueError) as error:
                 raise ValueError(f"the checkpoint's projector/schedule state of {name} does not fit this "
                                  f"optimizer's ({group['projector']}, {group['schedule']}): {error}") from error
-            low = torch.zeros(checkpoint.projected_shape(name, p.shape, *bases), dtype=p.dtype)
+            low_shape = (checkpoint.core_shape(name, slot.view.shape, bases) if slot.projector.projects_tensors
+                         else checkpoint.projected_shape(name, slot.view.shape, *bases))
+            low = torch.zeros(low_shape, dtype=p.dtype)
             if index in saved_state:
                 checkpoint.check_state(name, saved_state[index], self._group_components(group)[0].init_state(low))
         return slots
@@ -592,19 +609,21 @@ def l2_gradient(grad: Tensor | None, p: Tensor, group: dict[str, Any]) -> Tensor
     return grad.add(float_weight(p).to(grad.dtype), alpha=decay)
 
 
-def l2_projection(low: Tensor, p: Tensor, projector: Projector, group: dict[str, Any]) -> Tensor:
+def l2_projection(low: Tensor, p: Tensor, slot: LowRankSlot, group: dict[str, Any]) -> Tensor:
     """``R + λ P(W)``: the projection of ``G + λW`` from a given projection ``R`` of ``G``
     (layer-wise accumulation), the projection being linear."""
     decay = group["weight_decay"]
     if not decay or group.get("decoupled_weight_decay", True):
         return low
-    return low.add(projector.project(float_weight(p).to(low.dtype)), alpha=decay)
+    return low.add(slot.projector.project(slot.view(float_weight(p).to(low.dtype))), alpha=decay)
 
 
 def leading_similarity(old: tuple[Tensor | None, ...], new: tuple[Tensor | None, ...]) -> float:
-    """|cos| between the first basis vectors of two bases (sign-invariant: SVD signs are arbitrary)."""
+    """|cos| between the first basis vectors of two bases (sign-invariant: SVD signs are
+    arbitrary); for stacked bases the smallest over the stack (the subspace that moved most)."""
     old_basis, new_basis = (old[0], new[0]) if old[0] is not None else (old[1], new[1])
-    return F.cosine_similarity(old_basis[:, 0].float(), new_basis[:, 0].float(), dim=0).abs().item()
+    cosine = F.cosine_similarity(old_basis[..., :, 0].float(), new_basis[..., :, 0].float(), dim=-1)
+    return cosine.abs().min().item()
 
 
 def tensor_bytes(value: Any) -> int:

@@ -17,9 +17,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from lit_lowrank.optim.layouts import View
 from lit_lowrank.optim.lowrank import LowRankOptimizer, tensor_bytes
 from lit_lowrank.optim.targets import classify
 from lit_lowrank.optim.validation import build, build_inner
+from lit_lowrank.plugins import get_projector
 from lit_lowrank.projectors.base import Side, choose_side
 
 
@@ -82,20 +84,21 @@ def summarize(model: nn.Module, optimizer: LowRankOptimizer, targets: Sequence[s
 
 
 def _projected_row(name: str, p: Tensor, group: dict) -> Row:
-    m, n = p.shape
+    view = View.of(p, group.get("layout", "matrix"), get_projector(group["projector"]).projects_tensors)
+    *batch, m, n = view.shape
     rank = min(group["rank"], m, n)
     side = choose_side(group["side"], (m, n))
     low_shape = {Side.LEFT: (rank, n), Side.RIGHT: (m, rank), Side.BOTH: (rank, rank)}[side]
     inner = build_inner(group)
     projector = build("projector", group, rank=rank, side=group["side"], seed=0)
     try:
-        moments = inner.init_state(torch.empty(low_shape, dtype=p.dtype, device="meta"))
-        projector.refresh(torch.empty(m, n, dtype=p.dtype, device="meta"))
+        moments = inner.init_state(torch.empty((*batch, *low_shape), dtype=p.dtype, device="meta"))
+        projector.refresh(torch.empty(view.shape, dtype=p.dtype, device="meta"))
         projector.bases()  # builds what a projector caches on first use (the DCT basis)
         state = tensor_bytes(moments) + projector.resident_bytes()
     except Exception:  # noqa: BLE001 — a component that needs real values (a spectrum's .item()): unknown
         state = None
-    return Row(name, (m, n), rank, side.name.lower(), state)
+    return Row(name, tuple(p.shape), rank, side.name.lower(), state)
 
 
 def _size(nbytes: int | None) -> str:

@@ -7,6 +7,11 @@ the network's repeated blocks — the composite children of an ``nn.ModuleList``
 LLaMA's ``layers``. Linear layers are ``nn.Linear`` and its subclasses, anything with
 ``in_features``/``out_features`` and a 2-D ``weight`` (``QuantizedLinear``), HF's ``Conv1D``
 (GPT-2); ``nn.MultiheadAttention`` contributes ``in_proj_weight`` (or ``q/k/v_proj_weight``).
+A module's own 3-D parameters outside convolutions are stacked expert matrices (E×m×n, e.g.
+transformers' ``MixtralExperts.gate_up_proj``/``down_proj``) and count as linear layers too.
+Convolution kernels (``nn.Conv1d/2d/3d``) are projected only where ``targets`` names them
+(as their out × (in·k…) matricization, or by a tensor projector); see
+:mod:`lit_lowrank.optim.layouts`.
 
 Never projected: embeddings (an ``nn.Embedding``'s weight, also where a head is tied to it), HF's
 ``get_output_embeddings()`` head, frozen weights (unless ``include_frozen``), and, by default,
@@ -33,15 +38,17 @@ GRADNORM_DIRECTION = "parametrizations.weight.original1"
 
 @dataclass(frozen=True)
 class Choice:
-    """One weight matrix (≥ 2-D) of a model: projected (``reason is None``) or left dense.
+    """One weight (≥ 2-D) of a model: projected (``reason is None``) or left dense.
 
     ``name`` is the parameter's qualified name, ``module`` the qualified name of the module that
-    uses it (the one replaced or reparameterized by Q-GaLore / GradNormLoRP)."""
+    uses it (the one replaced or reparameterized by Q-GaLore / GradNormLoRP), ``layout`` how it
+    is seen as matrices (``matrix``, ``experts``, ``kernel``; None: it cannot be)."""
 
     name: str
     module: str
     param: Tensor
     reason: str | None
+    layout: str | None = None
 
 
 def check_patterns(**patterns: Sequence[str] | None) -> None:
@@ -78,6 +85,13 @@ def select_targets(
     return low_rank, dense
 
 
+def target_layouts(model: nn.Module, targets: Sequence[str] | None = None, exclude: Sequence[str] = (), *,
+                   include_frozen: bool = False) -> dict[Tensor, str]:
+    """The layout of each weight :func:`select_targets` projects, keyed by the parameter."""
+    return {c.param: c.layout for c in classify(model, targets, exclude, include_frozen=include_frozen)
+            if c.reason is None}
+
+
 def no_targets_message(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> str:
     """The error for a model where nothing would be projected (training would be plain AdamW)."""
     name = type(model).__name__
@@ -99,27 +113,30 @@ def target_modules(model: nn.Module, targets: Sequence[str] | None = None, exclu
 
 def classify(model: nn.Module, targets: Sequence[str] | None = None, exclude: Sequence[str] = (), *,
              include_frozen: bool = False) -> list[Choice]:
-    """Every weight matrix of ``model`` with ≥ 2 dimensions, once each, with why it stays dense."""
+    """Every weight of ``model`` with ≥ 2 dimensions, once each, with why it stays dense."""
     check_patterns(targets=targets, exclude=exclude)
     names = {id(p): n for n, p in model.named_parameters()}
-    uses: dict[int, list[tuple[str, Tensor, bool]]] = {}  # a shared weight: every module using it
-    for module_name, param, is_linear in _matrices(model):
+    uses: dict[int, list[tuple[str, Tensor, str]]] = {}  # a shared weight: every module using it
+    for module_name, param, kind in _matrices(model):
         if id(param) in names:
-            uses.setdefault(id(param), []).append((module_name, param, is_linear))
+            uses.setdefault(id(param), []).append((module_name, param, kind))
     rules = _Rules(_blocks(model), _embeddings(model), _output_heads(model), targets, exclude, include_frozen)
     choices = []
-    for (first, param, is_linear), *_ in uses.values():
+    for (first, param, kind), *_ in uses.values():
         matched = [n for n, _, _ in uses[id(param)] if rules.matches(n)]
         module_name = matched[0] if matched else first
-        reason = rules.reason(param, module_name, is_linear, bool(matched))
+        layout = _LAYOUT_OF_KIND.get(kind, "matrix" if param.ndim == 2 else None)
+        reason = rules.reason(param, module_name, kind, layout, bool(matched))
         if matched and reason is not None and (reason in (_EMBEDDING, _HEAD) or reason.endswith(_NOT_MATRIX)):
             warnings.warn(f"{module_name} matches targets={list(targets)} but stays dense ({reason}); "
                           "add it to `exclude` to silence this", stacklevel=3)
-        choices.append(Choice(names[id(param)], module_name, param, reason))
+        choices.append(Choice(names[id(param)], module_name, param, reason, layout))
     return choices
 
 
 _NOT_MATRIX, _EMBEDDING, _HEAD = ", not a matrix", "embedding", "output head"
+_LAYOUT_OF_KIND = {"linear": "matrix", "experts": "experts", "kernel": "kernel"}
+"""The layout of each kind of weight :func:`_matrices` finds; other 2-D weights are matrices."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +154,8 @@ class _Rules:
     def matches(self, module_name: str) -> bool:
         return self.targets is not None and any(re.search(t, module_name) for t in self.targets)
 
-    def reason(self, param: Tensor, module_name: str, is_linear: bool, matched: bool) -> str | None:
-        """Why ``param`` (used by ``module_name``) stays dense, or None to project it."""
+    def reason(self, param: Tensor, module_name: str, kind: str, layout: str | None, matched: bool) -> str | None:
+        """Why ``param`` (used by ``module_name``, a ``kind`` of weight) stays dense, or None to project it."""
         if not (param.requires_grad or self.include_frozen):
             return "frozen"
         if id(param) in self.embeddings:
@@ -149,29 +166,39 @@ class _Rules:
             return "excluded by pattern"
         if self.targets is not None and not matched:
             return "not matched by targets"
-        if param.ndim != 2:
+        if layout is None:
             return f"{param.ndim}-D{_NOT_MATRIX}"
         if self.targets is not None:
             return None
-        if not is_linear:
+        if kind == "kernel":
+            return "a conv kernel (name it in targets to project it)"
+        if kind not in ("linear", "experts"):
             return "not a linear layer"
         return None if _inside(module_name, self.blocks) else "outside the blocks"
 
 
-def _matrices(model: nn.Module) -> Iterator[tuple[str, Tensor, bool]]:
-    """``(module name, weight, is linear)`` for each module's weight of ≥ 2 dimensions."""
+def _matrices(model: nn.Module) -> Iterator[tuple[str, Tensor, str]]:
+    """``(module name, weight, kind)`` for each module's weight of ≥ 2 dimensions; ``kind`` is
+    ``linear``, ``experts`` (a module's own 3-D parameters), ``kernel`` (a convolution's) or
+    ``other``."""
     conv1d = _hf_conv1d()
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             for attr in _MHA_MATRICES:
                 if isinstance(getattr(module, attr, None), nn.Parameter):
-                    yield name, getattr(module, attr), True
+                    yield name, getattr(module, attr), "linear"
             continue
         weight = _matrix(module)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            yield name, weight, "kernel"
+            continue
         if isinstance(weight, nn.Parameter) and weight.ndim >= 2:
             linear = (isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
                       or (hasattr(module, "in_features") and hasattr(module, "out_features")))
-            yield name, weight, linear and weight.ndim == 2
+            yield name, weight, "linear" if linear and weight.ndim == 2 else "other"
+        for param in module.parameters(recurse=False):
+            if param.ndim == 3 and param is not weight:
+                yield name, param, "experts"
 
 
 def _matrix(module: nn.Module) -> Tensor | None:

@@ -210,32 +210,85 @@ def accepted(cls: type) -> list[str]:
     return names
 
 
+def check_batched(group: Mapping[str, Any]) -> None:
+    """Refuse stacked experts (the ``experts`` layout) for a group whose projector, rule or
+    inner optimizer does not declare ``batched`` (each would treat the stack as one tensor),
+    or whose projector stores quantized bases (Q-GaLore's INT4 bases are 2-D only)."""
+    getters = {"projector": plugins.get_projector, "rule": plugins.get_update_rule, "inner": plugins.get_inner_optimizer}
+    kinds = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers"}
+    for option, get in getters.items():
+        if not get(group[option]).batched:
+            batched = [name for name in plugins.registered(kinds[option]) if getattr(get(name), "batched", False)]
+            raise ValueError(f"stacked expert weights (layout: experts) need a batched {option}, and "
+                             f"{describe(kinds[option], group[option])} is not; set {option} to one of {batched}, "
+                             "or exclude the experts from `targets`.")
+    if group["projector_args"].get("quantizer") is not None:
+        raise ValueError("quantized projector bases (projector_args.quantizer) take 2-D weights; stacked expert "
+                         "weights (layout: experts) keep float bases: exclude the experts from `targets`, or drop "
+                         "the quantizer.")
+
+
 def check_bases(projector: Projector, grad: Tensor, rank: int, name: str) -> None:
-    """After a refresh on ``grad`` (m×n): the projector's bases must be L m×r' (left side)
-    and/or Q n×r' (right side), as its ``side`` says, with 1 ≤ r' ≤ ``rank``, and finite.
-    ``name`` is the projector's registered name (for the message)."""
-    m, n = grad.shape
-    wanted = {Side.LEFT: (m, None), Side.RIGHT: (None, n), Side.BOTH: (m, n)}[projector.side]
-    for label, basis, rows in zip(("L", "Q"), projector.bases(), wanted):
-        problem = basis_problem(basis, rows, rank)
+    """After a refresh on ``grad`` (m×n, or E×m×n): the projector's bases must be L m×r' (left
+    side) and/or Q n×r' (right side; E× each for a stack), as its ``side`` says, with
+    1 ≤ r' ≤ min(``rank``, m, n), and finite; a tensor projector's one basis per mode
+    d_k×r_k with 1 ≤ r_k ≤ min(``rank``, d_k). ``name`` is the projector's registered name (for
+    the message)."""
+    if projector.projects_tensors:
+        batch, wanted, labels = (), tuple(grad.shape), [f"U{k + 1}" for k in range(grad.ndim)]
+        expected = "one d_k×r_k basis per mode"
+    else:
+        *batch, m, n = grad.shape
+        wanted = {Side.LEFT: (m, None), Side.RIGHT: (None, n), Side.BOTH: (m, n)}[projector.side]
+        labels, expected = ("L", "Q"), "L m×r' and/or Q n×r'"
+        rank = min(rank, m, n)
+    bases = projector.bases()
+    shape = "×".join(map(str, grad.shape))
+    if len(bases) != len(wanted):
+        raise RuntimeError(f"{describe('projectors', name)} returned {len(bases)} bases for a {shape} gradient; "
+                           f"a projector must return {expected}. Fix or uninstall that plugin, or set another projector.")
+    for label, basis, rows in zip(labels, bases, wanted):
+        problem = basis_problem(basis, rows, rank if rows is None else min(rank, rows), tuple(batch))
         if problem and not torch.isfinite(grad).all():
-            raise RuntimeError(f"a subspace refresh got a gradient with NaN or inf values ({m}×{n}), so its "
+            raise RuntimeError(f"a subspace refresh got a gradient with NaN or inf values ({shape}), so its "
                                f"basis {label} has {problem}; find where the loss or gradient overflows "
                                "(lower lr, use bf16 rather than fp16, clip gradients)")
         if problem:
             raise RuntimeError(
-                f"{describe('projectors', name)} returned {problem} as its basis {label} for a {m}×{n} gradient "
-                f"(side {projector.side.name}, rank {rank}); a projector must return L m×r' and/or Q n×r' "
+                f"{describe('projectors', name)} returned {problem} as its basis {label} for a {shape} gradient "
+                f"(side {projector.side.name}, rank {rank}); a projector must return {expected} "
                 f"with 1 ≤ r' ≤ rank. Fix or uninstall that plugin, or set another projector.")
 
 
-def basis_problem(basis: Tensor | None, rows: int | None, rank: int) -> str | None:
-    """What is wrong with one basis (None if nothing): presence, shape (rows×r', r' ≤ rank), finiteness."""
+def check_tensor_projector(group: Mapping[str, Any]) -> None:
+    """Refuse, for a projector that projects tensors (Tucker: a core, no sides), a rule that
+    reads channels of one-sided projections (``UpdateRule.any_projection`` False: Fira, APOLLO),
+    an inner optimizer that is not elementwise (``batched`` False), and ``on_refresh: rotate``
+    (its maps are defined for the L/Q pair)."""
+    name = group["projector"]
+    rule = plugins.get_update_rule(group["rule"])
+    if not rule.any_projection:
+        usable = [n for n in plugins.registered("update_rules") if plugins.get_update_rule(n).any_projection]
+        raise ValueError(f"{describe('projectors', name)} projects tensors (no one-sided projection), and "
+                         f"{describe('update_rules', group['rule'])} needs one; set rule to one of {usable}.")
+    if not plugins.get_inner_optimizer(group["inner"]).batched:
+        usable = [n for n in plugins.registered("inner_optimizers") if plugins.get_inner_optimizer(n).batched]
+        raise ValueError(f"{describe('projectors', name)} projects tensors, and "
+                         f"{describe('inner_optimizers', group['inner'])} keeps statistics per row/column of a "
+                         f"matrix; set inner to one of {usable}.")
+    if group["on_refresh"] == "rotate":
+        raise ValueError(f"on_refresh: rotate maps moments between L/Q bases and {describe('projectors', name)} "
+                         "has one basis per mode; use on_refresh keep or reset.")
+
+
+def basis_problem(basis: Tensor | None, rows: int | None, rank: int, batch: tuple[int, ...] = ()) -> str | None:
+    """What is wrong with one basis (None if nothing): presence, shape (rows×r', r' ≤ rank, one
+    per slice of a ``batch`` or shared by it), finiteness."""
     if rows is None:
         return None if basis is None else f"a {tuple(basis.shape)} tensor where none belongs"
     if basis is None:
         return "None"
-    if basis.ndim != 2 or basis.shape[0] != rows or not 1 <= basis.shape[1] <= rank:
+    if basis.ndim < 2 or basis.shape[:-2] not in (batch, ()) or basis.shape[-2] != rows or not 1 <= basis.shape[-1] <= rank:
         return f"a {tuple(basis.shape)} tensor"
     if not torch.isfinite(basis).all():
         return "non-finite values (NaN or inf)"

@@ -1,5 +1,9 @@
 """The Projector contract: an m×n gradient to a low-rank tensor and back (docs/plugins.md).
 
+A projector with ``batched = True`` also takes a stack of E gradients (E×m×n, the ``experts``
+layout) and keeps one basis per slice (E×m×r, E×n×r), or one basis shared by the stack (m×r,
+n×r: a seeded random projection), every operation batched over E.
+
 A projector holds one basis per projected side, orthonormal unless it says otherwise
 (:attr:`Projector.orthonormal`):
 
@@ -32,10 +36,11 @@ class Side(enum.IntEnum):
     BOTH = 2
 
 
-def choose_side(policy: str, shape: torch.Size | tuple[int, int]) -> Side:
-    """GaLore's side policies. ``std`` projects the smaller dimension, so the low-rank
-    tensor has ``r·max(m, n)`` entries; ``reverse_std`` the larger one."""
-    m, n = shape
+def choose_side(policy: str, shape: torch.Size | tuple[int, ...]) -> Side:
+    """GaLore's side policies for an m×n gradient (or a stack of them: the last two dimensions).
+    ``std`` projects the smaller dimension, so the low-rank tensor has ``r·max(m, n)`` entries;
+    ``reverse_std`` the larger one."""
+    m, n = shape[-2:]
     if policy == "std":
         return Side.RIGHT if m >= n else Side.LEFT
     if policy == "reverse_std":
@@ -72,6 +77,13 @@ class Projector(ABC):
     ``quantizer`` name resolved to its class.
     """
 
+    batched: bool = False
+    """Whether the projector takes a stack of gradients (E×m×n, one basis per slice: the
+    ``experts`` layout) besides single m×n gradients; the optimizer refuses stacked experts
+    for a projector that does not."""
+    projects_tensors: bool = False
+    """Whether the projector projects a convolution kernel as a tensor (Tucker: one basis per
+    mode); otherwise the optimizer hands it the kernel's out × (in·k…) matricization."""
     orthonormal: bool = True
     """Whether the bases have orthonormal columns (``LᵀL = I``), so ``project_back ∘ project``
     is an orthogonal projection; a plain Gaussian sketch (``random``) has not."""
@@ -87,9 +99,10 @@ class Projector(ABC):
         self.refreshes = 0
 
     def refresh(self, grad: Tensor) -> None:
-        """Recompute the subspace from ``grad`` (m×n)."""
-        if grad.ndim != 2:
-            raise ValueError(f"projectors take 2-D gradients, got shape {tuple(grad.shape)}")
+        """Recompute the subspace from ``grad`` (m×n, or E×m×n for a ``batched`` projector)."""
+        if grad.ndim != 2 and not (self.batched and grad.ndim == 3):
+            kind = "2-D or 3-D (E×m×n)" if self.batched else "2-D"
+            raise ValueError(f"{type(self).__name__} takes {kind} gradients, got shape {tuple(grad.shape)}")
         if self.side is None:
             self.side = choose_side(self.side_policy, grad.shape)
         self._refresh(grad)
@@ -106,19 +119,26 @@ class Projector(ABC):
     def project(self, grad: Tensor) -> Tensor:
         """``G`` (m×n) → ``R``: r×n (left), m×r (right) or r×r (both)."""
         left, right = self.bases()
-        low = grad if left is None else left.T @ grad
+        low = grad if left is None else left.mT @ grad
         return low if right is None else low @ right
 
     def project_back(self, low: Tensor) -> Tensor:
         """``R`` → the m×n lift ``L R``, ``R Qᵀ`` or ``L R Qᵀ`` (unscaled)."""
         left, right = self.bases()
         full = low if left is None else left @ low
-        return full if right is None else full @ right.T
+        return full if right is None else full @ right.mT
 
     def add_back_(self, target: Tensor, low: Tensor, alpha: float) -> Tensor:
-        """``target += alpha · project_back(low)`` in one fused ``addmm_`` (no m×n temporary
-        beyond ``target`` for one-sided projections)."""
+        """``target += alpha · project_back(low)`` in one fused ``addmm_`` (``baddbmm_`` for a
+        stack; no m×n temporary beyond ``target`` for one-sided projections)."""
         left, right = self.bases()
+        if target.ndim == 3:  # a stack; a basis shared by the stack (2-D) is broadcast
+            left, right = (None if b is None else b.expand(target.shape[0], *b.shape[-2:]) for b in (left, right))
+            if left is None:
+                return target.baddbmm_(low, right.mT, alpha=alpha)
+            if right is None:
+                return target.baddbmm_(left, low, alpha=alpha)
+            return target.baddbmm_(left @ low, right.mT, alpha=alpha)
         if left is None:
             return target.addmm_(low, right.T, alpha=alpha)
         if right is None:

@@ -32,7 +32,12 @@ class RandomProjector(Projector):
 
     State: ``side``, ``refreshes``, ``seed``, ``shape`` (m, n) and ``like`` (an empty tensor
     with the gradient's dtype and device). The dense matrix is a runtime cache, not state.
+
+    Batched: a stack of experts (E×m×n) shares one draw, m×r / n×r (each expert's ``R`` is its
+    own sketch ``G_e Q``; the cached basis is ``r·d`` once, not E times).
     """
+
+    batched = True
 
     def __init__(self, rank: int, *, side: str = "std", seed: int = 0, orthonormal: bool = False,
                  cache_basis: bool = True) -> None:
@@ -44,7 +49,7 @@ class RandomProjector(Projector):
         self._cache: tuple[Tensor | None, Tensor | None] | None = None
 
     def _refresh(self, grad: Tensor) -> None:
-        self._shape = (grad.shape[0], grad.shape[1])
+        self._shape = (grad.shape[-2], grad.shape[-1])
         self._like = grad.new_empty(0)
         self._cache = self._generate(self.refreshes) if self.cache_basis else None
 

@@ -31,6 +31,9 @@ class RandomizedSVDProjector(DenseBasisProjector):
     all-reduced gradient, same seed) find identical bases.
     """
 
+    batched = True
+    """A stack E×m×n is sketched with one Ω (n×k) shared by the slices, each slice keeping its own range."""
+
     def __init__(
         self, rank: int, *, side: str = "std", seed: int = 0, oversample: int = 10, power_iters: int = 2,
         quantizer: type[Quantizer] | None = None, quantizer_args: dict[str, Any] | None = None,
@@ -42,11 +45,11 @@ class RandomizedSVDProjector(DenseBasisProjector):
         self.power_iters = power_iters
 
     def fit(self, grad: Tensor, side: Side) -> tuple[Tensor | None, Tensor | None]:
-        m, n = grad.shape
+        m, n = grad.shape[-2:]
         size = min(self.rank + self.oversample, m, n)
         sketch = gaussian(n, size, seeded_generator(self.seed, self.refreshes), grad)
         basis = range_finder(grad, sketch, self.power_iters)  # m×k
-        small_u, _, small_vh = torch.linalg.svd(basis.T @ grad, full_matrices=False)
+        small_u, _, small_vh = torch.linalg.svd(basis.mT @ grad, full_matrices=False)
         return top_singular_bases(basis @ small_u, small_vh, self.rank, side)
 
 

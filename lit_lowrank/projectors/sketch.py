@@ -31,15 +31,17 @@ def gaussian(rows: int, cols: int, generator: np.random.Generator, like: Tensor)
 
 
 def orthonormalize(matrix: Tensor) -> Tensor:
-    """Q of the thin QR of ``matrix`` (d×k), signs fixed so that ``diag(R) ≥ 0``: a matrix whose
-    columns are already orthonormal is returned unchanged, so small updates stay small."""
+    """Q of the thin QR of ``matrix`` (d×k, or a stack of them), signs fixed so that
+    ``diag(R) ≥ 0``: a matrix whose columns are already orthonormal is returned unchanged, so
+    small updates stay small."""
     q, r = torch.linalg.qr(matrix)
-    signs = torch.sign(torch.diagonal(r))
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     return q * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def range_finder(matrix: Tensor, sketch: Tensor, power_iters: int) -> Tensor:
-    """Orthonormal basis (m×k) of the dominant column space of ``matrix`` (m×n).
+    """Orthonormal basis (m×k) of the dominant column space of ``matrix`` (m×n; batched over
+    leading dimensions).
 
     Halko, Martinsson & Tropp 2011, Alg. 4.4 (randomized subspace iteration): ``Y = A Ω``
     with the n×k Gaussian ``Ω``, then ``q`` rounds of ``Y ← A (Aᵀ Y)``, re-orthonormalizing
@@ -47,6 +49,6 @@ def range_finder(matrix: Tensor, sketch: Tensor, power_iters: int) -> Tensor:
     """
     basis = orthonormalize(matrix @ sketch)
     for _ in range(power_iters):
-        basis = orthonormalize(matrix.T @ basis)
+        basis = orthonormalize(matrix.mT @ basis)
         basis = orthonormalize(matrix @ basis)
     return basis

@@ -35,6 +35,8 @@ class ApolloRule(UpdateRule):
     γ^k · 1e-8). The ratios and norms are computed in float32.
     """
 
+    batched = True
+
     def __init__(self, scale: float = 1.0, *, scaling: str = "channel", gamma: float | None = 1.01) -> None:
         super().__init__(scale)
         if scaling not in SCALINGS:

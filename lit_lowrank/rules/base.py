@@ -48,6 +48,13 @@ class UpdateRule(ABC):
     """
 
     uses_gradient: bool = True
+    any_projection: bool = False
+    """Whether :meth:`apply_` works with any projection — it only lifts through
+    ``projector.add_back_``/``project_back``, never reads the projector's ``side`` — so tensor
+    projectors (Tucker) may be used with it."""
+    batched: bool = False
+    """Whether :meth:`apply_` takes a stack of E matrices (E×m×n weights, the ``experts``
+    layout) and treats each slice as its own weight; the optimizer refuses stacks otherwise."""
     required_rank: int | None = None
     """The one subspace rank the rule works at (APOLLO-Mini: 1), or None for any; the optimizer
     refuses another rank when it is built."""

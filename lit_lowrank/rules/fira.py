@@ -35,6 +35,8 @@ class FiraRule(UpdateRule):
     and then caps the next residuals at γ^k · 1e-8). φ and the norms are computed in float32.
     """
 
+    batched = True
+
     def __init__(self, scale: float = 1.0, *, gamma: float | None = 1.01, scaled_residual: bool = False) -> None:
         super().__init__(scale)
         if gamma is not None and gamma < 1:

@@ -13,6 +13,8 @@ class GaLoreRule(UpdateRule):
     the weight update (``addmm_``). Needs only ``N``, not the full gradient."""
 
     uses_gradient = False
+    batched = True
+    any_projection = True
 
     def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
         inputs.projector.add_back_(param, inputs.direction, alpha=-step_size * self.scale)

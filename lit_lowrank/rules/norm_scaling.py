@@ -22,28 +22,34 @@ Norms and ratios are computed in float32 (at least), where 1e-8 does not underfl
 def channel_axis(side: Side) -> int:
     """The axis of ``R`` that is reduced for per-channel norms.
 
-    ``Side.LEFT``: ``R = Lᵀ G`` (r×n) — channels are G's n columns, reduce axis 0.
-    ``Side.RIGHT``: ``R = G Q`` (m×r) — channels are G's m rows, reduce axis 1.
+    ``Side.LEFT``: ``R = Lᵀ G`` (r×n) — channels are G's n columns, reduce axis -2.
+    ``Side.RIGHT``: ``R = G Q`` (m×r) — channels are G's m rows, reduce axis -1.
+    (Counted from the end, so a stack of E matrices keeps its leading axis.)
     The axis comes from the side the projector chose, never from ``R``'s shape (a square ``R``
     would be ambiguous; apollo-torch derives it from the shape and breaks for non-``std`` sides).
     """
     if side == Side.LEFT:
-        return 0
+        return -2
     if side == Side.RIGHT:
-        return 1
+        return -1
     raise ValueError(
         f"channel-wise norm scaling needs a one-sided projection, but the projector's side is {side!r} "
         "(side: full projects both dimensions); use side std/reverse_std/left/right, or tensor-wise scaling."
     )
 
 
-def precise_norm(tensor: Tensor, dim: int | None = None) -> Tensor:
+def precise_norm(tensor: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
     """``‖tensor‖`` (over ``dim``, kept; or over everything, 0-dim) accumulated and returned in
     float32 at least: a half-precision norm overflows above 65504 and its ε guard underflows."""
     precision = torch.promote_types(tensor.dtype, torch.float32)
     if dim is None:
         return torch.linalg.vector_norm(tensor, dtype=precision)
     return torch.linalg.vector_norm(tensor, dim=dim, keepdim=True, dtype=precision)
+
+
+def matrix_norm(tensor: Tensor) -> Tensor:
+    """The Frobenius norm of an m×n matrix (0-dim), or of each matrix of an E×m×n stack (E×1×1)."""
+    return precise_norm(tensor) if tensor.ndim == 2 else precise_norm(tensor, (-2, -1))
 
 
 def norm_ratio(direction: Tensor, low: Tensor, side: Side, scaling: str = "channel") -> Tensor:
@@ -55,12 +61,13 @@ def norm_ratio(direction: Tensor, low: Tensor, side: Side, scaling: str = "chann
         low: the projected gradient ``R`` (r×n, m×r or r×r).
         side: the side the projector projected.
         scaling: ``channel`` — (1×n) for a left projection, (m×1) for a right one;
-            ``tensor`` — one ratio of Frobenius norms, shaped 1×1 so that multiplying a
+            ``tensor`` — one ratio of Frobenius norms (per matrix of a stack), shaped 1×1 so that multiplying a
             half-precision gradient by it happens in float32 (a 0-dim float32 factor would be
             cast to the gradient's dtype first, where a large φ overflows).
     """
     if scaling == "tensor":
-        return (precise_norm(direction) / (precise_norm(low) + RATIO_EPS)).reshape(1, 1)
+        ratio = matrix_norm(direction) / (matrix_norm(low) + RATIO_EPS)
+        return ratio.reshape(*low.shape[:-2], 1, 1)
     if scaling != "channel":
         raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
     axis = channel_axis(side)
@@ -71,7 +78,8 @@ def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: flo
     """Fira's norm-growth limiter, in place.
 
     If ``‖S_t‖ > γ ‖S_{t−1}‖`` then ``S_t ← S_t · γ ‖S_{t−1}‖ / ‖S_t‖``. ``state[key]["norm"]``
-    keeps ``‖S_t‖`` after limiting: a 0-dim float32 (or float64) tensor inside a dict, because
+    keeps ``‖S_t‖`` after limiting (per matrix of a stack: E×1×1, each expert limited on its
+    own): a 0-dim float32 (or float64) tensor inside a dict, because
     ``torch.optim.Optimizer.load_state_dict`` casts plain float state to the parameter's dtype
     (bf16 would round away the 1% that γ resolves) and ``LowRankOptimizer`` restores dict-valued
     state as saved. The factor is computed on the device, without a host synchronisation.
@@ -81,7 +89,7 @@ def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: flo
     Departure from fira and apollo-torch, which store the 0 and then cap every later update at
     ``γ^k · 1e-8`` — an optimizer switched off for thousands of steps.
     """
-    norm = precise_norm(update)
+    norm = matrix_norm(update)
     if key in state:
         previous = state[key]["norm"]
         factor = (gamma * (previous + RATIO_EPS) / norm).clamp(max=1.0)

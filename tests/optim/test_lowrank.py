@@ -100,7 +100,7 @@ def test_build_optimizer_without_targets_is_an_error():
 
 
 def test_non_matrix_in_lowrank_group_is_refused():
-    with pytest.raises(ValueError, match="2-D weights only"):
+    with pytest.raises(ValueError, match="layout .matrix. takes 2-D"):
         LowRankOptimizer([{"params": [nn.Parameter(torch.zeros(4))], "lowrank": True}])
 
 

@@ -34,7 +34,7 @@ def _step(model, optimizer):
 
 def test_lowrank_group_with_a_vector_is_refused_without_printing_it():
     optimizer = LowRankOptimizer([nn.Parameter(torch.zeros(3, 3))])
-    with pytest.raises(ValueError, match=r"2-D weights only, got shape \(5,\)") as error:
+    with pytest.raises(ValueError, match=r"takes 2-D \(m×n\) weights, got shape \(5,\)") as error:
         optimizer.add_param_group({"params": [nn.Parameter(torch.full((5,), 7.0))], "lowrank": True})
     assert "tensor(" not in str(error.value)
     assert len(optimizer.param_groups) == 1

@@ -143,14 +143,53 @@ class ConvBlock(nn.Module):
         self.proj = nn.Linear(4, 4)
 
 
-def test_a_matched_conv_weight_is_reported_not_silently_dense():
+def test_conv_kernels_are_projected_only_where_targets_name_them():
     model = nn.ModuleList([ConvBlock(), ConvBlock()])
     low_rank, _ = select_targets(model)
     assert set(low_rank) == {"0.proj.weight", "1.proj.weight"}
-    reasons = {c.name: c.reason for c in classify(model)}
-    assert reasons["0.conv.weight"] == "3-D, not a matrix"
-    with pytest.warns(UserWarning, match=r"0\.conv matches targets.*3-D, not a matrix"):
-        select_targets(model, targets=["conv", "proj"])
+    choices = {c.name: c for c in classify(model)}
+    assert choices["0.conv.weight"].reason == "a conv kernel (name it in targets to project it)"
+    named = {c.name: c for c in classify(model, targets=["conv", "proj"])}
+    assert named["0.conv.weight"].reason is None and named["0.conv.weight"].layout == "kernel"
+    assert named["0.proj.weight"].layout == "matrix"
+
+
+def test_stacked_experts_are_targets_like_linear_layers_and_a_router_is_not():
+    class Experts(nn.Module):  # transformers' fused-experts layout
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 6, 3))
+            self.down_proj = nn.Parameter(torch.randn(4, 3, 3))
+
+    class Router(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3))
+
+    class MoeBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.experts = Router(), Experts()
+
+    model = nn.ModuleList([MoeBlock(), MoeBlock()])
+    choices = {c.name: c for c in classify(model)}
+    assert choices["0.experts.gate_up_proj"].reason is None and choices["0.experts.gate_up_proj"].layout == "experts"
+    assert choices["1.experts.down_proj"].layout == "experts"
+    assert choices["0.gate.weight"].reason == "not a linear layer"
+    optimizer = build_optimizer(model, rank=2)
+    lowrank = [g for g in optimizer.param_groups if g["lowrank"]]
+    assert [(g.get("layout"), len(g["params"])) for g in lowrank] == [("experts", 4)]
+
+
+def test_a_matched_4d_tensor_outside_a_convolution_is_reported_not_silently_dense():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(2, 2, 2, 2))
+
+    model = nn.ModuleList([ConvBlock(), Odd()])
+    with pytest.warns(UserWarning, match=r"1 matches targets.*4-D, not a matrix"):
+        select_targets(model, targets=["1"])
 
 
 def test_frozen_weights_are_left_out_unless_asked():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lit_lowrank.projectors.base import Side, choose_side
+from lit_lowrank.projectors.dct import DCTProjector
 from lit_lowrank.projectors.svd import SVDProjector
 
 SHAPES = [(12, 8), (8, 12), (10, 10)]
@@ -72,8 +73,10 @@ def test_side_is_stored_not_rederived():
 
 
 def test_non_2d_gradient_is_refused():
-    with pytest.raises(ValueError, match="2-D"):
-        SVDProjector(2).refresh(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="takes 2-D gradients"):
+        DCTProjector(2).refresh(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match=r"takes 2-D or 3-D \(E×m×n\) gradients"):
+        SVDProjector(2).refresh(torch.randn(2, 3, 4, 5))
 
 
 def test_use_before_refresh_is_an_error():

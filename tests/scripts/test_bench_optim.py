@@ -47,3 +47,22 @@ def test_cuda_without_a_gpu_is_refused(bench):
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit):
         bench.main(["--device", "cuda", "--methods", "adamw"])
+
+
+def test_mixtral_experts_and_cnn_kernels_get_rows_and_refusals_are_reported(bench, capsys):
+    bench.main(["--model", "mixtral", "--size", "tiny", "--methods", "adamw", "galore", "galore-dct",
+                "--steps", "1", "--warmup", "0"])
+    output = capsys.readouterr().out
+    assert list(table(output)) == ["adamw", "galore"]
+    assert "galore-dct: refused (stacked expert weights (layout: experts) need a batched projector" in output
+    bench.main(["--model", "cnn", "--methods", "adamw", "galore-tucker", "--steps", "1", "--warmup", "0"])
+    rows = table(capsys.readouterr().out)
+    assert list(rows) == ["adamw", "galore-tucker"] and float(rows["galore-tucker"][4]) < 1
+
+
+def test_the_cnn_targets_are_its_3x3_kernels(bench):
+    model = bench.network("cnn", "tiny")
+    optimizer = bench.method_factory("galore")(model)
+    kernels = [g for g in optimizer.param_groups if g.get("layout") == "kernel"]
+    assert len(kernels) == 1 and len(kernels[0]["params"]) == 8
+    assert all(p.shape[-2:] == (3, 3) for p in kernels[0]["params"])
