@@ -99,13 +99,14 @@ def method_factory(name: str) -> Factory:
 
 def network(kind: str, size: str) -> nn.Module:
     """The benchmarked network: LLaMA of ``size``, Mixtral of its shape with 4 experts, or a ConvNet."""
-    from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from lit_lowrank.models import Mixtral
 
     if kind == "cnn":
         return ConvNet()
     if kind == "mixtral":
-        return MixtralForCausalLM(MixtralConfig(**llama_config(size).to_diff_dict() | dict(
-            num_local_experts=4, num_experts_per_tok=2, model_type="mixtral")))
+        return Mixtral(size, num_experts=4, experts_per_token=2)
     return LlamaForCausalLM(llama_config(size))
 
 

@@ -63,7 +63,7 @@ def test_every_shipped_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["network"]["class_path"] == "lit_lowrank.models.Llama"
+    assert printed["model"]["network"]["class_path"] in ("lit_lowrank.models.Llama", "lit_lowrank.models.Mixtral")
     assert "lowrank" in printed
 
 
@@ -77,6 +77,23 @@ def test_fit_from_yaml_with_the_plugin_projector(installed_plugins, tmp_path, ca
     assert all(p.oversample == 4 for p in projectors.values())
     assert cli.trainer.global_step == 3
     assert "val/ppl" in cli.trainer.callback_metrics
+
+
+def test_fit_a_mixture_of_experts_from_yaml(tmp_path, cache_dir):
+    config = yaml.safe_load(small_config(tmp_path, cache_dir).read_text())
+    config["model"]["network"] = {"class_path": "lit_lowrank.models.Mixtral",
+                                  "init_args": {"size": "tiny", "vocab_size": VOCAB, "hidden_size": 32,
+                                                "intermediate_size": 48, "num_heads": 2, "num_layers": 2,
+                                                "num_experts": 4, "experts_per_token": 2}}
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LowRankCLI(args=["fit", "--config", str(path)])
+    optimizer = cli.trainer.optimizers[0]
+    stacks = [g for g in optimizer.param_groups if g.get("layout") == "experts"]
+    assert len(stacks) == 1 and len(stacks[0]["params"]) == 4  # gate_up_proj and down_proj of 2 layers
+    left, right = optimizer.projectors[stacks[0]["params"][0]].bases()
+    assert (left if right is None else right).shape[0] == 4  # one basis per expert
+    assert cli.trainer.global_step == 3 and "val/ppl" in cli.trainer.callback_metrics
 
 
 def test_validate_subcommand(tmp_path, cache_dir):

@@ -54,7 +54,13 @@ class Llama(LlamaForCausalLM):
     def __init__(self, size: str = "tiny", vocab_size: int = 32000, max_seq_len: int = 1024, *,
                  hidden_size: int | None = None, intermediate_size: int | None = None,
                  num_heads: int | None = None, num_layers: int | None = None, **overrides: Any) -> None:
-        shape = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
-                     num_attention_heads=num_heads, num_key_value_heads=num_heads, num_hidden_layers=num_layers)
-        overrides.update({k: v for k, v in shape.items() if v is not None})
+        overrides.update(shape_overrides(hidden_size, intermediate_size, num_heads, num_layers))
         super().__init__(llama_config(size, vocab_size=vocab_size, max_seq_len=max_seq_len, **overrides))
+
+
+def shape_overrides(hidden_size: int | None, intermediate_size: int | None, num_heads: int | None,
+                    num_layers: int | None) -> dict[str, int]:
+    """The ``LlamaConfig`` fields of the shape arguments that are set (YAML's named overrides)."""
+    shape = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                 num_attention_heads=num_heads, num_key_value_heads=num_heads, num_hidden_layers=num_layers)
+    return {key: value for key, value in shape.items() if value is not None}

@@ -206,3 +206,31 @@ def test_lr_find_sweeps_the_low_rank_optimizer(adoption, tmp_path):
                                     num_training=5, early_stop_threshold=None, update_attr=False)
     assert len(finder.results["lr"]) == 5
     assert set(model.stepping) == {LowRankOptimizer}
+
+
+class ConvBoring(pl.LightningModule):
+    """A user's module with conv kernels and a linear layer, trained by AdamW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.proj = torch.nn.Linear(8, 2)
+
+    def training_step(self, batch, batch_idx):
+        features = self.conv(batch.view(-1, 4, 8)).mean(dim=2)
+        return self.proj(features).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+
+def test_a_users_conv_kernels_are_converted_into_their_own_group_and_train():
+    model = ConvBoring()
+    start = model.conv.weight.detach().clone()
+    trainer = fit(model, callbacks=[LowRankCallback(targets=["conv", "proj"], rank=2, update_gap=2)])
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    assert list(groups) == ["pg1", "pg1-kernel", "pg1-dense"]
+    assert groups["pg1-kernel"]["layout"] == "kernel" and groups["pg1-kernel"]["params"] == [model.conv.weight]
+    assert "layout" not in groups["pg1"] and groups["pg1"]["params"] == [model.proj.weight]
+    assert trainer.optimizers[0].projectors[model.conv.weight].bases()[0].shape == (8, 2)  # out × r of 8×12
+    assert not torch.equal(model.conv.weight, start)
