@@ -8,8 +8,9 @@ this library stores, tensor by tensor, so the optimizer-state figure of a method
 
 * target weights (``select_targets``) of shape m×n at rank r (clamped to ``min(m, n)``) on
   GaLore's ``std`` side: low-rank moments of ``k = r·max(m, n)`` elements, a basis of
-  ``r·min(m, n)``; E times that for a stack of E experts (E×m×n), and a conv kernel as its
-  out × (in·k…) matricization; every other parameter gets dense AdamW moments (2 per element);
+  ``r·min(m, n)``; E times that for a stack of E experts (E×m×n) — one seeded random basis for
+  the whole stack, and a float32 limiter norm per expert under Fira/APOLLO — and a conv kernel as
+  its out × (in·k…) matricization; every other parameter gets dense AdamW moments (2 per element);
 * float moments and bases are in the parameter's dtype (moments are shaped like the gradient);
   Lion keeps one moment;
 * 8-bit moments (``adamw8bit`` inner): ``k + 4⌈k/B⌉ + 16`` bytes each — uint8 codes, a float32
@@ -62,6 +63,9 @@ MOMENTS = {"adamw": "float", "adamw-hf": "float", "adamw8bit": "8bit", "lion": "
 BASES = {"svd": "float", "rsvd": "float", "online-pca": "float", "random": "seed", "dct": "columns"}
 """How each projector with a known formula stores its basis (before any basis quantizer)."""
 RULE_STATES = {"galore": 0, "fira": 0, "apollo": 0, "apollo-mini": 0, "snsm": 4}
+LIMITED_RULES = ("fira", "apollo", "apollo-mini")
+"""Rules with Fira's norm-growth limiter: one float32 norm per matrix (0-dim, uncounted, for a
+weight; E of them for a stack of E experts)."""
 """Float32 bytes each rule keeps per element of the weight's longer side (SNSM's subset norms);
 the limiters' scalars are not counted."""
 
@@ -84,6 +88,7 @@ class Storage:
         gradnorm: the model must be weight-normalized (``apply_gradnorm``).
         cache_basis: the projector keeps its regenerable basis between steps.
         rule_state: bytes per element of max(m, n) that the rule keeps (SNSM: 4).
+        limiter: the rule keeps a norm-growth limiter's norm per matrix (Fira, APOLLO).
     """
 
     lowrank: bool = True
@@ -94,6 +99,7 @@ class Storage:
     gradnorm: bool = False
     cache_basis: bool = True
     rule_state: int = 0
+    limiter: bool = False
 
 
 def storage(name: str | Method) -> Storage:
@@ -125,7 +131,7 @@ def storage(name: str | Method) -> Storage:
         basis = f"int{projector_args.get('quantizer_args', {}).get('bits', 8)}"
     return Storage(moments=moments, basis=basis, rank=options.get("rank"), weight_bits=method.weight_bits,
                    gradnorm=method.gradnorm, cache_basis=projector_args.get("cache_basis", True),
-                   rule_state=RULE_STATES[rule])
+                   rule_state=RULE_STATES[rule], limiter=rule in LIMITED_RULES)
 
 
 @dataclass(frozen=True)
@@ -224,7 +230,8 @@ def _nbytes(p: torch.Tensor) -> int:
 
 def _lowrank_moments(view: View, rank: int, spec: Storage, formats: Formats, b: int) -> int:
     m, n = view.matrix
-    return view.count * (_inner_moments(m, n, rank, spec, formats, b) + spec.rule_state * max(m, n))
+    limiter_norms = 4 * view.count if spec.limiter and len(view.shape) == 3 else 0  # per expert, float32
+    return view.count * (_inner_moments(m, n, rank, spec, formats, b) + spec.rule_state * max(m, n)) + limiter_norms
 
 
 def _inner_moments(m: int, n: int, rank: int, spec: Storage, formats: Formats, b: int) -> int:
@@ -241,7 +248,8 @@ def _inner_moments(m: int, n: int, rank: int, spec: Storage, formats: Formats, b
 
 def _basis(view: View, rank: int, spec: Storage, formats: Formats, b: int) -> int:
     m, n = view.matrix
-    return view.count * _matrix_basis(m, n, rank, spec, formats, b)
+    shared = spec.basis == "seed"  # a seeded draw is one basis for the whole stack of experts
+    return (1 if shared else view.count) * _matrix_basis(m, n, rank, spec, formats, b)
 
 
 def _matrix_basis(m: int, n: int, rank: int, spec: Storage, formats: Formats, b: int) -> int:

@@ -31,8 +31,9 @@ def check_layout(layout: object, p: Tensor) -> None:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     fits = {"matrix": p.ndim == 2, "experts": p.ndim == 3, "kernel": p.ndim >= 3}[layout]
     if not fits:
-        hint = ("; a 3-D weight is either stacked experts (layout: experts) or a Conv1d kernel (layout: kernel), "
-                "build_optimizer tells them apart" if p.ndim >= 3 and layout == "matrix" else "")
+        hint = ("; set the group's layout: experts (a 3-D stack of E matrices, E×m×n) or kernel (a conv "
+                "weight, matricized out × in·k…) — a Conv1d kernel is 3-D too; build_optimizer sets it from the "
+                "module that owns the weight" if p.ndim >= 3 and layout == "matrix" else "")
         raise ValueError(f"a param group with layout {layout!r} takes {_NDIM[layout]} weights, got shape "
                          f"{tuple(p.shape)}{hint}")
     if layout == "kernel" and not p.is_contiguous():

@@ -480,7 +480,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if "step" in state and group["on_refresh"] == "reset":
                 state.update(inner.init_state(low))
             elif "step" in state and group["on_refresh"] == "rotate":
-                inner.rotate(state, *(None if n is None else n.T @ o for o, n in zip(old, new)))
+                inner.rotate(state, *(None if n is None else n.mT @ o for o, n in zip(old, new)))
         slot.schedule.after_refresh(step, similarity)
         self.refresh_count += 1
 

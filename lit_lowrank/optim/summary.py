@@ -5,7 +5,9 @@ the predicted optimizer-state bytes against full-rank AdamW's ``2 · numel · el
 The low-rank state is predicted by building each weight's inner optimizer and projector on the
 ``meta`` device (no memory, no SVD) and counting their tensors, as
 :meth:`LowRankOptimizer.state_bytes` counts the real ones; a projector that cannot run on
-``meta`` (e.g. one choosing its rank from the spectrum) is counted as unknown.
+``meta`` (e.g. one choosing its rank from the spectrum) is counted as unknown. State an update
+rule makes at its first step (SNSM's subset norms, Fira's and APOLLO's limiter norm per expert
+of a stack) is not predicted.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lit_lowrank.optim.lowrank import LowRankOptimizer, tensor_bytes
 from lit_lowrank.optim.targets import classify
 from lit_lowrank.optim.validation import build, build_inner
 from lit_lowrank.plugins import get_projector
-from lit_lowrank.projectors.base import Side, choose_side
+from lit_lowrank.projectors.base import choose_side
 
 
 @dataclass(frozen=True)
@@ -84,21 +86,19 @@ def summarize(model: nn.Module, optimizer: LowRankOptimizer, targets: Sequence[s
 
 
 def _projected_row(name: str, p: Tensor, group: dict) -> Row:
-    view = View.of(p, group.get("layout", "matrix"), get_projector(group["projector"]).projects_tensors)
-    *batch, m, n = view.shape
-    rank = min(group["rank"], m, n)
-    side = choose_side(group["side"], (m, n))
-    low_shape = {Side.LEFT: (rank, n), Side.RIGHT: (m, rank), Side.BOTH: (rank, rank)}[side]
-    inner = build_inner(group)
+    tensors = get_projector(group["projector"]).projects_tensors
+    view = View.of(p, group.get("layout", "matrix"), tensors)
+    rank = group["rank"] if tensors else min(group["rank"], *view.matrix)
+    side = "modes" if tensors else choose_side(group["side"], view.matrix).name.lower()
     projector = build("projector", group, rank=rank, side=group["side"], seed=0)
+    grad = torch.empty(view.shape, dtype=p.dtype, device="meta")
     try:
-        moments = inner.init_state(torch.empty((*batch, *low_shape), dtype=p.dtype, device="meta"))
-        projector.refresh(torch.empty(view.shape, dtype=p.dtype, device="meta"))
-        projector.bases()  # builds what a projector caches on first use (the DCT basis)
+        projector.refresh(grad)
+        moments = build_inner(group).init_state(projector.project(grad))  # R's shape, from the projector
         state = tensor_bytes(moments) + projector.resident_bytes()
     except Exception:  # noqa: BLE001 — a component that needs real values (a spectrum's .item()): unknown
         state = None
-    return Row(name, tuple(p.shape), rank, side.name.lower(), state)
+    return Row(name, tuple(p.shape), rank, side, state)
 
 
 def _size(nbytes: int | None) -> str:

@@ -53,3 +53,33 @@ def test_predicted_bytes_count_what_projectors_keep_resident(options):
     model(tokens, labels=tokens).loss.backward()
     optimizer.step()
     assert summary.state_bytes == sum(optimizer.state_bytes().values())
+
+
+@pytest.mark.parametrize("options", [{}, {"projector": "random", "rule": "apollo", "scale": 1.0}],
+                         ids=["galore", "apollo"])
+def test_predicted_bytes_of_expert_stacks_equal_the_measured(options):
+    from lit_lowrank.models import Mixtral
+
+    model = Mixtral("tiny", vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=2, num_layers=1)
+    optimizer = build_optimizer(model, rank=4, **options)
+    summary = summarize(model, optimizer)
+    rows = {row.name: row for row in summary.rows}
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 96, 32)
+    tokens = torch.randint(0, 64, (2, 9))
+    model(tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    # rule state is made at the first step and not predicted: APOLLO's limiter norm per expert
+    limiter = 4 * 4 * 2 if options else 0  # float32 × 4 experts × 2 stacks
+    assert summary.state_bytes + limiter == sum(optimizer.state_bytes().values())
+
+
+def test_predicted_bytes_of_conv_kernels_equal_the_measured_matricized_and_tucker():
+    for projector in ("svd", "tucker"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 6, 3), torch.nn.Flatten())
+        optimizer = build_optimizer(model, targets=["0", "1"], rank=2, projector=projector)
+        summary = summarize(model, optimizer, targets=["0", "1"])
+        assert {row.side for row in summary.rows if row.reason is None} == ({"modes"} if projector == "tucker"
+                                                                             else {"left"})
+        model(torch.randn(2, 3, 7, 7)).sum().backward()
+        optimizer.step()
+        assert summary.state_bytes == sum(optimizer.state_bytes().values()), projector

@@ -196,3 +196,16 @@ def test_uncached_projection_is_estimated_as_measured(name):
     optimizer.step()
     assert predicted.states == optimizer.state_bytes()
     assert predicted.optimizer < estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"]).optimizer
+
+
+@pytest.mark.parametrize("name", ["galore", "galore-rsvd", "fira", "apollo", "apollo-mini", "galore-lion"])
+def test_expert_stacks_are_estimated_as_measured(name):
+    from lit_lowrank.models import Mixtral
+
+    torch.manual_seed(0)
+    model = Mixtral("tiny", vocab_size=512, hidden_size=64, intermediate_size=96, num_heads=2, num_layers=1)
+    optimizer = build_optimizer(model, method=name, **rank_unless_fixed(recipe(name)))
+    predicted = estimate(model, name, rank=RANK)
+    backward(model)
+    optimizer.step()
+    assert predicted.states == optimizer.state_bytes()
