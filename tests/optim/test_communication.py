@@ -87,3 +87,48 @@ def test_communication_needs_a_lowrank_optimizer():
     model = Block()
     with pytest.raises(TypeError, match="LowRankOptimizer"):
         LowRankCommunication(torch.optim.AdamW(model.parameters()))
+
+
+class StackedBlock(nn.Module):
+    """Input 12 → a 1×1 conv kernel (16×12×1, matricized) → a stack of 3 experts (3×4×16),
+    every expert applied and summed: both kinds of non-matrix targets under DDP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(12, 16, 1)
+        self.experts = nn.Module()
+        self.experts.stack = nn.Parameter(torch.randn(3, 4, 16) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.conv(x.unsqueeze(-1)).squeeze(-1))
+        return torch.einsum("bn,emn->bm", hidden, self.experts.stack)
+
+
+def _stacked_worker(rank: int, world_size: int, out: str) -> None:
+    options = {**OPTIONS, "targets": ["conv", "experts"]}
+    plain, ours = StackedBlock(), StackedBlock()
+    plain_optimizer, our_optimizer = build_optimizer(plain, **options), build_optimizer(ours, **options)
+    plain_ddp, our_ddp = DistributedDataParallel(plain), DistributedDataParallel(ours)
+    communication = LowRankCommunication(our_optimizer)
+    our_ddp.register_comm_hook(communication, lowrank_comm_hook)
+    sent = []
+    for inputs, targets in rank_share(batches(STEPS, torch.float32), rank, world_size):
+        _step(plain_ddp, plain_optimizer, inputs, targets)
+        _step(our_ddp, our_optimizer, inputs, targets)
+        sent.append(communication.sent_bytes["lowrank"])
+    torch.save({"plain": [p.detach() for p in plain.parameters()], "ours": [p.detach() for p in ours.parameters()],
+                "layouts": sorted(g.get("layout", "matrix") for g in our_optimizer.param_groups if g["lowrank"]),
+                "sent": sent}, f"{out}/rank{rank}.pt")
+
+
+@requires_gloo
+def test_expert_stacks_and_conv_kernels_communicate_their_projections(tmp_path):
+    run_ranks(_stacked_worker, str(tmp_path))
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    assert rank0["layouts"] == ["experts", "kernel"]
+    for ours, plain in zip(rank0["ours"], rank0["plain"]):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    rank = OPTIONS["rank"]
+    between_refreshes = rank * 16 * 4 + 3 * rank * 16 * 4  # conv 16×12: R 16×r; stack 3×4×16: R 3×r×16
+    assert rank0["sent"][1::2] == [between_refreshes] * (STEPS // 2)
