@@ -8,8 +8,9 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import (adopt_module, adoption_config, check_strategy, convert_optimizers,
-                                              lowrank_callbacks)
+from lit_lowrank.lightning.conversion import (
+    adopt_module, adoption_config, check_compact_trainer, check_strategy, convert_optimizers, lowrank_callbacks,
+)
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
@@ -51,6 +52,8 @@ class LowRankCallback(LowRankTelemetry):
             return
         if self.config.enabled:
             check_strategy(trainer)
+        if self.config.compact:
+            check_compact_trainer(trainer)
         from lit_lowrank.lightning.strategy import _LowRankOptimizers
 
         if isinstance(trainer.strategy, _LowRankOptimizers):

@@ -19,6 +19,7 @@ from lit_lowrank.optim.targets import check_patterns
 from lit_lowrank.optim.validation import check_group
 from lit_lowrank.plugins import get_method
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
+from lit_lowrank.activations import CompactLinear, bind_compact, check_compact_options, compact_linear_layers
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
 
@@ -83,6 +84,10 @@ class LowRankConfig:
             (8 in the paper), updated with stochastic rounding (method field; default null: float
             weights).
         weight_args: Options of the quantized weights: group_size (256), stochastic (true).
+        compact: CompAct: the target linear layers save a random projection x·Q of their input
+            for backward instead of x (activation memory tokens·r instead of tokens·in per layer)
+            and hand the optimizer R = G·Q directly; needs projector random, side right and a
+            rule that does not read G (galore), single process, not layerwise.
     """
 
     enabled: bool = True
@@ -115,6 +120,7 @@ class LowRankConfig:
     gradnorm: bool | None = None
     weight_bits: int | None = None
     weight_args: dict[str, Any] = field(default_factory=dict)
+    compact: bool = False
 
     def __post_init__(self) -> None:
         self._resolve_method()
@@ -138,6 +144,19 @@ class LowRankConfig:
         if self.weight_bits is not None and (not self.enabled or self.gradnorm):
             raise ValueError("weight_bits (quantized weights) needs the low-rank optimizer without gradnorm; "
                              "set enabled: true and gradnorm: false, or weight_bits: null")
+        if self.compact:
+            self._check_compact()
+
+    def _check_compact(self) -> None:
+        """CompAct hands the optimizer R instead of gradients: it needs the low-rank optimizer,
+        options that can step from R, and no path that reads weight gradients."""
+        if not self.enabled or self.gradnorm or self.weight_bits is not None:
+            raise ValueError("compact: true compresses the plain linear layers of the low-rank optimizer's targets; "
+                             "set enabled: true, gradnorm: false and weight_bits: null, or compact: false")
+        if self.layerwise or self.communication != "full":
+            raise ValueError("compact: true delivers R to optimizer.step() without weight gradients, which layer-wise "
+                             "mode and low-rank communication work from; set layerwise: false and communication: full")
+        check_compact_options(vars(self))
 
     def _resolve_method(self) -> None:
         """Fill every method field left at ``None``: from ``method``'s settings, else the
@@ -154,7 +173,7 @@ class LowRankConfig:
         """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""
         options = asdict(self)
         for key in ("enabled", "method", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm", "layerwise",
-                    "communication", "weight_bits", "weight_args"):
+                    "communication", "weight_bits", "weight_args", "compact"):
             options.pop(key)
         options["betas"] = None if options["betas"] is None else tuple(options["betas"])
         return options
@@ -167,6 +186,8 @@ class LowRankConfig:
         if self.weight_bits is not None:
             quantize_linear_weights(model, self.targets, bits=self.weight_bits, exclude=self.exclude,
                                     **self.weight_args)
+        if self.compact and not any(isinstance(m, CompactLinear) for m in model.modules()):
+            compact_linear_layers(model, self.targets, self.exclude)
         return model
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -175,7 +196,10 @@ class LowRankConfig:
             params = [p for p in model.parameters() if p.requires_grad]
             return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas or ADAMW_BETAS),
                                      eps=ADAMW_EPS if self.eps is None else self.eps, weight_decay=self.weight_decay)
-        return build_optimizer(model, targets=self.targets, exclude=self.exclude, **self.optimizer_options())
+        optimizer = build_optimizer(model, targets=self.targets, exclude=self.exclude, **self.optimizer_options())
+        if self.compact:
+            bind_compact(model, optimizer)
+        return optimizer
 
     def warmup_steps(self, total_steps: int) -> int:
         """``warmup`` in steps for a run of ``total_steps``; a warm-up longer than the run is an

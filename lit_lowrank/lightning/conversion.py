@@ -39,6 +39,7 @@ from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.optim.targets import no_targets_message, select_targets, target_layouts
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
+from lit_lowrank.activations import CompactLinear, bind_compact, compact_linear_layers
 from lit_lowrank.reparam.gradnorm import is_gradnorm
 
 OWNED_BY_MODULE = ("lr", "betas", "eps", "weight_decay", "warmup", "min_lr_ratio", "lr_schedule")
@@ -95,7 +96,10 @@ def _plain(value: Any) -> Any:
 
 def adopt_module(module: nn.Module, config: LowRankConfig) -> None:
     """Apply ``config``'s model transform to a user's module, in place and once: with
-    ``weight_bits``, the target linear layers become :class:`QuantizedLinear` (Q-GaLore)."""
+    ``weight_bits``, the target linear layers become :class:`QuantizedLinear` (Q-GaLore); with
+    ``compact``, :class:`CompactLinear` (CompAct; the same parameters)."""
+    if config.enabled and config.compact and not any(isinstance(m, CompactLinear) for m in module.modules()):
+        compact_linear_layers(module, config.targets, config.exclude)
     if not config.enabled or config.weight_bits is None:
         return
     quantized = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
@@ -105,6 +109,19 @@ def adopt_module(module: nn.Module, config: LowRankConfig) -> None:
     elif any(m.initial.bits != config.weight_bits for m in quantized):
         raise ValueError(f"the module already holds quantized linear layers of other widths than "
                          f"weight_bits={config.weight_bits}; build a fresh module or match weight_bits")
+
+
+def check_compact_trainer(trainer: pl.Trainer) -> None:
+    """Refuse what would read CompAct's weight gradients, which never exist (the layers hand the
+    optimizer ``R``): norm clipping (it would clip every other gradient by a norm without them)
+    and the fp16 scaler (it would not unscale ``R``)."""
+    if trainer.gradient_clip_val:
+        raise ValueError(f"compact: true weights have no gradients to clip; gradient_clip_val="
+                         f"{trainer.gradient_clip_val} would clip the others by a norm without them. Set "
+                         "gradient_clip_val=None or compact: false")
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        raise ValueError("compact: true hands the optimizer projected gradients that the fp16 scaler does not "
+                         "unscale; use precision='bf16-mixed' or '32-true', or compact: false")
 
 
 def check_strategy(trainer: pl.Trainer) -> None:
@@ -178,6 +195,12 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
             if scheduler_config.scheduler.optimizer is optimizer:
                 _rebind(scheduler_config.scheduler, len(optimizer.param_groups), new, group_map)
         converted.append(new)
+    if config.compact:
+        lowrank = [o for o in converted if isinstance(o, LowRankOptimizer)]
+        if len(lowrank) != 1:
+            raise ValueError(f"compact: true binds the compressed layers to one optimizer, but {len(lowrank)} hold "
+                             "target weights; put the targets in one optimizer")
+        bind_compact(module, lowrank[0])
     return converted
 
 

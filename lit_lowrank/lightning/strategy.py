@@ -18,7 +18,9 @@ from typing_extensions import override
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.module import LowRankModule
-from lit_lowrank.lightning.conversion import adopt_module, adoption_config, convert_optimizers, lowrank_callbacks
+from lit_lowrank.lightning.conversion import (
+    adopt_module, adoption_config, check_compact_trainer, convert_optimizers, lowrank_callbacks,
+)
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 from lit_lowrank.optim.communication import sync_module_states
 
@@ -50,6 +52,8 @@ class _LowRankOptimizers:
         super().setup_optimizers(trainer)  # type: ignore[misc]
         if isinstance(self.lightning_module, LowRankModule):
             return  # its optimizer and callbacks come from its own config
+        if self.lowrank.compact:
+            check_compact_trainer(trainer)
         self.optimizers = convert_optimizers(self.lightning_module, self.optimizers,
                                              self.lr_scheduler_configs, self.lowrank, self.explicit)
         if not any(isinstance(callback, LowRankTelemetry) for callback in trainer.callbacks):

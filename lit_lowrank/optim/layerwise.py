@@ -116,6 +116,9 @@ class LayerwiseUpdates:
     def attach(self) -> LayerwiseUpdates:
         """Register the per-parameter hooks (idempotent); returns ``self``."""
         if not self._handles:
+            if any(getattr(p, "compact_activations", False) for g in self.optimizer.param_groups for p in g["params"]):
+                raise ValueError("CompAct layers hand R to optimizer.step() and their weights never get a .grad, "
+                                 "so layer-wise hooks would never step them; use one or the other")
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
                     if p.requires_grad:

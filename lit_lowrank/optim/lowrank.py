@@ -259,15 +259,31 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         received, self._received = self._received, {}
+        work = [(group, [p for p in group["params"] if p.grad is not None or p in received])
+                for group in self.param_groups]
         self._step_all([(group, params) for group, params in work if params], received)
         return loss
 
-    def receive_projections(self, lows: dict[Tensor, Tensor]) -> None:
+    def receive_projections(self, lows: dict[Tensor, Tensor], *, accumulate: bool = False) -> None:
         """Projected gradients ``R`` the next :meth:`step` uses instead of projecting ``p.grad``
-        (a communication hook averaged them over the ranks); dropped by :meth:`zero_grad`."""
-        self._received.update(lows)
+        (a communication hook averaged them over the ranks; CompAct's layers compute them from
+        compressed activations, summed over micro-batches with ``accumulate``); a parameter with
+        one is stepped even without ``p.grad``. Dropped by :meth:`zero_grad`."""
+        for p, low in lows.items():
+            self._received[p] = self._received[p] + low if accumulate and p in self._received else low
+
+    def upcoming_bases(self, p: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The ``(L, Q)`` that the next step of ``p`` (a low-rank weight) will project with —
+        after the refresh that step makes, if it makes one. Needs a projector that draws its basis
+        without the gradient (``Projector.needs_gradient = False``: ``random``)."""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None or not group["lowrank"]:
+            raise ValueError(f"{self._name(p) if group else 'the parameter'} is not a low-rank weight of this optimizer")
+        slot, state = self._slot(p, group), self.state.get(p, {})
+        if not slot.schedule.should_refresh(int(state["step"]) if "step" in state else 0):
+            return slot.projector.bases()
+        return slot.projector.preview(shape_only(slot.view.shape, p))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -348,12 +364,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     state = self.state.get(p, {})
                     if not schedule.should_refresh(int(state["step"]) if "step" in state else 0):
                         continue
-                    if p in lows:
+                    if p in lows and projector.needs_gradient:
                         raise RuntimeError("a projected gradient was given for a step that refreshes the subspace; "
                                            "check needs_full_gradient() before projecting")
                     snapshots[p] = _clone(projector.state_dict())
                     old_bases[p] = projector.bases() if projector.refreshes else None
-                    grad = slot.view(l2_gradient(p.grad, p, group))
+                    grad = shape_only(slot.view.shape, p) if p in lows else slot.view(l2_gradient(p.grad, p, group))
                     projector.refresh(grad)
                     check_bases(projector, grad, group["rank"], group["projector"])
         except BaseException:
@@ -579,6 +595,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for slot in self._slots.values():
             sizes["projectors"] += slot.projector.resident_bytes()
         return sizes
+
+
+def shape_only(shape: torch.Size, like: Tensor) -> Tensor:
+    """A stand-in gradient of ``shape`` with ``like``'s dtype and device and no storage of its own
+    (a broadcast scalar), for projectors that read only a gradient's shape."""
+    return torch.zeros((), dtype=like.dtype, device=like.device).expand(shape)
 
 
 def float_weight(p: Tensor) -> Tensor:

@@ -84,6 +84,11 @@ class Projector(ABC):
     projects_tensors: bool = False
     """Whether the projector projects a convolution kernel as a tensor (Tucker: one basis per
     mode); otherwise the optimizer hands it the kernel's out × (in·k…) matricization."""
+    needs_gradient: bool = True
+    """Whether :meth:`refresh` reads the gradient's values. A projector that draws its basis from
+    a seed and the gradient's shape alone (``random``) sets False and implements :meth:`preview`,
+    so the basis of a coming step is known before its gradient exists (CompAct's compressed
+    activations are projected with it in the forward pass)."""
     orthonormal: bool = True
     """Whether the bases have orthonormal columns (``LᵀL = I``), so ``project_back ∘ project``
     is an orthogonal projection; a plain Gaussian sketch (``random``) has not."""
@@ -115,6 +120,12 @@ class Projector(ABC):
     @abstractmethod
     def bases(self) -> tuple[Tensor | None, Tensor | None]:
         """``(L, Q)``: left basis m×r (or None) and right basis n×r (or None)."""
+
+    def preview(self, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The ``(L, Q)`` that :meth:`refresh` on a gradient shaped like ``like`` would give,
+        without refreshing; only projectors with ``needs_gradient = False`` can tell."""
+        raise NotImplementedError(f"{type(self).__name__} fits its basis to the gradient's values, so the basis "
+                                  "of a coming refresh is unknown before the gradient exists")
 
     def project(self, grad: Tensor) -> Tensor:
         """``G`` (m×n) → ``R``: r×n (left), m×r (right) or r×r (both)."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.projectors.base import Projector, Side, basis_bytes
+from lit_lowrank.projectors.base import Projector, Side, basis_bytes, choose_side
 from lit_lowrank.projectors.sketch import gaussian, orthonormalize, seeded_generator
 
 
@@ -38,6 +38,7 @@ class RandomProjector(Projector):
     """
 
     batched = True
+    needs_gradient = False
 
     def __init__(self, rank: int, *, side: str = "std", seed: int = 0, orthonormal: bool = False,
                  cache_basis: bool = True) -> None:
@@ -52,6 +53,14 @@ class RandomProjector(Projector):
         self._shape = (grad.shape[-2], grad.shape[-1])
         self._like = grad.new_empty(0)
         self._cache = self._generate(self.refreshes) if self.cache_basis else None
+
+    def preview(self, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The draw ``(seed, refreshes)`` that the next refresh makes: it depends on ``like``'s
+        shape, dtype and device only."""
+        if self.side is None:
+            self.side = choose_side(self.side_policy, like.shape)
+        self._shape, self._like = (like.shape[-2], like.shape[-1]), like.new_empty(0)
+        return self._generate(self.refreshes)
 
     def _generate(self, counter: int) -> tuple[Tensor | None, Tensor | None]:
         m, n = self._shape
@@ -72,7 +81,7 @@ class RandomProjector(Projector):
     def bases(self) -> tuple[Tensor | None, Tensor | None]:
         if self._cache is not None:
             return self._cache
-        if self._shape is None:
+        if self._shape is None or not self.refreshes:
             raise RuntimeError("projector used before its first refresh()")
         bases = self._generate(self.refreshes - 1)
         if self.cache_basis:
