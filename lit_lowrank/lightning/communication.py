@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lit_lowrank.lightning.gradient_readers import refuse_gradient_readers
 from lit_lowrank.optim.communication import LowRankCommunication, lowrank_comm_hook
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 
@@ -40,13 +41,10 @@ class LowRankCommunicationCallback(Callback):
             raise ValueError(f"communication: lowrank all-reduces projected gradients through DDP, but the strategy "
                              f"is {type(strategy).__name__}: use strategy='ddp_lowrank' (or 'ddp'), or "
                              "communication: full")
-        if trainer.gradient_clip_val:
-            raise ValueError(f"communication: lowrank never forms the averaged full gradient of a target weight, so "
-                             f"gradient_clip_val={trainer.gradient_clip_val} cannot clip by its norm; set "
-                             "gradient_clip_val=None or communication: full")
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError("communication: lowrank hands the optimizer projected gradients that the fp16 scaler "
-                             "does not unscale; use precision='bf16-mixed' or '32-true', or communication: full")
+        refuse_gradient_readers(
+            trainer, feature="communication: lowrank", off="communication: full",
+            clipping="the averaged full gradient of a target weight is never formed, so it cannot be clipped by its norm",
+            scaling="the optimizer gets projected gradients that the fp16 scaler does not unscale")
         if getattr(strategy, "_ddp_comm_hook", None) is not None:
             raise ValueError("communication: lowrank registers its own DDP communication hook, and the strategy has "
                              "ddp_comm_hook set: use one of them")

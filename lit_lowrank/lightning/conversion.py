@@ -33,13 +33,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 
-from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.communication import LowRankCommunicationCallback
-from lit_lowrank.lightning.layerwise import LayerwiseCallback
-from lit_lowrank.optim.targets import no_targets_message, select_targets, target_layouts
-from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.activations import CompactLinear, bind_compact, compact_linear_layers
+from lit_lowrank.lightning.communication import LowRankCommunicationCallback
+from lit_lowrank.lightning.config import LowRankConfig
+from lit_lowrank.lightning.gradient_readers import refuse_gradient_readers
+from lit_lowrank.lightning.layerwise import LayerwiseCallback
+from lit_lowrank.optim.lowrank import LowRankOptimizer
+from lit_lowrank.optim.targets import no_targets_message, select_targets, target_layouts
+from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import is_gradnorm
 
 OWNED_BY_MODULE = ("lr", "betas", "eps", "weight_decay", "warmup", "min_lr_ratio", "lr_schedule")
@@ -115,13 +116,11 @@ def check_compact_trainer(trainer: pl.Trainer) -> None:
     """Refuse what would read CompAct's weight gradients, which never exist (the layers hand the
     optimizer ``R``): norm clipping (it would clip every other gradient by a norm without them)
     and the fp16 scaler (it would not unscale ``R``)."""
-    if trainer.gradient_clip_val:
-        raise ValueError(f"compact: true weights have no gradients to clip; gradient_clip_val="
-                         f"{trainer.gradient_clip_val} would clip the others by a norm without them. Set "
-                         "gradient_clip_val=None or compact: false")
-    if getattr(trainer.precision_plugin, "scaler", None) is not None:
-        raise ValueError("compact: true hands the optimizer projected gradients that the fp16 scaler does not "
-                         "unscale; use precision='bf16-mixed' or '32-true', or compact: false")
+    refuse_gradient_readers(
+        trainer, feature="compact: true", off="compact: false",
+        clipping="the compressed layers' weights have no gradients to clip, and the others would be clipped by a "
+                 "norm without them",
+        scaling="the optimizer gets projected gradients that the fp16 scaler does not unscale")
 
 
 def check_strategy(trainer: pl.Trainer) -> None:

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lit_lowrank.lightning.gradient_readers import refuse_gradient_readers
 from lit_lowrank.optim.communication import COMMUNICATIONS
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
 from lit_lowrank.optim.lowrank import LowRankOptimizer
@@ -47,14 +48,10 @@ class LayerwiseCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.gradient_clip_val:
-            raise ValueError(
-                f"layer-wise updates cannot clip by the global gradient norm (gradient_clip_val="
-                f"{trainer.gradient_clip_val}): each gradient is freed before the next one exists. "
-                "Set Trainer(gradient_clip_val=None), or layerwise: false.")
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError("layer-wise updates run before the fp16 gradient scaler could unscale the gradients; "
-                             "use precision='bf16-mixed' or '32-true', or layerwise: false.")
+        refuse_gradient_readers(
+            trainer, feature="layerwise: true", off="layerwise: false",
+            clipping="each gradient is freed before the next one exists, so none can be clipped by the global norm",
+            scaling="the updates run before the fp16 scaler could unscale the gradients")
         if not pl_module.automatic_optimization:
             raise ValueError("LayerwiseCallback drives Lightning's automatic optimization; with "
                              "automatic_optimization=False attach lit_lowrank.optim.layerwise.LayerwiseUpdates "

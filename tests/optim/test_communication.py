@@ -22,13 +22,19 @@ def _step(model: nn.Module, optimizer, inputs: torch.Tensor, targets: torch.Tens
     optimizer.step()
 
 
-def _worker(rank: int, world_size: int, out: str, method: str) -> None:
-    options = {**OPTIONS, "method": method}
-    plain, ours = Block(torch.float32), Block(torch.float32)
+def _ddp_pair(make, options: dict):
+    """The same model twice under DDP: plain all-reduce, and low-rank communication's hook."""
+    plain, ours = make(), make()
     plain_optimizer, our_optimizer = build_optimizer(plain, **options), build_optimizer(ours, **options)
     plain_ddp, our_ddp = DistributedDataParallel(plain), DistributedDataParallel(ours)
     communication = LowRankCommunication(our_optimizer)
     our_ddp.register_comm_hook(communication, lowrank_comm_hook)
+    return (plain, plain_ddp, plain_optimizer), (ours, our_ddp, our_optimizer), communication
+
+
+def _worker(rank: int, world_size: int, out: str, method: str) -> None:
+    (plain, plain_ddp, plain_optimizer), (ours, our_ddp, our_optimizer), communication = _ddp_pair(
+        lambda: Block(torch.float32), {**OPTIONS, "method": method})
     log = []
     for inputs, targets in rank_share(batches(STEPS, torch.float32), rank, world_size):
         _step(plain_ddp, plain_optimizer, inputs, targets)
@@ -106,12 +112,8 @@ class StackedBlock(nn.Module):
 
 
 def _stacked_worker(rank: int, world_size: int, out: str) -> None:
-    options = {**OPTIONS, "targets": ["conv", "experts"]}
-    plain, ours = StackedBlock(), StackedBlock()
-    plain_optimizer, our_optimizer = build_optimizer(plain, **options), build_optimizer(ours, **options)
-    plain_ddp, our_ddp = DistributedDataParallel(plain), DistributedDataParallel(ours)
-    communication = LowRankCommunication(our_optimizer)
-    our_ddp.register_comm_hook(communication, lowrank_comm_hook)
+    (plain, plain_ddp, plain_optimizer), (ours, our_ddp, our_optimizer), communication = _ddp_pair(
+        StackedBlock, {**OPTIONS, "targets": ["conv", "experts"]})
     sent = []
     for inputs, targets in rank_share(batches(STEPS, torch.float32), rank, world_size):
         _step(plain_ddp, plain_optimizer, inputs, targets)
