@@ -89,6 +89,8 @@ class Storage:
         cache_basis: the projector keeps its regenerable basis between steps.
         rule_state: bytes per element of max(m, n) that the rule keeps (SNSM: 4).
         limiter: the rule keeps a norm-growth limiter's norm per matrix (Fira, APOLLO).
+        side: the projected side: ``std`` (the smaller dimension), ``right`` (n, R m×r) or ``left``.
+        compact: CompAct's layers: a target's gradient is its R (r·m), never the m×n matrix.
     """
 
     lowrank: bool = True
@@ -100,6 +102,8 @@ class Storage:
     cache_basis: bool = True
     rule_state: int = 0
     limiter: bool = False
+    side: str = "std"
+    compact: bool = False
 
 
 def storage(name: str | Method) -> Storage:
@@ -125,13 +129,17 @@ def storage(name: str | Method) -> Storage:
                          "measure it with LowRankOptimizer.state_bytes() after a step")
     if moments == "factored" and options.get("inner_args", {}).get("beta1") is not None:
         moments = "factored-beta1"
+    if options.get("side", "std") not in ORIENTATIONS:
+        raise ValueError(f"no memory formula for method {name!r}: side {options['side']!r}; measure it with "
+                         "LowRankOptimizer.state_bytes() after a step")
     projector_args = options.get("projector_args", {})
     basis = BASES[projector]
     if projector_args.get("quantizer") == "int":
         basis = f"int{projector_args.get('quantizer_args', {}).get('bits', 8)}"
     return Storage(moments=moments, basis=basis, rank=options.get("rank"), weight_bits=method.weight_bits,
                    gradnorm=method.gradnorm, cache_basis=projector_args.get("cache_basis", True),
-                   rule_state=RULE_STATES[rule], limiter=rule in LIMITED_RULES)
+                   rule_state=RULE_STATES[rule], limiter=rule in LIMITED_RULES, side=options.get("side", "std"),
+                   compact=method.compact)
 
 
 @dataclass(frozen=True)
@@ -197,6 +205,10 @@ def estimate(
         weights += sum(int_bytes(p.numel(), spec.weight_bits, formats.weight_group, p.ndim) - _nbytes(p)
                        for p in low_rank.values())
     grads = [_nbytes(p) for p in trainable]
+    if spec.compact:  # a compressed layer's weight gets R (r × its kept dimension), not a gradient
+        r = spec.rank or rank
+        grads = [_nbytes(p) for p in dense.values()] + [
+            min(r, *p.shape) * _oriented(*p.shape, spec.side)[0] * p.element_size() for p in low_rank.values()]
     gradients = max(grads, default=0) if layerwise else sum(grads)
     if not spec.lowrank:
         states = {"moments": 0, "projectors": 0, "dense": sum(_full_rank_states(p, spec, formats) for p in trainable)}
@@ -228,37 +240,50 @@ def _nbytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
+ORIENTATIONS = ("std", "right", "left")
+"""The sides with a formula: R keeps one dimension of G and projects the other."""
+
+
+def _oriented(m: int, n: int, side: str) -> tuple[int, int]:
+    """``(kept, projected)``: the dimension R keeps and the one its basis spans — ``std``
+    projects the smaller, ``right`` n (R m×r), ``left`` m (R r×n)."""
+    return {"std": (max(m, n), min(m, n)), "right": (m, n), "left": (n, m)}[side]
+
+
 def _lowrank_moments(view: View, rank: int, spec: Storage, formats: Formats, b: int) -> int:
-    m, n = view.matrix
+    kept, projected = _oriented(*view.matrix, spec.side)
     limiter_norms = 4 * view.count if spec.limiter and len(view.shape) == 3 else 0  # per expert, float32
-    return view.count * (_inner_moments(m, n, rank, spec, formats, b) + spec.rule_state * max(m, n)) + limiter_norms
+    own = _inner_moments(kept, projected, rank, spec, formats, b) + spec.rule_state * kept
+    return view.count * own + limiter_norms
 
 
-def _inner_moments(m: int, n: int, rank: int, spec: Storage, formats: Formats, b: int) -> int:
-    k = min(rank, m, n) * max(m, n)
+def _inner_moments(kept: int, projected: int, rank: int, spec: Storage, formats: Formats, b: int) -> int:
+    r = min(rank, kept, projected)
+    k = r * kept
     if spec.moments == "8bit" and k >= formats.min_8bit_size:
         return 2 * blockwise8_bytes(k, formats.block_size, 2)
     if spec.moments.startswith("factored"):  # float32 row and column statistics (+ first moment)
-        factored = 4 * (min(rank, m, n) + max(m, n))
+        factored = 4 * (r + kept)
         return factored + (4 * k if spec.moments == "factored-beta1" else 0)
     if spec.moments == "subset-norm":  # one moment + float32 subset norms along the kept axis
-        return k * b + 4 * max(m, n)
+        return k * b + 4 * kept
     return (1 if spec.moments == "single" else 2) * k * b
 
 
 def _basis(view: View, rank: int, spec: Storage, formats: Formats, b: int) -> int:
-    m, n = view.matrix
+    kept, projected = _oriented(*view.matrix, spec.side)
     shared = spec.basis == "seed"  # a seeded draw is one basis for the whole stack of experts
-    return (1 if shared else view.count) * _matrix_basis(m, n, rank, spec, formats, b)
+    return (1 if shared else view.count) * _matrix_basis(kept, projected, rank, spec, formats, b)
 
 
-def _matrix_basis(m: int, n: int, rank: int, spec: Storage, formats: Formats, b: int) -> int:
-    numel = min(rank, m, n) * min(m, n)
+def _matrix_basis(kept: int, projected: int, rank: int, spec: Storage, formats: Formats, b: int) -> int:
+    r = min(rank, kept, projected)
+    numel = r * projected
     cached = numel * b if spec.cache_basis else 0
     if spec.basis == "seed":  # int64 shape (m, n) + the cached dense basis
         return 8 * 2 + cached
     if spec.basis == "columns":  # r int64 column indices + the cached columns
-        return 8 * min(rank, m, n) + cached
+        return 8 * r + cached
     if spec.basis.startswith("int"):
         return int_bytes(numel, int(spec.basis[3:]), formats.basis_group, 2)
     return numel * b

@@ -38,6 +38,8 @@ class Method:
             (:func:`~lit_lowrank.quantizers.quantized_linear.quantize_linear_weights`; Q-GaLore: 8).
         gradnorm: target weights are weight-normalized first
             (:func:`~lit_lowrank.reparam.gradnorm.apply_gradnorm`; GradNormLoRP).
+        compact: target linear layers save compressed activations and hand the optimizer ``R``
+            (:func:`~lit_lowrank.activations.compact_linear_layers`; CompAct).
         paper: the reference.
     """
 
@@ -45,6 +47,7 @@ class Method:
     options: dict[str, Any] = field(default_factory=dict)
     weight_bits: int | None = None
     gradnorm: bool = False
+    compact: bool = False
     paper: str = ""
 
     def __post_init__(self) -> None:
@@ -55,7 +58,8 @@ class Method:
     def settings(self) -> dict[str, Any]:
         """Everything the recipe sets, as ``lowrank:`` keys of a YAML config."""
         extra = {"weight_bits": self.weight_bits} if self.weight_bits is not None else {}
-        return {**self.options, **extra, **({"gradnorm": True} if self.gradnorm else {})}
+        flags = {flag: True for flag in ("gradnorm", "compact") if getattr(self, flag)}
+        return {**self.options, **extra, **flags}
 
     def merged(self, name: str, explicit: dict[str, Any]) -> dict[str, Any]:
         """The method's settings with ``explicit`` ones (not None) on top. An explicit value
@@ -73,7 +77,7 @@ class Method:
         return {**settings, **{k: v for k, v in explicit.items() if v is not None}}
 
 
-DEFINING = ("projector", "rule", "inner", "schedule", "gradnorm", "weight_bits")
+DEFINING = ("projector", "side", "rule", "inner", "schedule", "gradnorm", "weight_bits", "compact")
 """Settings that make a method what it is: set explicitly to another value, they are refused."""
 
 
@@ -122,6 +126,9 @@ BUILTIN_METHODS: dict[str, Method] = {
                        paper="Huang et al. 2024, GradNormLoRP"),
     "gradnorm-8bit": Method("GradNormLoRP with 8-bit moments", {"inner": "adamw8bit"}, gradnorm=True,
                             paper="Huang et al. 2024, GradNormLoRP"),
+    "compact": Method("linear layers save x·Q instead of x for backward and hand the optimizer R = G·Q "
+                      "(a seeded Gaussian Q, GaLore's update)", {"projector": "random", "side": "right"},
+                      compact=True, paper="Shamshoum et al. 2024, CompAct"),
 }
 
 

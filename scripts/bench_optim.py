@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lit_lowrank import build_optimizer, registered
+from lit_lowrank.activations import bind_compact, compact_linear_layers
 from lit_lowrank.memory import measured_state_bytes
 from lit_lowrank.methods import Method
 from lit_lowrank.models.llama import llama_config
@@ -91,10 +92,18 @@ def targets_of(model: nn.Module) -> list[str] | None:
 
 
 def method_factory(name: str) -> Factory:
-    """``build_optimizer(model, method=name)`` at GaLore's settings, minus those the method sets."""
+    """``build_optimizer(model, method=name)`` at GaLore's settings, minus those the method sets;
+    CompAct's layers are bound to the optimizer."""
     method: Method = registered("methods")[name].component
-    return lambda model: build_optimizer(model, method=name, targets=targets_of(model),
-                                         **{k: v for k, v in GALORE.items() if k not in method.options})
+
+    def factory(model: nn.Module) -> torch.optim.Optimizer:
+        optimizer = build_optimizer(model, method=name, targets=targets_of(model),
+                                    **{k: v for k, v in GALORE.items() if k not in method.options})
+        if method.compact:
+            bind_compact(model, optimizer)
+        return optimizer
+
+    return factory
 
 
 def network(kind: str, size: str) -> nn.Module:
@@ -111,7 +120,8 @@ def network(kind: str, size: str) -> nn.Module:
 
 
 def prepared_model(size: str, name: str, dtype: torch.dtype, device: str, kind: str = "llama") -> nn.Module:
-    """The network with the method's transform applied and fixed gradients set."""
+    """The network with the method's transform applied and fixed gradients set (CompAct's
+    compressed layers get none: their fixed R is handed to the optimizer at each step)."""
     torch.manual_seed(0)
     model = network(kind, size).to(device=device, dtype=dtype)
     method = registered("methods").get(name)
@@ -119,19 +129,38 @@ def prepared_model(size: str, name: str, dtype: torch.dtype, device: str, kind: 
         apply_gradnorm(model)
     if method is not None and method.component.weight_bits is not None:
         quantize_linear_weights(model, None, bits=method.component.weight_bits)
+    if method is not None and method.component.compact:
+        compact_linear_layers(model, targets_of(model))
     for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
+        p.grad = None if getattr(p, "compact_activations", False) else torch.randn_like(p) * 1e-3
     return model
 
 
 def measure(model: nn.Module, factory: Factory, warmup: int, steps: int) -> dict[str, float]:
     optimizer = factory(model)
     clock = Clock(next(model.parameters()).device)
-    first = clock.time(optimizer.step)
+    step = with_compact_projections(model, optimizer)
+    first = clock.time(step)
     for _ in range(warmup):
-        optimizer.step()
-    steady = statistics.median(clock.time(optimizer.step) for _ in range(steps))
+        step()
+    steady = statistics.median(clock.time(step) for _ in range(steps))
     return {"ms": steady * 1e3, "refresh_ms": max(first - steady, 0.0) * 1e3, "mib": measured_state_bytes(optimizer) / 2**20}
+
+
+def with_compact_projections(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], object]:
+    """``optimizer.step``, preceded for CompAct's layers by handing over a fixed R (out × r), as
+    their backward would."""
+    compact = [p for p in model.parameters() if getattr(p, "compact_activations", False)]
+    if not compact:
+        return optimizer.step
+    rank = optimizer.param_groups[0]["rank"]
+    lows = {p: torch.randn(p.shape[0], min(rank, *p.shape), dtype=p.dtype, device=p.device) * 1e-3 for p in compact}
+
+    def step() -> None:
+        optimizer.receive_projections(lows)
+        optimizer.step()
+
+    return step
 
 
 class Clock:

@@ -14,6 +14,7 @@ from torch import nn
 
 from lit_lowrank import UnknownComponentError, build_optimizer, hookimpl, plugins
 from lit_lowrank.lightning import LowRankConfig
+from lit_lowrank.activations import compact_linear_layers
 from lit_lowrank.methods import BUILTIN_METHODS, OPTION_KEYS, Method
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
@@ -35,6 +36,8 @@ def prepared(method: Method) -> Blocks:
         apply_gradnorm(model)
     if method.weight_bits is not None:
         quantize_linear_weights(model, None, bits=method.weight_bits)
+    if method.compact:
+        compact_linear_layers(model)
     return model
 
 

@@ -84,7 +84,7 @@ class LowRankConfig:
             (8 in the paper), updated with stochastic rounding (method field; default null: float
             weights).
         weight_args: Options of the quantized weights: group_size (256), stochastic (true).
-        compact: CompAct: the target linear layers save a random projection x·Q of their input
+        compact: CompAct (method field; default false): the target linear layers save a random projection x·Q of their input
             for backward instead of x (activation memory tokens·r instead of tokens·in per layer)
             and hand the optimizer R = G·Q directly; needs projector random, side right and a
             rule that does not read G (galore), single process, not layerwise.
@@ -120,7 +120,7 @@ class LowRankConfig:
     gradnorm: bool | None = None
     weight_bits: int | None = None
     weight_args: dict[str, Any] = field(default_factory=dict)
-    compact: bool = False
+    compact: bool | None = None
 
     def __post_init__(self) -> None:
         self._resolve_method()
@@ -215,6 +215,6 @@ LR_SCHEDULES = DECAYS
 METHOD_DEFAULTS: dict[str, Any] = {
     "rank": 128, "projector": "svd", "side": "std", "update_gap": 200, "scale": 0.25, "rule": "galore",
     "inner": "adamw", "schedule": "fixed", "on_refresh": "keep", "projector_args": {}, "rule_args": {},
-    "inner_args": {}, "schedule_args": {}, "gradnorm": False, "weight_bits": None,
+    "inner_args": {}, "schedule_args": {}, "gradnorm": False, "weight_bits": None, "compact": False,
 }
 """The fields a ``method`` may set (``null`` in YAML: the method's value, else this default)."""

@@ -49,7 +49,7 @@ def build_optimizer(
         recipe = get_method(method) if isinstance(method, str) else method
         check_model_fits(recipe, low_rank, method)
         options = {key: value for key, value in recipe.merged(str(method), options).items()
-                   if key not in ("gradnorm", "weight_bits")}
+                   if key not in ("gradnorm", "weight_bits", "compact")}
     groups = layout_groups(low_rank, target_layouts(model, targets, exclude))
     if dense:
         groups.append({"params": list(dense.values()), "names": list(dense), "lowrank": False})
@@ -72,7 +72,8 @@ def layout_groups(low_rank: dict[str, Tensor], layouts: dict[Tensor, str]) -> li
 
 def check_model_fits(method: Method, targets: dict[str, nn.Parameter], name: object) -> None:
     """Refuse a model that lacks the transform ``method`` trains (never silently train the
-    plain weights instead): INT8 weights for Q-GaLore, weight normalization for GradNormLoRP."""
+    plain weights instead): INT8 weights for Q-GaLore, weight normalization for GradNormLoRP,
+    compressed linear layers for CompAct."""
     if method.weight_bits is not None and not any(hasattr(p, "weight_store") for p in targets.values()):
         raise ValueError(f"method {name!r} trains quantized target weights: call lit_lowrank.quantizers."
                          f"quantized_linear.quantize_linear_weights(model, bits={method.weight_bits}) before building the "
@@ -80,3 +81,7 @@ def check_model_fits(method: Method, targets: dict[str, nn.Parameter], name: obj
     if method.gradnorm and not any(n.endswith(GRADNORM_DIRECTION) for n in targets):
         raise ValueError(f"method {name!r} trains weight-normalized targets: call "
                          "lit_lowrank.reparam.apply_gradnorm(model) before building the optimizer")
+    if method.compact and not any(getattr(p, "compact_activations", False) for p in targets.values()):
+        raise ValueError(f"method {name!r} trains compressed linear layers: call lit_lowrank.activations."
+                         "compact_linear_layers(model) before building the optimizer and bind_compact(model, "
+                         "optimizer) after (the Lightning config does both with compact: true)")

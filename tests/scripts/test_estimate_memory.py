@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_lowrank import LowRankOptimizer, UnknownComponentError, build_optimizer, hookimpl, plugins
 from lit_lowrank.memory import BASELINES, estimate, llama_on_meta
+from lit_lowrank.activations import bind_compact, compact_linear_layers
 from lit_lowrank.methods import Method
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
@@ -56,8 +57,17 @@ def prepared(name: str) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
     model = small_llama()
     if name == "adamw":
         return model, LowRankOptimizer([{"params": list(model.parameters())}])
-    transform(model, recipe(name), DEFAULT_TARGETS)
-    return model, build_optimizer(model, method=recipe(name), **rank_unless_fixed(recipe(name)))
+    return model, transformed_optimizer(model, recipe(name), DEFAULT_TARGETS)
+
+
+def transformed_optimizer(model: torch.nn.Module, method: Method, targets, **options) -> torch.optim.Optimizer:
+    """``build_optimizer(model, method=...)`` on the model with the method's transforms (and
+    CompAct's layers bound to the optimizer)."""
+    transform(model, method, targets)
+    optimizer = build_optimizer(model, method=method, targets=targets, **options, **rank_unless_fixed(method))
+    if method.compact:
+        bind_compact(model, optimizer)
+    return optimizer
 
 
 def rank_unless_fixed(method: Method) -> dict:
@@ -66,11 +76,13 @@ def rank_unless_fixed(method: Method) -> dict:
 
 
 def transform(model: torch.nn.Module, method: Method, targets) -> None:
-    """The model transforms ``method`` trains: weight normalization, INT8 weights."""
+    """The model transforms ``method`` trains: weight normalization, INT8 weights, compressed layers."""
     if method.gradnorm:
         apply_gradnorm(model, targets)
     if method.weight_bits is not None:
         quantize_linear_weights(model, targets, bits=method.weight_bits, exclude=DEFAULT_EXCLUDE)
+    if method.compact:
+        compact_linear_layers(model, targets)
 
 
 def backward(model: LlamaForCausalLM) -> None:
@@ -83,7 +95,9 @@ def test_state_and_gradient_bytes_equal_measured(name):
     model, optimizer = prepared(name)
     predicted = estimate(model, name, rank=RANK)
     backward(model)
-    assert predicted.gradients == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    received = optimizer._received  # CompAct's R, delivered instead of the targets' gradients
+    held = [p.grad for p in model.parameters() if p.grad is not None] + list(received.values())
+    assert predicted.gradients == sum(t.numel() * t.element_size() for t in held)
     optimizer.step()
     assert predicted.states == optimizer.state_bytes()
 
@@ -161,9 +175,7 @@ def test_state_bytes_equal_measured_on_odd_shapes(name, dtype):
     if name == "adamw":
         optimizer = LowRankOptimizer([{"params": list(model.parameters())}])
     else:
-        transform(model, recipe(name), ["mlp"])
-        optimizer = build_optimizer(model, method=recipe(name), targets=["mlp"], exclude=["head"],
-                                    **rank_unless_fixed(recipe(name)))
+        optimizer = transformed_optimizer(model, recipe(name), ["mlp"], exclude=["head"])
     predicted = estimate(model, name, rank=RANK, targets=["mlp"], exclude=["head"])
     model(torch.randn(4, 53, dtype=dtype)).square().mean().backward()
     optimizer.step()
