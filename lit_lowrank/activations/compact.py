@@ -20,6 +20,10 @@ Usage (plain PyTorch)::
     compact_linear_layers(model)                      # before building the optimizer
     optimizer = build_optimizer(model, projector="random", side="right", rank=128)
     bind_compact(model, optimizer)                    # the layers ask it for Q, hand it R
+
+The compressed layers' weights never get a ``.grad``: ``torch.nn.utils.clip_grad_norm_`` would
+clip the other gradients by a norm without them (the Lightning paths refuse
+``gradient_clip_val``), and DDP has nothing of theirs to all-reduce (refused).
 """
 
 from __future__ import annotations
