@@ -20,10 +20,14 @@ from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.projectors.base import Projector, Side
 
 
-def mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
-    """``tensor ×_mode matrixᵀ``: contracts ``tensor``'s axis ``mode`` (size d) with the rows
-    of ``matrix`` (d×r), leaving r at that axis."""
-    return torch.movedim(torch.tensordot(tensor, matrix, dims=([mode], [0])), -1, mode)
+def multiply_modes(tensor: Tensor, matrices: tuple[Tensor, ...]) -> Tensor:
+    """``tensor ×₁ M₁ ×₂ M₂ … ×_N M_N`` (``M_k``: e_k×d_k) by mode cycling: multiply the leading
+    axis as a matrix (one matmul on a free reshape), then move it to the end, so after N modes the
+    axes are back in order — one contiguous copy per mode."""
+    for matrix in matrices:
+        product = matrix @ tensor.reshape(tensor.shape[0], -1)
+        tensor = product.reshape(matrix.shape[0], *tensor.shape[1:]).movedim(0, -1).contiguous()
+    return tensor
 
 
 class TuckerProjector(Projector):
@@ -66,18 +70,12 @@ class TuckerProjector(Projector):
         return self._factors
 
     def project(self, grad: Tensor) -> Tensor:
-        """``G`` (d₁×…×d_N) → the core ``C`` (r₁×…×r_N)."""
-        core = grad
-        for mode, factor in enumerate(self.bases()):
-            core = mode_product(core, factor, mode)
-        return core
+        """``G`` (d₁×…×d_N) → the core ``C = G ×₁ U₁ᵀ … ×_N U_Nᵀ`` (r₁×…×r_N)."""
+        return multiply_modes(grad, tuple(factor.T for factor in self.bases()))
 
     def project_back(self, low: Tensor) -> Tensor:
         """The core ``C`` → ``C ×₁ U₁ … ×_N U_N`` (d₁×…×d_N)."""
-        full = low
-        for mode, factor in enumerate(self.bases()):
-            full = mode_product(full, factor.T, mode)
-        return full
+        return multiply_modes(low, self.bases())
 
     def add_back_(self, target: Tensor, low: Tensor, alpha: float) -> Tensor:
         return target.add_(self.project_back(low), alpha=alpha)
