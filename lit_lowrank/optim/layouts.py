@@ -74,9 +74,20 @@ class View:
         return math.prod(self.shape[:-2])
 
     def __call__(self, tensor: Tensor) -> Tensor:
-        """``tensor`` (the weight's shape) in this view: a view sharing storage where possible,
-        so in-place updates of a viewed weight reach the parameter."""
+        """``tensor`` (a gradient, in the weight's shape) in this view's shape."""
         return tensor if tensor.shape == self.shape else tensor.reshape(self.shape)
+
+    def weight(self, tensor: Tensor) -> Tensor:
+        """The weight ``tensor`` in this view's shape, sharing its storage, so that in-place
+        updates reach the parameter; never a copy."""
+        if tensor.shape == self.shape:
+            return tensor
+        try:
+            return tensor.view(self.shape)
+        except RuntimeError as error:
+            raise RuntimeError(f"a {tuple(tensor.shape)} kernel can no longer be viewed as {tuple(self.shape)} in "
+                               "place (its memory format changed after the optimizer was built, e.g. to "
+                               "channels_last); keep conv weights contiguous") from error
 
     def back(self, tensor: Tensor, like: Tensor) -> Tensor:
         """``tensor`` (this view's shape) in ``like``'s shape."""

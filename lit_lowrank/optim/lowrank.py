@@ -319,6 +319,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Whether the step may go on: sparse gradients raise; non-finite ones follow the
         ``nonfinite`` policy (one fused check over every gradient the step reads)."""
         params = [p for _, group_params in work for p in group_params]
+        moved = next((p for group, group_params in work if group.get("layout") == "kernel"
+                      for p in group_params if not p.is_contiguous()), None)
+        if moved is not None:
+            raise RuntimeError(f"{self._name(moved)} can no longer be viewed as its out × (in·k…) matrix in place (its "
+                               "memory format changed after the optimizer was built, e.g. to channels_last); nothing "
+                               "was updated. Keep conv weights contiguous")
         sparse = next((p for p in params if p not in lows and p.grad.is_sparse), None)
         if sparse is not None:
             raise RuntimeError(f"LowRankOptimizer does not support sparse gradients ({self._name(sparse)}); use a "
@@ -478,7 +484,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for (p, low, state, slot), direction in zip(items, directions):
                 weight = float_weight(p)
                 with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
-                    rule.apply_(slot.view(weight), RuleInputs(grads[p], low, direction, slot.projector, state),
+                    rule.apply_(slot.view.weight(weight), RuleInputs(grads[p], low, direction, slot.projector, state),
                                 step_size=lr * inner.step_size_factor(step))
                 if weight is not p:
                     p.weight_store.store_(weight)

@@ -144,3 +144,14 @@ def test_a_channels_last_kernel_is_refused():
     model = fresh_model().to(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="channels_last"):
         build_optimizer(model, targets=["stem"], **OPTIONS)
+
+
+def test_a_kernel_made_channels_last_after_the_optimizer_was_built_is_refused_not_copied():
+    model = fresh_model()
+    optimizer = build_optimizer(model, targets=["stem"], **OPTIONS)
+    model.to(memory_format=torch.channels_last)
+    model(task()[0][:2]).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="stem.weight can no longer be viewed .* nothing was updated"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
