@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.optim.targets import no_targets_message, target_modules
+from lit_lowrank.optim.targets import linear_targets, replace_module
 from lit_lowrank.plugins import get_projector, get_update_rule
 
 
@@ -73,12 +73,9 @@ class CompactLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> CompactLinear:
         """A CompactLinear holding ``linear``'s own weight and bias (the same parameters)."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
         layer.weight.compact_activations = True
-        layer._optimizer = None
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,16 +100,11 @@ def compact_linear_layers(model: nn.Module, targets: Sequence[str] | None = None
     Raises:
         ValueError: if there is no target, or a target is not an ``nn.Linear``.
     """
-    chosen = list(target_modules(model, targets, exclude).items())
-    if not chosen:
-        raise ValueError(no_targets_message(model, targets, exclude))
-    others = [f"{name} ({type(m).__name__})" for name, m in chosen if type(m) is not nn.Linear]
-    if others:
-        raise ValueError(f"CompAct compresses the inputs of nn.Linear layers only, not {others}; add them to `exclude`")
-    for name, linear in chosen:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, CompactLinear.from_linear(linear))
-    return [name for name, _ in chosen]
+    chosen = linear_targets(model, targets, exclude, "CompAct compresses the inputs of",
+                            accepts=lambda module: type(module) is nn.Linear)  # a subclass has its own forward
+    for name, linear in chosen.items():
+        replace_module(model, name, CompactLinear.from_linear(linear))
+    return list(chosen)
 
 
 def bind_compact(model: nn.Module, optimizer: LowRankOptimizer) -> list[CompactLinear]:

@@ -39,7 +39,8 @@ from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.gradient_readers import refuse_gradient_readers
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.optim.targets import no_targets_message, select_targets, target_layouts
+from lit_lowrank.optim.layouts import LAYOUTS
+from lit_lowrank.optim.targets import no_targets_message, target_layouts
 from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import is_gradnorm
 
@@ -178,10 +179,9 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
         raise ValueError("lowrank gradnorm: true needs the weight-normalized model before Lightning sets it up: "
                          "call lit_lowrank.reparam.apply_gradnorm(self, targets) in your LightningModule's "
                          "__init__ (LowRankModule does it from its config)")
-    low_rank, _ = select_targets(module, config.targets, config.exclude)
-    if not low_rank:
-        raise ValueError(no_targets_message(module, config.targets, config.exclude))
     targets = {id(p): layout for p, layout in target_layouts(module, config.targets, config.exclude).items()}
+    if not targets:
+        raise ValueError(no_targets_message(module, config.targets, config.exclude))
     is_target = target_layouts(module, config.targets, config.exclude, include_frozen=True)
     _keep_monitor_names(schedulers)
     converted = []
@@ -216,12 +216,12 @@ def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: dict[int, str], con
     for index, group in enumerate(optimizer.param_groups):
         options = {**convert(group), **{k: group[k] for k in _CARRIED if k in group}}
         layouts = [targets.get(id(p)) for p in group["params"]]
-        chosen = {layout: [i for i, found in enumerate(layouts) if found == layout]
-                  for layout in sorted(set(layouts), key=lambda layout: (layout is None, layout != "matrix", layout or ""))}
+        chosen = {layout: [i for i, found in enumerate(layouts) if found == layout] for layout in (*LAYOUTS, None)}
+        first = next((layout for layout in chosen if chosen[layout]), None)  # keeps the group's own name
         for layout, indices in chosen.items():
             if indices:
                 params = [group["params"][i] for i in indices]
-                suffix = "" if layout == next(iter(chosen)) else "-dense" if layout is None else f"-{layout}"
+                suffix = "" if layout == first else "-dense" if layout is None else f"-{layout}"
                 label = group.get("name", f"pg{index + 1}") + suffix
                 split = {"params": params, "lowrank": layout is not None, "name": label,
                          "names": [names.get(id(p), "unnamed") for p in params]}

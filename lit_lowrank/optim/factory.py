@@ -50,10 +50,10 @@ def build_optimizer(
         check_model_fits(recipe, low_rank, method)
         options = {key: value for key, value in recipe.merged(str(method), options).items()
                    if key not in ("gradnorm", "weight_bits", "compact")}
-    groups = layout_groups(low_rank, target_layouts(model, targets, exclude))
+    layouts = target_layouts(model, targets, exclude, include_frozen=True)  # frozen ones: for add_param_group
+    groups = layout_groups(low_rank, layouts)
     if dense:
         groups.append({"params": list(dense.values()), "names": list(dense), "lowrank": False})
-    layouts = target_layouts(model, targets, exclude, include_frozen=True)
     return LowRankOptimizer(groups, is_target=layouts.get, **options)
 
 

@@ -277,10 +277,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """The ``(L, Q)`` that the next step of ``p`` (a low-rank weight) will project with —
         after the refresh that step makes, if it makes one. Needs a projector that draws its basis
         without the gradient (``Projector.needs_gradient = False``: ``random``)."""
-        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
-        if group is None or not group["lowrank"]:
-            raise ValueError(f"{self._name(p) if group else 'the parameter'} is not a low-rank weight of this optimizer")
-        slot, state = self._slot(p, group), self.state.get(p, {})
+        slot = self._slots.get(p)
+        if slot is None:  # before p's first step: find its group once
+            group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+            if group is None or not group["lowrank"]:
+                raise ValueError(f"{self._name(p) if group else 'the parameter'} is not a low-rank weight of this "
+                                 "optimizer")
+            slot = self._slot(p, group)
+        state = self.state.get(p, {})
         if not slot.schedule.should_refresh(int(state["step"]) if "step" in state else 0):
             return slot.projector.bases()
         return slot.projector.preview(shape_only(slot.view.shape, p))

@@ -26,7 +26,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -109,6 +109,32 @@ def target_modules(model: nn.Module, targets: Sequence[str] | None = None, exclu
     Q-GaLore quantizes and GradNormLoRP weight-normalizes)."""
     return {c.module: model.get_submodule(c.module)
             for c in classify(model, targets, exclude) if c.reason is None}
+
+
+def linear_targets(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str], transform: str,
+                   accepts: Callable[[nn.Module], bool] = lambda module: isinstance(module, nn.Linear),
+                   ) -> dict[str, nn.Module]:
+    """:func:`target_modules` for a transform of linear layers (Q-GaLore's INT8 weights,
+    GradNormLoRP's weight norm, CompAct's compressed layers); ``transform`` says what it does, for
+    the message (``"weight_bits quantizes"``).
+
+    Raises:
+        ValueError: if there is no target (the run would silently go untransformed), or a target
+            that ``accepts`` refuses (by default: one that is not an ``nn.Linear``).
+    """
+    chosen = target_modules(model, targets, exclude)
+    if not chosen:
+        raise ValueError(no_targets_message(model, targets, exclude))
+    others = [f"{name} ({type(module).__name__})" for name, module in chosen.items() if not accepts(module)]
+    if others:
+        raise ValueError(f"{transform} nn.Linear layers only, not {others}; add them to `exclude`")
+    return chosen
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in ``model`` at the qualified ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 def classify(model: nn.Module, targets: Sequence[str] | None = None, exclude: Sequence[str] = (), *,

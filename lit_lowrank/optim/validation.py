@@ -214,18 +214,21 @@ def check_batched(group: Mapping[str, Any]) -> None:
     """Refuse stacked experts (the ``experts`` layout) for a group whose projector, rule or
     inner optimizer does not declare ``batched`` (each would treat the stack as one tensor),
     or whose projector stores quantized bases (Q-GaLore's INT4 bases are 2-D only)."""
-    getters = {"projector": plugins.get_projector, "rule": plugins.get_update_rule, "inner": plugins.get_inner_optimizer}
-    kinds = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers"}
-    for option, get in getters.items():
-        if not get(group[option]).batched:
-            batched = [name for name in plugins.registered(kinds[option]) if getattr(get(name), "batched", False)]
+    for option in ("projector", "rule", "inner"):
+        kind = COMPONENTS[option]
+        if not plugins.get(kind, group[option]).batched:
             raise ValueError(f"stacked expert weights (layout: experts) need a batched {option}, and "
-                             f"{describe(kinds[option], group[option])} is not; set {option} to one of {batched}, "
-                             "or exclude the experts from `targets`.")
+                             f"{describe(kind, group[option])} is not; set {option} to one of "
+                             f"{declaring(kind, 'batched')}, or exclude the experts from `targets`.")
     if group["projector_args"].get("quantizer") is not None:
         raise ValueError("quantized projector bases (projector_args.quantizer) take 2-D weights; stacked expert "
                          "weights (layout: experts) keep float bases: exclude the experts from `targets`, or drop "
                          "the quantizer.")
+
+
+def declaring(kind: str, flag: str) -> list[str]:
+    """The registered components of ``kind`` whose class sets ``flag`` (``batched``, ...)."""
+    return [name for name in plugins.registered(kind) if getattr(plugins.get(kind, name), flag, False)]
 
 
 def check_bases(projector: Projector, grad: Tensor, rank: int, name: str) -> None:
@@ -266,16 +269,14 @@ def check_tensor_projector(group: Mapping[str, Any]) -> None:
     an inner optimizer that is not elementwise (``batched`` False), and ``on_refresh: rotate``
     (its maps are defined for the L/Q pair)."""
     name = group["projector"]
-    rule = plugins.get_update_rule(group["rule"])
-    if not rule.any_projection:
-        usable = [n for n in plugins.registered("update_rules") if plugins.get_update_rule(n).any_projection]
+    if not plugins.get_update_rule(group["rule"]).any_projection:
         raise ValueError(f"{describe('projectors', name)} projects tensors (no one-sided projection), and "
-                         f"{describe('update_rules', group['rule'])} needs one; set rule to one of {usable}.")
+                         f"{describe('update_rules', group['rule'])} needs one; set rule to one of "
+                         f"{declaring('update_rules', 'any_projection')}.")
     if not plugins.get_inner_optimizer(group["inner"]).batched:
-        usable = [n for n in plugins.registered("inner_optimizers") if plugins.get_inner_optimizer(n).batched]
         raise ValueError(f"{describe('projectors', name)} projects tensors, and "
                          f"{describe('inner_optimizers', group['inner'])} keeps statistics per row/column of a "
-                         f"matrix; set inner to one of {usable}.")
+                         f"matrix; set inner to one of {declaring('inner_optimizers', 'batched')}.")
     if group["on_refresh"] == "rotate":
         raise ValueError(f"on_refresh: rotate maps moments between L/Q bases and {describe('projectors', name)} "
                          "has one basis per mode; use on_refresh keep or reset.")

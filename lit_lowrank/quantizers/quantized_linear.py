@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_lowrank.optim.targets import no_targets_message, target_modules
+from lit_lowrank.optim.targets import linear_targets, replace_module
 from lit_lowrank.quantizers.base import Packed
 from lit_lowrank.quantizers.int import IntQuantizer
 
@@ -211,15 +211,8 @@ def quantize_linear_weights(
         ValueError: if there is no target (the run would silently keep float weights), or a
             target is not an ``nn.Linear`` (it would silently stay float).
     """
-    chosen = list(target_modules(model, targets, exclude).items())
-    if not chosen:
-        raise ValueError(no_targets_message(model, targets, exclude))
-    others = [f"{name} ({type(m).__name__})" for name, m in chosen if not isinstance(m, nn.Linear)]
-    if others:
-        raise ValueError(f"weight_bits quantizes nn.Linear layers only, not {others}; add them to `exclude`")
-    for seed, (name, linear) in enumerate(chosen):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantizedLinear.from_linear(
+    chosen = linear_targets(model, targets, exclude, "weight_bits quantizes")
+    for seed, (name, linear) in enumerate(chosen.items()):
+        replace_module(model, name, QuantizedLinear.from_linear(
             linear, bits=bits, group_size=group_size, stochastic=stochastic, seed=seed))
-    return [name for name, _ in chosen]
+    return list(chosen)

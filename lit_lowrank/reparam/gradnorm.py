@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm, weight_norm
 
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
-from lit_lowrank.optim.targets import no_targets_message, target_modules
+from lit_lowrank.optim.targets import linear_targets
 
 
 def apply_gradnorm(
@@ -48,13 +48,7 @@ def apply_gradnorm(
         ValueError: if there is no target (training would silently be plain GaLore), or a target
             is not an ``nn.Linear`` (its norm axis would be another).
     """
-    chosen = target_modules(model, targets, exclude)
-    if not chosen:
-        raise ValueError(no_targets_message(model, targets, exclude))
-    others = [f"{name} ({type(m).__name__})" for name, m in chosen.items() if not isinstance(m, nn.Linear)]
-    if others:
-        raise ValueError(f"gradnorm weight-normalizes nn.Linear layers only, not {others}; add them to `exclude`")
-    for module in chosen.values():
+    for module in linear_targets(model, targets, exclude, "gradnorm weight-normalizes").values():
         if not is_gradnorm(module):
             weight_norm(module, name="weight", dim=0)
     return model
