@@ -22,6 +22,7 @@ class AdamInner(InnerOptimizer):
 
     linear_state = ("exp_avg",)
     batched = True
+    elementwise = True
     quadratic_state = ("exp_avg_sq",)
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:

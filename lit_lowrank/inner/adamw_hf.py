@@ -40,6 +40,7 @@ class HFAdamInner(InnerOptimizer):
 
     linear_state = ("exp_avg",)
     batched = True
+    elementwise = True
     quadratic_state = ("exp_avg_sq",)
     decay_after_step = True
     steps_dense = True

@@ -33,6 +33,10 @@ class InnerOptimizer(ABC):
     """Whether the update is elementwise (or otherwise treats each slice of an E×r×n stack as
     its own matrix), so stacked experts (the ``experts`` layout) may use it; the optimizer
     refuses stacks otherwise."""
+    elementwise: bool = False
+    """Whether each entry of ``N`` depends only on the same entry of ``R`` and of the state (Adam,
+    SGD, Lion), so a rank may step its block of a weight sharded by FSDP alone; the optimizer
+    refuses sharded weights otherwise."""
     steps_dense: bool = False
     """Dense groups naming this inner optimizer are stepped by it on their full gradients
     (``W ← W − η · step_size_factor(t) · N``) instead of by torch's AdamW: an optimizer family

@@ -28,6 +28,7 @@ class LionInner(InnerOptimizer):
 
     linear_state = ("exp_avg",)
     batched = True
+    elementwise = True
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.99)) -> None:
         if not all(0.0 <= beta < 1.0 for beta in betas):

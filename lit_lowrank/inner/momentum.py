@@ -27,6 +27,7 @@ class MomentumInner(InnerOptimizer):
 
     linear_state = ("exp_avg",)
     batched = True
+    elementwise = True
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999)) -> None:
         if not 0 <= betas[0] < 1:

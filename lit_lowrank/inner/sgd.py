@@ -27,6 +27,7 @@ class SGDInner(InnerOptimizer):
 
     steps_dense = True
     batched = True
+    elementwise = True
 
     def __init__(self, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> None:
         if momentum < 0.0:

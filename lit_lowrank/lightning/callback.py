@@ -51,7 +51,7 @@ class LowRankCallback(LowRankTelemetry):
         if stage != "fit":
             return
         if self.config.enabled:
-            check_strategy(trainer)
+            check_strategy(trainer.strategy, self.config)
         if self.config.compact:
             check_compact_trainer(trainer)
         from lit_lowrank.lightning.strategy import _LowRankOptimizers

@@ -124,13 +124,24 @@ def check_compact_trainer(trainer: pl.Trainer) -> None:
         scaling="the optimizer gets projected gradients that the fp16 scaler does not unscale")
 
 
-def check_strategy(trainer: pl.Trainer) -> None:
-    """Refuse Lightning's sharding strategies: each rank would hold some rows of a weight, and
-    the low-rank optimizer would step them as if they were whole weights."""
-    if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-        raise ValueError(f"{type(trainer.strategy).__name__} shards the weights, which the low-rank optimizer does not "
-                         "support yet: use strategy='ddp_lowrank' (layerwise: true and communication: lowrank save "
-                         "gradient memory and traffic), see README 'Scaling out'")
+def check_strategy(strategy: pl.strategies.Strategy, config: LowRankConfig) -> None:
+    """Refuse what a sharding strategy cannot train: FSDP1 (``FSDPStrategy`` flattens the weights,
+    so no rank holds whole rows), and under ``ModelParallelStrategy`` (FSDP2, rows split over the
+    ranks) the options that need whole gradients or weights on every rank."""
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError("FSDPStrategy (FSDP1) flattens the weights and cuts them anywhere, so no rank holds whole "
+                         "rows of a gradient; use strategy='fsdp_lowrank' (FSDP2's fully_shard through Lightning's "
+                         "ModelParallelStrategy), see README 'Scaling out'")
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    unsharded = {"layerwise": config.layerwise, "communication: lowrank": config.communication == "lowrank",
+                 "compact": config.compact, "weight_bits": config.weight_bits is not None,
+                 "gradnorm": config.gradnorm}
+    refused = [name for name, wanted in unsharded.items() if wanted]
+    if refused:
+        raise ValueError(f"{refused} cannot be combined with sharded weights ({type(strategy).__name__}): each "
+                         "needs whole weights or gradients on every rank; turn them off or use strategy='ddp_lowrank' "
+                         "(see README 'Scaling out')")
 
 
 def lowrank_callbacks(trainer: pl.Trainer, module: pl.LightningModule, config: LowRankConfig) -> list[Callback]:

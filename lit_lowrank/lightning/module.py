@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.conversion import check_compact_trainer, check_strategy, config_callbacks
+from lit_lowrank.lightning.fsdp import shard_blocks
 from lit_lowrank.lightning.lr_schedule import warmup_decay
 from lit_lowrank.lightning.tasks import CausalLM, Task
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
@@ -50,7 +51,7 @@ class LowRankModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.lowrank.enabled:
-            check_strategy(self.trainer)
+            check_strategy(self.trainer.strategy, self.lowrank)
         if self.lowrank.compact:
             check_compact_trainer(self.trainer)
         data_vocab = getattr(self.trainer.datamodule, "vocab_size", None)
@@ -65,6 +66,12 @@ class LowRankModule(pl.LightningModule):
         given = {k: v for k, v in labels.items() if v is not None}
         if labels["task"] is not None and len(set(given.values())) > 1:
             raise ValueError(f"num_labels disagree: {given}; set the same num_labels on the network, task and data")
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (``strategy: fsdp_lowrank``), shard the
+        network with FSDP2: each repeated block, then the root (:func:`shard_blocks`)."""
+        if self.device_mesh is not None:
+            shard_blocks(self.network, self.device_mesh["data_parallel"])
 
     # ------------------------------------------------------------------ steps
     def forward(self, *args: Any, **kwargs: Any) -> Any:

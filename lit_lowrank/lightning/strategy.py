@@ -1,5 +1,6 @@
-"""The ``"lowrank"`` and ``"ddp_lowrank"`` strategies: ``Trainer(strategy="lowrank")`` trains
-an existing LightningModule with LowRankOptimizers in place of the optimizers it configures.
+"""The ``"lowrank"``, ``"ddp_lowrank"`` and ``"fsdp_lowrank"`` strategies:
+``Trainer(strategy="lowrank")`` trains an existing LightningModule with LowRankOptimizers in place
+of the optimizers it configures.
 
 Registered in Lightning's ``StrategyRegistry`` when :mod:`lit_lowrank.lightning` is imported.
 """
@@ -12,14 +13,14 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, StrategyRegistry
 from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.module import LowRankModule
 from lit_lowrank.lightning.conversion import (
-    adopt_module, adoption_config, check_compact_trainer, convert_optimizers, lowrank_callbacks,
+    adopt_module, adoption_config, check_compact_trainer, check_strategy, convert_optimizers, lowrank_callbacks,
 )
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 from lit_lowrank.optim.communication import sync_module_states
@@ -45,6 +46,8 @@ class _LowRankOptimizers:
                                  "takes its optimizer from its own lowrank section: set them there")
             self.lowrank = model.lowrank
             return
+        if self.lowrank.enabled:
+            check_strategy(self, self.lowrank)
         adopt_module(model, self.lowrank)  # before configure_optimizers and checkpoint restoring
 
     @override
@@ -119,9 +122,45 @@ class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
             super()._register_ddp_hooks()
 
 
+class FSDPLowRankStrategy(_LowRankOptimizers, ModelParallelStrategy):
+    """FSDP2 with LowRankOptimizers: Lightning's ``ModelParallelStrategy`` with every process in
+    one data-parallel mesh, so each target weight is split by rows over all ranks (see
+    :mod:`lit_lowrank.optim.sharding` for what each rank computes and what it exchanges).
+
+    The module shards itself in ``configure_model``, as Lightning requires:
+    :class:`~lit_lowrank.lightning.LowRankModule` does (:func:`~lit_lowrank.lightning.shard_blocks`);
+    your own module calls ``shard_blocks(self.model, self.device_mesh["data_parallel"])`` or
+    ``fully_shard`` itself.
+
+    Args:
+        lowrank, options: as for :class:`DDPLowRankStrategy`; ``layerwise``,
+            ``communication: lowrank``, ``compact``, ``weight_bits`` and ``gradnorm`` are refused
+            (each needs whole weights or gradients on every rank).
+        save_distributed_checkpoint: each rank writes its shards (True, a folder) or rank 0 one
+            whole file (False); both resume exactly.
+        process_group_backend: default ``nccl`` on GPUs, ``gloo`` on the CPU.
+    """
+
+    strategy_name = "fsdp_lowrank"
+
+    def __init__(self, lowrank: LowRankConfig | None = None, save_distributed_checkpoint: bool = True,
+                 process_group_backend: str | None = None, **options: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend)
+        self.lowrank, self.explicit = adoption_config(lowrank, options)
+
+    @override
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
 def register_strategies() -> None:
-    """Add ``lowrank`` and ``ddp_lowrank`` to Lightning's StrategyRegistry (idempotent)."""
+    """Add ``lowrank``, ``ddp_lowrank`` and ``fsdp_lowrank`` to Lightning's StrategyRegistry (idempotent)."""
     for cls, description in ((LowRankStrategy, "single device, LowRankOptimizer in place of the module's"),
-                             (DDPLowRankStrategy, "DDP, LowRankOptimizer in place of the module's")):
+                             (DDPLowRankStrategy, "DDP, LowRankOptimizer in place of the module's"),
+                             (FSDPLowRankStrategy, "FSDP2 (fully_shard), LowRankOptimizer in place of the module's")):
         if cls.strategy_name not in StrategyRegistry:
             StrategyRegistry.register(cls.strategy_name, cls, description=description)

@@ -57,6 +57,9 @@ class LowRankCommunication:
     def __init__(self, optimizer: LowRankOptimizer, process_group: Any = None) -> None:
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"low-rank communication needs a LowRankOptimizer, got {type(optimizer).__name__}")
+        if optimizer.sharded:
+            raise ValueError("low-rank communication is a DDP comm hook, and this optimizer's weights are sharded by "
+                             "FSDP (which reduce-scatters their gradients itself)")
         self.optimizer = optimizer
         self.process_group = process_group
         self.sent_bytes = {"lowrank": 0, "full": 0}

@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from lit_lowrank.methods import Method
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.optim.targets import GRADNORM_DIRECTION, no_targets_message, select_targets, target_layouts
-from lit_lowrank.optim.validation import check_not_sharded
 from lit_lowrank.plugins import get_method
 
 DEFAULT_TARGETS: Sequence[str] | None = None
@@ -38,10 +37,10 @@ def build_optimizer(
     Raises:
         ValueError: if no weight is selected (training would silently be plain AdamW), the
             model lacks a transform the method needs (INT8 weights, weight normalization), or
-            its parameters are sharded (FSDP, tensor parallelism).
+            its parameters are sharded in a way the method cannot step (see
+            :func:`~lit_lowrank.optim.validation.check_sharding`).
         UnknownComponentError: for an unregistered method name (the message lists them).
     """
-    check_not_sharded(model.parameters())
     low_rank, dense = select_targets(model, targets, exclude)
     if not low_rank:
         raise ValueError(no_targets_message(model, targets, exclude))

@@ -86,6 +86,9 @@ class LayerwiseUpdates:
                  communication: str = "lowrank", bucket_cap_mb: float = 25.0) -> None:
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"layer-wise updates need a LowRankOptimizer, got {type(optimizer).__name__}")
+        if optimizer.sharded:
+            raise ValueError("layer-wise updates reduce and step whole gradients inside backward, and this optimizer's "
+                             "weights are sharded by FSDP; use DDP for layer-wise mode (strategy 'ddp_lowrank')")
         if accumulation < 1:
             raise ValueError(f"accumulation must be >= 1 micro-batch, got {accumulation}")
         if communication not in COMMUNICATIONS:

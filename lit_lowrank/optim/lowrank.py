@@ -36,21 +36,43 @@ from lit_lowrank.optim import checkpoint
 from lit_lowrank.optim.guard import first_nonfinite
 from lit_lowrank.optim.layouts import View, check_layout, target_layout
 from lit_lowrank.optim.validation import (
-    build, build_inner, build_rule, check_bases, check_batched, check_group, check_not_sharded, check_tensor_projector,
+    build, build_inner, build_rule, check_bases, check_batched, check_group, check_sharding, check_tensor_projector,
 )
-from lit_lowrank.projectors.base import Projector
+from lit_lowrank.optim.sharding import LocalRows, RowShard, local, map_tensors
+from lit_lowrank.projectors.base import Projector, Side
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
 
 
 @dataclass
 class LowRankSlot:
-    """The per-weight objects that are not plain tensors (saved through their state dicts), and
-    the view of the weight its components see (its matricization, for a conv kernel)."""
+    """The per-weight objects that are not plain tensors (saved through their state dicts), the
+    view of the weight its components see (its matricization, for a conv kernel), and, for a
+    weight split by rows across ranks (FSDP2), this rank's share of it."""
 
     projector: Projector
     schedule: Schedule
     view: View
+    shard: RowShard | None = None
+
+    def applied(self) -> Projector | LocalRows:
+        """The projector as this rank applies it: itself, or cut to this rank's rows."""
+        return self.projector if self.shard is None else LocalRows(self.projector, self.shard)
+
+    def local_view(self, tensor: Tensor) -> View:
+        """The view of this rank's part of the weight (``tensor``: the local rows)."""
+        return self.view if self.shard is None else View(tensor.shape)
+
+    def state_split(self) -> tuple[int, int] | None:
+        """For a sharded weight: the axis along which its moments are split over the ranks and
+        that axis's full length: R's m rows for a right projection, else its n (left) or r (both)
+        columns."""
+        if self.shard is None:
+            return None
+        if self.projector.side == Side.RIGHT:
+            return 0, self.view.shape[-2]
+        right = self.projector.bases()[1]
+        return -1, self.view.shape[-1] if right is None else right.shape[-1]
 
 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8
@@ -149,8 +171,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Bytes this rank all-reduced for the gradients of the last step, counted by lit_lowrank's
         own communication (:mod:`lit_lowrank.optim.communication`, layer-wise DDP); None without it."""
         self._received: dict[Tensor, Tensor] = {}
+        self._shards: dict[Tensor, RowShard] = {}
+        """This rank's share of each parameter split by rows across ranks (FSDP2)."""
         for group in self.param_groups:
             self._validate(group)
+        self._refuse_partial_sharding()
 
     # ------------------------------------------------------------------ setup
     def _params(self) -> list[Tensor]:
@@ -160,7 +185,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Refuse a group whose options, components or parameters do not fit (see
         :func:`~lit_lowrank.optim.validation.check_group`), now rather than at the first step."""
         check_group(group)
-        check_not_sharded(group["params"])
+        shards = check_sharding(group)
         if not group["lowrank"] and self._dense_inner(group) is None:  # torch's AdamW/Adam
             group["betas"] = ADAMW_BETAS if group["betas"] is None else group["betas"]
             group["eps"] = ADAMW_EPS if group["eps"] is None else group["eps"]
@@ -169,15 +194,34 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 raise ValueError("a quantized weight (with a weight_store) is in a dense group; "
                                  "add its module name to the low-rank `targets`.")
             self._dense_inner(group)  # an inner optimizer that steps dense params is built (probed) now
-            return
-        layout = group.get("layout", "matrix")
-        for p in group["params"]:
-            check_layout(layout, p)
-        if layout == "experts":
-            check_batched(group)
-        if plugins.get_projector(group["projector"]).projects_tensors:
-            check_tensor_projector(group)
-        self._group_components(group)
+        else:
+            layout = group.get("layout", "matrix")
+            for p in group["params"]:
+                check_layout(layout, p)
+            if layout == "experts":
+                check_batched(group)
+            if plugins.get_projector(group["projector"]).projects_tensors:
+                check_tensor_projector(group)
+            self._group_components(group)
+        meshes = [shard.mesh for shard in (*self._shards.values(), *shards.values())]
+        if any(mesh != meshes[0] for mesh in meshes):
+            raise ValueError("the parameters are sharded over different device meshes; shard every module with "
+                             "fully_shard over the same mesh")
+        self._shards.update(shards)
+
+    def _refuse_partial_sharding(self) -> None:
+        """Refuse a parameter held whole beside parameters FSDP shards: nothing would average
+        its gradient over the ranks, so each rank would train its own copy."""
+        whole = next((p for p in self._params() if p not in self._shards), None) if self._shards else None
+        if whole is not None:
+            raise ValueError(f"{self._name(whole)} is whole on this rank while other parameters are sharded by FSDP, "
+                             "so its gradient is not averaged over the ranks; apply fully_shard to the root module "
+                             "too (it takes every parameter no inner module holds).")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some parameters are split by rows across ranks (FSDP2's ``fully_shard``)."""
+        return bool(self._shards)
 
     def _group_components(self, group: dict[str, Any]) -> tuple[InnerOptimizer, UpdateRule]:
         """The group's inner optimizer and rule, rebuilt whenever an option they are built from
@@ -214,7 +258,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         projector = build("projector", group, rank=rank, side=group["side"], seed=self._index[p],
                           ledger=self.rank_ledger)
         schedule = build("schedule", group, gap=group["update_gap"])
-        return LowRankSlot(projector, schedule, view)
+        return LowRankSlot(projector, schedule, view, self._shards.get(p))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (e.g. layers Lightning's ``BaseFinetuning`` unfreezes), validated and
@@ -246,7 +290,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _admit_group(self, group: dict[str, Any]) -> None:
         try:
             self._validate(group)
+            self._refuse_partial_sharding()
         except Exception:
+            for p in group["params"]:
+                self._shards.pop(p, None)
             self._components.pop(len(self.param_groups) - 1, None)
             self.param_groups.pop()
             raise
@@ -334,8 +381,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"LowRankOptimizer does not support sparse gradients ({self._name(sparse)}); use a "
                                "dense embedding (sparse=False) or give that parameter its own torch optimizer.")
         policy = {p: group["nonfinite"] for group, group_params in work for p in group_params}
-        checked = [(p, t) for p in params if policy[p] != "ignore" for t in (lows.get(p), p.grad) if t is not None]
+        checked = [(p, local(t)) for p in params if policy[p] != "ignore" for t in (lows.get(p), p.grad)
+                   if t is not None]
         bad = first_nonfinite([t for _, t in checked])
+        if self._shards:  # each rank checked its own rows: all take the first offender of any rank
+            bad = next(iter(self._shards.values())).least(len(checked) if bad is None else bad)
+            bad = None if bad == len(checked) else bad
         if bad is None:
             return True
         p = checked[bad][0]
@@ -379,7 +430,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                            "check needs_full_gradient() before projecting")
                     snapshots[p] = _clone(projector.state_dict())
                     old_bases[p] = projector.bases() if projector.refreshes else None
-                    grad = shape_only(slot.view.shape, p) if p in lows else slot.view(l2_gradient(p.grad, p, group))
+                    values_unread = p in lows or (slot.shard is not None and not projector.needs_gradient)
+                    grad = shape_only(slot.view.shape, p) if values_unread else whole_gradient(p, slot, group)
                     projector.refresh(grad)
                     check_bases(projector, grad, group["rank"], group["projector"])
         except BaseException:
@@ -416,20 +468,21 @@ class LowRankOptimizer(torch.optim.Optimizer):
         inner = self._dense_inner(group)
         if inner is not None:
             return self._inner_dense_step(group, params, inner)
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        tensors = [local(p) for p in params]
+        fused = all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
         states = []
-        for p in params:
+        for p, tensor in zip(params, tensors):
             state = self.state[p]
             if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif fused and state["step"].device != p.device:  # torch loads steps onto the CPU
-                state["step"] = state["step"].to(p.device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=tensor.device if fused else "cpu")
+                state["exp_avg"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
+            elif fused and state["step"].device != tensor.device:  # torch loads steps onto the CPU
+                state["step"] = state["step"].to(tensor.device)
             states.append(state)
         beta1, beta2 = group["betas"]
         adam_functional(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            tensors, [local(p.grad) for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
             foreach=None if fused else True, fused=fused or None, amsgrad=False, beta1=beta1,
             beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
@@ -450,47 +503,50 @@ class LowRankOptimizer(torch.optim.Optimizer):
         lr, decay = group["lr"], group["weight_decay"]
         by_step: dict[int, list[tuple[Tensor, Tensor, dict]]] = defaultdict(list)
         for p in params:
-            state = self.state[p]
+            state, weight = self.state[p], local(p)
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                state.update(inner.init_state(p))
+                state.update(inner.init_state(weight))
             state["step"] += 1
-            by_step[int(state["step"])].append((p, l2_gradient(p.grad, p, group), state))
+            by_step[int(state["step"])].append((weight, l2_gradient(local(p.grad), weight, group), state))
         decoupled = group.get("decoupled_weight_decay", True)
         for step, items in by_step.items():
             directions = inner.directions([grad for _, grad, _ in items], [s for _, _, s in items], step)
-            for (p, _, _), direction in zip(items, directions):
-                with decoupled_decay(p, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
-                    p.add_(direction, alpha=-lr * inner.step_size_factor(step))
+            for (weight, _, _), direction in zip(items, directions):
+                with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
+                    weight.add_(direction, alpha=-lr * inner.step_size_factor(step))
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor],
                       old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None]) -> None:
         inner, rule = self._group_components(group)
-        by_step: dict[int, list[tuple[Tensor, Tensor, dict, LowRankSlot]]] = defaultdict(list)
+        by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, dict, LowRankSlot]]] = defaultdict(list)
         grads = {}
         for p in params:
             state, slot = self.state[p], self._slots[p]
             fresh = "step" not in state
             step = 0 if fresh else int(state["step"])
-            grads[p] = grad = None if p.grad is None else slot.view(l2_gradient(p.grad, p, group))
-            low = slot.projector.project(grad) if p not in lows else l2_projection(lows[p], p, slot, group)
+            view = slot.local_view(local(p))
+            grads[p] = grad = None if p.grad is None else view(l2_gradient(local(p.grad), local(p), group))
+            low = slot.applied().project(grad) if p not in lows else l2_projection(lows[p], p, slot, group)
+            part = state_part(slot, low)
             if p in old_bases:
-                self._after_refresh(old_bases[p], slot, state, inner, group, step, low)
+                self._after_refresh(old_bases[p], slot, state, inner, group, step, part)
             if fresh:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                state.update(inner.init_state(low))
+                state.update(inner.init_state(part))
             state["step"] += 1
-            by_step[step + 1].append((p, low, state, slot))
+            by_step[step + 1].append((p, low, part, state, slot))
         lr, decay = group["lr"], group["weight_decay"]
         decoupled = group.get("decoupled_weight_decay", True)
         for step, items in by_step.items():
-            directions = inner.directions([low for _, low, _, _ in items], [s for _, _, s, _ in items], step)
-            for (p, low, state, slot), direction in zip(items, directions):
-                weight = float_weight(p)
+            directions = inner.directions([part for _, _, part, _, _ in items], [s for _, _, _, s, _ in items], step)
+            for (p, low, _, state, slot), direction in zip(items, directions):
+                target = local(p)
+                weight = float_weight(target)
                 with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
-                    rule.apply_(slot.view.weight(weight), RuleInputs(grads[p], low, direction, slot.projector, state),
+                    rule.apply_(slot.local_view(target).weight(weight), rule_inputs(slot, grads[p], low, direction, state),
                                 step_size=lr * inner.step_size_factor(step))
-                if weight is not p:
+                if weight is not target:
                     p.weight_store.store_(weight)
 
     def _after_refresh(self, old: tuple[Tensor | None, Tensor | None] | None, slot: LowRankSlot, state: dict,
@@ -517,30 +573,56 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return {p: slot.projector for p, slot in self._slots.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``"lowrank"``: per param index, the projector's and the
-        schedule's tensor-only state dicts."""
+        """torch's state dict, in which each low-rank weight's entry also holds ``"subspace"``: its
+        projector's and schedule's tensor-only state dicts; plus ``refresh_count`` and
+        ``skipped_steps``. What a resume needs sits under ``state`` and ``param_groups``, the only
+        keys torch's distributed checkpoint keeps (it then recounts ``refresh_count`` from the
+        projectors and restarts ``skipped_steps``). The state tensors of a weight split by rows
+        across ranks (FSDP2) are DTensors of the whole, so that the checkpoint saves every rank's part."""
         state_dict = super().state_dict()
-        state_dict["lowrank"] = {
-            self._index[p]: {"projector": slot.projector.state_dict(), "schedule": slot.schedule.state_dict()}
-            for p, slot in self._slots.items()
-        }
+        packed = state_dict["state"]
+        for p, shard in self._shards.items():
+            if (index := self._index[p]) in packed:
+                dim, size = self._state_split(p)
+                packed[index] = map_tensors(packed[index], lambda part: shard.distributed(part, dim, size))
+        for p, slot in self._slots.items():
+            index = self._index[p]
+            subspace = {"projector": slot.projector.state_dict(), "schedule": slot.schedule.state_dict()}
+            # contiguous: torch's full-state broadcast sends a strided basis (a slice of U) scrambled
+            packed[index] = {**packed.get(index, {}), "subspace": map_tensors(subspace, Tensor.contiguous)}
         state_dict["refresh_count"] = self.refresh_count
         state_dict["skipped_steps"] = self.skipped_steps
         return state_dict
+
+    def _state_split(self, p: Tensor) -> tuple[int, int]:
+        """For a sharded parameter: the axis its state tensors are split along, and its length."""
+        slot = self._slots.get(p)
+        return slot.state_split() if slot is not None else (0, p.shape[0])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`, after checking that it fits (see
         :mod:`lit_lowrank.optim.checkpoint`): groups, low-rank layout, every state tensor's and
         projector basis's shape; options that shape the state must match, others take this
-        run's values (with a warning), ``lr``/``initial_lr`` the checkpoint's. Nothing changes
-        if it raises."""
+        run's values (with a warning), ``lr``/``initial_lr`` the checkpoint's. State is keyed as
+        the saved groups list their parameters (indices, or torch's distributed checkpoint's
+        names); a sharded weight takes its rows or columns of saved DTensors or whole tensors.
+        Nothing changes if it raises."""
         state_dict = dict(state_dict)
-        lowrank = {int(index): entry for index, entry in state_dict.pop("lowrank", {}).items()}
-        saved_state = {int(index): value for index, value in state_dict.get("state", {}).items()}
+        keys = [key for group in state_dict["param_groups"] for key in group["params"]]
+        position = {key: index for index, key in enumerate(keys)}
+        subspaces = {int(index): entry for index, entry in state_dict.pop("lowrank", {}).items()}  # earlier format
+        saved_state = {}
+        for key, entry in state_dict.get("state", {}).items():
+            entry = dict(entry)
+            if "subspace" in entry:
+                subspaces[position[key]] = entry.pop("subspace")
+            if entry:
+                saved_state[position[key]] = entry
+        state_dict["state"] = {keys[index]: entry for index, entry in saved_state.items()}
         state_dict["param_groups"] = checkpoint.merge_groups(self.param_groups, state_dict["param_groups"],
                                                              set(self.defaults))
-        slots = self._loaded_slots(lowrank, saved_state)
-        refresh_count = int(state_dict.pop("refresh_count", 0))
+        slots = self._loaded_slots(subspaces, saved_state)
+        refresh_count = int(state_dict.pop("refresh_count", sum(slot.projector.refreshes for slot in slots.values())))
         skipped_steps = int(state_dict.pop("skipped_steps", 0))
         super().load_state_dict(state_dict)
         self._slots, self._components = slots, {}
@@ -549,29 +631,32 @@ class LowRankOptimizer(torch.optim.Optimizer):
         params = self._params()
         for index, saved in saved_state.items():
             p = params[index]
-            self.state[p] = checkpoint.restore_state(saved, p, follows_param=not groups[p]["lowrank"])
+            if (shard := self._shards.get(p)) is not None:
+                dim, size = self._state_split(p)
+                saved = map_tensors(saved, lambda value: shard.localize(value, dim, size))
+            self.state[p] = checkpoint.restore_state(saved, local(p), follows_param=not groups[p]["lowrank"])
 
-    def _loaded_slots(self, lowrank: dict[int, dict], saved_state: dict[int, dict]) -> dict[Tensor, LowRankSlot]:
-        """Projectors and schedules rebuilt from the checkpoint's ``lowrank`` entries, after
+    def _loaded_slots(self, subspaces: dict[int, dict], saved_state: dict[int, dict]) -> dict[Tensor, LowRankSlot]:
+        """Projectors and schedules rebuilt from the checkpoint's ``subspace`` entries, after
         checking every saved state tensor's shape against its parameter (ValueError naming it)."""
         params, slots = self._params(), {}
         groups = {p: group for group in self.param_groups for p in group["params"]}
-        for index in sorted(set(lowrank) | set(saved_state)):
+        for index in sorted(set(subspaces) | set(saved_state)):
             p = params[index]
             group, name = groups[p], self._name(p)
             if not group["lowrank"]:
-                if index in lowrank:
+                if index in subspaces:
                     raise ValueError(f"the checkpoint has a projector for {name}, which is dense here; use the "
                                      "same targets/exclude as the run that saved it.")
                 checkpoint.check_state(name, saved_state[index], self._dense_fresh_state(p, group))
                 continue
-            if index not in lowrank:
+            if index not in subspaces:
                 raise ValueError(f"the checkpoint has optimizer state but no projector for {name}, which is "
                                  "low-rank here; use the same targets/exclude as the run that saved it.")
             slot = slots[p] = self._make_slot(p, group)
             try:
-                slot.projector.load_state_dict(_to_device(lowrank[index]["projector"], p.device))
-                slot.schedule.load_state_dict(lowrank[index]["schedule"])
+                slot.projector.load_state_dict(_to_device(subspaces[index]["projector"], p.device))
+                slot.schedule.load_state_dict(subspaces[index]["schedule"])
                 bases = slot.projector.bases()
             except (KeyError, RuntimeError, TypeError, ValueError) as error:
                 raise ValueError(f"the checkpoint's projector/schedule state of {name} does not fit this "
@@ -605,6 +690,33 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for slot in self._slots.values():
             sizes["projectors"] += slot.projector.resident_bytes()
         return sizes
+
+
+def whole_gradient(p: Tensor, slot: LowRankSlot, group: dict[str, Any]) -> Tensor:
+    """``G`` (``G + λW`` for coupled L2) in the view's shape, whole: gathered from the ranks for
+    a weight split by rows (on refresh steps only)."""
+    grad = l2_gradient(local(p.grad), local(p), group)
+    return slot.view(grad) if slot.shard is None else slot.shard.gather(grad, 0, slot.view.shape[0])
+
+
+def state_part(slot: LowRankSlot, low: Tensor) -> Tensor:
+    """The part of ``R`` this rank keeps moments for: all of it, or for a sharded weight whose
+    R is whole on every rank (left, both), its block of R's columns."""
+    if slot.shard is None or slot.projector.side == Side.RIGHT:
+        return low
+    return low[..., slot.shard.columns(low.shape[-1])].contiguous()  # torch's fused Adam kernel takes dense tensors
+
+
+def rule_inputs(slot: LowRankSlot, grad: Tensor | None, low: Tensor, direction: Tensor, state: dict) -> RuleInputs:
+    """What the rule sees of a weight: for a sharded one, this rank's rows of ``G``, the whole
+    direction ``N`` (gathered from the ranks' column blocks), and the sums over the ranks."""
+    if slot.shard is None:
+        return RuleInputs(grad, low, direction, slot.projector, state)
+    projector = slot.applied()
+    if not projector.low_split:
+        direction = slot.shard.gather(direction, -1, low.shape[-1])
+    total = slot.shard.total
+    return RuleInputs(grad, low, direction, projector, state, total, total if projector.low_split else None)
 
 
 def shape_only(shape: torch.Size, like: Tensor) -> Tensor:

@@ -146,7 +146,7 @@ def classify(model: nn.Module, targets: Sequence[str] | None = None, exclude: Se
     for module_name, param, kind in _matrices(model):
         if id(param) in names:
             uses.setdefault(id(param), []).append((module_name, param, kind))
-    rules = _Rules(_blocks(model), _embeddings(model), _output_heads(model), targets, exclude, include_frozen)
+    rules = _Rules(repeated_blocks(model), _embeddings(model), _output_heads(model), targets, exclude, include_frozen)
     choices = []
     for (first, param, kind), *_ in uses.values():
         matched = [n for n, _, _ in uses[id(param)] if rules.matches(n)]
@@ -244,7 +244,7 @@ def _matrix(module: nn.Module) -> Tensor | None:
     return same[0][1]
 
 
-def _blocks(model: nn.Module) -> set[str]:
+def repeated_blocks(model: nn.Module) -> set[str]:
     """Qualified names of the repeated blocks: composite children of ``ModuleList``/``ModuleDict``
     containers, and of ``Sequential`` containers holding ≥ 2 composite children of one class."""
     blocks = set()

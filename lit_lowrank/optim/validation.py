@@ -15,13 +15,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = None
-
 from lit_lowrank import plugins
 from lit_lowrank.optim.guard import check_nonfinite_option
+from lit_lowrank.optim.sharding import RowShard, applies_bases_plainly
 from lit_lowrank.projectors.base import SIDE_POLICIES, Projector, Side
 from lit_lowrank.quantizers.base import QuantizerProbeError
 
@@ -51,18 +47,48 @@ def check_group(group: Mapping[str, Any]) -> None:
         probe_components(group)
 
 
-def check_not_sharded(params: Iterable[Tensor]) -> None:
-    """Refuse parameters sharded by FSDP (``fully_shard``'s DTensors, FSDP1's flat parameters):
-    a rank holds some rows of each weight, while a projector needs the whole gradient's
-    subspace — stepping the shards would silently train another method."""
-    for p in params:
-        sharded = (DTensor is not None and isinstance(p, DTensor)) or getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False)
-        if sharded:
-            raise ValueError(
-                f"LowRankOptimizer got a parameter sharded by FSDP or tensor parallelism ({type(p).__name__} of shape "
-                f"{tuple(p.shape)}); sharded low-rank training is not supported yet. Train with DDP (strategy "
-                "'ddp_lowrank', with layerwise: true and communication: lowrank to save gradient memory and "
-                "traffic), see README 'Scaling out'.")
+def check_sharding(group: Mapping[str, Any]) -> dict[Tensor, RowShard]:
+    """The row shards (:class:`~lit_lowrank.optim.sharding.RowShard`) of the group's parameters
+    that FSDP2 split across ranks, after refusing what a rank cannot step on its rows alone
+    (it would silently train another method): a layout other than ``matrix``; a projector that
+    does not apply its bases as the base class does (Tucker); a rule that does not declare
+    ``shardable`` (its norms would cover one rank's rows); an inner optimizer that is not
+    ``elementwise`` (Adafactor's factored and 8-bit Adam's block statistics span the ranks);
+    rotating two-sided moments; quantized weights. FSDP1 flat parameters, tensor parallelism and HSDP raise in
+    :meth:`RowShard.of`."""
+    shards = {p: shard for p in group["params"] if (shard := RowShard.of(p)) is not None}
+    if not shards:
+        return shards
+    if not group["lowrank"]:
+        if plugins.get_inner_optimizer(group["inner"]).steps_dense:
+            require_flag(group, "inner", "elementwise")
+        return shards
+    if group.get("layout", "matrix") != "matrix":
+        raise ValueError(f"sharded {group['layout']} weights (FSDP) are not supported: a rank holds some experts' or "
+                         "kernels' rows; exclude them from `targets` or train with DDP (strategy 'ddp_lowrank').")
+    if not applies_bases_plainly(plugins.get_projector(group["projector"])):
+        raise ValueError(f"{describe('projectors', group['projector'])} does not project with plain bases, so it "
+                         "cannot be applied to one rank's rows of a weight sharded by FSDP; choose one of "
+                         f"{[name for name in plugins.registered('projectors') if applies_bases_plainly(plugins.get_projector(name))]}.")
+    require_flag(group, "rule", "shardable")
+    require_flag(group, "inner", "elementwise")
+    if group["side"] == "full" and group["on_refresh"] == "rotate":
+        raise ValueError("on_refresh: rotate with side: full would mix the columns of R that different ranks keep "
+                         "moments for, on weights sharded by FSDP; use on_refresh keep or reset, or a one-sided side.")
+    if any(hasattr(p, "weight_store") for p in group["params"]):
+        raise ValueError("quantized weights (weight_bits) cannot be sharded by FSDP; drop weight_bits or use DDP.")
+    return shards
+
+
+def require_flag(group: Mapping[str, Any], option: str, flag: str) -> None:
+    """Refuse the group's ``option`` component unless its class sets ``flag``, naming those that do."""
+    kind = COMPONENTS[option]
+    if not getattr(plugins.get(kind, group[option]), flag, False):
+        why = {"shardable": "its norms would cover one rank's rows only",
+               "elementwise": "its statistics span rows or columns that other ranks hold"}[flag]
+        raise ValueError(f"weights sharded by FSDP need a {flag} {option}, and {describe(kind, group[option])} is "
+                         f"not ({why}); set {option} to one of {declaring(kind, flag)}, or train with DDP "
+                         "(strategy 'ddp_lowrank').")
 
 
 def check_adamw_options(group: Mapping[str, Any]) -> None:

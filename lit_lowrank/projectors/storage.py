@@ -45,8 +45,8 @@ class BasisStorage:
         self.dtype = dtype
         if basis is None:
             return None
-        if self.quantizer is None:
-            return basis.to(dtype)
+        if self.quantizer is None:  # contiguous: a resumed basis then multiplies bitwise as the saved one did
+            return basis.to(dtype).contiguous()
         return self.quantizer.quantize(basis.T)
 
     def unpack(self, stored: Stored | None) -> Tensor | None:

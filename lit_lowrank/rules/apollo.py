@@ -36,6 +36,7 @@ class ApolloRule(UpdateRule):
     """
 
     batched = True
+    shardable = True
 
     def __init__(self, scale: float = 1.0, *, scaling: str = "channel", gamma: float | None = 1.01) -> None:
         super().__init__(scale)
@@ -49,10 +50,11 @@ class ApolloRule(UpdateRule):
         self.gamma = gamma
 
     def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
-        ratio = norm_ratio(inputs.direction, inputs.low, inputs.projector.side, self.scaling)  # float32
+        ratio = norm_ratio(inputs.direction, inputs.low, inputs.projector.side, self.scaling,
+                           inputs.reduce_low)  # float32
         update = inputs.grad.clone().mul_(ratio)  # G ⊙ s, multiplied in float32, kept in G's dtype
         if self.gamma is not None:
-            limit_growth_(update, inputs.state, "limiter_norm", self.gamma)
+            limit_growth_(update, inputs.state, "limiter_norm", self.gamma, inputs.reduce_grad)
         param.add_(update, alpha=-step_size * math.sqrt(self.scale))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import Tensor
 
@@ -22,6 +23,11 @@ class RuleInputs:
         projector: the weight's projector (its ``side`` says which axis was projected).
         state: the weight's optimizer state; rules may keep tensors here (they are checkpointed).
             ``state["step"]`` (a 0-dim float tensor) is the 1-based number of this step.
+        reduce_grad: for a weight split by rows across ranks (FSDP), where ``grad`` and
+            ``param`` are this rank's rows: sums a partial result over those rows (a squared
+            norm) across the ranks, in place. None when this rank holds the whole weight.
+        reduce_low: the same for ``low`` and ``direction`` when they are split by rows too (a
+            right projection); None when they are whole on every rank.
     """
 
     grad: Tensor | None
@@ -29,6 +35,8 @@ class RuleInputs:
     direction: Tensor
     projector: Projector
     state: dict[str, Tensor]
+    reduce_grad: Callable[[Tensor], Tensor] | None = None
+    reduce_low: Callable[[Tensor], Tensor] | None = None
 
 
 class UpdateRule(ABC):
@@ -55,6 +63,11 @@ class UpdateRule(ABC):
     batched: bool = False
     """Whether :meth:`apply_` takes a stack of E matrices (E×m×n weights, the ``experts``
     layout) and treats each slice as its own weight; the optimizer refuses stacks otherwise."""
+    shardable: bool = False
+    """Whether :meth:`apply_` is right on one rank's rows of a weight that FSDP split by rows: it
+    lifts only through the projector, and sums every norm over ``G``- and ``R``-shaped tensors
+    across the ranks through ``inputs.reduce_grad`` and ``inputs.reduce_low``; the optimizer
+    refuses sharded weights otherwise."""
     required_rank: int | None = None
     """The one subspace rank the rule works at (APOLLO-Mini: 1), or None for any; the optimizer
     refuses another rank when it is built."""

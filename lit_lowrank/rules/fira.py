@@ -36,6 +36,7 @@ class FiraRule(UpdateRule):
     """
 
     batched = True
+    shardable = True
 
     def __init__(self, scale: float = 1.0, *, gamma: float | None = 1.01, scaled_residual: bool = False) -> None:
         super().__init__(scale)
@@ -49,7 +50,7 @@ class FiraRule(UpdateRule):
         residual = inputs.projector.add_back_(inputs.grad.clone(), inputs.low, alpha=-lifted_share)  # G − lift(R), m×n
         residual.mul_(norm_ratio(inputs.direction, inputs.low, inputs.projector.side, "channel"))
         if self.gamma is not None:
-            limit_growth_(residual, inputs.state, "limiter_norm", self.gamma)
+            limit_growth_(residual, inputs.state, "limiter_norm", self.gamma, inputs.reduce_grad)
         param.add_(residual, alpha=-step_size)
         inputs.projector.add_back_(param, inputs.direction, alpha=-step_size * self.scale)
 

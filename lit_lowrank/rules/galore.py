@@ -14,6 +14,7 @@ class GaLoreRule(UpdateRule):
 
     uses_gradient = False
     batched = True
+    shardable = True
     any_projection = True
 
     def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:

@@ -8,6 +8,8 @@ both damp sudden growth of the resulting full-rank term with Fira's norm-growth 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -47,12 +49,16 @@ def precise_norm(tensor: Tensor, dim: int | tuple[int, ...] | None = None) -> Te
     return torch.linalg.vector_norm(tensor, dim=dim, keepdim=True, dtype=precision)
 
 
-def matrix_norm(tensor: Tensor) -> Tensor:
-    """The Frobenius norm of an m×n matrix (0-dim), or of each matrix of an E×m×n stack (E×1×1)."""
-    return precise_norm(tensor) if tensor.ndim == 2 else precise_norm(tensor, (-2, -1))
+def matrix_norm(tensor: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The Frobenius norm of an m×n matrix (0-dim), or of each matrix of an E×m×n stack (E×1×1).
+    With ``reduce`` (``tensor`` is one rank's rows of a matrix split across ranks, see
+    :class:`~lit_lowrank.rules.base.RuleInputs`): the norm of the whole matrix, ``√(Σ_i ‖T_i‖²)``."""
+    norm = precise_norm(tensor) if tensor.ndim == 2 else precise_norm(tensor, (-2, -1))
+    return norm if reduce is None else reduce(norm.square()).sqrt()
 
 
-def norm_ratio(direction: Tensor, low: Tensor, side: Side, scaling: str = "channel") -> Tensor:
+def norm_ratio(direction: Tensor, low: Tensor, side: Side, scaling: str = "channel",
+               reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``φ = ‖N‖ / (‖R‖ + 1e-8)`` in float32 (at least), shaped to broadcast against the m×n
     gradient.
 
@@ -64,9 +70,12 @@ def norm_ratio(direction: Tensor, low: Tensor, side: Side, scaling: str = "chann
             ``tensor`` — one ratio of Frobenius norms (per matrix of a stack), shaped 1×1 so that multiplying a
             half-precision gradient by it happens in float32 (a 0-dim float32 factor would be
             cast to the gradient's dtype first, where a large φ overflows).
+        reduce: for ``direction`` and ``low`` split by rows across ranks (``RuleInputs.reduce_low``),
+            sums the tensor-wise squared norms over the ranks; channels never span ranks (a
+            right projection's rows are local, a left one's R is whole on every rank).
     """
     if scaling == "tensor":
-        ratio = matrix_norm(direction) / (matrix_norm(low) + RATIO_EPS)
+        ratio = matrix_norm(direction, reduce) / (matrix_norm(low, reduce) + RATIO_EPS)
         return ratio.reshape(*low.shape[:-2], 1, 1)
     if scaling != "channel":
         raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
@@ -74,7 +83,8 @@ def norm_ratio(direction: Tensor, low: Tensor, side: Side, scaling: str = "chann
     return precise_norm(direction, axis) / (precise_norm(low, axis) + RATIO_EPS)
 
 
-def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: float) -> Tensor:
+def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: float,
+                  reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Fira's norm-growth limiter, in place.
 
     If ``‖S_t‖ > γ ‖S_{t−1}‖`` then ``S_t ← S_t · γ ‖S_{t−1}‖ / ‖S_t‖``. ``state[key]["norm"]``
@@ -88,8 +98,11 @@ def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: flo
     and a zero history (only zero updates so far) limits nothing, as before the first step.
     Departure from fira and apollo-torch, which store the 0 and then cap every later update at
     ``γ^k · 1e-8`` — an optimizer switched off for thousands of steps.
+
+    With ``reduce`` (``update`` is one rank's rows, ``RuleInputs.reduce_grad``) the norm is the
+    whole update's, so every rank applies the same factor.
     """
-    norm = matrix_norm(update)
+    norm = matrix_norm(update, reduce)
     if key in state:
         previous = state[key]["norm"]
         factor = (gamma * (previous + RATIO_EPS) / norm).clamp(max=1.0)

@@ -65,12 +65,3 @@ def test_ddp_lowrank_trains_two_processes_with_identical_projectors():
     trainer.fit(model, DataLoader(data, batch_size=4))  # CheckRanksAgree's failures propagate from the workers
     assert not torch.equal(model.encoder.weight, before)  # rank 0's trained weights came back
 
-
-def test_sharding_strategies_are_refused():
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    from lit_lowrank.lightning import LowRankCallback
-
-    trainer = pl.Trainer(strategy=ModelParallelStrategy(), accelerator="cpu", devices=2, logger=False)
-    with pytest.raises(ValueError, match="ModelParallelStrategy shards the weights.*ddp_lowrank"):
-        LowRankCallback(rank=2).setup(trainer, TwoLayer(), "fit")

@@ -1,0 +1,189 @@
+"""Weights sharded by rows across ranks: FSDP2's ``fully_shard`` (a DTensor placed ``Shard(0)`` on
+a 1-D device mesh), as Lightning's ``ModelParallelStrategy`` applies it.
+
+Rank i holds rows I_i of a weight W (m×n) and of its gradient G, which FSDP reduce-scattered.
+A low-rank step needs (README 'Scaling out'):
+
+* refresh — the basis of the *whole* G: one all-gather of G, on refresh steps only; every rank
+  fits the same basis from the same numbers, as under DDP (a projector that draws its basis from
+  a seed and G's shape, ``random``, gathers nothing);
+* a right projection ``R = G Q`` (m×r): rows I_i of R are ``G_i Q``, computed locally, and the
+  moments are split by rows like W;
+* a left projection ``R = Lᵀ G = Σ_i L_iᵀ G_i`` (r×n; ``L Rᵀ``-sided both: r×r): one all-reduce
+  of R; each rank's moments cover one block J_i of R's columns and the direction ``N`` is
+  all-gathered from the blocks;
+* the lift is local: rows I_i of ``L N`` are ``L_i N``, of ``N Qᵀ`` are ``N_i Qᵀ``;
+* a norm over a split tensor (Fira's and APOLLO's limiter, APOLLO-Mini's tensor-wise scaling):
+  an all-reduce of the ranks' squared partial norms.
+
+Each rank keeps its part of the state as plain tensors; :meth:`RowShard.distributed` hands a
+part out as a DTensor, so that torch's distributed checkpoint saves each rank's part and
+assembles full state dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lit_lowrank.projectors.base import Projector, Side
+
+try:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch built without distributed
+    DTensor = DeviceMesh = Shard = None
+
+
+def is_sharded(p: Tensor) -> bool:
+    """Whether ``p`` is a DTensor (FSDP2, tensor parallelism) or an FSDP1 flat parameter."""
+    return (DTensor is not None and isinstance(p, DTensor)) or bool(
+        getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False))
+
+
+def local(t: Tensor | None) -> Tensor | None:
+    """This rank's part of ``t`` (a DTensor's local tensor, sharing its storage), or ``t`` itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def chunk_bounds(size: int, parts: int, index: int) -> slice:
+    """Part ``index`` of ``range(size)`` cut into ``parts`` as ``torch.chunk`` cuts it (FSDP2's and
+    DTensor ``Shard``'s rule): blocks of ``ceil(size / parts)``, the last ones shorter or empty."""
+    block = math.ceil(size / parts)
+    start = min(index * block, size)
+    return slice(start, min(start + block, size))
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """How this rank holds a row-sharded parameter: its ``mesh`` (1-D), the full ``shape``, and
+    which rows are here."""
+
+    mesh: DeviceMesh
+    shape: torch.Size
+
+    @classmethod
+    def of(cls, p: Tensor) -> RowShard | None:
+        """None for a parameter this rank holds whole; raises for a sharding other than FSDP2's
+        rows on a 1-D mesh (FSDP1's flat parameters, tensor parallelism, HSDP)."""
+        if not is_sharded(p):
+            return None
+        if DTensor is None or not isinstance(p, DTensor):
+            raise ValueError(
+                f"a parameter of shape {tuple(p.shape)} is an FSDP1 flat parameter: FSDP1 flattens the weights and "
+                "cuts the flat vector anywhere, so no rank holds whole rows of a gradient. Shard with FSDP2 "
+                "instead: Lightning's ModelParallelStrategy with fully_shard in configure_model (strategy "
+                "'fsdp_lowrank' does it for you), or torch.distributed.fsdp.fully_shard; see README 'Scaling out'.")
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                f"a parameter of shape {tuple(p.shape)} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D "
+                "mesh; the low-rank optimizer takes weights whole on every rank or split by rows over a 1-D mesh "
+                "(FSDP2's fully_shard). Tensor parallelism and HSDP are not supported: shard with "
+                "fully_shard(module, mesh=device_mesh['data_parallel']).")
+        return cls(p.device_mesh, p.shape)
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group()
+
+    def _block(self, size: int) -> slice:
+        return chunk_bounds(size, self.mesh.size(), self.mesh.get_local_rank())
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows I_i of the full weight."""
+        return self._block(self.shape[0])
+
+    def columns(self, n: int) -> slice:
+        """This rank's block J_i of the columns of an r×n projected gradient."""
+        return self._block(n)
+
+    def total(self, partial: Tensor) -> Tensor:
+        """The sum over the ranks of ``partial`` (a squared norm of this rank's part, ``L_iᵀ G_i``)."""
+        dist.all_reduce(partial, group=self.group)
+        return partial
+
+    def least(self, value: int) -> int:
+        """The smallest of the ranks' ``value``s (the first offending tensor any rank found)."""
+        found = torch.tensor(value)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN, group=self.group)
+        return int(found)
+
+    def gather(self, part: Tensor, dim: int, size: int) -> Tensor:
+        """The whole tensor whose blocks along ``dim`` (of ``size`` in all) the ranks hold."""
+        return self.distributed(part, dim, size).full_tensor()
+
+    def distributed(self, part: Tensor, dim: int, size: int) -> DTensor:
+        """``part`` (this rank's block along ``dim``) as a DTensor ``Shard(dim)`` of the whole."""
+        dim %= part.ndim
+        shape = list(part.shape)
+        shape[dim] = size
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(part, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+                                  stride=stride)
+
+    def localize(self, value: Tensor, dim: int, size: int) -> Tensor:
+        """This rank's block along ``dim`` of saved state: a DTensor of the whole (as torch's
+        distributed checkpoint loads it, with any placement), or a plain tensor of the whole."""
+        dim %= max(value.ndim, 1)
+        if DTensor is not None and isinstance(value, DTensor):
+            if value.shape[dim] != size:
+                return value  # the caller's shape check names the mismatch
+            return value.redistribute(self.mesh, [Shard(dim)]).to_local()
+        if value.ndim == 0 or value.shape[dim] != size:
+            return value
+        return value.narrow(dim, (block := self._block(size)).start, block.stop - block.start)
+
+
+class LocalRows:
+    """A projector as one rank of a row-sharded weight applies it: the bases of the whole
+    gradient, with the left basis L (m×r) cut to this rank's rows L_i.
+
+    ``project`` gives R's rows ``G_i Q`` (right) or the whole ``Σ_i L_iᵀ G_i`` (left, both: an
+    all-reduce); ``project_back``/``add_back_`` give this rank's rows of the lift. Used only for
+    projectors that apply their bases as :class:`~lit_lowrank.projectors.base.Projector` does.
+    """
+
+    def __init__(self, projector: Projector, shard: RowShard) -> None:
+        self.projector, self.shard = projector, shard
+
+    @property
+    def side(self) -> Side:
+        return self.projector.side
+
+    @property
+    def low_split(self) -> bool:
+        """Whether R (and N) are split by rows like G (a right projection) or whole on every rank."""
+        return self.side == Side.RIGHT
+
+    def bases(self) -> tuple[Tensor | None, Tensor | None]:
+        left, right = self.projector.bases()
+        return None if left is None else left[self.shard.rows], right
+
+    def project(self, grad: Tensor) -> Tensor:
+        low = Projector.project(self, grad)  # type: ignore[arg-type]
+        return low if self.low_split else self.shard.total(low)
+
+    project_back = Projector.project_back
+    add_back_ = Projector.add_back_
+
+
+def applies_bases_plainly(projector: type[Projector]) -> bool:
+    """Whether a projector class projects and lifts with its bases as the base class does (so
+    :class:`LocalRows` reproduces it on a rank's rows)."""
+    return not projector.projects_tensors and all(
+        getattr(projector, name) is getattr(Projector, name) for name in ("project", "project_back", "add_back_"))
+
+
+def map_tensors(tree: Any, fn) -> Any:
+    """``fn`` applied to every non-scalar tensor of a (nested) dict of state."""
+    if isinstance(tree, dict):
+        return {key: map_tensors(value, fn) for key, value in tree.items()}
+    if isinstance(tree, Tensor) and tree.ndim > 0:
+        return fn(tree)
+    return tree
