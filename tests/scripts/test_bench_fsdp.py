@@ -1,0 +1,42 @@
+"""``scripts/bench_fsdp.py``: the on-paper traffic against the shapes written out here, and a
+measured run on the tiny LLaMA whose counted bytes and per-rank state equal what the sharded step
+must exchange and keep."""
+
+from __future__ import annotations
+
+import pytest
+
+from lit_lowrank.models.llama import GALORE_RANKS, LLAMA_SIZES
+from ranks import requires_gloo
+from script_loader import loaded_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield from loaded_script("bench_fsdp")
+
+
+@pytest.mark.parametrize("size", ["60m", "7b"])
+def test_paper_traffic_matches_the_shapes(bench, size):
+    hidden, ff, _, layers = LLAMA_SIZES[size]
+    rank, vocab = GALORE_RANKS[size], 32000
+    params = layers * (4 * hidden * hidden + 3 * hidden * ff) + 2 * vocab * hidden + (2 * layers + 1) * hidden
+    result = bench.paper_traffic(size)
+    assert result["fsdp"] == 3 * 4 * params
+    assert result["refresh"] == pytest.approx(4 * layers * (4 * hidden * hidden + 3 * hidden * ff) / 200)
+    assert result["left"] == 4 * layers * 2 * rank * ff  # down_proj (hidden × ff) is the one left-projected target
+
+
+@requires_gloo
+def test_measured_traffic_and_state(bench):
+    results = bench.measure("tiny", steps=2, warmup=1, seq=16)
+    hidden, ff, _, layers = LLAMA_SIZES["tiny"]
+    rank = GALORE_RANKS["tiny"]
+    assert results["adamw"]["bytes"] == results["adamw"]["refresh_bytes"] == 0
+    left = 4 * layers * 2 * rank * ff  # R all-reduced and N all-gathered for each down_proj
+    assert results["galore"]["bytes"] == left
+    assert results["galore"]["refresh_bytes"] == left + 4 * layers * (4 * hidden * hidden + 3 * hidden * ff)
+    norms = 4 * 7 * layers  # the limiter's norm of each target, every step
+    assert results["apollo"]["bytes"] == results["apollo"]["refresh_bytes"] == left + norms  # a seeded basis: no gather
+    assert results["galore"]["state"] < results["adamw"]["state"]
+    assert bench.measured_table(results).count("\n") == 1 + len(bench.METHODS)
