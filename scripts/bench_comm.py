@@ -22,23 +22,20 @@ between refreshes — and for the whole model the bytes of a non-refresh step, o
 and their average over T = 200 steps (one refresh), against DDP's full gradient every step.
 """
 
-import argparse
-import os
 import statistics
-import tempfile
 import time
 from collections import Counter
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from lit_lowrank import LowRankCommunication, build_optimizer, lowrank_comm_hook, select_targets
 from lit_lowrank.models.llama import GALORE_RANKS, llama_config
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
+from two_ranks import measure_on_two_ranks, parser
 
 MODES = ("ddp", "ddp + lowrank", "layer-wise + lowrank")
 MiB = 2**20
@@ -119,30 +116,14 @@ def _run_mode(mode: str, size: str, tokens: list[torch.Tensor], warmup: int) -> 
             "weights": [p.detach().clone() for p in model.parameters()]}
 
 
-def _worker(rank: int, world_size: int, port: int, size: str, steps: int, warmup: int, seq: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    generator = torch.Generator().manual_seed(rank)
-    tokens = [torch.randint(0, 1024, (1, seq), generator=generator) for _ in range(warmup + steps)]
-    results = {mode: _run_mode(mode, size, tokens, warmup) for mode in MODES}
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+def _run_all(size: str, tokens: list[torch.Tensor], warmup: int) -> dict[str, dict[str, Any]]:
+    return {mode: _run_mode(mode, size, tokens, warmup) for mode in MODES}
 
 
 def measure(size: str = "60m", steps: int = 5, warmup: int = 2, seq: int = 128) -> list[dict[str, Any]]:
     """Per mode: bytes rank 0 all-reduced and its step time (steady-state medians), and the
     weights' relative distance from ``ddp``'s after the run."""
-    from socket import socket
-
-    with socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "results.pt")
-        mp.spawn(_worker, args=(2, port, size, steps, warmup, seq, out), nprocs=2, join=True)
-        results = torch.load(out)
+    results = measure_on_two_ranks(_run_all, size, steps, warmup, seq)
     base = results["ddp"]
     return [{"mode": mode, "bytes": r["bytes"], "bytes_ratio": r["bytes"] / base["bytes"], "time": r["time"],
              "time_ratio": r["time"] / base["time"], "weight_distance": relative_distance(r["weights"], base["weights"])}
@@ -164,14 +145,7 @@ def measured_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="60m", help="LLaMA size measured on 2 gloo processes")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (one sequence per rank)")
-    parser.add_argument("--paper", nargs="+", default=["60m", "1b", "7b"], help="sizes computed on paper")
-    parser.add_argument("--no-measure", action="store_true", help="only the on-paper table")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     if not args.no_measure:
         print(f"Measured: LLaMA-{args.size} (vocabulary 1,024), 2 gloo processes, rank {GALORE_RANKS[args.size]}, "
               f"{args.seq} tokens per rank per step, median of {args.steps} steps\n")

@@ -20,21 +20,17 @@ plus ``r·n`` numbers all-reduced and all-gathered per left-projected target eve
 FSDP's own traffic (two all-gathers of the weights and one reduce-scatter of the gradients).
 """
 
-import argparse
-import os
 import statistics
-import tempfile
 import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lit_lowrank import build_optimizer, select_targets
 from lit_lowrank.models.llama import GALORE_RANKS, llama_config
 from lit_lowrank.optim.sharding import RowShard
 from lit_lowrank.projectors.base import Side, choose_side
+from two_ranks import measure_on_two_ranks, parser
 
 METHODS = ("adamw", "galore", "fira", "apollo", "apollo-mini")
 MiB = 2**20
@@ -103,28 +99,13 @@ def _run_method(method: str, size: str, tokens: list[torch.Tensor], warmup: int)
             "bytes": statistics.median(sent[warmup:]), "state": _state_bytes(optimizer)}
 
 
-def _worker(rank: int, world_size: int, port: int, size: str, steps: int, warmup: int, seq: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    generator = torch.Generator().manual_seed(rank)
-    tokens = [torch.randint(0, 1024, (1, seq), generator=generator) for _ in range(warmup + steps)]
-    results = {method: _run_method(method, size, tokens, warmup) for method in METHODS}
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+def _run_all(size: str, tokens: list[torch.Tensor], warmup: int) -> dict[str, dict[str, Any]]:
+    return {method: _run_method(method, size, tokens, warmup) for method in METHODS}
 
 
 def measure(size: str = "60m", steps: int = 5, warmup: int = 2, seq: int = 128) -> dict[str, dict[str, Any]]:
-    from socket import socket
-
-    with socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "results.pt")
-        mp.spawn(_worker, args=(2, port, size, steps, warmup, seq, out), nprocs=2, join=True)
-        return torch.load(out)
+    """Per method: rank 0's state bytes, step times and the optimizer's own traffic."""
+    return measure_on_two_ranks(_run_all, size, steps, warmup, seq)
 
 
 def measured_table(results: dict[str, dict[str, Any]]) -> str:
@@ -162,14 +143,7 @@ def paper_table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="60m", help="LLaMA size measured on 2 gloo processes")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (one sequence per rank)")
-    parser.add_argument("--paper", nargs="+", default=["60m", "1b", "7b"], help="sizes computed on paper")
-    parser.add_argument("--no-measure", action="store_true", help="only the on-paper table")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     if not args.no_measure:
         print(f"Measured: LLaMA-{args.size} (vocabulary 1,024), FSDP2 over 2 gloo processes, rank "
               f"{GALORE_RANKS[args.size]} (APOLLO-Mini 1), {args.seq} tokens per rank per step, median of "
