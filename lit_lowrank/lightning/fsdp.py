@@ -18,7 +18,10 @@ def shard_blocks(network: nn.Module, mesh) -> nn.Module:
     ``self.device_mesh["data_parallel"]``; :class:`~lit_lowrank.lightning.LowRankModule` does.
 
     Returns ``network`` (sharded in place)."""
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
 
     if any(is_sharded(p) for p in network.parameters()):
         return network

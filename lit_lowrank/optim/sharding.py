@@ -36,8 +36,12 @@ from lit_lowrank.projectors.base import Projector, Side
 try:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # torch built without distributed
-    DTensor = DeviceMesh = Shard = None
+except ImportError:
+    try:  # torch 2.4 keeps DTensor private
+        from torch.distributed._tensor import DTensor, Shard
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # torch built without distributed
+        DTensor = DeviceMesh = Shard = None
 
 
 def is_sharded(p: Tensor) -> bool:
