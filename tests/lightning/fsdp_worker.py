@@ -4,7 +4,7 @@ started with LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, as torchrun would star
 ``python fsdp_worker.py OUT MODULE CHECKPOINT``: MODULE is ``lowrank`` (a LowRankModule, strategy
 ``fsdp_lowrank``) or ``user`` (an ordinary module that shards itself in ``configure_model``,
 Lightning's ModelParallelStrategy and LowRankCallback); CHECKPOINT is ``distributed`` or ``full``.
-Trains two epochs of 3 steps with a checkpoint after the first (a plain DataLoader resumes at an
+Trains two epochs of 3 steps (2 accumulated micro-batches each) with a checkpoint after the first (a plain DataLoader resumes at an
 epoch boundary), then resumes a fresh run from it; rank 0 saves both runs' final weights (whole)
 and every rank its optimizer-state bytes.
 """
@@ -22,11 +22,12 @@ from lit_lowrank.lightning import FSDPLowRankStrategy, LowRankCallback, LowRankC
 from lit_lowrank.models import Llama
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_heads=2, num_layers=2)
-EPOCHS, STEPS, BATCH = 2, 3, 2  # steps per epoch and batch per rank: one process takes batches of 4
+EPOCHS, STEPS, BATCH, ACCUMULATE = 2, 3, 1, 2  # optimizer steps per epoch, micro-batch per rank, micro-batches per step
+SAMPLES = 2 * BATCH * ACCUMULATE * STEPS  # two ranks; one process takes micro-batches of 2 · BATCH
 
 
 def tokens() -> torch.Tensor:
-    return torch.randint(0, 64, (2 * BATCH * STEPS, 13), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, 64, (SAMPLES, 13), generator=torch.Generator().manual_seed(0))
 
 
 def lowrank_module() -> LowRankModule:
@@ -67,8 +68,7 @@ class UserModule(pl.LightningModule):
 
 def user_data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
-    n = 2 * BATCH * STEPS
-    return TensorDataset(torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return TensorDataset(torch.randn(SAMPLES, 10, generator=g), torch.randint(0, 3, (SAMPLES,), generator=g))
 
 
 class Record(pl.Callback):
@@ -96,6 +96,7 @@ def fit(name: str, ckpt_path: str | None = None) -> None:
         callbacks = [LowRankCallback(targets=["blocks"], rank=3, update_gap=2)]
     checkpoints = ModelCheckpoint(dirpath=os.path.join(OUT, "ckpt"), save_top_k=-1)  # after each epoch
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=EPOCHS, logger=False,
+                         accumulate_grad_batches=ACCUMULATE,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, use_distributed_sampler=False, callbacks=[*callbacks, checkpoints, Record(name)])
     rank = int(os.environ["LOCAL_RANK"])  # samples rank, rank + 2, ...: the two ranks' batches k make batch k of one process

@@ -1,8 +1,8 @@
 """FSDP2 under Lightning (two gloo processes on this machine, started as torchrun starts them):
 ``strategy="fsdp_lowrank"`` with a LowRankModule, and an ordinary module that shards itself under
-``ModelParallelStrategy`` with LowRankCallback. Both resume exactly from distributed and full
-checkpoints; the LowRankModule run trains what one process trains on the whole batch, with its
-optimizer state split over the ranks."""
+``ModelParallelStrategy`` with LowRankCallback, both with gradient accumulation. Both resume
+exactly from distributed and full checkpoints; the LowRankModule run trains what one process
+trains on the whole batch, with its optimizer state split over the ranks."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def test_fsdp_lowrank_module_resumes_exactly_and_matches_one_process(tmp_path, c
         assert torch.equal(a, b)
     module = fsdp_worker.lowrank_module()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=fsdp_worker.EPOCHS, logger=False,
+                         accumulate_grad_batches=fsdp_worker.ACCUMULATE,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0)
     trainer.fit(module, DataLoader(fsdp_worker.tokens(), batch_size=2 * fsdp_worker.BATCH))
