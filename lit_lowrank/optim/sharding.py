@@ -1,5 +1,6 @@
 """Weights sharded by rows across ranks: FSDP2's ``fully_shard`` (a DTensor placed ``Shard(0)`` on
-a 1-D device mesh), as Lightning's ``ModelParallelStrategy`` applies it.
+a 1-D device mesh), as Lightning's ``ModelParallelStrategy`` applies it, or HSDP (``fully_shard``
+over a 2-D mesh: replicas of the row shards, ``(Replicate(), Shard(0))``).
 
 Rank i holds rows I_i of a weight W (m×n) and of its gradient G, which FSDP reduce-scattered.
 A low-rank step needs (README 'Scaling out'):
@@ -35,13 +36,13 @@ from lit_lowrank.projectors.base import Projector, Side
 
 try:
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:
     try:  # torch 2.4 keeps DTensor private
-        from torch.distributed._tensor import DTensor, Shard
+        from torch.distributed._tensor import DTensor, Replicate, Shard
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # torch built without distributed
-        DTensor = DeviceMesh = Shard = None
+        DTensor = DeviceMesh = Replicate = Shard = None
 
 
 def is_sharded(p: Tensor) -> bool:
@@ -65,16 +66,19 @@ def chunk_bounds(size: int, parts: int, index: int) -> slice:
 
 @dataclass(frozen=True)
 class RowShard:
-    """How this rank holds a row-sharded parameter: its ``mesh`` (1-D), the full ``shape``, and
-    which rows are here."""
+    """How this rank holds a row-sharded parameter: its ``mesh``, the full ``shape``, and which
+    mesh dimension splits the rows (``shard_dim``; HSDP replicates the shards along the other).
+    The collectives run over the ranks of that dimension only: replicas hold the same numbers."""
 
     mesh: DeviceMesh
     shape: torch.Size
+    shard_dim: int = 0
 
     @classmethod
     def of(cls, p: Tensor) -> RowShard | None:
         """None for a parameter this rank holds whole; raises for a sharding other than FSDP2's
-        rows on a 1-D mesh (FSDP1's flat parameters, tensor parallelism, HSDP)."""
+        rows (``Shard(0)`` on a 1-D mesh, or HSDP's ``(Replicate(), Shard(0))``): FSDP1's flat
+        parameters, tensor parallelism."""
         if not is_sharded(p):
             return None
         if DTensor is None or not isinstance(p, DTensor):
@@ -83,20 +87,25 @@ class RowShard:
                 "cuts the flat vector anywhere, so no rank holds whole rows of a gradient. Shard with FSDP2 "
                 "instead: Lightning's ModelParallelStrategy with fully_shard in configure_model (strategy "
                 "'fsdp_lowrank' does it for you), or torch.distributed.fsdp.fully_shard; see README 'Scaling out'.")
-        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        placements = tuple(p.placements)
+        if placements not in ((Shard(0),), (Replicate(), Shard(0))):
             raise ValueError(
-                f"a parameter of shape {tuple(p.shape)} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D "
-                "mesh; the low-rank optimizer takes weights whole on every rank or split by rows over a 1-D mesh "
-                "(FSDP2's fully_shard). Tensor parallelism and HSDP are not supported: shard with "
+                f"a parameter of shape {tuple(p.shape)} is placed {placements} on a {p.device_mesh.ndim}-D mesh; the "
+                "low-rank optimizer takes weights whole on every rank or split by rows (FSDP2's fully_shard over a "
+                "1-D mesh, or HSDP over a 2-D one). Tensor parallelism is not supported: shard with "
                 "fully_shard(module, mesh=device_mesh['data_parallel']).")
-        return cls(p.device_mesh, p.shape)
+        return cls(p.device_mesh, p.shape, len(placements) - 1)
 
     @property
     def group(self) -> dist.ProcessGroup:
-        return self.mesh.get_group()
+        return self.mesh.get_group(self.shard_dim)
 
     def _block(self, size: int) -> slice:
-        return chunk_bounds(size, self.mesh.size(), self.mesh.get_local_rank())
+        return chunk_bounds(size, self.mesh.size(self.shard_dim), self.mesh.get_local_rank(self.shard_dim))
+
+    def _placements(self, dim: int) -> list:
+        """The parameter's placements with its row split moved to tensor axis ``dim``."""
+        return [Replicate()] * self.shard_dim + [Shard(dim)]
 
     @property
     def rows(self) -> slice:
@@ -128,7 +137,7 @@ class RowShard:
         shape = list(part.shape)
         shape[dim] = size
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(part, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+        return DTensor.from_local(part, self.mesh, self._placements(dim), run_check=False, shape=torch.Size(shape),
                                   stride=stride)
 
     def localize(self, value: Tensor, dim: int, size: int) -> Tensor:
@@ -138,7 +147,7 @@ class RowShard:
         if DTensor is not None and isinstance(value, DTensor):
             if value.shape[dim] != size:
                 return value  # the caller's shape check names the mismatch
-            return value.redistribute(self.mesh, [Shard(dim)]).to_local()
+            return value.redistribute(self.mesh, self._placements(dim)).to_local()
         if value.ndim == 0 or value.shape[dim] != size:
             return value
         return value.narrow(dim, (block := self._block(size)).start, block.stop - block.start)

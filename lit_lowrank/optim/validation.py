@@ -54,7 +54,7 @@ def check_sharding(group: Mapping[str, Any]) -> dict[Tensor, RowShard]:
     does not apply its bases as the base class does (Tucker); a rule that does not declare
     ``shardable`` (its norms would cover one rank's rows); an inner optimizer that is not
     ``elementwise`` (Adafactor's factored and 8-bit Adam's block statistics span the ranks);
-    rotating two-sided moments; quantized weights. FSDP1 flat parameters, tensor parallelism and HSDP raise in
+    rotating two-sided moments; quantized weights. FSDP1 flat parameters and tensor parallelism raise in
     :meth:`RowShard.of`."""
     shards = {p: shard for p in group["params"] if (shard := RowShard.of(p)) is not None}
     if not shards:

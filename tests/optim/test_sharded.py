@@ -75,13 +75,13 @@ def train(model: nn.Module, optimizer, batch_list, rank: int = 0, world_size: in
         optimizer.step()
 
 
-def sharded_block() -> Block:
+def sharded_block(mesh=None) -> Block:
     from torch.distributed.fsdp import fully_shard
 
     model = Block()
-    fully_shard(model.attn)
-    fully_shard(model.mlp)
-    fully_shard(model)
+    fully_shard(model.attn, mesh=mesh)
+    fully_shard(model.mlp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -125,9 +125,36 @@ def test_left_projection_moments_cover_a_block_of_columns(tmp_path):
     assert [tuple(w) for w in widths] == [(3, len(range(3)[chunk_bounds(3, 2, r)])) for r in (0, 1)] == [(3, 2), (3, 1)]
 
 
+def _hsdp_worker(rank: int, world_size: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))  # 2 replicas of 2 row shards
+    trained = {}
+    for name in ("galore", "fira", "apollo-mini"):
+        model = sharded_block(mesh)
+        train(model, build(model, name), batches(), rank, world_size)
+        trained[name] = [whole(p) for p in model.parameters()]
+    torch.save(trained, f"{out}/rank{rank}.pt")
+
+
+@requires_gloo
+def test_hsdp_replicas_of_row_shards_train_what_one_process_trains(tmp_path):
+    run_ranks(_hsdp_worker, str(tmp_path), world_size=4)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    for name, weights in ranks[0].items():
+        model = Block()
+        train(model, build(model, name), batches())
+        for ours, single in zip(weights, model.parameters()):
+            torch.testing.assert_close(ours, single.detach(), rtol=1e-8, atol=1e-10)
+        assert all(torch.equal(a, b) for other in ranks[1:] for a, b in zip(weights, other[name]))
+
+
 def _resume_worker(rank: int, world_size: int, out: str, name: str, full: bool) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if world_size == 4 else None  # HSDP
     first, rest = batches(6)[:3], batches(6)[3:]
-    model = sharded_block()
+    model = sharded_block(mesh)
     optimizer = build(model, name)
     train(model, optimizer, first, rank, world_size)
     if full:  # one whole state dict, as ModelParallelStrategy(save_distributed_checkpoint=False) writes it
@@ -142,7 +169,7 @@ def _resume_worker(rank: int, world_size: int, out: str, name: str, full: bool) 
     train(model, optimizer, rest, rank, world_size)
     uninterrupted = [whole(p) for p in model.parameters()]
 
-    model = sharded_block()
+    model = sharded_block(mesh)
     optimizer = build(model, name)
     if full:
         torch.distributed.barrier()
@@ -167,6 +194,11 @@ def _resume_worker(rank: int, world_size: int, out: str, name: str, full: bool) 
 @pytest.mark.parametrize("name", ["galore", "fira"])
 def test_checkpoints_of_sharded_state_resume_exactly(tmp_path, name, full):
     run_ranks(_resume_worker, str(tmp_path), name, full)
+
+
+@requires_gloo
+def test_hsdp_checkpoints_resume_exactly(tmp_path):
+    run_ranks(_resume_worker, str(tmp_path), "fira", False, world_size=4)
 
 
 def _nonfinite_worker(rank: int, world_size: int) -> None:
