@@ -10,8 +10,8 @@ A low-rank step needs (README 'Scaling out'):
   a seed and G's shape, ``random``, gathers nothing);
 * a right projection ``R = G Q`` (m×r): rows I_i of R are ``G_i Q``, computed locally, and the
   moments are split by rows like W;
-* a left projection ``R = Lᵀ G = Σ_i L_iᵀ G_i`` (r×n; ``L Rᵀ``-sided both: r×r): one all-reduce
-  of R; each rank's moments cover one block J_i of R's columns and the direction ``N`` is
+* a left projection ``R = Lᵀ G = Σ_i L_iᵀ G_i`` (r×n; both sides, ``Lᵀ G Q``: r×r): one
+  all-reduce of R; each rank's moments cover one block J_i of R's columns and the direction ``N`` is
   all-gathered from the blocks;
 * the lift is local: rows I_i of ``L N`` are ``L_i N``, of ``N Qᵀ`` are ``N_i Qᵀ``;
 * a norm over a split tensor (Fira's and APOLLO's limiter, APOLLO-Mini's tensor-wise scaling):
