@@ -309,7 +309,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         received, self._received = self._received, {}
         work = [(group, [p for p in group["params"] if p.grad is not None or p in received])
                 for group in self.param_groups]
-        self._step_all([(group, params) for group, params in work if params], received)
+        work = [(group, params) for group, params in work if params]
+        if not work and not self.state:
+            warnings.warn("the first step() found no gradient on any of the optimizer's parameters, so nothing was "
+                          "updated. If the model was sharded (fully_shard), wrapped or copied after the optimizer "
+                          "was built, its parameters are new tensors: build the optimizer afterwards.",
+                          RuntimeWarning, stacklevel=3)
+        self._step_all(work, received)
         return loss
 
     def receive_projections(self, lows: dict[Tensor, Tensor], *, accumulate: bool = False) -> None:

@@ -75,10 +75,10 @@ def train(model: nn.Module, optimizer, batch_list, rank: int = 0, world_size: in
         optimizer.step()
 
 
-def sharded_block(mesh=None) -> Block:
+def sharded_block(mesh=None, model: Block | None = None) -> Block:
     from torch.distributed.fsdp import fully_shard
 
-    model = Block()
+    model = model or Block()
     fully_shard(model.attn, mesh=mesh)
     fully_shard(model.mlp, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -236,6 +236,10 @@ def _refusal_worker(rank: int, world_size: int) -> None:
         LayerwiseUpdates(optimizer)
     with pytest.raises(ValueError, match="comm hook.*sharded by FSDP"):
         LowRankCommunication(optimizer)
+    early = Block()
+    optimizer = build_optimizer(early, **OPTIONS)  # built before fully_shard replaced the parameters
+    with pytest.warns(RuntimeWarning, match="no gradient on any.*build the optimizer afterwards"):
+        train(sharded_block(model=early), optimizer, batches(1), rank, world_size)
     half = nn.Linear(4, 4)  # a parameter fully_shard does not hold: its gradient would not be averaged
     with pytest.raises(ValueError, match="whole on this rank.*fully_shard to the root module"):
         LowRankOptimizer([{"params": [*model.parameters(), half.weight], "lowrank": False}])
