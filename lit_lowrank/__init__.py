@@ -12,6 +12,7 @@ from lit_lowrank.methods import Method
 from lit_lowrank.optim.communication import LowRankCommunication, lowrank_comm_hook
 from lit_lowrank.optim.factory import build_optimizer, select_targets
 from lit_lowrank.optim.lowrank import LowRankOptimizer
+from lit_lowrank.optim.sharding import shard_blocks
 from lit_lowrank.plugins import (
     UnknownComponentError,
     get_inner_optimizer,
@@ -34,5 +35,5 @@ __all__ = [
     "DenseBasisProjector", "InnerOptimizer", "LowRankCommunication", "LowRankOptimizer", "Method", "Packed", "Projector",
     "Quantizer", "RuleInputs", "Schedule", "Side", "UnknownComponentError", "UpdateRule", "build_optimizer",
     "get_inner_optimizer", "get_method", "get_projector", "get_quantizer", "get_schedule", "get_update_rule",
-    "hookimpl", "lowrank_comm_hook", "register_plugin", "registered", "select_targets",
+    "hookimpl", "lowrank_comm_hook", "register_plugin", "registered", "select_targets", "shard_blocks",
 ]

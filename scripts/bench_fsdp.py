@@ -6,7 +6,7 @@ papers' LLaMA sizes, what the low-rank step adds to FSDP's own traffic.
     python scripts/bench_fsdp.py --size tiny --steps 3 --paper 1b
 
 Measured: each of 2 CPU processes (gloo over loopback, one thread each) trains the same LLaMA,
-sharded with :func:`lit_lowrank.lightning.shard_blocks` (each decoder layer, then the root), on
+sharded with :func:`lit_lowrank.shard_blocks` (each decoder layer, then the root), on
 its own sequences, with each method from the same initial weights and data. One step = forward,
 backward (FSDP's all-gathers and reduce-scatter) and optimizer step; times are medians over the
 ``--steps`` after ``--warmup``, of steps that do not refresh (T = 1000 after the first step) and
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lit_lowrank import build_optimizer, select_targets
+from lit_lowrank import build_optimizer, select_targets, shard_blocks
 from lit_lowrank.models.llama import GALORE_RANKS, llama_config
 from lit_lowrank.optim.sharding import RowShard
 from lit_lowrank.projectors.base import Side, choose_side
@@ -80,8 +80,6 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def _run_method(method: str, size: str, tokens: list[torch.Tensor], warmup: int) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import LlamaForCausalLM
-
-    from lit_lowrank.lightning import shard_blocks
 
     torch.manual_seed(0)
     model = shard_blocks(LlamaForCausalLM(llama_config(size, vocab_size=1024)), init_device_mesh("cpu", (2,)))

@@ -10,7 +10,6 @@ from lit_lowrank.lightning.callback import LowRankCallback
 from lit_lowrank.lightning.checkpoint import LastStepCheckpoint
 from lit_lowrank.lightning.communication import LowRankCommunicationCallback
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.fsdp import shard_blocks
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.module import LowRankModule
 from lit_lowrank.lightning.strategy import DDPLowRankStrategy, FSDPLowRankStrategy, LowRankStrategy, register_strategies
@@ -21,4 +20,4 @@ register_strategies()
 
 __all__ = ["CausalLM", "DDPLowRankStrategy", "FSDPLowRankStrategy", "LastStepCheckpoint", "LayerwiseCallback",
            "LowRankCallback", "LowRankCommunicationCallback", "LowRankConfig", "LowRankModule", "LowRankStrategy",
-           "LowRankTelemetry", "SequenceClassification", "Task", "TaskOutput", "shard_blocks"]
+           "LowRankTelemetry", "SequenceClassification", "Task", "TaskOutput"]

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.conversion import check_compact_trainer, check_strategy, config_callbacks
-from lit_lowrank.lightning.fsdp import shard_blocks
 from lit_lowrank.lightning.lr_schedule import warmup_decay
 from lit_lowrank.lightning.tasks import CausalLM, Task
+from lit_lowrank.optim.sharding import shard_blocks
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 

@@ -128,7 +128,7 @@ class FSDPLowRankStrategy(_LowRankOptimizers, ModelParallelStrategy):
     :mod:`lit_lowrank.optim.sharding` for what each rank computes and what it exchanges).
 
     The module shards itself in ``configure_model``, as Lightning requires:
-    :class:`~lit_lowrank.lightning.LowRankModule` does (:func:`~lit_lowrank.lightning.shard_blocks`);
+    :class:`~lit_lowrank.lightning.LowRankModule` does (:func:`~lit_lowrank.shard_blocks`);
     your own module calls ``shard_blocks(self.model, self.device_mesh["data_parallel"])`` or
     ``fully_shard`` itself.
 

@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
+
+from lit_lowrank.optim.targets import repeated_blocks
 from lit_lowrank.projectors.base import Projector, Side
 
 try:
@@ -200,3 +202,28 @@ def map_tensors(tree: Any, fn) -> Any:
     if isinstance(tree, Tensor) and tree.ndim > 0:
         return fn(tree)
     return tree
+
+
+def shard_blocks(network: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
+    """``fully_shard`` each repeated block of ``network`` (the children of its ``ModuleList``
+    containers, e.g. LLaMA's decoder layers: one all-gather per block in forward and backward),
+    then the root, which takes the remaining parameters (embeddings, head, final norm), over
+    ``mesh`` (default: every rank; a 2-D mesh with named dimensions for HSDP). A no-op for a
+    network already sharded. Build the optimizer afterwards: sharding replaces the parameters.
+    Under Lightning, call it from ``configure_model`` with ``self.device_mesh["data_parallel"]``
+    (:class:`~lit_lowrank.lightning.LowRankModule` does).
+
+    Returns ``network`` (sharded in place)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+
+    if any(is_sharded(p) for p in network.parameters()):
+        return network
+    blocks = repeated_blocks(network)
+    for name, module in network.named_modules():
+        if name in blocks and not any(name.startswith(f"{outer}.") for outer in blocks):
+            fully_shard(module, mesh=mesh)
+    fully_shard(network, mesh=mesh)
+    return network
