@@ -55,22 +55,27 @@ class LowRankSlot:
     view: View
     shard: RowShard | None = None
 
+    @property
+    def stacked(self) -> bool:
+        """Whether the weight is a stack of experts (E×m×n)."""
+        return len(self.view.shape) == 3
+
     def applied(self) -> Projector | LocalRows:
-        """The projector as this rank applies it: itself, or cut to this rank's rows."""
-        return self.projector if self.shard is None else LocalRows(self.projector, self.shard)
+        """The projector as this rank applies it: itself, or cut to this rank's rows (experts)."""
+        return self.projector if self.shard is None else LocalRows(self.projector, self.shard, self.stacked)
 
     def local_view(self, tensor: Tensor) -> View:
-        """The view of this rank's part of the weight (``tensor``: the local rows)."""
-        return self.view if self.shard is None else View(tensor.shape)
+        """The view of this rank's part of the weight (``tensor``: its local rows or experts)."""
+        return self.view if self.shard is None else View(torch.Size((tensor.shape[0], *self.view.shape[1:])))
 
     def state_split(self) -> tuple[int, int] | None:
         """For a sharded weight: the axis along which its moments are split over the ranks and
-        that axis's full length: R's m rows for a right projection, else its n (left) or r (both)
-        columns."""
+        that axis's full length: the experts E of a stack, R's m rows for a right projection,
+        else its n (left) or r (both) columns."""
         if self.shard is None:
             return None
-        if self.projector.side == Side.RIGHT:
-            return 0, self.view.shape[-2]
+        if self.stacked or self.projector.side == Side.RIGHT:
+            return 0, self.view.shape[0]
         right = self.projector.bases()[1]
         return -1, self.view.shape[-1] if right is None else right.shape[-1]
 
@@ -702,22 +707,23 @@ def whole_gradient(p: Tensor, slot: LowRankSlot, group: dict[str, Any]) -> Tenso
     """``G`` (``G + λW`` for coupled L2) in the view's shape, whole: gathered from the ranks for
     a weight split by rows (on refresh steps only)."""
     grad = l2_gradient(local(p.grad), local(p), group)
-    return slot.view(grad) if slot.shard is None else slot.shard.gather(grad, 0, slot.view.shape[0])
+    return slot.view(grad if slot.shard is None else slot.shard.gather(grad, 0, slot.shard.shape[0]))
 
 
 def state_part(slot: LowRankSlot, low: Tensor) -> Tensor:
-    """The part of ``R`` this rank keeps moments for: all of it, or for a sharded weight whose
+    """The part of ``R`` this rank keeps moments for: all of it, or for a sharded matrix whose
     R is whole on every rank (left, both), its block of R's columns."""
-    if slot.shard is None or slot.projector.side == Side.RIGHT:
+    if slot.shard is None or slot.stacked or slot.projector.side == Side.RIGHT:
         return low
     return low[..., slot.shard.columns(low.shape[-1])].contiguous()  # torch's fused Adam kernel takes dense tensors
 
 
 def rule_inputs(slot: LowRankSlot, grad: Tensor | None, low: Tensor, direction: Tensor, state: dict) -> RuleInputs:
-    """What the rule sees of a weight: for a sharded one, this rank's rows of ``G``, the whole
-    direction ``N`` (gathered from the ranks' column blocks), and the sums over the ranks."""
-    if slot.shard is None:
-        return RuleInputs(grad, low, direction, slot.projector, state)
+    """What the rule sees of a weight: for a sharded matrix, this rank's rows of ``G``, the whole
+    direction ``N`` (gathered from the ranks' column blocks), and the sums over the ranks; for a
+    sharded stack, this rank's whole experts (their norms are their own)."""
+    if slot.shard is None or slot.stacked:
+        return RuleInputs(grad, low, direction, slot.applied(), state)
     projector = slot.applied()
     if not projector.low_split:
         direction = slot.shard.gather(direction, -1, low.shape[-1])

@@ -157,15 +157,18 @@ class RowShard:
 
 class LocalRows:
     """A projector as one rank of a row-sharded weight applies it: the bases of the whole
-    gradient, with the left basis L (m×r) cut to this rank's rows L_i.
+    gradient, with the left basis L (m×r) cut to this rank's rows L_i — or, for a stack of
+    experts split by experts (``stacked``), each per-expert basis (E×d×r) cut to this rank's
+    experts (a basis shared by the stack stays whole).
 
-    ``project`` gives R's rows ``G_i Q`` (right) or the whole ``Σ_i L_iᵀ G_i`` (left, both: an
-    all-reduce); ``project_back``/``add_back_`` give this rank's rows of the lift. Used only for
-    projectors that apply their bases as :class:`~lit_lowrank.projectors.base.Projector` does.
+    ``project`` gives R's rows ``G_i Q`` (right), the whole ``Σ_i L_iᵀ G_i`` (left, both: an
+    all-reduce) or this rank's experts' R (local); ``project_back``/``add_back_`` give this rank's
+    part of the lift. Used only for projectors that apply their bases as
+    :class:`~lit_lowrank.projectors.base.Projector` does.
     """
 
-    def __init__(self, projector: Projector, shard: RowShard) -> None:
-        self.projector, self.shard = projector, shard
+    def __init__(self, projector: Projector, shard: RowShard, stacked: bool = False) -> None:
+        self.projector, self.shard, self.stacked = projector, shard, stacked
 
     @property
     def side(self) -> Side:
@@ -173,11 +176,14 @@ class LocalRows:
 
     @property
     def low_split(self) -> bool:
-        """Whether R (and N) are split by rows like G (a right projection) or whole on every rank."""
-        return self.side == Side.RIGHT
+        """Whether R (and N) are split over the ranks like G (experts, a right projection) or
+        whole on every rank."""
+        return self.stacked or self.side == Side.RIGHT
 
     def bases(self) -> tuple[Tensor | None, Tensor | None]:
         left, right = self.projector.bases()
+        if self.stacked:
+            return tuple(b if b is None or b.ndim == 2 else b[self.shard.rows] for b in (left, right))
         return None if left is None else left[self.shard.rows], right
 
     def project(self, grad: Tensor) -> Tensor:

@@ -50,8 +50,8 @@ def check_group(group: Mapping[str, Any]) -> None:
 def check_sharding(group: Mapping[str, Any]) -> dict[Tensor, RowShard]:
     """The row shards (:class:`~lit_lowrank.optim.sharding.RowShard`) of the group's parameters
     that FSDP2 split across ranks, after refusing what a rank cannot step on its rows alone
-    (it would silently train another method): a layout other than ``matrix``; a projector that
-    does not apply its bases as the base class does (Tucker); a rule that does not declare
+    (it would silently train another method): a projector that does not apply its bases as the
+    base class does (Tucker); a rule that does not declare
     ``shardable`` (its norms would cover one rank's rows); an inner optimizer that is not
     ``elementwise`` (Adafactor's factored and 8-bit Adam's block statistics span the ranks);
     rotating two-sided moments; quantized weights. FSDP1 flat parameters and tensor parallelism raise in
@@ -63,9 +63,6 @@ def check_sharding(group: Mapping[str, Any]) -> dict[Tensor, RowShard]:
         if plugins.get_inner_optimizer(group["inner"]).steps_dense:
             require_flag(group, "inner", "elementwise")
         return shards
-    if group.get("layout", "matrix") != "matrix":
-        raise ValueError(f"sharded {group['layout']} weights (FSDP) are not supported: a rank holds some experts' or "
-                         "kernels' rows; exclude them from `targets` or train with DDP (strategy 'ddp_lowrank').")
     if not applies_bases_plainly(plugins.get_projector(group["projector"])):
         raise ValueError(f"{describe('projectors', group['projector'])} does not project with plain bases, so it "
                          "cannot be applied to one rank's rows of a weight sharded by FSDP; choose one of "

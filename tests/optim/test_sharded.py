@@ -149,13 +149,85 @@ def test_hsdp_replicas_of_row_shards_train_what_one_process_trains(tmp_path):
         assert all(torch.equal(a, b) for other in ranks[1:] for a, b in zip(weights, other[name]))
 
 
-def _resume_worker(rank: int, world_size: int, out: str, name: str, full: bool) -> None:
+class ExpertsAndKernel(nn.Module):
+    """A conv kernel (9×7×3: 9 output rows, 5 + 4 over two ranks) and a stack of 3 experts
+    (3×5×9: 2 + 1 over two ranks) — the layouts ``kernel`` and ``experts``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(7, 9, 3, dtype=torch.float64)
+        self.experts = nn.Module()
+        self.experts.stack = nn.Parameter(0.3 * torch.randn(3, 5, 9, dtype=torch.float64))  # as MixtralExperts holds them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.conv(x.reshape(-1, 7, 4))).mean(-1)  # (B, 9)
+        return torch.einsum("emn,bn->bm", self.experts.stack, hidden)
+
+
+LAYOUT_METHODS = ["galore", "fira", "apollo", "galore-rsvd"]
+
+
+def layout_batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 28, generator=generator, dtype=torch.float64),
+             torch.randn(8, 5, generator=generator, dtype=torch.float64)) for _ in range(steps)]
+
+
+def build_layouts(model: nn.Module, name: str) -> LowRankOptimizer:
+    return build_optimizer(model, method=name, targets=["conv", "experts"], rank=2, update_gap=2, lr=1e-2)
+
+
+def sharded_layouts() -> ExpertsAndKernel:
+    from torch.distributed.fsdp import fully_shard
+
+    model = ExpertsAndKernel()
+    fully_shard(model.conv)
+    fully_shard(model)  # holds the experts, which its forward uses directly
+    return model
+
+
+def _layouts_worker(rank: int, world_size: int, out: str) -> None:
+    trained = {}
+    for name in LAYOUT_METHODS:
+        model = sharded_layouts()
+        optimizer = build_layouts(model, name)
+        assert sorted(g.get("layout", "matrix") for g in optimizer.param_groups if g["lowrank"]) == ["experts", "kernel"]
+        train(model, optimizer, layout_batches(), rank, world_size)
+        trained[name] = ([whole(p) for p in model.parameters()], optimizer.state_bytes())
+    torch.save(trained, f"{out}/rank{rank}.pt")
+
+
+@requires_gloo
+def test_sharded_experts_and_kernels_train_what_one_process_trains(tmp_path):
+    run_ranks(_layouts_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name in LAYOUT_METHODS:
+        model = ExpertsAndKernel()
+        optimizer = build_layouts(model, name)
+        train(model, optimizer, layout_batches())
+        for ours, single in zip(ranks[0][name][0], model.parameters()):
+            torch.testing.assert_close(ours, single.detach(), rtol=1e-8, atol=1e-10)
+        shares = [r[name][1] for r in ranks]
+        assert shares[0]["moments"] + shares[1]["moments"] == optimizer.state_bytes()["moments"]
+
+
+def resume_setup(kind: str, world_size: int):
+    """``(make a sharded model, build its optimizer, six batches)``: the Block (over an HSDP mesh on
+    four ranks) or the experts and kernel."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    if kind == "layouts":
+        return sharded_layouts, build_layouts, layout_batches(6)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if world_size == 4 else None  # HSDP
-    first, rest = batches(6)[:3], batches(6)[3:]
-    model = sharded_block(mesh)
-    optimizer = build(model, name)
+    return (lambda: sharded_block(mesh)), build, batches(6)
+
+
+def _resume_worker(rank: int, world_size: int, out: str, name: str, full: bool, kind: str = "block") -> None:
+    make, build_for, batch_list = resume_setup(kind, world_size)
+    first, rest = batch_list[:3], batch_list[3:]
+    model = make()
+    optimizer = build_for(model, name)
     train(model, optimizer, first, rank, world_size)
     if full:  # one whole state dict, as ModelParallelStrategy(save_distributed_checkpoint=False) writes it
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -169,8 +241,8 @@ def _resume_worker(rank: int, world_size: int, out: str, name: str, full: bool) 
     train(model, optimizer, rest, rank, world_size)
     uninterrupted = [whole(p) for p in model.parameters()]
 
-    model = sharded_block(mesh)
-    optimizer = build(model, name)
+    model = make()
+    optimizer = build_for(model, name)
     if full:
         torch.distributed.barrier()
         with torch.no_grad():
@@ -194,6 +266,12 @@ def _resume_worker(rank: int, world_size: int, out: str, name: str, full: bool) 
 @pytest.mark.parametrize("name", ["galore", "fira"])
 def test_checkpoints_of_sharded_state_resume_exactly(tmp_path, name, full):
     run_ranks(_resume_worker, str(tmp_path), name, full)
+
+
+@requires_gloo
+@pytest.mark.parametrize("full", [False, True], ids=["distributed", "full"])
+def test_checkpoints_of_sharded_experts_and_kernels_resume_exactly(tmp_path, full):
+    run_ranks(_resume_worker, str(tmp_path), "fira", full, "layouts")  # per-expert limiter norms (E×1×1) split too
 
 
 @requires_gloo
