@@ -223,6 +223,43 @@ def resume_setup(kind: str, world_size: int):
     return (lambda: sharded_block(mesh)), build, batches(6)
 
 
+class OneRow(nn.Module):
+    """A 1×6 target and its bias: rank 1 holds none of their rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.Linear(12, 6, dtype=torch.float64)
+        self.mlp = nn.Linear(6, 1, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.tanh(self.attn(x)))
+
+
+def one_row_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x, y[:, :1]) for x, y in batches()]
+
+
+def _empty_shard_worker(rank: int, world_size: int, out: str) -> None:
+    trained = {}
+    for name in ("galore", "fira", "apollo-mini"):
+        model = sharded_block(model=OneRow())
+        assert model.mlp.weight.to_local().shape[0] == 1 - rank
+        train(model, build(model, name), one_row_batches(), rank, world_size)
+        trained[name] = [whole(p) for p in model.parameters()]
+    torch.save(trained, f"{out}/rank{rank}.pt")
+
+
+@requires_gloo
+def test_a_rank_holding_no_rows_of_a_weight_still_trains_it_exactly(tmp_path):
+    run_ranks(_empty_shard_worker, str(tmp_path))
+    for name, weights in torch.load(tmp_path / "rank0.pt").items():
+        model = OneRow()
+        train(model, build(model, name), one_row_batches())
+        for ours, single in zip(weights, model.parameters()):
+            torch.testing.assert_close(ours, single.detach(), rtol=1e-8, atol=1e-10)
+
+
 def _resume_worker(rank: int, world_size: int, out: str, name: str, full: bool, kind: str = "block") -> None:
     make, build_for, batch_list = resume_setup(kind, world_size)
     first, rest = batch_list[:3], batch_list[3:]
