@@ -11,9 +11,10 @@ its own sequences, with each method from the same initial weights and data. One 
 backward (FSDP's all-gathers and reduce-scatter) and optimizer step; times are medians over the
 ``--steps`` after ``--warmup``, of steps that do not refresh (T = 1000 after the first step) and
 of the first step (a refresh). ``state`` is rank 0's optimizer state (its part of the moments
-and the whole bases); ``optimizer MiB`` what the low-rank step exchanged itself, counted at
-:class:`~lit_lowrank.optim.sharding.RowShard`'s collectives (a refresh's all-gather of G, the
-all-reduce of a left projection's R and the all-gather of its N, the limiter's norms).
+and the whole bases); ``optimizer MiB`` what the low-rank step exchanged itself
+(``optimizer.comm_bytes``, counted at :class:`~lit_lowrank.optim.sharding.RowShard`'s collectives:
+a refresh's all-gather of G, the all-reduce of a left projection's R and the all-gather of its N,
+the limiter's norms, the ranks' agreement on non-finite gradients).
 
 On paper, per step amortized over T = 200: the refresh's all-gather of each target's gradient,
 plus ``r·n`` numbers all-reduced and all-gathered per left-projected target every step, against
@@ -28,7 +29,6 @@ import torch
 
 from lit_lowrank import build_optimizer, select_targets, shard_blocks
 from lit_lowrank.models.llama import GALORE_RANKS, llama_config
-from lit_lowrank.optim.sharding import RowShard
 from lit_lowrank.projectors.base import Side, choose_side
 from two_ranks import measure_on_two_ranks, parser
 
@@ -37,32 +37,6 @@ MiB = 2**20
 
 
 # ------------------------------------------------------------------ measured
-class TrafficCounter:
-    """Counts the bytes of the tensors the optimizer's own collectives produce (whole G, R, N, norms)."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._total, self._gather = RowShard.total, RowShard.gather
-
-    def __enter__(self) -> "TrafficCounter":
-        counter = self
-
-        def total(shard, partial):
-            counter.bytes += partial.numel() * partial.element_size()
-            return counter._total(shard, partial)
-
-        def gather(shard, part, dim, size):
-            whole = counter._gather(shard, part, dim, size)
-            counter.bytes += whole.numel() * whole.element_size()
-            return whole
-
-        RowShard.total, RowShard.gather = total, gather
-        return self
-
-    def __exit__(self, *exc) -> None:
-        RowShard.total, RowShard.gather = self._total, self._gather
-
-
 def _optimizer(model: torch.nn.Module, method: str, size: str) -> torch.optim.Optimizer:
     if method == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
@@ -86,13 +60,12 @@ def _run_method(method: str, size: str, tokens: list[torch.Tensor], warmup: int)
     optimizer = _optimizer(model, method, size)
     times, sent = [], []
     for batch in tokens:
-        with TrafficCounter() as counter:
-            start = time.perf_counter()
-            model(batch, labels=batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            times.append(time.perf_counter() - start)
-        sent.append(counter.bytes)
+        start = time.perf_counter()
+        model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+        sent.append(getattr(optimizer, "comm_bytes", 0))
     return {"refresh_time": times[0], "time": statistics.median(times[warmup:]), "refresh_bytes": sent[0],
             "bytes": statistics.median(sent[warmup:]), "state": _state_bytes(optimizer)}
 

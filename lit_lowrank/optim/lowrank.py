@@ -174,7 +174,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         skipped parameter updates."""
         self.comm_bytes: int | None = None
         """Bytes this rank all-reduced for the gradients of the last step, counted by lit_lowrank's
-        own communication (:mod:`lit_lowrank.optim.communication`, layer-wise DDP); None without it."""
+        own communication (:mod:`lit_lowrank.optim.communication`, layer-wise DDP), or, for
+        weights sharded by FSDP, what the step itself exchanged (:class:`RowShard`'s collectives);
+        None without either."""
         self._received: dict[Tensor, Tensor] = {}
         self._shards: dict[Tensor, RowShard] = {}
         """This rank's share of each parameter split by rows across ranks (FSDP2)."""
@@ -320,8 +322,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
                           "updated. If the model was sharded (fully_shard), wrapped or copied after the optimizer "
                           "was built, its parameters are new tensors: build the optimizer afterwards.",
                           RuntimeWarning, stacklevel=3)
+        sent = self._sharded_bytes()
         self._step_all(work, received)
+        if self._shards:
+            self.comm_bytes = self._sharded_bytes() - sent
         return loss
+
+    def _sharded_bytes(self) -> int:
+        return sum(shard.sent for shard in self._shards.values())
 
     def receive_projections(self, lows: dict[Tensor, Tensor], *, accumulate: bool = False) -> None:
         """Projected gradients ``R`` the next :meth:`step` uses instead of projecting ``p.grad``

@@ -66,15 +66,17 @@ def chunk_bounds(size: int, parts: int, index: int) -> slice:
     return slice(start, min(start + block, size))
 
 
-@dataclass(frozen=True)
+@dataclass
 class RowShard:
     """How this rank holds a row-sharded parameter: its ``mesh``, the full ``shape``, and which
     mesh dimension splits the rows (``shard_dim``; HSDP replicates the shards along the other).
-    The collectives run over the ranks of that dimension only: replicas hold the same numbers."""
+    The collectives run over the ranks of that dimension only: replicas hold the same numbers.
+    ``sent`` counts their bytes: a tensor all-reduced, or the whole tensor an all-gather assembles."""
 
     mesh: DeviceMesh
     shape: torch.Size
     shard_dim: int = 0
+    sent: int = 0
 
     @classmethod
     def of(cls, p: Tensor) -> RowShard | None:
@@ -121,17 +123,21 @@ class RowShard:
     def total(self, partial: Tensor) -> Tensor:
         """The sum over the ranks of ``partial`` (a squared norm of this rank's part, ``L_iᵀ G_i``)."""
         dist.all_reduce(partial, group=self.group)
+        self.sent += partial.numel() * partial.element_size()
         return partial
 
     def least(self, value: int) -> int:
         """The smallest of the ranks' ``value``s (the first offending tensor any rank found)."""
         found = torch.tensor(value)
         dist.all_reduce(found, op=dist.ReduceOp.MIN, group=self.group)
+        self.sent += found.element_size()
         return int(found)
 
     def gather(self, part: Tensor, dim: int, size: int) -> Tensor:
         """The whole tensor whose blocks along ``dim`` (of ``size`` in all) the ranks hold."""
-        return self.distributed(part, dim, size).full_tensor()
+        whole = self.distributed(part, dim, size).full_tensor()
+        self.sent += whole.numel() * whole.element_size()
+        return whole
 
     def distributed(self, part: Tensor, dim: int, size: int) -> DTensor:
         """``part`` (this rank's block along ``dim``) as a DTensor ``Shard(dim)`` of the whole."""

@@ -77,7 +77,7 @@ class Record(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         weights = [p.full_tensor().detach() for p in pl_module.parameters()]  # every rank joins the gathers
-        state = trainer.optimizers[0].state_bytes()
+        state = {**trainer.optimizers[0].state_bytes(), "comm_bytes": trainer.callback_metrics["optim/comm_bytes"].item()}
         torch.save(state, os.path.join(OUT, f"{self.name}-state-rank{trainer.global_rank}.pt"))
         if trainer.global_rank == 0:
             torch.save(weights, os.path.join(OUT, f"{self.name}.pt"))

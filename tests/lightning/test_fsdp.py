@@ -57,6 +57,8 @@ def test_fsdp_lowrank_module_resumes_exactly_and_matches_one_process(tmp_path, c
     whole = trainer.optimizers[0].state_bytes()
     for role in ("moments", "dense"):  # split over the ranks, not copied
         assert shares[0][role] + shares[1][role] == whole[role] and 0 < shares[1][role] < whole[role]
+    ff, rank = 64, 4  # each down_proj (32×64) is projected on the left: R and N, 4·64 numbers each
+    assert shares[0]["comm_bytes"] == 2 * (2 * rank * ff * 4) + 8  # the last step does not refresh; + the NaN check
 
 
 @requires_gloo
