@@ -41,13 +41,13 @@ METHODS = {  # name → options on top of OPTIONS
 
 
 class Block(nn.Module):
-    """Row counts that do not split evenly over two ranks (17 → 9 + 8, 5 → 3 + 2)."""
+    """By default row counts that do not split evenly over two ranks (17 → 9 + 8, 5 → 3 + 2)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 17, out: int = 5) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.attn = nn.Linear(12, 17, dtype=torch.float64)
-        self.mlp = nn.Linear(17, 5, dtype=torch.float64)
+        self.attn = nn.Linear(12, hidden, dtype=torch.float64)
+        self.mlp = nn.Linear(hidden, out, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.tanh(self.attn(x)))
@@ -223,17 +223,9 @@ def resume_setup(kind: str, world_size: int):
     return (lambda: sharded_block(mesh)), build, batches(6)
 
 
-class OneRow(nn.Module):
+def one_row() -> Block:
     """A 1×6 target and its bias: rank 1 holds none of their rows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.attn = nn.Linear(12, 6, dtype=torch.float64)
-        self.mlp = nn.Linear(6, 1, dtype=torch.float64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.tanh(self.attn(x)))
+    return Block(hidden=6, out=1)
 
 
 def one_row_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -243,7 +235,7 @@ def one_row_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _empty_shard_worker(rank: int, world_size: int, out: str) -> None:
     trained = {}
     for name in ("galore", "fira", "apollo-mini"):
-        model = sharded_block(model=OneRow())
+        model = sharded_block(model=one_row())
         assert model.mlp.weight.to_local().shape[0] == 1 - rank
         train(model, build(model, name), one_row_batches(), rank, world_size)
         trained[name] = [whole(p) for p in model.parameters()]
@@ -254,7 +246,7 @@ def _empty_shard_worker(rank: int, world_size: int, out: str) -> None:
 def test_a_rank_holding_no_rows_of_a_weight_still_trains_it_exactly(tmp_path):
     run_ranks(_empty_shard_worker, str(tmp_path))
     for name, weights in torch.load(tmp_path / "rank0.pt").items():
-        model = OneRow()
+        model = one_row()
         train(model, build(model, name), one_row_batches())
         for ours, single in zip(weights, model.parameters()):
             torch.testing.assert_close(ours, single.detach(), rtol=1e-8, atol=1e-10)
