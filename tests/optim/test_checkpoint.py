@@ -149,3 +149,23 @@ def test_projector_bases_of_other_shapes_are_refused():
     optimizer = _build(Pair(width=32), rank=4, update_gap=2, side="left")
     _refused(optimizer, saved["optimizer"], r"projector of attn\.weight has bases \(left \(24, 4\), right None\) "
                                             r"for another shape than its 32×16 weight")
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_exactly():
+    """Earlier versions kept projectors and schedules in a top-level ``"lowrank"`` entry by index;
+    such a checkpoint still resumes as the current one does."""
+    checkpoint = _saved(steps=3)
+    current = copy.deepcopy(checkpoint["optimizer"])
+    earlier = copy.deepcopy(current)
+    earlier["lowrank"] = {index: earlier["state"][index].pop("subspace") for index in list(earlier["state"])
+                          if "subspace" in earlier["state"][index]}
+    assert earlier["lowrank"] and all("subspace" not in entry for entry in earlier["state"].values())
+    finals = []
+    for saved in (current, earlier):
+        model = Pair()
+        model.load_state_dict(checkpoint["model"])
+        optimizer = _build(model, rank=4, update_gap=2)
+        optimizer.load_state_dict(saved)
+        _train(model, optimizer, range(3, 6))  # a refresh at step 4
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
