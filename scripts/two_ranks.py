@@ -26,6 +26,7 @@ def _worker(rank: int, world_size: int, port: int, run_all: RunAll, size: str, s
     results = run_all(size, tokens, warmup)
     if rank == 0:
         torch.save(results, out)
+    dist.barrier()  # no rank closes its connections while another still receives its last collective
     dist.destroy_process_group()
 
 

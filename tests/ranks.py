@@ -31,5 +31,6 @@ def _entry(rank: int, worker: Callable[..., None], world_size: int, port: int, a
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         worker(rank, world_size, *args)
+        dist.barrier()  # no rank closes its connections while another still receives its last collective
     finally:
         dist.destroy_process_group()
