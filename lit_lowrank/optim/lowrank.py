@@ -23,6 +23,7 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -60,8 +61,10 @@ class LowRankSlot:
         """Whether the weight is a stack of experts (E×m×n)."""
         return len(self.view.shape) == 3
 
+    @cached_property
     def applied(self) -> Projector | LocalRows:
-        """The projector as this rank applies it: itself, or cut to this rank's rows (experts)."""
+        """The projector as this rank applies it: itself, or cut to this rank's rows (experts);
+        made once per weight, as it reads the projector's current bases at each use."""
         return self.projector if self.shard is None else LocalRows(self.projector, self.shard, self.stacked)
 
     def local_view(self, tensor: Tensor) -> View:
@@ -538,7 +541,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor],
                       old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None]) -> None:
         inner, rule = self._group_components(group)
-        by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, dict, LowRankSlot]]] = defaultdict(list)
+        by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, dict, LowRankSlot, View]]] = defaultdict(list)
         grads = {}
         for p in params:
             state, slot = self.state[p], self._slots[p]
@@ -546,7 +549,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             step = 0 if fresh else int(state["step"])
             view = slot.local_view(local(p))
             grads[p] = grad = None if p.grad is None else view(l2_gradient(local(p.grad), local(p), group))
-            low = slot.applied().project(grad) if p not in lows else l2_projection(lows[p], p, slot, group)
+            low = slot.applied.project(grad) if p not in lows else l2_projection(lows[p], p, slot, group)
             part = state_part(slot, low)
             if p in old_bases:
                 self._after_refresh(old_bases[p], slot, state, inner, group, step, part)
@@ -554,16 +557,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(part))
             state["step"] += 1
-            by_step[step + 1].append((p, low, part, state, slot))
+            by_step[step + 1].append((p, low, part, state, slot, view))
         lr, decay = group["lr"], group["weight_decay"]
         decoupled = group.get("decoupled_weight_decay", True)
         for step, items in by_step.items():
-            directions = inner.directions([part for _, _, part, _, _ in items], [s for _, _, _, s, _ in items], step)
-            for (p, low, _, state, slot), direction in zip(items, directions):
+            directions = inner.directions([item[2] for item in items], [item[3] for item in items], step)
+            for (p, low, _, state, slot, view), direction in zip(items, directions):
                 target = local(p)
                 weight = float_weight(target)
                 with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
-                    rule.apply_(slot.local_view(target).weight(weight), rule_inputs(slot, grads[p], low, direction, state),
+                    rule.apply_(view.weight(weight), rule_inputs(slot, grads[p], low, direction, state),
                                 step_size=lr * inner.step_size_factor(step))
                 if weight is not target:
                     p.weight_store.store_(weight)
@@ -731,8 +734,8 @@ def rule_inputs(slot: LowRankSlot, grad: Tensor | None, low: Tensor, direction: 
     direction ``N`` (gathered from the ranks' column blocks), and the sums over the ranks; for a
     sharded stack, this rank's whole experts (their norms are their own)."""
     if slot.shard is None or slot.stacked:
-        return RuleInputs(grad, low, direction, slot.applied(), state)
-    projector = slot.applied()
+        return RuleInputs(grad, low, direction, slot.applied, state)
+    projector = slot.applied
     if not projector.low_split:
         direction = slot.shard.gather(direction, -1, low.shape[-1])
     total = slot.shard.total
