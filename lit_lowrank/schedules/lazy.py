@@ -35,7 +35,8 @@ class LazyGap(Schedule):
         reset_queue: empty the queue after each growth.
 
     State (tensors only): ``next_refresh``, ``gap``, ``queue`` (k values, NaN = empty slot),
-    ``refreshes`` (SVDs taken by this layer) and ``growths``.
+    ``refreshes`` (SVDs taken by this layer) and ``growths``. On load the gap is recomputed
+    as this run's initial ``gap`` grown ``growths`` times (:meth:`load_state_dict`).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class LazyGap(Schedule):
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1 (the gap only grows), got {gamma}")
+        self.initial_gap = gap
         self.gap = gap
         self.threshold = threshold
         self.gamma = gamma
@@ -63,11 +65,15 @@ class LazyGap(Schedule):
         if similarity is not None:
             self.queue = (self.queue + [float(similarity)])[-self.queue_size :]
             if len(self.queue) == self.queue_size and sum(self.queue) / self.queue_size >= self.threshold:
-                self.gap = max(self.gap, int(self.gap * self.gamma))
+                self.gap = self._grown(self.gap)
                 self.growths += 1
                 if self.reset_queue:
                     self.queue = []
         self.next_refresh = step + self.gap
+
+    def _grown(self, gap: int) -> int:
+        """The gap after one growth: ``⌊gap · gamma⌋`` (never shorter)."""
+        return max(gap, int(gap * self.gamma))
 
     def state_dict(self) -> dict[str, Tensor]:
         queue = torch.full((self.queue_size,), float("nan"), dtype=torch.float64)
@@ -76,12 +82,20 @@ class LazyGap(Schedule):
                 "refreshes": torch.tensor(self.refreshes), "growths": torch.tensor(self.growths)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore the queue, the counters and the refresh already scheduled; the gap is this
+        schedule's own initial ``gap`` (the run's ``update_gap``) grown the saved ``growths``
+        times by its ``gamma``. So a run resumed with the same options continues exactly (the
+        saved gap is that same product), and one resumed with another ``update_gap`` or
+        ``gamma`` uses the new values from its next refresh on — as ``FixedGap``, whose
+        gap is always the run's, does: the refresh the checkpoint scheduled stays."""
         super().load_state_dict(state)
-        self.gap = int(state["gap"])
         queue = state["queue"]
         self.queue = queue[~queue.isnan()].tolist()
         self.refreshes = int(state["refreshes"])
         self.growths = int(state["growths"])
+        self.gap = self.initial_gap
+        for _ in range(self.growths):
+            self.gap = self._grown(self.gap)
 
 
 @hookimpl

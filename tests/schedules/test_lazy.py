@@ -103,3 +103,45 @@ def test_registered():
     assert get_schedule("lazy") is LazyGap
     with pytest.raises(ValueError, match="queue_size"):
         LazyGap(queue_size=0)
+
+
+def _refresh_steps(optimizer, weight, grad, steps):
+    """The steps (0-based update counts) at which ``optimizer`` refreshed ``weight``'s subspace."""
+    refreshed = []
+    for _ in range(steps):
+        step = int(optimizer.state[weight]["step"]) if weight in optimizer.state else 0
+        before = optimizer.refresh_count
+        weight.grad = grad.clone()
+        optimizer.step()
+        if optimizer.refresh_count > before:
+            refreshed.append(step)
+    return refreshed
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "lazy"])
+def test_a_resume_with_another_update_gap_uses_it_after_the_scheduled_refresh(schedule):
+    """Saved with update_gap 2, resumed with 3: the refresh the checkpoint scheduled stays, and the
+    gaps after it are the new update_gap's — for the lazy schedule, 3 grown as many times as the
+    saved gap was (here once, then once more at the first refresh after the resume)."""
+    torch.manual_seed(0)
+    grad = torch.randn(16, 1) @ torch.randn(1, 12)  # one fixed direction: every |cos| is 1
+    args = {"schedule": schedule}
+    if schedule == "lazy":
+        args["schedule_args"] = {"queue_size": 2, "threshold": 0.5, "gamma": 2}
+    weight = nn.Parameter(torch.zeros(16, 12))
+    first = LowRankOptimizer([{"params": [weight], "lowrank": True, **args}], rank=2, update_gap=2)
+    before = _refresh_steps(first, weight, grad, 9)  # steps 0..8
+    resumed = LowRankOptimizer([{"params": [weight], "lowrank": True, **args}], rank=2, update_gap=3)
+    with pytest.warns(UserWarning, match="update_gap: 2 -> 3"):
+        resumed.load_state_dict(first.state_dict())
+    loaded_gap = resumed._slots[weight].schedule.gap
+    after = _refresh_steps(resumed, weight, grad, 30)  # steps 9..38
+    if schedule == "fixed":
+        assert before == [0, 2, 4, 6, 8] and loaded_gap == 3
+        assert after == [10, 13, 16, 19, 22, 25, 28, 31, 34, 37]
+    else:
+        # gap 2: refreshes 0, 2, 4 (2 similar → gap 4, queue emptied), 8; 12 is scheduled
+        assert before == [0, 2, 4, 8]
+        assert loaded_gap == 3 * 2  # the saved growth, on the new update_gap
+        # 12: the queue fills → gap 3·2² = 12; 24: one in the queue; 36: full → gap 24
+        assert after == [12, 12 + 3 * 2 ** 2, 12 + 2 * 3 * 2 ** 2]
