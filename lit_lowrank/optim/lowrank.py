@@ -55,6 +55,8 @@ class LowRankSlot:
     schedule: Schedule
     view: View
     shard: RowShard | None = None
+    warned_reshape: bool = False
+    """Whether the user was told that this weight's moments were reset for a basis of another shape."""
 
     @property
     def stacked(self) -> bool:
@@ -576,17 +578,35 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Adapt the moments (``on_refresh``) and the schedule to a basis :meth:`_refresh_subspaces`
         changed: ``keep`` leaves the moments as they are (the papers' code), ``reset`` restarts them
         from the inner optimizer's fresh state for ``low`` (the step count goes on), ``rotate``
-        hands the inner optimizer the maps ``L_newᵀ L_old`` and ``Q_newᵀ Q_old``."""
+        hands the inner optimizer the maps ``L_newᵀ L_old`` and ``Q_newᵀ Q_old``. A basis of
+        another shape than the last (a projector whose rank r′ changes) always resets them: moments
+        of the old shape cannot be kept or rotated (:meth:`_reset_reshaped`)."""
         similarity = None
         if old is not None:
             new = slot.projector.bases()
             similarity = leading_similarity(old, new)
-            if "step" in state and group["on_refresh"] == "reset":
+            if "step" in state and basis_shapes(old) != basis_shapes(new):
+                self._reset_reshaped(slot, state, inner, group, old, new, low)
+            elif "step" in state and group["on_refresh"] == "reset":
                 state.update(inner.init_state(low))
             elif "step" in state and group["on_refresh"] == "rotate":
                 inner.rotate(state, *(None if n is None else n.mT @ o for o, n in zip(old, new)))
         slot.schedule.after_refresh(step, similarity)
         self.refresh_count += 1
+
+    def _reset_reshaped(self, slot: LowRankSlot, state: dict, inner: InnerOptimizer, group: dict[str, Any],
+                        old: tuple[Tensor | None, ...], new: tuple[Tensor | None, ...], low: Tensor) -> None:
+        """Restart the moments of a weight whose projector returned bases of another shape (its
+        rank changed) from the inner optimizer's fresh state for ``low`` (the step count goes on);
+        with ``on_refresh`` keep or rotate, which cannot apply, warn once per weight."""
+        state.update(inner.init_state(low))
+        if group["on_refresh"] != "reset" and not slot.warned_reshape:
+            slot.warned_reshape = True
+            p = next(q for q, s in self._slots.items() if s is slot)
+            warnings.warn(f"projector {group['projector']!r} changed the bases of {self._name(p)} from "
+                          f"{basis_shapes(old)} to {basis_shapes(new)} (rank changed) at a refresh; its moments "
+                          f"were reset, as on_refresh={group['on_refresh']!r} cannot carry moments to another "
+                          "shape (set on_refresh: reset to silence this)", UserWarning, stacklevel=5)
 
     # ------------------------------------------------------------------ state
     @property
@@ -719,6 +739,11 @@ def whole_gradient(p: Tensor, slot: LowRankSlot, group: dict[str, Any]) -> Tenso
     a weight split by rows (on refresh steps only)."""
     grad = l2_gradient(local(p.grad), local(p), group)
     return slot.view(grad if slot.shard is None else slot.shard.gather(grad, 0, slot.shard.shape[0]))
+
+
+def basis_shapes(bases: tuple[Tensor | None, ...]) -> tuple[tuple[int, ...] | None, ...]:
+    """The shape of each basis (None for a side without one): what shapes a weight's moments."""
+    return tuple(None if basis is None else tuple(basis.shape) for basis in bases)
 
 
 def state_part(slot: LowRankSlot, low: Tensor) -> Tensor:

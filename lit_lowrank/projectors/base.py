@@ -13,6 +13,11 @@ A projector holds one basis per projected side, orthonormal unless it says other
 
 The side is chosen once, at the first refresh, from the gradient's shape and the ``side``
 policy, and is stored in the state — it is never re-derived from a tensor's shape.
+
+The rank r′ ≤ ``rank`` may differ from one refresh to the next (an adaptive-rank projector): the
+optimizer then restarts that weight's moments in the new shape from the inner optimizer's fresh
+state (the step count goes on), whatever ``on_refresh`` says, warning once per weight unless
+``on_refresh`` is ``reset`` (``LowRankOptimizer._after_refresh`` in lit_lowrank/optim/lowrank.py).
 """
 
 from __future__ import annotations
