@@ -95,10 +95,13 @@ def compact_linear_layers(model: nn.Module, targets: Sequence[str] | None = None
                           exclude: Sequence[str] = ()) -> list[str]:
     """Replace, in place, the target layers of :func:`lit_lowrank.select_targets` (same
     ``targets``/``exclude`` as the optimizer's) by :class:`CompactLinear` layers sharing their
-    parameters; returns the replaced names.
+    parameters; returns the replaced names. A layer registered under several names is replaced
+    under all of them by one :class:`CompactLinear` (each call adds its ``R``).
 
     Raises:
-        ValueError: if there is no target, or a target is not an ``nn.Linear``.
+        ValueError: if there is no target, a target is not an ``nn.Linear``, or a target's weight
+            is tied to another module's (that module's gradient would never reach the optimizer,
+            which steps these weights from ``R`` alone).
     """
     chosen = linear_targets(model, targets, exclude, "CompAct compresses the inputs of",
                             accepts=lambda module: type(module) is nn.Linear)  # a subclass has its own forward

@@ -128,13 +128,39 @@ def linear_targets(model: nn.Module, targets: Sequence[str] | None, exclude: Seq
     others = [f"{name} ({type(module).__name__})" for name, module in chosen.items() if not accepts(module)]
     if others:
         raise ValueError(f"{transform} nn.Linear layers only, not {others}; add them to `exclude`")
+    refuse_tied_weights(model, chosen, transform)
     return chosen
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` in ``model`` at the qualified ``name``."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
+    """Put ``module`` in ``model`` at the qualified ``name`` and at every other name of the module
+    there, so that one module registered twice (a layer reused) stays one module."""
+    old = model.get_submodule(name)
+    paths = [path for path, current in model.named_modules(remove_duplicate=False) if current is old]
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+
+
+def refuse_tied_weights(model: nn.Module, modules: dict[str, nn.Module], transform: str) -> None:
+    """Raise if the ``weight`` of one of ``modules`` (by qualified name) is also registered
+    elsewhere in ``model``: another module (tied weights) or another name of the same module.
+    Transforming one use would silently untie it from the others. The same module registered
+    under two names is one use; an already parametrized weight is skipped."""
+    uses: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                uses.setdefault(id(param), []).append((f"{module_name}.{attr}".lstrip("."), module, attr))
+    for name, module in modules.items():
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        others = sorted({path for path, owner, attr in uses[id(weight)] if owner is not module or attr != "weight"})
+        if others:
+            raise ValueError(f"{transform} {name}, whose weight is tied to {others}: transforming one use would untie "
+                             f"them. Exclude it (exclude: ['^{re.escape(name)}$']; the shared weight then stays dense) "
+                             "or untie the weights")
 
 
 def classify(model: nn.Module, targets: Sequence[str] | None = None, exclude: Sequence[str] = (), *,

@@ -109,13 +109,13 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options: Any) -> QuantizedLinear:
-        """A quantized copy of ``linear`` (nearest rounding of its current weight)."""
+        """A quantized copy of ``linear``'s weight (nearest rounding of its current value),
+        holding ``linear``'s own bias parameter (a bias tied to another module stays tied)."""
         weight = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=weight.device,
-                    dtype=weight.dtype, **options)
+        layer = cls(linear.in_features, linear.out_features, False, device=weight.device, dtype=weight.dtype,
+                    **options)
         layer._set_packed(layer.initial.quantize(weight))
-        if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach())
+        layer.bias = linear.bias
         return layer
 
     def forward(self, x: Tensor) -> Tensor:

@@ -45,8 +45,9 @@ def apply_gradnorm(
         output row, ``g`` and ``V`` shaped out×1 and out×in).
 
     Raises:
-        ValueError: if there is no target (training would silently be plain GaLore), or a target
-            is not an ``nn.Linear`` (its norm axis would be another).
+        ValueError: if there is no target (training would silently be plain GaLore), a target
+            is not an ``nn.Linear`` (its norm axis would be another), or a target's weight is tied
+            to another module's (weight-normalizing one use would untie them).
     """
     for module in linear_targets(model, targets, exclude, "gradnorm weight-normalizes").values():
         if not is_gradnorm(module):
