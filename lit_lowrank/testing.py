@@ -2,26 +2,31 @@
 optimizer or schedule keep the contract the optimizer relies on (docs/plugins.md)?
 
 Each ``check_<kind>(cls, **options)`` builds ``cls`` as the optimizer would (``options`` are what
-a user would write in ``<kind>_args``), runs it on odd shapes and dtypes, and raises
-``AssertionError`` saying which check broke on which shape/dtype. They need neither pytest nor
-Lightning; call them from your plugin's tests::
+a user would write in ``<kind>_args``; a ``quantizer`` may be a registered name or a class),
+runs it on odd shapes and dtypes, and raises ``AssertionError`` saying which check broke on which
+shape/dtype. They need neither pytest nor Lightning; call them from your plugin's tests::
 
     from lit_lowrank.testing import check_projector
 
     def test_my_projector_keeps_the_contract():
         check_projector(MyProjector, oversample=4)
 
+Besides the contract every component keeps, each promise a class makes by its flags is checked
+numerically: ``orthonormal`` bases, ``batched`` stacks, ``elementwise`` inner optimizers,
+``uses_gradient = False`` rules, and a schedule's cadence against the ``gap`` it takes.
+
 Every check ends with a bitwise-resume run: a small :class:`~lit_lowrank.LowRankOptimizer`
 using the component is saved through ``torch.save``/``torch.load(weights_only=True)`` mid-run
 and just before a refresh, reloaded into a fresh model and optimizer, and must continue exactly
-as the uninterrupted run.
+as the uninterrupted run, having moved every weight it trains.
 """
 
 from __future__ import annotations
 
 import copy
 import io
-from contextlib import contextmanager
+import numbers
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
 import torch
@@ -30,7 +35,7 @@ from torch import Tensor, nn
 from lit_lowrank import plugins
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.optim.validation import basis_problem, construct
+from lit_lowrank.optim.validation import accepted, basis_problem, construct, with_quantizer_class
 from lit_lowrank.projectors.base import Side
 from lit_lowrank.quantizers.base import QuantizerProbeError, probe_round_trip
 from lit_lowrank.rules.base import RuleInputs
@@ -39,45 +44,142 @@ SHAPES = ((12, 7), (7, 12), (9, 9), (1, 10), (10, 1))
 """Tall, wide, square, a single row, a single column."""
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 RANK = 3
+REFRESHES = 3
+"""Refreshes of each projector on fresh gradients: a basis must keep its promised shape at each."""
+RESERVED_STATE_KEYS = ("step",)
+"""Per-weight state keys the optimizer owns: ``step`` is its 1-based step counter."""
 
 
+# ---------------------------------------------------------------------------- projectors
 def check_projector(cls: type, **options: Any) -> None:
-    """Bases of the promised shape (L m×r', Q n×r', 1 ≤ r' ≤ rank), orthonormal where
-    ``cls.orthonormal``, finite; ``project``/``project_back`` shapes; ``state_dict`` tensors
-    only, round-tripping to identical bases; a ``batched`` projector's stacks projected slice by
-    slice as each matrix alone; a tensor projector's per-mode bases of a 4-D kernel; and a
-    bitwise resume."""
+    """Bases of the promised shape at every refresh (L m×r', Q n×r', 1 ≤ r' ≤ rank: never wider
+    than ``rank``, never another outer dimension), orthonormal where ``cls.orthonormal`` (a
+    quantized basis: within the quantizer's own error of the unquantized one), finite;
+    ``project``/``project_back`` shapes; a ``state_dict`` of tensors only, round-tripping to
+    identical bases; a ``batched`` projector's stacks projected slice by slice as each matrix
+    alone; a tensor projector's per-mode bases of a 4-D kernel; and a bitwise resume."""
+    resolved = with_quantizer_class(options)
     for shape in SHAPES:
         for dtype in DTYPES:
             for side in ("std", "full"):
                 where = f"{cls.__name__} on a {shape[0]}×{shape[1]} {dtype} gradient, side {side}"
-                rank = min(RANK, *shape)
-                projector = construct(cls, options, rank=rank, side=side, seed=5)
-                grad = _randn(shape, dtype)
-                projector.refresh(grad)
-                _check_bases(projector, grad, rank, where)
-                low = projector.project(grad)
-                back = projector.project_back(low)
-                _expect(back.shape == grad.shape, where, f"project_back gave {tuple(back.shape)}")
-                _expect(torch.isfinite(low).all() and torch.isfinite(back).all(), where, "non-finite R or lift")
-                restored = construct(cls, options, rank=rank, side=side, seed=5)
-                restored.load_state_dict(_through_torch_save(projector.state_dict(), where))
-                for mine, theirs in zip(projector.bases(), restored.bases()):
-                    _expect(_same(mine, theirs), where, "bases differ after a state_dict round trip")
-    if cls.batched:
-        _check_stack(cls, options)
+                _check_matrix_projector(cls, resolved, shape, dtype, side, where)
+    if cls.batched and resolved.get("quantizer") is None:  # the optimizer keeps float bases for stacks
+        _check_stack(cls, resolved)
     if cls.projects_tensors:
-        _check_tensor(cls, options)
+        _check_tensor(cls, resolved)
     _check_resume("projector", cls, options)
+
+
+def _check_matrix_projector(cls: type, options: dict[str, Any], shape: tuple[int, int], dtype: torch.dtype,
+                            side: str, where: str) -> None:
+    """Refresh a projector :data:`REFRESHES` times on ``shape`` gradients, checking its bases
+    after each, then its projections and its state dict."""
+    rank = min(RANK, *shape)
+    projector = construct(cls, options, rank=rank, side=side, seed=5)
+    grads = [_randn(shape, dtype, seed=k) for k in range(REFRESHES)]
+    for count, grad in enumerate(grads, start=1):
+        projector.refresh(grad)
+        _check_bases(projector, grad, rank, f"{where}, refresh {count}")
+        if count == 1 and projector.orthonormal:
+            _check_orthonormal(cls, options, projector, grad, where)
+    grad = grads[-1]
+    low = projector.project(grad)
+    back = projector.project_back(low)
+    _expect(back.shape == grad.shape, where, f"project_back gave {tuple(back.shape)}")
+    _expect(torch.isfinite(low).all() and torch.isfinite(back).all(), where, "non-finite R or lift")
+    state = projector.state_dict()
+    _expect_tensors_only(state, where, "the projector's state_dict()")
+    restored = construct(cls, options, rank=rank, side=side, seed=5)
+    restored.load_state_dict(_through_torch_save(state, where))
+    for mine, theirs in zip(projector.bases(), restored.bases()):
+        _expect(_same(mine, theirs), where, "bases differ after a state_dict round trip")
+
+
+def _check_bases(projector: Any, grad: Tensor, rank: int, where: str) -> None:
+    """The bases after a refresh: present for each side ``projector.side`` projects (absent for
+    the others), rows matching the gradient's dimension, at most ``rank`` columns, finite."""
+    try:
+        bases = projector.bases()
+    except Exception as error:  # a plugin's bug, reported with what it means
+        raise AssertionError(f"{where}: refresh() left no basis — bases() raised {type(error).__name__}: {error}; "
+                             f"refresh must set the basis of side {projector.side.name} "
+                             "(fit returns L m×r' and/or Q n×r')") from error
+    _expect(len(bases) == 2, where, f"bases() gave {len(bases)} tensors; a matrix projector returns (L, Q)")
+    m, n = grad.shape
+    rows = {Side.LEFT: (m, None), Side.RIGHT: (None, n), Side.BOTH: (m, n)}[projector.side]
+    for label, basis, count, dim in zip(("L", "Q"), bases, rows, ("m", "n")):
+        problem = _basis_problem(basis, count, rank, dim, projector.side)
+        _expect(problem is None, where, f"basis {label} {problem}")
+
+
+def _basis_problem(basis: Tensor | None, rows: int | None, rank: int, dim: str, side: Side) -> str | None:
+    """What is wrong with one basis of a matrix projector, in words (None if nothing)."""
+    if rows is None:
+        return None if basis is None else f"is a {tuple(basis.shape)} tensor, but side {side.name} has no such basis"
+    if basis is None:
+        return f"is missing (None), but side {side.name} projects with it"
+    if basis.ndim != 2:
+        return f"is a {tuple(basis.shape)} tensor; a basis is a {dim}×r' matrix"
+    if basis.shape[0] != rows:
+        return (f"has {basis.shape[0]} rows, but the gradient's {dim} is {rows}: its outer dimension must match "
+                "the matrix")
+    if basis.shape[1] > rank:
+        return (f"has {basis.shape[1]} columns, wider than rank {rank}: the moments are sized for at most rank "
+                "columns")
+    if basis.shape[1] < 1:
+        return "has no columns; a basis keeps at least one direction"
+    if not torch.isfinite(basis).all():
+        return "has non-finite values (NaN or inf)"
+    return None
+
+
+def _check_orthonormal(cls: type, options: dict[str, Any], projector: Any, grad: Tensor, where: str) -> None:
+    """``LᵀL = I`` (and ``QᵀQ``). A quantized basis (``quantizer`` in ``options``) cannot be
+    orthonormal: the same projector without the quantizer must give orthonormal bases, and the
+    quantized ones must lie within twice the quantizer's own round-trip error of them."""
+    quantizer = options.get("quantizer")
+    if quantizer is None:
+        for label, basis in zip(("L", "Q"), projector.bases()):
+            _expect_orthonormal(basis, label, where)
+        return
+    plain = {k: v for k, v in options.items() if k not in ("quantizer", "quantizer_args")}
+    twin = construct(cls, plain, rank=projector.rank, side=projector.side_policy, seed=5)
+    twin.refresh(grad)
+    packer = quantizer(**options.get("quantizer_args", {}))
+    for label, packed, basis in zip(("L", "Q"), projector.bases(), twin.bases()):
+        if basis is None:
+            continue
+        _expect_orthonormal(basis, label, where, " without its quantizer")
+        own_error = (packer.dequantize(packer.quantize(basis.float().T)).to(basis.dtype).T - basis).abs().max()
+        error = (packed - basis).abs().max()
+        slack = 2 * torch.finfo(basis.dtype).eps * basis.abs().max()
+        _expect(error <= 2 * own_error + slack, where,
+                f"the quantized basis {label} is {error:.3g} from the unquantized one, beyond twice the quantizer's "
+                f"round-trip error ({own_error:.3g})")
+
+
+def _expect_orthonormal(basis: Tensor | None, label: str, where: str, note: str = "") -> None:
+    if basis is None:
+        return
+    gram = basis.double().mT @ basis.double()
+    deviation = (gram - torch.eye(gram.shape[-1], dtype=torch.float64)).abs().max()
+    tolerance = 5e-2 if basis.dtype == torch.bfloat16 else 1e-4
+    _expect(deviation <= tolerance, where, f"basis {label}{note} is not orthonormal (‖{label}ᵀ{label} − I‖∞ = "
+            f"{deviation:.3g}); set `orthonormal = False` on the class if that is by design")
 
 
 def _check_stack(cls: type, options: dict[str, Any]) -> None:
     """A ``batched`` projector projects each slice of an E×m×n stack as it projects that slice alone."""
     for dtype in (torch.float32, torch.float64):
-        where = f"{cls.__name__} on a 3×12×7 {dtype} stack"
+        where = f"{cls.__name__} (batched = True) on a 3×12×7 {dtype} stack"
         stack = _randn((3, 12, 7), dtype)
         stacked = construct(cls, options, rank=RANK, side="std", seed=5)
         stacked.refresh(stack)
+        wanted = {Side.LEFT: (12, None), Side.RIGHT: (None, 7), Side.BOTH: (12, 7)}[stacked.side]
+        for label, basis, rows in zip(("L", "Q"), stacked.bases(), wanted):
+            problem = basis_problem(basis, rows, RANK, (3,))
+            _expect(problem is None, where, f"basis {label} is {problem}")
         lifted = stacked.project_back(stacked.project(stack))
         _expect(lifted.shape == stack.shape, where, f"project_back gave {tuple(lifted.shape)}")
         for index, matrix in enumerate(stack):
@@ -106,8 +208,10 @@ def _check_tensor(cls: type, options: dict[str, Any]) -> None:
         _expect(torch.allclose(once, twice, rtol=1e-4, atol=1e-5), where, "the projection is not idempotent")
 
 
+# ---------------------------------------------------------------------------- quantizers
 def check_quantizer(cls: type, **options: Any) -> None:
-    """A finite round trip within ``2·max|x|`` of ``x`` for any shape (the optimizer's probe),
+    """A finite round trip within ``2·max|x|`` of ``x`` for any shape (the optimizer's probe)
+    that follows ``x`` (cosine similarity ≥ :data:`MIN_COSINE`: not zeros, not noise),
     tensor-only packed dicts that survive ``torch.save``, and a bitwise resume as the basis
     quantizer of a projector."""
     for shape in ((8, 32), (3, 5), (257,), (1, 1), (4, 3, 5)):
@@ -127,69 +231,210 @@ def check_quantizer(cls: type, **options: Any) -> None:
             _expect(torch.isfinite(restored).all(), where, "non-finite values after a round trip")
             error = (restored.float() - x.float()).abs().max()
             _expect(error <= 2 * x.float().abs().max() + 1e-6, where, f"round-trip error {error:.3g} beyond 2·max|x|")
+            cosine = nn.functional.cosine_similarity(restored.double().flatten(), x.double().flatten(), dim=0)
+            _expect(cosine >= MIN_COSINE, where,
+                    f"dequantize(quantize(x)) does not follow x (cosine similarity {cosine:.3g} < {MIN_COSINE}): the "
+                    "round trip loses the values (zeros or noise), so nothing packed by it would train")
             again = quantizer.dequantize(_through_torch_save(packed, where))
             _expect(_same(restored, again), where, "the packed form does not survive torch.save")
     _check_resume("quantizer", cls, options)
 
 
+MIN_COSINE = 0.5
+"""The least cosine similarity between a Gaussian tensor and its round trip; one bit per entry
+with a sign and a scale already reaches √(2/π) ≈ 0.8."""
+
+
+# ---------------------------------------------------------------------------- update rules
 def check_update_rule(cls: type, **options: Any) -> None:
     """``apply_`` changes the weight in place by a finite step of its shape, on every shape and
-    dtype, and a bitwise resume (rule state included)."""
+    dtype, leaves ``state["step"]`` (the optimizer's counter) alone and keeps state the
+    checkpoint carries; with ``uses_gradient = False`` the same step without the gradient; a
+    ``batched`` rule steps each slice of a stack as that weight alone; and a bitwise resume
+    (rule state included)."""
     for shape in SHAPES:
         for dtype in DTYPES:
             where = f"{cls.__name__} on a {shape[0]}×{shape[1]} {dtype} weight"
             rule = construct(cls, options, scale=0.25)
-            projector = plugins.get_projector("svd")(rule.required_rank or min(RANK, *shape))
             grad = _randn(shape, dtype)
-            projector.refresh(grad)
-            low = projector.project(grad)
-            weight = _randn(shape, dtype, seed=1)
-            before = weight.clone()
-            state: dict[str, Any] = {"step": torch.zeros(())}  # as the optimizer keeps it
-            for _ in range(2):  # a rule with history (a limiter) sees it on the second call
-                state["step"] += 1
-                rule.apply_(weight, RuleInputs(grad, low, low.sign(), projector, state), step_size=1e-2)
+            before = _randn(shape, dtype, seed=1)
+            weight, state = _apply_rule(rule, before, grad, _svd(rule, grad), where)
             _expect(weight.shape == before.shape and weight.dtype == dtype, where, "apply_ changed shape/dtype")
             _expect(torch.isfinite(weight).all(), where, "non-finite weight after apply_")
             _expect(not torch.equal(weight, before), where, "apply_ left the weight unchanged")
+            _expect_state(state, where, "the rule's state")
+            if not cls.uses_gradient:
+                _check_without_gradient(cls, options, before, grad, weight, where)
+    if cls.batched:
+        _check_rule_stack(cls, options)
     _check_resume("rule", cls, options)
 
 
+def _svd(rule: Any, grad: Tensor) -> Any:
+    """An SVD projector of the rule's rank, refreshed on ``grad`` (m×n or E×m×n)."""
+    projector = plugins.get_projector("svd")(rule.required_rank or min(RANK, *grad.shape[-2:]))
+    projector.refresh(grad)
+    return projector
+
+
+def _apply_rule(rule: Any, weight: Tensor, grad: Tensor | None, projector: Any, where: str,
+                low_grad: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+    """A copy of ``weight`` after two ``apply_`` calls (a rule with history, a limiter, sees it
+    on the second) with ``grad`` as ``G`` (``low_grad``'s projection as ``R``), and the state."""
+    weight = weight.clone()
+    low = projector.project(grad if low_grad is None else low_grad)
+    state: dict[str, Any] = {"step": torch.zeros(())}  # as the optimizer keeps it
+    for count in (1, 2):
+        state["step"] += 1
+        rule.apply_(weight, RuleInputs(grad, low, low.sign(), projector, state), step_size=1e-2)
+        _expect(isinstance(state.get("step"), Tensor) and state["step"].item() == count, where,
+                "apply_ changed state['step'], the optimizer's step counter; keep the rule's own state under "
+                "other keys")
+    return weight, state
+
+
+def _check_without_gradient(cls: type, options: dict[str, Any], before: Tensor, grad: Tensor, stepped: Tensor,
+                            where: str) -> None:
+    """A rule declaring ``uses_gradient = False`` takes the same step with ``grad=None`` (as
+    layer-wise accumulation of projections passes it)."""
+    rule = construct(cls, options, scale=0.25)
+    try:
+        weight, _ = _apply_rule(rule, before, None, _svd(rule, grad), where, low_grad=grad)
+    except Exception as error:  # the rule read inputs.grad
+        raise AssertionError(f"{where}: declares uses_gradient = False, but apply_ fails with grad=None "
+                             f"({type(error).__name__}: {error}): it reads inputs.grad; set uses_gradient = True"
+                             ) from error
+    _expect(torch.equal(weight, stepped), where, "declares uses_gradient = False, but its step changes with "
+            "inputs.grad; set uses_gradient = True")
+
+
+def _check_rule_stack(cls: type, options: dict[str, Any]) -> None:
+    """A ``batched`` rule steps an E×m×n stack as it steps each slice alone."""
+    for dtype in (torch.float32, torch.float64):
+        where = f"{cls.__name__} (batched = True) on a 3×12×7 {dtype} stack"
+        rule = construct(cls, options, scale=0.25)
+        grads, weights = _randn((3, 12, 7), dtype), _randn((3, 12, 7), dtype, seed=1)
+        stacked, _ = _apply_rule(rule, weights, grads, _svd(rule, grads), where)
+        for index, (grad, weight) in enumerate(zip(grads, weights)):
+            alone, _ = _apply_rule(construct(cls, options, scale=0.25), weight, grad, _svd(rule, grad), where)
+            _expect(torch.allclose(stacked[index], alone, rtol=1e-4, atol=1e-6), where,
+                    f"slice {index} is stepped otherwise than the same weight alone")
+
+
+# ---------------------------------------------------------------------------- inner optimizers
 def check_inner_optimizer(cls: type, **options: Any) -> None:
-    """Directions shaped like ``R`` and finite; state that survives ``torch.save`` and continues
-    bitwise; ``rotate`` by identity maps leaving the moments unchanged; a bitwise resume across
-    a refresh with ``on_refresh: rotate``."""
+    """Directions shaped like ``R`` and finite, one per ``R`` of a list, each as that ``R``
+    alone; state without the optimizer's keys (``step``) that survives ``torch.save`` and
+    continues bitwise; ``rotate`` by identity maps leaving the moments unchanged; an
+    ``elementwise`` optimizer's directions of a matrix equal to those of its pieces, and
+    commuting with a permutation; a ``batched`` optimizer's stack stepped as each slice alone;
+    and a bitwise resume across a refresh with ``on_refresh: rotate``."""
+    resolved = with_quantizer_class(options)
     for shape in SHAPES:
         for dtype in DTYPES:
             where = f"{cls.__name__} on a {shape[0]}×{shape[1]} {dtype} R"
-            inner = construct(cls, options)
-            lows = [_randn(shape, dtype, seed=k) for k in range(4)]
-            state = inner.init_state(lows[0])
-            for step, low in enumerate(lows[:2], start=1):
-                (direction,) = inner.directions([low], [state], step)
-                _expect(direction.shape == low.shape, where, f"a direction of shape {tuple(direction.shape)}")
-                _expect(torch.isfinite(direction).all(), where, "a non-finite direction")
-            saved = _through_torch_save(state, where)
-            for step, low in enumerate(lows[2:], start=3):
-                mine = inner.directions([low], [state], step)[0]
-                theirs = inner.directions([low], [saved], step)[0]
-                _expect(_same(mine, theirs), where, "a state reloaded through torch.save continues differently")
-            rotated = copy.deepcopy(state)
-            inner.rotate(rotated, torch.eye(shape[0], dtype=dtype), torch.eye(shape[1], dtype=dtype))
-            _expect(_close(rotated, state), where, "rotate by identity maps changed the moments")
+            _check_inner_on(cls, resolved, shape, dtype, where)
+    _check_inner_lists(cls, resolved)
+    if cls.elementwise:
+        _check_elementwise(cls, resolved)
+    if cls.batched:
+        _check_inner_stack(cls, resolved)
     _check_resume("inner", cls, options, on_refresh="rotate")
 
 
+def _check_inner_on(cls: type, options: dict[str, Any], shape: tuple[int, int], dtype: torch.dtype,
+                    where: str) -> None:
+    inner = construct(cls, options)
+    lows = [_randn(shape, dtype, seed=k) for k in range(4)]
+    state = inner.init_state(lows[0])
+    taken = [key for key in RESERVED_STATE_KEYS if key in state]
+    _expect(not taken, where, f"init_state uses the key(s) {taken}: the optimizer keeps its step counter "
+            "under 'step' in the same dict; name your state otherwise")
+    for step, low in enumerate(lows[:2], start=1):
+        directions = inner.directions([low], [state], step)
+        _expect(len(directions) == 1, where, f"{len(directions)} directions for one R")
+        _expect(directions[0].shape == low.shape, where, f"a direction of shape {tuple(directions[0].shape)}")
+        _expect(torch.isfinite(directions[0]).all(), where, "a non-finite direction")
+    _expect_state(state, where, "the inner optimizer's state")
+    saved = _through_torch_save(state, where)
+    for step, low in enumerate(lows[2:], start=3):
+        mine = inner.directions([low], [state], step)[0]
+        theirs = inner.directions([low], [saved], step)[0]
+        _expect(_same(mine, theirs), where, "a state reloaded through torch.save continues differently")
+    rotated = copy.deepcopy(state)
+    inner.rotate(rotated, torch.eye(shape[0], dtype=dtype), torch.eye(shape[1], dtype=dtype))
+    _expect(_close(rotated, state), where, "rotate by identity maps changed the moments")
+
+
+def _check_inner_lists(cls: type, options: dict[str, Any]) -> None:
+    """``directions`` of a list of R (as the optimizer passes every weight at one step) gives one
+    direction per R, each equal to that R's direction alone."""
+    for dtype in (torch.float32, torch.float64):
+        where = f"{cls.__name__} on a list of {len(SHAPES)} {dtype} R"
+        lows = [_randn(shape, dtype, seed=k) for k, shape in enumerate(SHAPES)]
+        together = _directions(construct(cls, options), lows)
+        _expect(all(len(directions) == len(lows) for directions in together), where,
+                f"{[len(d) for d in together]} directions per step for {len(lows)} R: a weight would not be updated")
+        for index, low in enumerate(lows):
+            alone = _directions(construct(cls, options), [low])
+            _expect(all(torch.allclose(t[index], a[0], rtol=1e-5, atol=1e-7) for t, a in zip(together, alone)), where,
+                    f"the direction of R {index} ({tuple(low.shape)}) differs from that R alone")
+
+
+def _check_elementwise(cls: type, options: dict[str, Any]) -> None:
+    """An ``elementwise`` optimizer: the directions of a matrix are the concatenation of those
+    of its row blocks, and of its column blocks, and a permutation of rows and columns
+    commutes with them (FSDP steps each rank's rows alone)."""
+    for dtype in (torch.float32, torch.float64):
+        where = f"{cls.__name__} (elementwise = True) on a 12×7 {dtype} R"
+        low = _randn((12, 7), dtype)
+        whole = _directions(construct(cls, options), [low])
+        rows, cols = torch.randperm(12, generator=_generator(1)), torch.randperm(7, generator=_generator(2))
+        permuted = _directions(construct(cls, options), [low[rows][:, cols]])
+        _expect(all(torch.allclose(p[0], w[0][rows][:, cols], rtol=1e-5, atol=1e-7) for p, w in zip(permuted, whole)),
+                where, "a permutation of R's rows and columns does not permute its directions alike: an entry "
+                       "depends on its position; set elementwise = False")
+        for dim, cut in ((0, 5), (1, 3)):
+            pieces = _directions(construct(cls, options), list(low.split([cut, low.shape[dim] - cut], dim)))
+            _expect(all(torch.allclose(torch.cat(p, dim), w[0], rtol=1e-5, atol=1e-7) for p, w in zip(pieces, whole)),
+                    where, f"the directions of its {('row', 'column')[dim]} blocks differ from those of the whole: "
+                           "an entry depends on others; set elementwise = False")
+
+
+def _check_inner_stack(cls: type, options: dict[str, Any]) -> None:
+    """A ``batched`` optimizer steps an E×m×n stack as it steps each slice alone."""
+    for dtype in (torch.float32, torch.float64):
+        where = f"{cls.__name__} (batched = True) on a 3×12×7 {dtype} stack"
+        stack = _randn((3, 12, 7), dtype)
+        stacked = _directions(construct(cls, options), [stack])
+        for index, matrix in enumerate(stack):
+            alone = _directions(construct(cls, options), [matrix])
+            _expect(all(torch.allclose(s[0][index], a[0], rtol=1e-5, atol=1e-7) for s, a in zip(stacked, alone)),
+                    where, f"slice {index} is stepped otherwise than the same matrix alone; set batched = False")
+
+
+def _directions(inner: Any, lows: list[Tensor], steps: int = 3) -> list[list[Tensor]]:
+    """The directions ``inner`` gives at steps 1..``steps`` for fresh states of ``lows``, fed
+    ``lows`` scaled by the step (so moments and current values differ)."""
+    states = [inner.init_state(low) for low in lows]
+    return [list(inner.directions([low * step for low in lows], states, step)) for step in range(1, steps + 1)]
+
+
+# ---------------------------------------------------------------------------- schedules
 def check_schedule(cls: type, **options: Any) -> None:
-    """Refreshes at step 0, decisions that depend only on the state (a reloaded schedule
-    decides the same from then on), and a bitwise resume."""
+    """Refreshes at step 0; a schedule that takes ``gap`` (``update_gap``) refreshes again, but
+    never sooner than ``gap`` steps after its last refresh; decisions that depend only on the
+    state, a ``state_dict`` of tensors only (a reloaded schedule decides the same from then
+    on), and a bitwise resume."""
     where = f"{cls.__name__}"
     schedule = construct(cls, options, gap=3)
     _expect(schedule.should_refresh(0), where, "no refresh at step 0: the projector would have no basis")
     for step in range(40):
         if step == 20:
+            state = schedule.state_dict()
+            _expect_tensors_only(state, where, "the schedule's state_dict()")
             twin = construct(cls, options, gap=3)
-            twin.load_state_dict(_through_torch_save(schedule.state_dict(), where))
+            twin.load_state_dict(_through_torch_save(state, where))
         refresh = schedule.should_refresh(step)
         if step >= 20:
             _expect(twin.should_refresh(step) == refresh, where, f"a reloaded schedule decides otherwise at step {step}")
@@ -198,17 +443,40 @@ def check_schedule(cls: type, **options: Any) -> None:
             schedule.after_refresh(step, similarity)
             if step >= 20:
                 twin.after_refresh(step, similarity)
+    if "gap" in accepted(cls) and "gap" not in options:
+        for gap in (1, 3, 5):
+            _check_cadence(cls, options, gap)
     _check_resume("schedule", cls, options)
+
+
+def _check_cadence(cls: type, options: dict[str, Any], gap: int) -> None:
+    """Over ``8·gap`` steps: refreshes at least ``gap`` steps apart, and more than one."""
+    where = f"{cls.__name__} with update_gap {gap}"
+    schedule = construct(cls, options, gap=gap)
+    refreshed = []
+    for step in range(8 * gap):
+        if schedule.should_refresh(step):
+            refreshed.append(step)
+            schedule.after_refresh(step, None if step == 0 else 0.9)
+    intervals = [b - a for a, b in zip(refreshed, refreshed[1:])]
+    _expect(len(refreshed) > 1, where, f"never refreshes after step 0 in {8 * gap} steps: it ignores the gap it takes")
+    _expect(min(intervals) >= gap, where,
+            f"refreshes at steps {refreshed[:8]}: {min(intervals)} step(s) apart, more often than its gap (a subspace "
+            "refresh, an SVD, at every step); set next_refresh in after_refresh")
 
 
 # ---------------------------------------------------------------------------- the resume run
 def _check_resume(option: str, cls: type, options: dict[str, Any], **extra: Any) -> None:
     """Train two weights (odd shapes) for 7 steps with the component, refreshing every 2 steps;
-    a copy saved after step 3 (mid-run) and after step 4 (a refresh next) must end bitwise equal."""
-    with _registered(option, cls) as name:
+    the low-rank weights must move beyond weight decay, and a copy saved after step 3
+    (mid-run) and after step 4 (a refresh next) must end bitwise equal."""
+    with ExitStack() as stack:
+        name = stack.enter_context(_registered(option, cls))
+        options = stack.enter_context(_named_quantizer(options))
         settings = {**_component_settings(option, name, options), **extra}
         rank = settings.pop("rank", RANK)
         straight_model = _model()
+        initial = copy.deepcopy(straight_model.state_dict())
         straight = _optimizer(straight_model, rank, settings)
         checkpoints = {}
         for step in range(7):
@@ -216,6 +484,7 @@ def _check_resume(option: str, cls: type, options: dict[str, Any], **extra: Any)
                 checkpoints[step] = (copy.deepcopy(straight_model.state_dict()),
                                      _through_torch_save(straight.state_dict(), f"{cls.__name__} resume"))
             _train_step(straight_model, straight, step)
+        _check_trained(straight_model, initial, straight, cls)
         for start, (weights, optimizer_state) in checkpoints.items():
             model = _model()
             model.load_state_dict(weights)
@@ -226,6 +495,15 @@ def _check_resume(option: str, cls: type, options: dict[str, Any], **extra: Any)
             for (label, mine), theirs in zip(straight_model.named_parameters(), model.parameters()):
                 _expect(torch.equal(mine, theirs), f"{cls.__name__} resumed after step {start}",
                         f"{label} differs from the uninterrupted run")
+
+
+def _check_trained(model: nn.Module, initial: dict[str, Tensor], optimizer: LowRankOptimizer, cls: type) -> None:
+    """Each low-rank weight moved by more than its decoupled weight decay alone would move it."""
+    lr, decay = optimizer.defaults["lr"], optimizer.defaults["weight_decay"]
+    for label in ("0.weight", "2.weight"):
+        decayed = initial[label] * (1 - lr * decay) ** 7
+        _expect(not torch.allclose(model.state_dict()[label], decayed, rtol=0, atol=1e-6),
+                f"{cls.__name__} in a 7-step run", f"{label} was never updated (it moved by weight decay only)")
 
 
 def _component_settings(option: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +532,17 @@ def _registered(option: str, cls: type) -> Iterator[str]:
         plugins.unregister_plugin(plugin_name)
 
 
+@contextmanager
+def _named_quantizer(options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``options`` with a ``quantizer`` class registered under a private name and named by it:
+    an optimizer's param groups (saved in its checkpoint) hold names, not classes."""
+    if not isinstance(options.get("quantizer"), type):
+        yield options
+        return
+    with _registered("quantizer", options["quantizer"]) as name:
+        yield {**options, "quantizer": name}
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(7, 12), nn.Tanh(), nn.Linear(12, 5))
@@ -275,23 +564,12 @@ def _train_step(model: nn.Module, optimizer: LowRankOptimizer, step: int) -> Non
 
 
 # ---------------------------------------------------------------------------- helpers
-def _check_bases(projector: Any, grad: Tensor, rank: int, where: str) -> None:
-    m, n = grad.shape
-    rows = {Side.LEFT: (m, None), Side.RIGHT: (None, n), Side.BOTH: (m, n)}[projector.side]
-    for label, basis, count in zip(("L", "Q"), projector.bases(), rows):
-        problem = basis_problem(basis, count, rank)
-        _expect(problem is None, where, f"basis {label} is {problem}")
-        if basis is not None and projector.orthonormal:
-            gram = basis.double().T @ basis.double()
-            tolerance = 5e-2 if basis.dtype == torch.bfloat16 else 1e-4
-            _expect(torch.allclose(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=tolerance), where,
-                    f"basis {label} is not orthonormal (‖{label}ᵀ{label} − I‖∞ = "
-                    f"{(gram - torch.eye(gram.shape[0], dtype=torch.float64)).abs().max():.3g}); set "
-                    "`orthonormal = False` on the class if that is by design")
-
-
 def _randn(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    return torch.randn(shape, generator=_generator(seed), dtype=torch.float64).to(dtype)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def _through_torch_save(value: Any, where: str) -> Any:
@@ -303,6 +581,24 @@ def _through_torch_save(value: Any, where: str) -> Any:
     except Exception as error:
         raise AssertionError(f"{where}: the state does not load with torch.load(weights_only=True) "
                              f"({type(error).__name__}: {error}); keep it tensors and plain values") from error
+
+
+def _expect_tensors_only(state: dict[str, Any], where: str, what: str) -> None:
+    """A projector's or schedule's state dict: a flat dict of tensors (the optimizer moves and
+    sizes each entry as a tensor)."""
+    others = {key: type(value).__name__ for key, value in state.items() if not isinstance(value, Tensor)}
+    _expect(not others, where, f"{what} holds {others}; it must hold tensors only (wrap numbers in torch.tensor)")
+
+
+def _expect_state(state: dict[str, Any], where: str, what: str) -> None:
+    """Per-weight state: tensors, Python numbers (kept as saved) or nested dicts of them."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            _expect_state(value, where, f"{what}[{key!r}]")
+        else:
+            _expect(isinstance(value, (Tensor, numbers.Number)), where,
+                    f"{what} holds {type(value).__name__} under {key!r}; per-weight state holds tensors, Python "
+                    "numbers or dicts of them")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -1,5 +1,6 @@
 """The conformance kit (``lit_lowrank.testing``): every registered component passes its check,
-and each check fails, naming the problem, on a component that breaks its contract."""
+and each check fails, naming the problem, on a component that breaks its contract or a promise
+its flags make."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import pytest
 import torch
 
 from lit_lowrank import plugins, testing
+from lit_lowrank.inner.adafactor import AdafactorInner
 from lit_lowrank.inner.adamw import AdamInner
+from lit_lowrank.inner.sgd import SGDInner
+from lit_lowrank.projectors.base import Side
 from lit_lowrank.projectors.svd import SVDProjector
 from lit_lowrank.quantizers.int import IntQuantizer
 from lit_lowrank.rules.galore import GaLoreRule
+from lit_lowrank.schedules.base import Schedule
 from lit_lowrank.schedules.fixed import FixedGap
 
 CHECKS = {"projectors": testing.check_projector, "quantizers": testing.check_quantizer,
@@ -18,18 +23,25 @@ CHECKS = {"projectors": testing.check_projector, "quantizers": testing.check_qua
           "schedules": testing.check_schedule}
 OPTIONS = {("quantizers", "int"): {"bits": 4, "group_size": 16}}
 """Options a component needs to be checked as users run it."""
+BUILTINS = [(kind, name) for kind in CHECKS for name in sorted(plugins.registered(kind))
+            if plugins.registered(kind)[name].provider.startswith("lit_lowrank.")]
 
 
-def registered(kind: str) -> list[str]:
-    return sorted(plugins.registered(kind))
+@pytest.mark.parametrize("kind, name", BUILTINS, ids=[f"{kind}-{name}" for kind, name in BUILTINS])
+def test_every_builtin_component_keeps_its_contract(kind, name):
+    CHECKS[kind](plugins.get(kind, name), **OPTIONS.get((kind, name), {}))
 
 
-@pytest.mark.parametrize("kind", list(CHECKS))
-def test_every_registered_component_keeps_its_contract(kind):
-    for name in registered(kind):
-        CHECKS[kind](plugins.get(kind, name), **OPTIONS.get((kind, name), {}))
+def test_the_conformance_cases_cover_every_kind():
+    assert {kind for kind, _ in BUILTINS} == set(CHECKS)
 
 
+@pytest.mark.parametrize("quantizer", ["int", IntQuantizer], ids=["by-name", "by-class"])
+def test_a_projector_with_a_quantized_basis_is_checked(quantizer):
+    testing.check_projector(SVDProjector, quantizer=quantizer, quantizer_args={"bits": 4, "group_size": 16})
+
+
+# ---------------------------------------------------------------------------- broken components
 class SkewedBasis(SVDProjector):
     """Claims orthonormal bases but scales them by 2."""
 
@@ -37,12 +49,56 @@ class SkewedBasis(SVDProjector):
         return tuple(None if basis is None else 2 * basis for basis in super().fit(grad, side))
 
 
+class GrowingRank(SVDProjector):
+    """Adds a column at every refresh: the second basis is wider than ``rank``."""
+
+    def fit(self, grad, side):
+        extra = self.refreshes
+        return tuple(None if basis is None else torch.cat([basis, basis[..., :1].expand(*basis.shape[:-1], extra)], -1)
+                     for basis in super().fit(grad, side))
+
+
+class ShortBasis(SVDProjector):
+    """Drops the last row of each basis: its outer dimension no longer matches the matrix."""
+
+    def fit(self, grad, side):
+        return tuple(None if basis is None else basis[:-1] for basis in super().fit(grad, side))
+
+
+class NoBasis(SVDProjector):
+    """Its fit returns no basis at all."""
+
+    def fit(self, grad, side):
+        return None, None
+
+
+class MissingSide(SVDProjector):
+    """Returns only Q, also when both sides are projected."""
+
+    def fit(self, grad, side):
+        return None, super().fit(grad, Side.RIGHT)[1]
+
+
+class CountingProjector(SVDProjector):
+    """Keeps a Python number in its state dict."""
+
+    def state_dict(self):
+        return {**super().state_dict(), "count": self.refreshes}
+
+
 class LossyQuantizer(IntQuantizer):
-    """Drops a packed field's precision when saved: its round trip through torch.save differs."""
+    """Packs a string beside its tensors."""
 
     def quantize(self, x):
         packed = super().quantize(x)
         return {**packed, "note": "not a tensor"}
+
+
+class ZeroQuantizer(IntQuantizer):
+    """Dequantizes to zeros: within 2·max|x| of anything, and nothing it packs trains."""
+
+    def dequantize(self, packed):
+        return torch.zeros_like(super().dequantize(packed))
 
 
 class ForgetfulAdam(AdamInner):
@@ -53,9 +109,85 @@ class ForgetfulAdam(AdamInner):
         return [direction * self.calls for direction in super().directions(lows, states, step)]
 
 
+class FirstDirectionOnly(AdamInner):
+    """Returns one direction whatever the number of R: the other weights are never updated."""
+
+    def directions(self, lows, states, step):
+        return super().directions(lows, states, step)[:1]
+
+
+class StepCountingAdam(AdamInner):
+    """Keeps its own counter under ``step``, the optimizer's key."""
+
+    def init_state(self, low):
+        return {**super().init_state(low), "step": torch.zeros(())}
+
+
+class NamedAdam(AdamInner):
+    """Keeps a string in the per-weight state."""
+
+    def init_state(self, low):
+        return {**super().init_state(low), "kind": "adam"}
+
+
+class RowNormalizedSGD(SGDInner):
+    """Claims elementwise, but scales each row of R by its norm."""
+
+    def directions(self, lows, states, step):
+        return [d / d.norm(dim=-1, keepdim=True).clamp(min=1e-12) for d in super().directions(lows, states, step)]
+
+
+class PositionalSGD(SGDInner):
+    """Claims elementwise, but weights each entry by its column index."""
+
+    def directions(self, lows, states, step):
+        return [d * torch.arange(1, d.shape[-1] + 1, dtype=d.dtype) for d in super().directions(lows, states, step)]
+
+
+class StackNormalizedSGD(SGDInner):
+    """Claims batched but not elementwise; normalizes by the norm of the whole stack."""
+
+    elementwise = False
+
+    def directions(self, lows, states, step):
+        return [d / d.norm() for d in super().directions(lows, states, step)]
+
+
 class FrozenRule(GaLoreRule):
     def apply_(self, param, inputs, *, step_size):
         return None
+
+
+class GradientSignRule(GaLoreRule):
+    """Declares ``uses_gradient = False`` (as GaLore) but steps along the gradient's sign."""
+
+    def apply_(self, param, inputs, *, step_size):
+        param.add_(inputs.grad.sign(), alpha=-step_size)
+
+
+class GradientScaledRule(GaLoreRule):
+    """Declares ``uses_gradient = False`` and reads the gradient when it gets one."""
+
+    def apply_(self, param, inputs, *, step_size):
+        super().apply_(param, inputs, step_size=step_size)
+        if inputs.grad is not None:
+            param.mul_(1 - 1e-3 * inputs.grad.abs().mean())
+
+
+class StepResettingRule(GaLoreRule):
+    """Writes the optimizer's step counter."""
+
+    def apply_(self, param, inputs, *, step_size):
+        super().apply_(param, inputs, step_size=step_size)
+        inputs.state["step"] = torch.zeros(())
+
+
+class StackNormalizedRule(GaLoreRule):
+    """Claims batched, but scales the step by the norm of the whole stack."""
+
+    def apply_(self, param, inputs, *, step_size):
+        lifted = inputs.projector.project_back(inputs.direction)
+        param.add_(lifted / lifted.norm(), alpha=-step_size)
 
 
 class LateSchedule(FixedGap):
@@ -63,16 +195,86 @@ class LateSchedule(FixedGap):
         return step > 0 and super().should_refresh(step)
 
 
+class StuckSchedule(FixedGap):
+    """Takes ``gap`` but never advances: a refresh (an SVD) at every step."""
+
+    def after_refresh(self, step, similarity):
+        self.next_refresh = step
+
+
+class OnceSchedule(Schedule):
+    """Takes ``gap`` but never uses it: one refresh, at step 0."""
+
+    def __init__(self, gap=200):
+        super().__init__()
+
+
+class PythonIntSchedule(FixedGap):
+    def state_dict(self):
+        return {**super().state_dict(), "gap": self.gap}
+
+
 @pytest.mark.parametrize("check, component, problem", [
     (testing.check_projector, SkewedBasis, "not orthonormal"),
+    (testing.check_projector, GrowingRank, "refresh 2: basis Q has 4 columns, wider than rank 3"),
+    (testing.check_projector, ShortBasis, "basis Q has 6 rows, but the gradient's n is 7: its outer dimension"),
+    (testing.check_projector, NoBasis, "refresh\\(\\) left no basis"),
+    (testing.check_projector, MissingSide, "side full.*basis L is missing \\(None\\), but side BOTH projects"),
+    (testing.check_projector, CountingProjector, "state_dict\\(\\) holds {'count': 'int'}; it must hold tensors only"),
     (testing.check_quantizer, LossyQuantizer, "dict of tensors"),
+    (testing.check_quantizer, ZeroQuantizer, "does not follow x \\(cosine similarity 0"),
     (testing.check_inner_optimizer, ForgetfulAdam, "continues differently"),
+    (testing.check_inner_optimizer, FirstDirectionOnly, "directions per step for 5 R: a weight would not be updated"),
+    (testing.check_inner_optimizer, StepCountingAdam, "init_state uses the key\\(s\\) \\['step'\\]"),
+    (testing.check_inner_optimizer, NamedAdam, "holds str under 'kind'"),
+    (testing.check_inner_optimizer, RowNormalizedSGD, "column blocks differ from those of the whole"),
+    (testing.check_inner_optimizer, PositionalSGD, "depends on its position; set elementwise = False"),
+    (testing.check_inner_optimizer, StackNormalizedSGD, "stepped otherwise than the same matrix alone"),
     (testing.check_update_rule, FrozenRule, "left the weight unchanged"),
+    (testing.check_update_rule, GradientSignRule, "uses_gradient = False, but apply_ fails with grad=None"),
+    (testing.check_update_rule, GradientScaledRule, "uses_gradient = False, but its step changes with inputs.grad"),
+    (testing.check_update_rule, StepResettingRule, "changed state\\['step'\\], the optimizer's step counter"),
+    (testing.check_update_rule, StackNormalizedRule, "stepped otherwise than the same weight alone"),
     (testing.check_schedule, LateSchedule, "no refresh at step 0"),
+    (testing.check_schedule, StuckSchedule, "update_gap 3: refreshes at steps \\[0, 1, 2"),
+    (testing.check_schedule, OnceSchedule, "never refreshes after step 0"),
+    (testing.check_schedule, PythonIntSchedule, "holds {'gap': 'int'}; it must hold tensors only"),
 ])
 def test_a_broken_component_fails_naming_the_problem(check, component, problem):
     with pytest.raises(AssertionError, match=problem):
         check(component)
+
+
+def test_a_quantized_basis_far_from_the_unquantized_one_fails():
+    class CoarseBases(SVDProjector):
+        """Hands out its quantized bases rounded to one decimal: far beyond an INT8 quantizer's error."""
+
+        def bases(self):
+            bases = super().bases()
+            if self._storage.quantizer is None:
+                return bases
+            return tuple(None if basis is None else basis.mul(10).round().div(10) for basis in bases)
+
+    with pytest.raises(AssertionError, match="the quantized basis Q is .* beyond twice the quantizer's round-trip"):
+        testing.check_projector(CoarseBases, quantizer="int", quantizer_args={"bits": 8})
+
+
+def test_an_inner_optimizer_that_never_moves_a_weight_fails_the_training_run():
+    class Frozen(AdamInner):
+        """Directions of the right number and shape, all zero: the weights only decay."""
+
+        def directions(self, lows, states, step):
+            return [torch.zeros_like(d) for d in super().directions(lows, states, step)]
+
+    with pytest.raises(AssertionError, match="0.weight was never updated"):
+        testing._check_resume("inner", Frozen, {})
+
+
+def test_adafactor_is_rightly_not_elementwise():
+    """Adafactor's factored statistics span rows and columns: the elementwise check would refuse it."""
+    Claimed = type("ClaimedAdafactor", (AdafactorInner,), {"elementwise": True})
+    with pytest.raises(AssertionError, match="blocks differ from those of the whole"):
+        testing._check_elementwise(Claimed, {})
 
 
 def test_a_projector_that_drifts_on_resume_fails():
@@ -90,4 +292,5 @@ def test_a_projector_that_drifts_on_resume_fails():
 def test_the_kit_leaves_the_registry_as_it_was():
     before = {kind: set(plugins.registered(kind)) for kind in plugins.KINDS}
     testing.check_schedule(FixedGap)
+    testing.check_projector(SVDProjector, quantizer=IntQuantizer, quantizer_args={"bits": 4, "group_size": 16})
     assert {kind: set(plugins.registered(kind)) for kind in plugins.KINDS} == before
