@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -52,11 +52,26 @@ class Choice:
 
 
 def check_patterns(**patterns: Sequence[str] | None) -> None:
-    """Raise a TypeError, naming the fix, for a string given where a list of patterns is meant
-    (``targets="q_proj"`` would otherwise search each character's pattern)."""
+    """Raise a TypeError, naming the fix, for patterns that are not a collection of strings: a
+    string (``targets="q_proj"`` would search each character's pattern), a one-shot iterator such
+    as a generator (the patterns are read once per weight and again by each selection, so a
+    second read would find none), or a non-string pattern. Any re-iterable collection of strings
+    or compiled regexes (list, tuple, set) is accepted."""
     for key, value in patterns.items():
+        if value is None:
+            continue
         if isinstance(value, (str, bytes)):
             raise TypeError(f"{key}={value!r} is a string; pass a list of module-name patterns: {key}=[{value!r}]")
+        if isinstance(value, Iterator):
+            raise TypeError(f"{key} is a {type(value).__name__}, an iterator read only once (the selection reads "
+                            f"the patterns several times); pass a list of module-name patterns: {key}=list(...)")
+        if not isinstance(value, Iterable):
+            raise TypeError(f"{key}={value!r} is not a collection of module-name patterns; pass a list of strings, "
+                            f"e.g. {key}=['q_proj', 'v_proj']")
+        odd = [pattern for pattern in value if not isinstance(pattern, (str, re.Pattern))]
+        if odd:
+            raise TypeError(f"{key} holds {odd!r}, not module-name patterns; pass strings (regexes searched in "
+                            "module names), e.g. ['q_proj', 'v_proj']")
 
 
 def select_targets(
@@ -75,7 +90,8 @@ def select_targets(
     (a conv kernel, an embedding, the output head).
 
     Raises:
-        TypeError: if ``targets`` or ``exclude`` is a string instead of a list.
+        TypeError: if ``targets`` or ``exclude`` is not a collection of patterns (a string, a
+            generator; see :func:`check_patterns`).
     """
     choices = classify(model, targets, exclude, include_frozen=include_frozen)
     low_rank = {c.name: c.param for c in choices if c.reason is None}
@@ -92,15 +108,78 @@ def target_layouts(model: nn.Module, targets: Sequence[str] | None = None, exclu
             if c.reason is None}
 
 
+STRUCTURE = ("the trainable linear layers and stacked expert weights (3-D) inside repeated blocks (the composite "
+             "children of an nn.ModuleList/ModuleDict, or of an nn.Sequential repeating one block class)")
+"""What the structural selection (``targets=None``) projects, for messages."""
+
+
 def no_targets_message(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> str:
-    """The error for a model where nothing would be projected (training would be plain AdamW)."""
+    """The error for a model where nothing would be projected (training would be plain AdamW):
+    what the selection looks for, what the model has instead (by kind and reason, a few names
+    each), and patterns of its candidates to pass as ``targets``."""
     name = type(model).__name__
+    with warnings.catch_warnings():  # classify warned already, on the selection that found nothing
+        warnings.simplefilter("ignore")
+        choices = classify(model, targets, exclude)
     if targets is None:
-        found = f"{name} has no trainable linear layer inside repeated blocks (an nn.ModuleList/ModuleDict of blocks)"
+        found = f"{name} has none of what the structural selection (targets=None) projects: {STRUCTURE}"
     else:
-        found = f"no trainable 2-D weight of {name} matches targets={list(targets)}"
-    return (f"{found} (excluding {list(exclude)}); set `targets` to module-name patterns of its linear layers, "
-            "e.g. ['q_proj', 'v_proj'].")
+        found = (f"no trainable 2-D weight of {name} matches targets={list(targets)} "
+                 "(nor a stacked expert weight or conv kernel)")
+    excluding = f" (excluding {list(exclude)})" if exclude else ""
+    patterns = _example_patterns(choices)
+    fix = (f"to project some of them, set `targets` to module-name patterns (regexes searched in module names), "
+           f"e.g. {patterns}" if patterns else "a low-rank optimizer has nothing to project here")
+    return f"{found}{excluding}; it has {_inventory(choices)}. {fix[0].upper()}{fix[1:]}."
+
+
+def _inventory(choices: list[Choice], shown: int = 3) -> str:
+    """``choices`` grouped by what they are and why they stay dense: "2 conv kernels, projected
+    only where `targets` names them (0.conv.weight, 1.conv.weight)"."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for choice in choices:
+        groups.setdefault(_described(choice), []).append(choice.name)
+    if not groups:
+        return "no trainable weight of 2 or more dimensions"
+    parts = []
+    for (what, why), names in groups.items():
+        listed = ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
+        parts.append(f"{len(names)} {_PLURALS.get(what, what + 's') if len(names) > 1 else what}{why} ({listed})")
+    return "; ".join(parts)
+
+
+_PLURALS = {"matrix": "matrices", "output head": "output heads"}
+
+
+def _described(choice: Choice) -> tuple[str, str]:
+    """``(what the weight is, why it stays dense)`` in words, for :func:`_inventory`."""
+    reason = choice.reason or ""
+    if reason in (_EMBEDDING, _HEAD):
+        return reason, ""
+    if reason == _KERNEL:
+        return "conv kernel", ", projected only where `targets` names them"
+    if reason == "not a linear layer":
+        return "matrix", " outside a linear layer"
+    if reason.endswith(_NOT_MATRIX):
+        return f"{choice.param.ndim}-D weight", ""
+    what = {"kernel": "conv kernel", "experts": "stacked expert weight"}.get(choice.layout, "matrix")
+    return ("linear layer" if what == "matrix" and reason == "outside the blocks" else what), f" {reason}"
+
+
+def _example_patterns(choices: list[Choice], most: int = 3) -> list[str]:
+    """Module-name patterns of the weights that ``targets`` could project (those left dense
+    only by where they are or by the patterns), at most ``most``."""
+    patterns = []
+    for choice in choices:
+        if choice.layout is None or choice.reason in ("frozen", _EMBEDDING, _HEAD, "excluded by pattern"):
+            continue
+        if not choice.module:  # the model's own parameter: no module name to match
+            continue
+        words = [part for part in choice.module.split(".") if not part.isdigit()]  # "layers.0.0" → layers
+        pattern = words[-1] if words else re.escape(choice.module)
+        if pattern not in patterns:
+            patterns.append(pattern)
+    return patterns[:most]
 
 
 def target_modules(model: nn.Module, targets: Sequence[str] | None = None, exclude: Sequence[str] = (),
@@ -187,6 +266,7 @@ def classify(model: nn.Module, targets: Sequence[str] | None = None, exclude: Se
 
 
 _NOT_MATRIX, _EMBEDDING, _HEAD = ", not a matrix", "embedding", "output head"
+_KERNEL = "a conv kernel (name it in targets to project it)"
 _LAYOUT_OF_KIND = {"linear": "matrix", "experts": "experts", "kernel": "kernel"}
 """The layout of each kind of weight :func:`_matrices` finds; other 2-D weights are matrices."""
 
@@ -223,7 +303,7 @@ class _Rules:
         if self.targets is not None:
             return None
         if kind == "kernel":
-            return "a conv kernel (name it in targets to project it)"
+            return _KERNEL
         if kind not in ("linear", "experts"):
             return "not a linear layer"
         return None if _inside(module_name, self.blocks) else "outside the blocks"

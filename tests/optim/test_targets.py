@@ -251,3 +251,71 @@ def test_gradnorm_and_quantized_weights_use_the_same_selection():
     with pytest.raises(ValueError, match="nn.Linear layers only.*MultiheadAttention.*exclude"):
         quantize_linear_weights(nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
                                                dim_feedforward=8))
+
+
+class ConvNet(nn.Module):
+    """Conv blocks in a ModuleList, a stem and a linear head: no linear layer inside the blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)) for _ in range(2)])
+        self.fc = nn.Linear(4, 10)
+
+
+class OneMoeLayer(nn.Module):
+    """Stacked experts and a router, not inside repeated blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 3)
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(torch.randn(4, 6, 3))
+        self.experts.down_proj = nn.Parameter(torch.randn(4, 3, 3))
+        self.router = nn.Linear(3, 4)
+
+
+def test_no_structural_target_says_what_the_selection_looks_for_and_what_the_model_has():
+    with pytest.raises(ValueError) as conv_error:
+        build_optimizer(ConvNet(), rank=2)
+    message = str(conv_error.value)
+    assert "linear layers and stacked expert weights (3-D) inside repeated blocks" in message
+    kernels = [n for n, p in ConvNet().named_parameters() if p.ndim == 4]
+    assert f"{len(kernels)} conv kernels, projected only where `targets` names them ({', '.join(kernels)})" in message
+    assert "1 linear layer outside the blocks (fc.weight)" in message
+    with pytest.raises(ValueError) as moe_error:
+        build_optimizer(OneMoeLayer(), rank=2)
+    experts = [n for n, p in OneMoeLayer().named_parameters() if p.ndim == 3]
+    assert f"{len(experts)} stacked expert weights outside the blocks ({', '.join(experts)})" in str(moe_error.value)
+    assert "1 embedding (embed.weight)" in str(moe_error.value)
+
+
+@pytest.mark.parametrize("model", [ConvNet, OneMoeLayer])
+def test_the_patterns_the_error_suggests_project_the_weights_it_lists(model):
+    with pytest.raises(ValueError) as error:
+        build_optimizer(model(), rank=2)
+    suggested = eval(re.search(r"e\.g\. (\[.*\])\.$", str(error.value)).group(1))
+    low_rank, _ = select_targets(model(), targets=suggested)
+    expected = {n for n, p in model().named_parameters()
+                if p.ndim >= 2 and not n.startswith("embed")}  # every weight but the embedding
+    assert set(low_rank) == expected
+
+
+@pytest.mark.parametrize("key", ["targets", "exclude"])
+def test_patterns_given_as_a_generator_are_refused_naming_the_fix(key):
+    from lit_lowrank.lightning import LowRankConfig
+
+    with pytest.raises(TypeError, match=rf"{key} is a generator.*{key}=list\(\.\.\.\)"):
+        build_optimizer(MetaLlama(), rank=2, **{key: (p for p in ["wq", "wk"])})
+    with pytest.raises(TypeError, match=rf"{key} is a generator"):
+        LowRankConfig(**{key: (p for p in ["wq"])})
+    with pytest.raises(TypeError, match=rf"{key} holds \[3\]"):
+        select_targets(MetaLlama(), **{key: ["wq", 3]})
+
+
+def test_patterns_in_any_collection_select_what_the_list_selects():
+    as_list = set(select_targets(MetaLlama(), targets=["wq", "w1"], exclude=["layers.1"])[0])
+    assert as_list == {"layers.0.attention.wq.weight", "layers.0.feed_forward.w1.weight"}
+    for kind in (tuple, set, frozenset):
+        low_rank, _ = select_targets(MetaLlama(), targets=kind(["wq", "w1"]), exclude=kind(["layers.1"]))
+        assert set(low_rank) == as_list
