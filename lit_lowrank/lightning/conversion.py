@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 
@@ -41,6 +41,9 @@ from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.optim.layouts import LAYOUTS
 from lit_lowrank.optim.targets import no_targets_message, target_layouts
+from lit_lowrank import plugins
+from lit_lowrank.optim.validation import accepted, check_shardable
+from lit_lowrank.plugins import get_method
 from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import is_gradnorm
 
@@ -75,8 +78,10 @@ groups to LowRankOptimizer group options, and the group keys it reproduces."""
 
 
 def adoption_config(config: LowRankConfig | None, options: dict[str, Any]) -> tuple[LowRankConfig, frozenset[str]]:
-    """The merged config of a callback/strategy and the fields the user set: every keyword in
-    ``options`` and every field of ``config`` that differs from its default."""
+    """The merged config of a callback/strategy and the fields chosen for the run: every keyword
+    in ``options``, every field of ``config`` that differs from its default, and every field the
+    config's ``method`` sets (a method's inner optimizer replaces the converted one, as
+    ``inner=`` written out does)."""
     base = vars(config) if config is not None else {}
     merged = LowRankConfig(**{**base, **options})
     default = LowRankConfig()
@@ -89,7 +94,8 @@ def adoption_config(config: LowRankConfig | None, options: dict[str, Any]) -> tu
                          "configure_optimizers owns them: set lr, betas, eps and weight_decay on your torch optimizer "
                          "and the LR schedule with your own scheduler (or train with LowRankModule, which reads "
                          "them from the config)")
-    return merged, explicit
+    method_fields = get_method(merged.method).settings() if merged.method is not None else {}
+    return merged, explicit | frozenset(method_fields)
 
 
 def _plain(value: Any) -> Any:
@@ -142,6 +148,7 @@ def check_strategy(strategy: pl.strategies.Strategy, config: LowRankConfig) -> N
         raise ValueError(f"{refused} cannot be combined with sharded weights ({type(strategy).__name__}): each "
                          "needs whole weights or gradients on every rank; turn them off or use strategy='ddp_lowrank' "
                          "(see README 'Scaling out')")
+    check_shardable(vars(config))  # the method's components, before the model is set up
 
 
 def lowrank_callbacks(trainer: pl.Trainer, module: pl.LightningModule, config: LowRankConfig) -> list[Callback]:
@@ -246,10 +253,13 @@ def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: dict[int, str], con
     new.defaults.update(convert(optimizer.defaults))  # for add_param_group (e.g. BaseFinetuning)
     projected = sum(len(g["params"]) for g in groups if g["lowrank"])
     dense = sum(len(g["params"]) for g in groups if not g["lowrank"])
-    lost = f"; not reproduced (inner= set explicitly): {dropped}" if dropped else ""
     rank_zero_info(f"lit_lowrank: converted {_describe(optimizer)} → LowRankOptimizer(inner={groups[0]['inner']}, "
                    f"rule={config.rule}, projector={config.projector}, rank={config.rank}): {projected} weights "
-                   f"projected, {dense} dense{lost}")
+                   f"projected, {dense} dense")
+    if dropped:
+        rank_zero_warn(f"lit_lowrank: {_describe(optimizer)} is replaced by inner={config.inner!r} (chosen by "
+                       f"{'method ' + repr(config.method) if config.method else 'inner='}); its {dropped} are not "
+                       f"reproduced, the groups keep {[k for k in _SUBSTITUTE_KEEPS if k in groups[0]]}")
     return new, group_map
 
 
@@ -277,7 +287,8 @@ def _group_converter(optimizer: torch.optim.Optimizer, config: LowRankConfig, ex
         problems.append(f"{name} has no low-rank equivalent (supported: {[c.__name__ for c in CONVERSIONS]})")
     elif unknown:
         problems.append(f"param-group keys {unknown}")
-    natural = not problems and ("inner" not in explicit or convert(optimizer.defaults)["inner"] == config.inner)
+    default_inner = convert(optimizer.defaults)["inner"] if convert is not None else None
+    natural = not problems and ("inner" not in explicit or config.inner == default_inner)
     if natural:
         if "inner_args" in explicit:
             raise ValueError(f"inner_args is set, but the {name} conversion takes its hyper-parameters from the "
@@ -287,23 +298,27 @@ def _group_converter(optimizer: torch.optim.Optimizer, config: LowRankConfig, ex
         raise ValueError(f"cannot reproduce {name} in low-rank space: {'; '.join(problems)}. Use AdamW, Adam or SGD "
                          "without these options, or accept a substitute by setting inner= explicitly (e.g. "
                          "LowRankCallback(inner='adamw', ...)): the groups' lr and weight_decay are kept, the rest not")
+    inner_takes = set(accepted(plugins.get_inner_optimizer(config.inner)))
+    keeps = [k for k in _SUBSTITUTE_KEEPS if k not in ("betas", "eps") or k in inner_takes]
 
     def substitute(group: dict[str, Any]) -> dict[str, Any]:
-        kept = {k: group[k] for k in _SUBSTITUTE_KEEPS if k in group}
+        reproduced = convert(group) if convert is not None else group
+        kept = {k: reproduced[k] for k in keeps if k in reproduced}
         return {**kept, "inner": config.inner, "inner_args": dict(config.inner_args)}
 
-    return substitute, sorted(k for k in keys - set(_SUBSTITUTE_KEEPS) if _lost(k, optimizer.param_groups))
+    return substitute, sorted(k for k in keys - set(keeps) if _lost(k, optimizer.param_groups))
 
 
 def _lost(key: str, groups: list[dict[str, Any]]) -> bool:
-    """Whether a substitute (decoupled weight decay, no momentum, no flags) changes what
-    ``key`` asked for in ``groups``."""
+    """Whether a substitute (no momentum, no flags; decoupled weight decay for classes without a
+    conversion) changes what ``key`` asked for in ``groups``."""
     if key == "decoupled_weight_decay":
         return not all(g[key] for g in groups if key in g)
     return any(g.get(key) not in (None, False, 0) for g in groups)
 
 
-_SUBSTITUTE_KEEPS = ("lr", "weight_decay", "betas", "eps")
+_SUBSTITUTE_KEEPS = ("lr", "weight_decay", "decoupled_weight_decay", "betas", "eps")
+"""What a substitute inner optimizer keeps of the user's groups (``betas``/``eps`` only if it takes them)."""
 
 
 def _describe(optimizer: torch.optim.Optimizer) -> str:
@@ -325,13 +340,36 @@ def _keep_monitor_names(schedulers: list[LRSchedulerConfig]) -> None:
             config.name = f"lr-{kind.__name__}" + (f"-{seen[kind] - 1}" if seen[kind] > 1 else "")
 
 
+PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
+"""The per-param-group lists of torch's LR schedulers (one entry per group, in group order)."""
+
+COMPOSITE = (torch.optim.lr_scheduler.SequentialLR, torch.optim.lr_scheduler.ChainedScheduler)
+"""Schedulers driving sub-schedulers (``_schedulers``), each bound to the optimizer itself."""
+
+
 def _rebind(scheduler: Any, old_groups: int, new: LowRankOptimizer, group_map: list[int]) -> None:
-    """Point ``scheduler`` at ``new``: its per-group lists (``base_lrs``, ``lr_lambdas``,
-    ``_last_lr``, ...) are re-indexed so new group ``i`` follows old group ``group_map[i]``."""
-    scheduler.optimizer = new
+    """Point ``scheduler`` (and the sub-schedulers of a :data:`COMPOSITE` one) at ``new``: its
+    per-group lists (:data:`PER_GROUP`) are re-indexed so new group ``i`` follows old group
+    ``group_map[i]``.
+
+    Raises:
+        ValueError: for a scheduler class outside torch holding another list with one entry per
+            old group while groups were split (it cannot be told whether that list is per group).
+    """
+    for sub in getattr(scheduler, "_schedulers", []) if isinstance(scheduler, COMPOSITE) else []:
+        _rebind(sub, old_groups, new, group_map)
+    split = group_map != list(range(old_groups))
     for key, value in vars(scheduler).items():
-        if isinstance(value, list) and len(value) == old_groups:
+        if not isinstance(value, list) or len(value) != old_groups or key == "_schedulers":
+            continue
+        if key in PER_GROUP:
             setattr(scheduler, key, [value[i] for i in group_map])
+        elif split and not type(scheduler).__module__.startswith("torch."):
+            raise ValueError(f"{type(scheduler).__name__}.{key} holds {old_groups} entries, one per param group of "
+                             f"the optimizer it drives, but the low-rank conversion splits those groups into "
+                             f"{len(group_map)}: put the target weights and the others in separate param groups of "
+                             "your optimizer (then no group is split)")
+    scheduler.optimizer = new
     _track_step_calls(new)
 
 

@@ -46,9 +46,9 @@ def build_optimizer(
         raise ValueError(no_targets_message(model, targets, exclude))
     if method is not None:
         recipe = get_method(method) if isinstance(method, str) else method
-        check_model_fits(recipe, low_rank, method)
-        options = {key: value for key, value in recipe.merged(str(method), options).items()
-                   if key not in ("gradnorm", "weight_bits", "compact")}
+        options = recipe.merged(str(method), options)
+    transforms = {key: options.pop(key) for key in TRANSFORM_KEYS if key in options}
+    check_model_fits(transforms, low_rank, method)
     layouts = target_layouts(model, targets, exclude, include_frozen=True)  # frozen ones: for add_param_group
     groups = layout_groups(low_rank, layouts)
     if dense:
@@ -69,18 +69,28 @@ def layout_groups(low_rank: dict[str, Tensor], layouts: dict[Tensor, str]) -> li
     return list(groups.values())
 
 
-def check_model_fits(method: Method, targets: dict[str, nn.Parameter], name: object) -> None:
-    """Refuse a model that lacks the transform ``method`` trains (never silently train the
-    plain weights instead): INT8 weights for Q-GaLore, weight normalization for GradNormLoRP,
+TRANSFORM_KEYS = ("gradnorm", "weight_bits", "compact")
+"""The model transforms a method (or a keyword) asks for: the model must hold them before the
+optimizer is built, since the optimizer trains what the model holds."""
+
+
+def check_model_fits(transforms: dict[str, Any], targets: dict[str, nn.Parameter], name: object) -> None:
+    """Refuse a model that lacks a transform in ``transforms`` (``gradnorm``, ``weight_bits``,
+    ``compact``, from the method or a keyword; never silently train the plain weights instead):
+    INT8 weights for Q-GaLore (of the asked width), weight normalization for GradNormLoRP,
     compressed linear layers for CompAct."""
-    if method.weight_bits is not None and not any(hasattr(p, "weight_store") for p in targets.values()):
-        raise ValueError(f"method {name!r} trains quantized target weights: call lit_lowrank.quantizers."
-                         f"quantized_linear.quantize_linear_weights(model, bits={method.weight_bits}) before building the "
-                         "optimizer (the Lightning config does it with weight_bits)")
-    if method.gradnorm and not any(n.endswith(GRADNORM_DIRECTION) for n in targets):
-        raise ValueError(f"method {name!r} trains weight-normalized targets: call "
+    asker = f"method {name!r}" if name is not None else "build_optimizer"
+    bits = transforms.get("weight_bits")
+    held = {p.weight_store.initial.bits for p in targets.values() if hasattr(p, "weight_store")}
+    if bits is not None and held != {bits}:
+        raise ValueError(f"{asker} trains {bits}-bit target weights, but the model's targets hold "
+                         f"{sorted(held) or 'float'} weights: call lit_lowrank.quantizers.quantized_linear."
+                         f"quantize_linear_weights(model, bits={bits}) before building the optimizer (the Lightning "
+                         "config does it with weight_bits)")
+    if transforms.get("gradnorm") and not any(n.endswith(GRADNORM_DIRECTION) for n in targets):
+        raise ValueError(f"{asker} trains weight-normalized targets: call "
                          "lit_lowrank.reparam.apply_gradnorm(model) before building the optimizer")
-    if method.compact and not any(getattr(p, "compact_activations", False) for p in targets.values()):
-        raise ValueError(f"method {name!r} trains compressed linear layers: call lit_lowrank.activations."
+    if transforms.get("compact") and not any(getattr(p, "compact_activations", False) for p in targets.values()):
+        raise ValueError(f"{asker} trains compressed linear layers: call lit_lowrank.activations."
                          "compact_linear_layers(model) before building the optimizer and bind_compact(model, "
                          "optimizer) after (the Lightning config does both with compact: true)")

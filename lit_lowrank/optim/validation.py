@@ -63,6 +63,15 @@ def check_sharding(group: Mapping[str, Any]) -> dict[Tensor, RowShard]:
         if plugins.get_inner_optimizer(group["inner"]).steps_dense:
             require_flag(group, "inner", "elementwise")
         return shards
+    check_shardable(group)
+    if any(hasattr(p, "weight_store") for p in group["params"]):
+        raise ValueError("quantized weights (weight_bits) cannot be sharded by FSDP; drop weight_bits or use DDP.")
+    return shards
+
+
+def check_shardable(group: Mapping[str, Any]) -> None:
+    """Refuse the components of a low-rank group (or a config) that cannot step one rank's rows
+    of an FSDP-sharded weight (see :func:`check_sharding`)."""
     if not applies_bases_plainly(plugins.get_projector(group["projector"])):
         raise ValueError(f"{describe('projectors', group['projector'])} does not project with plain bases, so it "
                          "cannot be applied to one rank's rows of a weight sharded by FSDP; choose one of "
@@ -72,9 +81,6 @@ def check_sharding(group: Mapping[str, Any]) -> dict[Tensor, RowShard]:
     if group["side"] == "full" and group["on_refresh"] == "rotate":
         raise ValueError("on_refresh: rotate with side: full would mix the columns of R that different ranks keep "
                          "moments for, on weights sharded by FSDP; use on_refresh keep or reset, or a one-sided side.")
-    if any(hasattr(p, "weight_store") for p in group["params"]):
-        raise ValueError("quantized weights (weight_bits) cannot be sharded by FSDP; drop weight_bits or use DDP.")
-    return shards
 
 
 def require_flag(group: Mapping[str, Any], option: str, flag: str) -> None:

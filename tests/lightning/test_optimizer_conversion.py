@@ -128,13 +128,20 @@ def test_cycled_momentum_is_refused():
         fit(Cycled(), strategy=LowRankStrategy(targets=["layer"], rank=1))
 
 
-def test_explicit_inner_accepts_a_substitute_and_says_what_is_not_reproduced(caplog):
-    caplog.set_level(logging.INFO)
-    trainer = fit(Boring(lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9)),
-                  callbacks=[LowRankCallback(targets=["layer"], rank=1, inner="adamw")])
+def test_explicit_inner_accepts_a_substitute_and_says_what_is_not_reproduced():
+    with pytest.warns(UserWarning, match=r"RMSprop.* replaced by inner='adamw'.*'alpha'.* not reproduced"):
+        trainer = fit(Boring(lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9)),
+                      callbacks=[LowRankCallback(targets=["layer"], rank=1, inner="adamw")])
     groups = trainer.optimizers[0].param_groups
     assert {(g["inner"], g["lr"]) for g in groups} == {("adamw", 1e-3)}
-    assert any("not reproduced" in r.getMessage() and "'alpha'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_methods_inner_replaces_sgd_keeping_its_coupled_weight_decay_and_naming_its_momentum():
+    with pytest.warns(UserWarning, match=r"method 'galore-adafactor'.*'momentum'.* not reproduced"):
+        trainer = fit(Boring(sgd_momentum), callbacks=[LowRankCallback(targets=["layer"], rank=1,
+                                                                       method="galore-adafactor")])
+    groups = trainer.optimizers[0].param_groups
+    assert {(g["inner"], g["weight_decay"], g["decoupled_weight_decay"]) for g in groups} == {("adafactor", 0.01, False)}
 
 
 @pytest.mark.parametrize("adoption", ["callback", "strategy"])
