@@ -41,7 +41,11 @@ from lit_lowrank.plugins import get_projector, get_update_rule
 
 class CompactFunction(torch.autograd.Function):
     """``F.linear`` that saves ``z = x Q`` and, in backward, delivers ``R = gᵀ z`` instead of a
-    weight gradient."""
+    weight gradient.
+
+    Under ``torch.autocast`` it computes as ``nn.Linear`` does: the forward's products in the
+    autocast dtype (``z`` is saved in it), the backward's in the dtype of the forward's output;
+    ``R`` is delivered in the weight's dtype, as autograd gives ``nn.Linear`` its weight gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, basis: Tensor,
@@ -54,7 +58,8 @@ class CompactFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         compressed, weight = ctx.saved_tensors
         grads = grad_out.reshape(-1, grad_out.shape[-1])  # g, tokens×out
-        ctx.deliver(grads.T @ compressed.reshape(-1, compressed.shape[-1]))  # R = gᵀ z, out×r
+        low = grads.T @ compressed.reshape(-1, compressed.shape[-1]).to(grads.dtype)  # R = gᵀ z, out×r
+        ctx.deliver(low.to(weight.dtype))
         grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grads.sum(0) if ctx.has_bias else None
         return grad_x, None, grad_bias, None, None

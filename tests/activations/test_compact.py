@@ -89,6 +89,98 @@ def test_a_compact_layer_saves_r_numbers_per_token_instead_of_in():
     assert saved_activation_bytes(model[0][0], x) == tokens_count * RANK * 4  # z = x Q
 
 
+class RecordingOptimizer:
+    """What a CompactLinear asks of its optimizer: the basis Q of the next step, and a place for R."""
+
+    def __init__(self, basis: torch.Tensor) -> None:
+        self.basis, self.received = basis, {}
+
+    def upcoming_bases(self, weight):
+        return None, self.basis
+
+    def receive_projections(self, lows, accumulate=False):
+        self.received.update(lows)
+
+
+BF16_ROUNDOFF = 2.0 ** -8
+
+
+def relative_error(mine: torch.Tensor, want: torch.Tensor) -> float:
+    return ((mine - want).norm() / want.norm()).item()
+
+
+def test_under_autocast_a_compact_layer_computes_as_nn_linear_and_gives_r_in_the_weights_dtype():
+    """bf16 autocast: the output and the input and bias gradients of nn.Linear under the same
+    autocast; R is the projection of nn.Linear's weight gradient up to bf16 rounding, in float32."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = CompactLinear.from_linear(copy.deepcopy(linear))
+    basis = torch.randn(64, RANK) / RANK ** 0.5
+    layer._optimizer = RecordingOptimizer(basis)
+    x, direction = torch.randn(5, 7, 64), torch.randn(5, 7, 48)
+    results = []
+    for module in (linear, layer):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(inputs)
+        (out.float() * direction).sum().backward()
+        results.append((out, inputs.grad))
+    (want_out, want_grad), (out, grad) = results
+    assert out.dtype == want_out.dtype == torch.bfloat16 and torch.equal(out, want_out)
+    assert torch.equal(grad, want_grad)
+    torch.testing.assert_close(layer.bias.grad, linear.bias.grad)
+    low = layer._optimizer.received[layer.weight]
+    assert low.dtype == torch.float32
+    assert relative_error(low, linear.weight.grad @ basis) < 4 * BF16_ROUNDOFF
+
+
+def train_under_autocast(model, optimizer, steps: range) -> None:
+    for step in steps:
+        batch = tokens(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_under_autocast_compact_layers_train_like_galore_up_to_bf16_rounding():
+    reference = small_llama()
+    reference_optimizer = build_optimizer(reference, **OPTIONS, inner="sgd")
+    model, optimizer = compact_llama(inner="sgd")
+    train_under_autocast(reference, reference_optimizer, range(3))
+    train_under_autocast(model, optimizer, range(3))
+    for (name, mine), want, start in zip(model.named_parameters(), reference.parameters(), small_llama().parameters()):
+        assert relative_error(mine - start, want - start) < 4 * BF16_ROUNDOFF, name
+
+
+@pytest.mark.slow
+def test_precision_bf16_mixed_trains_compact_layers_like_the_uncompressed_projection(tmp_path):
+    """``precision: bf16-mixed`` through LowRankModule and a Trainer: the updates of the run without
+    compression on the same random right projection, up to bf16 rounding."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lit_lowrank.lightning import LowRankConfig, LowRankModule
+
+    def fit(compact: bool) -> LowRankModule:
+        config = LowRankConfig(projector="random", side="right", rank=RANK, update_gap=GAP, lr=1e-2, warmup=0,
+                               inner="sgd", compact=compact)
+        module = LowRankModule(small_llama(), lowrank=config)
+        trainer = pl.Trainer(max_steps=3, accelerator="cpu", precision="bf16-mixed", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path)
+        trainer.fit(module, DataLoader([{"input_ids": tokens(step)[0]} for step in range(6)], batch_size=2))
+        return module
+
+    compact, plain = fit(True), fit(False)
+    assert sum(isinstance(m, CompactLinear) for m in compact.modules()) == 14
+    start = small_llama()
+    for (name, mine), want in zip(compact.network.named_parameters(), plain.network.parameters()):
+        delta = want - start.get_parameter(name)
+        assert delta.norm() > 0 and relative_error(mine - start.get_parameter(name), delta) < 4 * BF16_ROUNDOFF, name
+
+
 def test_a_compact_run_resumes_bitwise():
     model, optimizer = compact_llama()
     train(model, optimizer, range(3))
