@@ -12,21 +12,39 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import lit_lowrank
 from lit_lowrank import LowRankOptimizer, RuleInputs, plugins
 
 DOCS = Path(__file__).parents[1] / "docs" / "plugins.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
+YAML_BLOCKS = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
 RANK, GAP = 3, 2
+
+
+def exec_block(index: int, code: str) -> types.ModuleType:
+    """One ``python`` block of the guide, run as its own module."""
+    module = types.ModuleType(f"docs_plugins_example_{index}")
+    exec(compile(code, f"{DOCS}:block{index}", "exec"), module.__dict__)
+    return module
+
+
+def registered_names(module: types.ModuleType) -> dict[str, list[str]]:
+    """The names each ``register_<kind>`` hook of ``module`` registers, by kind."""
+    names: dict[str, list[str]] = {}
+    for kind in plugins.KINDS:
+        hook = getattr(module, f"register_{kind}", None)
+        if hook is not None:
+            hook(lambda name, component: names.setdefault(kind, []).append(name))
+    return names
 
 
 def load_examples() -> dict[str, dict[str, type]]:
     """Exec every block as its own module, register it, and return what it added, by kind."""
     before = {kind: set(plugins.registered(kind)) for kind in plugins.KINDS}
     for index, code in enumerate(BLOCKS):
-        module = types.ModuleType(f"docs_plugins_example_{index}")
-        exec(compile(code, f"{DOCS}:block{index}", "exec"), module.__dict__)
+        module = exec_block(index, code)
         lit_lowrank.register_plugin(module, name=module.__name__)
     return {kind: {name: plugins.get(kind, name) for name in set(plugins.registered(kind)) - before[kind]}
             for kind in plugins.KINDS}
@@ -134,7 +152,7 @@ def test_method_builds_its_recipe(examples):
     (name,) = examples["methods"]
     group = lit_lowrank.build_optimizer(make(), method=name, targets=[r"^\d$"]).param_groups[0]
     assert (group["projector"], group["inner"], group["rule"], group["rule_args"]) == (
-        "top-norm", "momentum", "capped-galore", {"growth": 2.0})
+        "my-top-norm", "my-momentum", "my-capped-galore", {"growth": 2.0})
 
 
 def test_doubling_schedule_refreshes_at_0_T_3T_7T(examples):
@@ -157,3 +175,33 @@ def test_absmax_quantizer_errs_by_half_a_step_of_each_group(examples):
         assert (error.flatten()[: groups.numel()].view_as(groups) <= step / 2 + 1e-7).all()
     with pytest.raises(ValueError, match="absmax8"):
         cls(bits=4)
+
+
+def test_no_name_the_guide_registers_is_a_builtin(fresh_plugins):
+    """A copied example registering a built-in's name would silently train the built-in."""
+    taken = {kind: {name for name in plugins.registered(kind) if ":" not in name} for kind in plugins.KINDS}
+    for index, code in enumerate(BLOCKS):
+        for kind, names in registered_names(exec_block(index, code)).items():
+            assert not set(names) & taken[kind], f"docs/plugins.md block {index} registers the built-in {kind} {names}"
+
+
+def test_the_guide_registers_every_name_its_config_uses(examples):
+    """The YAML config after "configs use them" names the guide's components, with options they
+    take: it builds an optimizer whose components are the guide's classes."""
+    (config,) = (yaml.safe_load(block)["lowrank"] for block in YAML_BLOCKS)
+    kinds = {"projector": "projectors", "inner": "inner_optimizers", "rule": "update_rules", "schedule": "schedules"}
+    for option, kind in kinds.items():
+        assert config[option] in examples[kind], f"{option}: {config[option]!r} is not one of the guide's {kind}"
+    model = make()
+    train(model, optimizer_for(model, **config), 3, torch.Generator().manual_seed(0))
+
+
+def test_a_users_args_replace_the_methods_dict_as_the_guide_says(examples):
+    """The guide: a ``*_args`` dict set next to ``method`` replaces the method's whole dict."""
+    (name,) = examples["methods"]
+    with pytest.warns(UserWarning, match="replaces method"):
+        optimizer = lit_lowrank.build_optimizer(make(), method=name, targets=[r"^\d$"], rule_args={})
+    assert optimizer.param_groups[0]["rule_args"] == {}  # the rule is built with its defaults: growth 1.01
+    with pytest.warns(UserWarning, match="replaces method"):
+        merged = plugins.get_method("q-galore").merged("q-galore", {"projector_args": {"quantizer": "int"}})
+    assert merged["projector_args"] == {"quantizer": "int"}
