@@ -18,7 +18,7 @@ from lit_lowrank.optim.lowrank import ADAMW_BETAS, ADAMW_EPS
 from lit_lowrank.optim.targets import check_patterns
 from lit_lowrank.optim.validation import check_group
 from lit_lowrank.plugins import get_method
-from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
+from lit_lowrank.quantizers.quantized_linear import check_weight_options, quantize_linear_weights
 from lit_lowrank.activations import CompactLinear, bind_compact, check_compact_options, compact_linear_layers
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
@@ -144,6 +144,7 @@ class LowRankConfig:
         if self.weight_bits is not None and (not self.enabled or self.gradnorm):
             raise ValueError("weight_bits (quantized weights) needs the low-rank optimizer without gradnorm; "
                              "set enabled: true and gradnorm: false, or weight_bits: null")
+        check_weight_options(self.weight_bits, self.weight_args)
         if self.compact:
             self._check_compact()
 

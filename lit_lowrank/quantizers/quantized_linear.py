@@ -26,9 +26,11 @@ from torch import Tensor, nn
 
 from lit_lowrank.optim.targets import linear_targets, replace_module
 from lit_lowrank.quantizers.base import Packed
-from lit_lowrank.quantizers.int import IntQuantizer
+from lit_lowrank.quantizers.int import MAX_BITS, MIN_BITS, IntQuantizer
 
 _PREFIX = "weight_"  # buffers: weight_codes, weight_scales, weight_mins, weight_shape
+WEIGHT_ARGS = ("group_size", "stochastic")
+"""The options of quantized weights (``weight_args``) besides their width (``weight_bits``)."""
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -205,14 +207,50 @@ def quantize_linear_weights(
     ``targets`` and ``exclude``) by :class:`QuantizedLinear`\\ s; they must all be ``nn.Linear``.
 
     Use the same ``targets`` as the optimizer's low-rank targets: the quantized weights must be
-    updated by the low-rank optimizer, which re-quantizes them. Returns the replaced names.
+    updated by the low-rank optimizer, which re-quantizes them. A layer registered under several
+    names is replaced under all of them by one layer. Returns the replaced names.
 
     Raises:
-        ValueError: if there is no target (the run would silently keep float weights), or a
-            target is not an ``nn.Linear`` (it would silently stay float).
+        ValueError: if there is no target (the run would silently keep float weights), a target
+            is not an ``nn.Linear`` (it would silently stay float), a target's weight is tied to
+            another module's (quantizing one would untie them), or an option is out of range
+            (:func:`check_weight_options`).
     """
+    check_weight_options(bits, {"group_size": group_size, "stochastic": stochastic})
     chosen = linear_targets(model, targets, exclude, "weight_bits quantizes")
     for seed, (name, linear) in enumerate(chosen.items()):
         replace_module(model, name, QuantizedLinear.from_linear(
             linear, bits=bits, group_size=group_size, stochastic=stochastic, seed=seed))
     return list(chosen)
+
+
+def check_weight_options(bits: int | None, args: dict[str, Any]) -> None:
+    """Refuse quantized-weight options before any model is transformed, naming the valid values:
+    ``bits`` (``weight_bits``) not an integer in 2..8, ``args`` (``weight_args``) with keys other
+    than :data:`WEIGHT_ARGS`, a ``group_size`` neither a positive integer nor -1, a
+    ``stochastic`` not a bool, or ``args`` without ``bits`` (they would be ignored).
+
+    Raises:
+        ValueError: naming the option and its valid values.
+    """
+    if bits is None:
+        if args:
+            raise ValueError(f"weight_args={args} configures quantized weights, but weight_bits is null; set "
+                             "weight_bits (8 in Q-GaLore) or remove weight_args")
+        return
+    if not _is_integer(bits) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"weight_bits must be an integer in {MIN_BITS}..{MAX_BITS} (8 in Q-GaLore), got {bits!r}")
+    unknown = sorted(set(args) - set(WEIGHT_ARGS))
+    if unknown:
+        raise ValueError(f"unknown weight_args {unknown}; the valid keys are {list(WEIGHT_ARGS)}")
+    group_size = args.get("group_size", 256)
+    if not _is_integer(group_size) or not (group_size >= 1 or group_size == -1):
+        raise ValueError(f"weight_args group_size must be a positive integer (256 in Q-GaLore) or -1 (one group "
+                         f"per output row), got {group_size!r}")
+    if not isinstance(args.get("stochastic", True), bool):
+        raise ValueError(f"weight_args stochastic must be true (stochastic rounding, Q-GaLore) or false (nearest), "
+                         f"got {args['stochastic']!r}")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -198,3 +198,47 @@ def test_layers_draw_distinct_rounding_noise_and_a_resume_draws_the_same():
     for layer in (layers[1], resumed):
         layer.store_(target)
         assert torch.equal(layer.weight_codes, expected["codes"])
+
+
+BAD_WEIGHT_OPTIONS = [
+    (dict(weight_bits=1), r"weight_bits must be an integer in 2\.\.8"),
+    (dict(weight_bits=9), r"weight_bits must be an integer in 2\.\.8"),
+    (dict(weight_bits=8.0), r"weight_bits must be an integer in 2\.\.8"),
+    (dict(weight_bits=True), r"weight_bits must be an integer in 2\.\.8"),
+    (dict(weight_bits=8, weight_args={"groupsize": 64}), r"unknown weight_args \['groupsize'\]; the valid keys are "
+                                                         r"\['group_size', 'stochastic'\]"),
+    (dict(weight_bits=8, weight_args={"group_size": 0}), "group_size must be a positive integer .* or -1"),
+    (dict(weight_bits=8, weight_args={"group_size": -2}), "group_size must be a positive integer .* or -1"),
+    (dict(weight_bits=8, weight_args={"group_size": 64.0}), "group_size must be a positive integer .* or -1"),
+    (dict(weight_bits=8, weight_args={"stochastic": "yes"}), "stochastic must be true .* or false"),
+    (dict(weight_args={"group_size": 64}), "weight_bits is null; set weight_bits"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_WEIGHT_OPTIONS)
+def test_the_config_refuses_bad_weight_options_when_built(fields, message):
+    from lit_lowrank.lightning import LowRankConfig
+
+    with pytest.raises(ValueError, match=message):
+        LowRankConfig(**fields)
+
+
+@pytest.mark.parametrize("fields, message", [(fields, message) for fields, message in BAD_WEIGHT_OPTIONS
+                                             if "weight_bits" in fields and "groupsize" not in fields.get("weight_args", {})])
+def test_quantize_linear_weights_refuses_bad_options_before_changing_the_model(fields, message):
+    model = TwoLayer()
+    with pytest.raises(ValueError, match=message):
+        quantize_linear_weights(model, ["mlp"], bits=fields["weight_bits"], **fields.get("weight_args", {}))
+    assert not any(isinstance(module, QuantizedLinear) for module in model.modules())
+
+
+@pytest.mark.parametrize("weight_args", [{}, {"group_size": -1, "stochastic": False}, {"group_size": 1}])
+def test_valid_weight_options_are_accepted(weight_args):
+    from lit_lowrank.lightning import LowRankConfig
+
+    config = LowRankConfig(weight_bits=4, weight_args=weight_args, targets=["mlp"])
+    model = config.prepare(TwoLayer())
+    layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    assert layers and all(layer.initial.bits == 4 for layer in layers)
+    assert all(layer.initial.group_size == weight_args.get("group_size", 256) for layer in layers)
+    assert all(layer.stochastic == weight_args.get("stochastic", True) for layer in layers)
