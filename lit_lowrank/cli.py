@@ -13,6 +13,8 @@ it): a value the optimizer would refuse stops the CLI with one ``error: ...`` li
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from lit_lowrank.extras import require
@@ -20,6 +22,7 @@ from lit_lowrank.extras import require
 require("lightning", "lightning", "jsonargparse")
 
 import lightning.pytorch as pl  # noqa: E402
+import yaml  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_lowrank import plugins
@@ -50,6 +53,65 @@ def check_lowrank_section(config: Any) -> None:
             lowrank.warmup_steps(max_steps)
     except CONFIG_ERRORS as exc:
         raise ConfigError(f"lowrank: {exc}") from exc
+
+
+def check_overlays(args: list[str]) -> None:
+    """Refuse, naming the base to put first, a ``--config`` overlay given without its base: a
+    file that sets a class's ``init_args`` (``data: {init_args: {task: rte}}``) where no earlier
+    ``--config`` or option gave that class (``configs/glue/minilm/rte.yaml`` alone). jsonargparse
+    would fail on it with ``Given value: {'init_args': ...}``. Raises :class:`ConfigError`."""
+    given: set[str] = set()  # sections whose class an earlier config or option set
+    for option, value in _options(args):
+        if option != "config":
+            given.add(option.split(".init_args")[0])
+            continue
+        sections = dict(_class_sections(_read_yaml(value)))
+        lacking = [path for path, has_class in sections.items() if not has_class and path not in given]
+        if lacking:
+            raise ConfigError(_overlay_message(value, lacking))
+        given.update(sections)
+
+
+def _overlay_message(overlay: str, lacking: list[str]) -> str:
+    """The error for an overlay whose ``lacking`` sections have no class yet."""
+    what = ", ".join(f"{path}.init_args" for path in lacking)
+    base = Path(overlay).parent.with_suffix(".yaml")  # configs/glue/minilm/rte.yaml → configs/glue/minilm.yaml
+    first = (f"put its base config first: --config {base} --config {overlay}" if base.is_file()
+             else f"put the config that sets {lacking[0]}.class_path before it")
+    return f"--config {overlay} is an overlay: it sets {what} without the class_path its base config gives; {first}"
+
+
+def _options(args: list[str]) -> Iterator[tuple[str, str | None]]:
+    """``(option name without --, value)`` of each ``--option value`` / ``--option=value`` in ``args``."""
+    for index, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name, equals, value = arg[2:].partition("=")
+        following = args[index + 1] if index + 1 < len(args) else None
+        yield name, value if equals else following
+
+
+def _read_yaml(path: str | None) -> Any:
+    """The parsed YAML file at ``path``; None if there is none or it is no valid YAML (the
+    parser reports those)."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) if path else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _class_sections(config: Any, prefix: str = "") -> Iterator[tuple[str, bool]]:
+    """``(dotted path, has class_path)`` of each class given in a config dict (a dict with
+    ``class_path`` or ``init_args``), nested classes in ``init_args`` included."""
+    if not isinstance(config, dict):
+        return
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and ("class_path" in value or "init_args" in value):
+            yield path, "class_path" in value
+            yield from _class_sections(value.get("init_args"), f"{path}.")
+        else:
+            yield from _class_sections(value, f"{path}.")
 
 
 class LowRankArgumentParser(LightningArgumentParser):
@@ -101,6 +163,12 @@ class LowRankCLI(LightningCLI):
                   "save_config_kwargs": {"overwrite": True},
                   "parser_kwargs": {"prog": "python -m lit_lowrank", "description": DESCRIPTION}, **kwargs}
         super().__init__(LowRankModule, pl.LightningDataModule, args=args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Refuse an overlay config given without its base (:func:`check_overlays`), then parse."""
+        if args is None or isinstance(args, list):
+            check_overlays(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_dataclass_arguments(LowRankConfig, "lowrank")

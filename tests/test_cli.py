@@ -163,3 +163,34 @@ def test_fit_help_describes_every_lowrank_field_and_lists_registered_names(capsy
     for field, kind in [("projector", "projectors"), ("inner", "inner_optimizers"), ("method", "methods")]:
         listed = entries[field].replace("- ", "-")
         assert all(name in listed for name in registered(kind)), (field, listed)
+
+
+GLUE_OVERLAYS = sorted((Path(__file__).parents[1] / "configs" / "glue").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", GLUE_OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_a_task_overlay_alone_names_the_base_config_to_put_first(overlay, capsys):
+    """``--config configs/glue/minilm/rte.yaml`` alone: one ``error:`` line naming the base; the
+    command it suggests parses."""
+    base = overlay.parents[1] / f"{overlay.parent.name}.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    suggested = f"--config {base} --config {overlay}"
+    assert re.fullmatch(f"error: --config {re.escape(str(overlay))} is an overlay: .*data.init_args.*"
+                        f"put its base config first: {re.escape(suggested)}\n", error)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *suggested.split(), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["task"] == overlay.stem
+
+
+def test_an_option_giving_the_class_before_an_overlay_is_no_missing_base(tmp_path, capsys):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"init_args": {"batch_size": 3}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS[0]), "--data", "lit_lowrank.data.PretrainData", "--config", str(overlay),
+              "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["batch_size"] == 3
