@@ -48,6 +48,9 @@ REFRESHES = 3
 """Refreshes of each projector on fresh gradients: a basis must keep its promised shape at each."""
 RESERVED_STATE_KEYS = ("step",)
 """Per-weight state keys the optimizer owns: ``step`` is its 1-based step counter."""
+MIN_COSINE = 0.5
+"""The least cosine similarity between a Gaussian tensor and its round trip; one bit per entry
+with a sign and a scale already reaches √(2/π) ≈ 0.8."""
 
 
 # ---------------------------------------------------------------------------- projectors
@@ -57,7 +60,9 @@ def check_projector(cls: type, **options: Any) -> None:
     quantized basis: within the quantizer's own error of the unquantized one), finite;
     ``project``/``project_back`` shapes; a ``state_dict`` of tensors only, round-tripping to
     identical bases; a ``batched`` projector's stacks projected slice by slice as each matrix
-    alone; a tensor projector's per-mode bases of a 4-D kernel; and a bitwise resume."""
+    alone; a tensor projector's per-mode bases of a 4-D kernel; with ``needs_gradient = False``,
+    bases independent of the gradient's values and equal to what ``preview`` announced; and a
+    bitwise resume."""
     resolved = with_quantizer_class(options)
     for shape in SHAPES:
         for dtype in DTYPES:
@@ -78,9 +83,14 @@ def _check_matrix_projector(cls: type, options: dict[str, Any], shape: tuple[int
     rank = min(RANK, *shape)
     projector = construct(cls, options, rank=rank, side=side, seed=5)
     grads = [_randn(shape, dtype, seed=k) for k in range(REFRESHES)]
+    if not cls.needs_gradient:
+        _check_gradient_free(cls, options, grads, rank, side, where)
     for count, grad in enumerate(grads, start=1):
+        previewed = None if cls.needs_gradient else projector.preview(grad)
         projector.refresh(grad)
         _check_bases(projector, grad, rank, f"{where}, refresh {count}")
+        _expect(previewed is None or _same(previewed, projector.bases()), f"{where}, refresh {count}",
+                "needs_gradient = False, but the bases after refresh differ from what preview() gave before it")
         if count == 1 and projector.orthonormal:
             _check_orthonormal(cls, options, projector, grad, where)
     grad = grads[-1]
@@ -94,6 +104,18 @@ def _check_matrix_projector(cls: type, options: dict[str, Any], shape: tuple[int
     restored.load_state_dict(_through_torch_save(state, where))
     for mine, theirs in zip(projector.bases(), restored.bases()):
         _expect(_same(mine, theirs), where, "bases differ after a state_dict round trip")
+
+
+def _check_gradient_free(cls: type, options: dict[str, Any], grads: list[Tensor], rank: int, side: str,
+                         where: str) -> None:
+    """A projector declaring ``needs_gradient = False`` gives the same bases whatever the
+    gradient's values (the optimizer may refresh it from a shape alone)."""
+    projectors = [construct(cls, options, rank=rank, side=side, seed=5) for _ in range(2)]
+    for grad in grads:
+        projectors[0].refresh(grad)
+        projectors[1].refresh(-3 * grad.flip(0) + 1)
+    _expect(_same(tuple(projectors[0].bases()), tuple(projectors[1].bases())), where,
+            "needs_gradient = False, but its bases depend on the gradient's values; set needs_gradient = True")
 
 
 def _check_bases(projector: Any, grad: Tensor, rank: int, where: str) -> None:
@@ -238,11 +260,6 @@ def check_quantizer(cls: type, **options: Any) -> None:
             again = quantizer.dequantize(_through_torch_save(packed, where))
             _expect(_same(restored, again), where, "the packed form does not survive torch.save")
     _check_resume("quantizer", cls, options)
-
-
-MIN_COSINE = 0.5
-"""The least cosine similarity between a Gaussian tensor and its round trip; one bit per entry
-with a sign and a scale already reaches √(2/π) ≈ 0.8."""
 
 
 # ---------------------------------------------------------------------------- update rules
@@ -602,7 +619,9 @@ def _expect_state(state: dict[str, Any], where: str, what: str) -> None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Bitwise equality of tensors (or None), recursing into dicts."""
+    """Bitwise equality of tensors (or None), recursing into dicts and tuples."""
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, Tensor):

@@ -12,6 +12,7 @@ from lit_lowrank.inner.adafactor import AdafactorInner
 from lit_lowrank.inner.adamw import AdamInner
 from lit_lowrank.inner.sgd import SGDInner
 from lit_lowrank.projectors.base import Side
+from lit_lowrank.projectors.random import RandomProjector
 from lit_lowrank.projectors.svd import SVDProjector
 from lit_lowrank.quantizers.int import IntQuantizer
 from lit_lowrank.rules.galore import GaLoreRule
@@ -84,6 +85,30 @@ class CountingProjector(SVDProjector):
 
     def state_dict(self):
         return {**super().state_dict(), "count": self.refreshes}
+
+
+class PeekingRandom(RandomProjector):
+    """Declares needs_gradient = False (as random) but flips its draw by the gradient's sign."""
+
+    flip = 1
+
+    def _refresh(self, grad):
+        super()._refresh(grad)
+        self.flip = -1 if grad.sum() < 0 else 1
+
+    def bases(self):
+        return tuple(None if basis is None else self.flip * basis for basis in super().bases())
+
+
+class StalePreview(RandomProjector):
+    """Its preview announces the draw of the refresh after next."""
+
+    def preview(self, like):
+        self.refreshes += 1
+        try:
+            return super().preview(like)
+        finally:
+            self.refreshes -= 1
 
 
 class LossyQuantizer(IntQuantizer):
@@ -221,6 +246,8 @@ class PythonIntSchedule(FixedGap):
     (testing.check_projector, NoBasis, "refresh\\(\\) left no basis"),
     (testing.check_projector, MissingSide, "side full.*basis L is missing \\(None\\), but side BOTH projects"),
     (testing.check_projector, CountingProjector, "state_dict\\(\\) holds {'count': 'int'}; it must hold tensors only"),
+    (testing.check_projector, PeekingRandom, "needs_gradient = False, but its bases depend on the gradient's values"),
+    (testing.check_projector, StalePreview, "refresh 1: needs_gradient = False, but the bases after refresh differ"),
     (testing.check_quantizer, LossyQuantizer, "dict of tensors"),
     (testing.check_quantizer, ZeroQuantizer, "does not follow x \\(cosine similarity 0"),
     (testing.check_inner_optimizer, ForgetfulAdam, "continues differently"),
