@@ -3,8 +3,11 @@
 Reads the ``metrics.csv`` that Lightning's ``CSVLogger`` writes (the shipped configs log to one)
 and draws one panel per quantity found — training and validation loss, validation perplexity,
 learning rate, optimizer-state bytes, subspace refreshes, skipped steps — against the step,
-with several runs overlaid under their names. A ``RUN_DIR`` is a directory holding
-``metrics.csv`` or one holding ``version_*/metrics.csv`` (each version is a run).
+with several runs overlaid, each labelled by the method and learning rate of the ``config.yaml``
+saved beside its ``metrics.csv`` (its folder where there is none, or where two runs would share
+a label). A ``RUN_DIR`` is a directory holding ``metrics.csv`` or one holding
+``version_*/metrics.csv`` (each version is a run); a run that cannot be read is skipped with a
+warning.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -75,6 +79,51 @@ def read_curves(path: Path) -> Curves:
     return curves
 
 
+def readable_runs(runs: dict[str, Path]) -> dict[str, Curves]:
+    """``{label: curves}`` of every run that can be read (:func:`run_label`); the others are
+    skipped with a warning naming them and why.
+
+    Raises:
+        ValueError: if no run can be read (with each run's reason).
+    """
+    curves, errors = {}, {}
+    for name, path in runs.items():
+        try:
+            curves[name] = read_curves(path)
+        except (OSError, ValueError, csv.Error) as error:
+            errors[name] = error
+    if not curves:
+        raise ValueError("; ".join(map(str, errors.values())))
+    for name, error in errors.items():
+        warnings.warn(f"skipping run {name}: {error}", UserWarning, stacklevel=3)
+    labels = {name: run_label(runs[name].parent) for name in curves}
+    shared = {label for label in labels.values() if list(labels.values()).count(label) > 1}
+    return {(name if not labels[name] else f"{labels[name]} ({name})" if labels[name] in shared else labels[name]):
+            points for name, points in curves.items()}
+
+
+def run_label(run_dir: Path) -> str:
+    """``"galore, lr 0.01"``: the method (or projector and rule; ``adamw`` when disabled) and
+    peak lr of the ``lowrank`` section of ``run_dir/config.yaml``; ``""`` without one."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return ""
+    try:
+        import yaml  # jsonargparse's dependency: there wherever the CLI wrote the config
+    except ImportError:
+        return ""
+    try:
+        lowrank = (yaml.safe_load(config_path.read_text()) or {}).get("lowrank") or {}
+    except (yaml.YAMLError, AttributeError):  # not YAML; not a mapping
+        return ""
+    if lowrank.get("enabled") is False:
+        method = "adamw"
+    else:
+        method = lowrank.get("method") or "/".join(str(lowrank[key]) for key in ("projector", "rule")
+                                                     if lowrank.get(key)) or "galore"
+    return f"{method}, lr {lowrank['lr']}" if "lr" in lowrank else method
+
+
 def plot_runs(run_dirs: Sequence[Path], out: Path) -> Any:
     """Draw every run of ``run_dirs`` into ``out`` (PNG); returns the matplotlib figure.
 
@@ -84,7 +133,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path) -> Any:
     require("plot", "matplotlib")
     from matplotlib.figure import Figure
 
-    runs = {name: read_curves(path) for name, path in find_runs(run_dirs).items()}
+    runs = readable_runs(find_runs(run_dirs))
     columns = [column for column in PANELS if any(column in curves for curves in runs.values())]
     cols = 2 if len(columns) > 1 else 1
     rows = math.ceil(len(columns) / cols)

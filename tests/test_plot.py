@@ -47,7 +47,7 @@ def test_one_line_per_run_in_every_panel_with_labels(runs, tmp_path):
     labels = {PANELS[column] for column in ("train/loss", "val/loss", "val/ppl", "train/lr", "optim/state_bytes",
                                             "optim/refreshes", "optim/skipped_steps")}
     assert {ax.get_ylabel() for ax in panels} == labels
-    names = [f"{run}/version_0" for run in runs]
+    names = ["galore, lr 0.01", "galore, lr 0.002"]  # from each run's saved config.yaml
     for ax in panels:
         assert ax.get_xlabel() == "step"
         assert [line.get_label() for line in ax.get_lines()] == names
@@ -104,3 +104,18 @@ def test_without_matplotlib_the_error_names_the_extra(runs, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     with pytest.raises(ModuleNotFoundError, match=r'pip install "lit-lowrank\[plot\]"'):
         plot_runs(runs, tmp_path / "x.png")
+
+
+def test_a_run_that_cannot_be_read_is_skipped_with_a_warning(runs, tmp_path):
+    """A version folder without the expected columns (an aborted run) is named and skipped."""
+    broken = runs[0] / "version_9"
+    broken.mkdir()
+    (broken / "metrics.csv").write_text("epoch\n0\n")
+    try:
+        with pytest.warns(UserWarning, match=r"skipping run .*version_9: .* has no step column"):
+            figure = plot_runs(runs, tmp_path / "curves.png")
+    finally:
+        (broken / "metrics.csv").unlink()
+        broken.rmdir()
+    panel = next(ax for ax in figure.axes if ax.get_ylabel() == PANELS["train/loss"])
+    assert [line.get_label() for line in panel.get_lines()] == ["galore, lr 0.01", "galore, lr 0.002"]
