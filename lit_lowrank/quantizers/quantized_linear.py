@@ -243,11 +243,11 @@ def check_weight_options(bits: int | None, args: dict[str, Any]) -> None:
     unknown = sorted(set(args) - set(WEIGHT_ARGS))
     if unknown:
         raise ValueError(f"unknown weight_args {unknown}; the valid keys are {list(WEIGHT_ARGS)}")
-    group_size = args.get("group_size", 256)
-    if not _is_integer(group_size) or not (group_size >= 1 or group_size == -1):
+    group_size = args.get("group_size", -1)  # absent: quantize_linear_weights's default, valid
+    if not (_is_integer(group_size) and (group_size >= 1 or group_size == -1)):
         raise ValueError(f"weight_args group_size must be a positive integer (256 in Q-GaLore) or -1 (one group "
                          f"per output row), got {group_size!r}")
-    if not isinstance(args.get("stochastic", True), bool):
+    if "stochastic" in args and not isinstance(args["stochastic"], bool):
         raise ValueError(f"weight_args stochastic must be true (stochastic rounding, Q-GaLore) or false (nearest), "
                          f"got {args['stochastic']!r}")
 

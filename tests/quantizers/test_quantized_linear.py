@@ -210,6 +210,7 @@ BAD_WEIGHT_OPTIONS = [
     (dict(weight_bits=8, weight_args={"group_size": 0}), "group_size must be a positive integer .* or -1"),
     (dict(weight_bits=8, weight_args={"group_size": -2}), "group_size must be a positive integer .* or -1"),
     (dict(weight_bits=8, weight_args={"group_size": 64.0}), "group_size must be a positive integer .* or -1"),
+    (dict(weight_bits=8, weight_args={"group_size": None}), "group_size must be a positive integer .* or -1"),
     (dict(weight_bits=8, weight_args={"stochastic": "yes"}), "stochastic must be true .* or false"),
     (dict(weight_args={"group_size": 64}), "weight_bits is null; set weight_bits"),
 ]
