@@ -224,8 +224,13 @@ def test_the_config_refuses_bad_weight_options_when_built(fields, message):
         LowRankConfig(**fields)
 
 
-@pytest.mark.parametrize("fields, message", [(fields, message) for fields, message in BAD_WEIGHT_OPTIONS
-                                             if "weight_bits" in fields and "groupsize" not in fields.get("weight_args", {})])
+def keyword_cases() -> list[tuple[dict, str]]:
+    """The bad options quantize_linear_weights takes as keywords (an unknown one is Python's TypeError)."""
+    return [(fields, message) for fields, message in BAD_WEIGHT_OPTIONS
+            if "weight_bits" in fields and "groupsize" not in fields.get("weight_args", {})]
+
+
+@pytest.mark.parametrize("fields, message", keyword_cases())
 def test_quantize_linear_weights_refuses_bad_options_before_changing_the_model(fields, message):
     model = TwoLayer()
     with pytest.raises(ValueError, match=message):
