@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import io
 import numbers
+import threading
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
@@ -36,7 +37,7 @@ from lit_lowrank import plugins
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.optim.validation import accepted, basis_problem, construct, with_quantizer_class
-from lit_lowrank.projectors.base import Side
+from lit_lowrank.projectors.base import Projector, Side
 from lit_lowrank.quantizers.base import QuantizerProbeError, probe_round_trip
 from lit_lowrank.rules.base import RuleInputs
 
@@ -267,8 +268,9 @@ def check_update_rule(cls: type, **options: Any) -> None:
     """``apply_`` changes the weight in place by a finite step of its shape, on every shape and
     dtype, leaves ``state["step"]`` (the optimizer's counter) alone and keeps state the
     checkpoint carries; with ``uses_gradient = False`` the same step without the gradient; a
-    ``batched`` rule steps each slice of a stack as that weight alone; and a bitwise resume
-    (rule state included)."""
+    ``batched`` rule steps each slice of a stack as that weight alone; a ``shardable`` rule
+    steps each rank's rows of a weight as the whole; and a bitwise resume (rule state
+    included)."""
     for shape in SHAPES:
         for dtype in DTYPES:
             where = f"{cls.__name__} on a {shape[0]}×{shape[1]} {dtype} weight"
@@ -284,6 +286,8 @@ def check_update_rule(cls: type, **options: Any) -> None:
                 _check_without_gradient(cls, options, before, grad, weight, where)
     if cls.batched:
         _check_rule_stack(cls, options)
+    if cls.shardable:
+        _check_rule_rows(cls, options)
     _check_resume("rule", cls, options)
 
 
@@ -336,6 +340,100 @@ def _check_rule_stack(cls: type, options: dict[str, Any]) -> None:
             alone, _ = _apply_rule(construct(cls, options, scale=0.25), weight, grad, _svd(rule, grad), where)
             _expect(torch.allclose(stacked[index], alone, rtol=1e-4, atol=1e-6), where,
                     f"slice {index} is stepped otherwise than the same weight alone")
+
+
+def _check_rule_rows(cls: type, options: dict[str, Any]) -> None:
+    """A ``shardable`` rule, run by two ranks (threads) on their rows of a weight as FSDP splits
+    it — ``G``'s and ``W``'s rows, the rows of ``R`` and ``N`` under a right projection (else
+    the whole), the left basis cut to the rank's rows, norms summed through ``reduce_grad`` and
+    ``reduce_low`` — steps the rows as one process steps the whole weight (under both one-sided
+    projections; also a two-sided one for a rule that takes ``any_projection``)."""
+    cases = (((12, 7), "std"), ((7, 12), "std")) + ((((12, 7), "full"),) if cls.any_projection else ())
+    for shape, side in cases:
+        where = (f"{cls.__name__} (shardable = True) on a {shape[0]}×{shape[1]} float64 weight split by rows, "
+                 f"side {side}")
+        grad, weight = _randn(shape, torch.float64), _randn(shape, torch.float64, seed=1)
+        rule = construct(cls, options, scale=0.25)
+        projector = plugins.get_projector("svd")(rule.required_rank or RANK, side=side)
+        projector.refresh(grad)
+        whole, _ = _apply_rule(rule, weight, grad, projector, where)
+        cut = shape[0] // 2
+        blocks = (slice(0, cut), slice(cut, shape[0]))
+        reduce = _ThreadSum(len(blocks))
+        ranks = [_RankRows(construct(cls, options, scale=0.25), projector, rows, reduce, weight, grad)
+                 for rows in blocks]
+        for rank in _run_threads(ranks):
+            _expect(torch.allclose(rank.weight, whole[rank.rows], rtol=1e-6, atol=1e-9), where,
+                    f"rows {rank.rows.start}..{rank.rows.stop - 1} are stepped otherwise than in the whole weight: a "
+                    "norm is not summed through inputs.reduce_grad / reduce_low; set shardable = False")
+
+
+class _ThreadSum:
+    """An all-reduce (sum, in place) among ``parties`` threads, one call per thread per round."""
+
+    def __init__(self, parties: int) -> None:
+        self.barrier = threading.Barrier(parties, timeout=60)
+        self.parts: dict[int, Tensor] = {}
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        self.parts[threading.get_ident()] = tensor.clone()
+        self.barrier.wait()
+        total = sum(self.parts[key] for key in sorted(self.parts))
+        self.barrier.wait()  # everyone has read the parts before the next round writes them
+        return tensor.copy_(total)
+
+
+class _RankRows:
+    """One rank's share of a row-split weight, stepped by its own rule in :meth:`run`."""
+
+    def __init__(self, rule: Any, projector: Any, rows: slice, reduce: _ThreadSum, weight: Tensor,
+                 grad: Tensor) -> None:
+        self.rule, self.projector, self.rows, self.reduce = rule, _RowsOf(projector, rows), rows, reduce
+        self.weight, self.grad = weight[rows].clone(), grad[rows]
+        low = projector.project(grad)
+        self.split = projector.side == Side.RIGHT
+        self.low = low[rows] if self.split else low
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        state: dict[str, Any] = {"step": torch.zeros(())}
+        try:
+            for _ in range(2):
+                state["step"] += 1
+                inputs = RuleInputs(self.grad, self.low, self.low.sign(), self.projector, state, self.reduce,
+                                    self.reduce if self.split else None)
+                self.rule.apply_(self.weight, inputs, step_size=1e-2)
+        except BaseException as error:  # re-raised by _run_threads, after breaking the other's wait
+            self.error = error
+            self.reduce.barrier.abort()
+
+
+class _RowsOf:
+    """A projector as one rank holding ``rows`` of the weight applies it: the left basis cut to
+    those rows (the optimizer's FSDP path does the same, lit_lowrank/optim/sharding.py)."""
+
+    def __init__(self, projector: Any, rows: slice) -> None:
+        self.whole, self.rows, self.side = projector, rows, projector.side
+
+    def bases(self) -> tuple[Tensor | None, Tensor | None]:
+        left, right = self.whole.bases()
+        return None if left is None else left[self.rows], right
+
+    project_back = Projector.project_back
+    add_back_ = Projector.add_back_
+
+
+def _run_threads(ranks: list[_RankRows]) -> list[_RankRows]:
+    threads = [threading.Thread(target=rank.run) for rank in ranks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [rank.error for rank in ranks if rank.error is not None]
+    causes = [error for error in errors if not isinstance(error, threading.BrokenBarrierError)]
+    if errors:
+        raise (causes or errors)[0]
+    return ranks
 
 
 # ---------------------------------------------------------------------------- inner optimizers

@@ -215,6 +215,16 @@ class StackNormalizedRule(GaLoreRule):
         param.add_(lifted / lifted.norm(), alpha=-step_size)
 
 
+class UnsummedNormRule(GaLoreRule):
+    """Claims shardable, but normalizes the step by the norm of the rows it holds."""
+
+    batched = False
+
+    def apply_(self, param, inputs, *, step_size):
+        lifted = inputs.projector.project_back(inputs.direction)
+        param.add_(lifted / lifted.norm(), alpha=-step_size)
+
+
 class LateSchedule(FixedGap):
     def should_refresh(self, step):
         return step > 0 and super().should_refresh(step)
@@ -262,6 +272,8 @@ class PythonIntSchedule(FixedGap):
     (testing.check_update_rule, GradientScaledRule, "uses_gradient = False, but its step changes with inputs.grad"),
     (testing.check_update_rule, StepResettingRule, "changed state\\['step'\\], the optimizer's step counter"),
     (testing.check_update_rule, StackNormalizedRule, "stepped otherwise than the same weight alone"),
+    (testing.check_update_rule, UnsummedNormRule, "split by rows, side std: rows 0..5 are stepped otherwise than in "
+                                                  "the whole weight: a norm is not summed"),
     (testing.check_schedule, LateSchedule, "no refresh at step 0"),
     (testing.check_schedule, StuckSchedule, "update_gap 3: refreshes at steps \\[0, 1, 2"),
     (testing.check_schedule, OnceSchedule, "never refreshes after step 0"),
