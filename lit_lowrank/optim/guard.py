@@ -1,4 +1,4 @@
-"""What a step may consume: gradients checked for every parameter before anything changes.
+"""What a step may consume, and how a step that fails is undone.
 
 A step either updates every parameter or none (``LowRankOptimizer.step``): sparse and
 non-finite gradients are found here, for all param groups at once, before a moment, a
@@ -9,21 +9,54 @@ groups' ``nonfinite`` option:
   a warning naming the first offending parameter;
 * ``raise`` — ``FloatingPointError`` naming it;
 * ``ignore`` — no check: NaN/inf flow into the moments, projectors and weights.
+
+A non-finite *weight* (fp16 overflow, a faulty plugin update, a corrupted checkpoint) makes
+every later gradient non-finite, so skipping can never recover from it: when a step's
+gradients are non-finite the weights are checked too, and a non-finite one raises
+``FloatingPointError`` naming it, whatever the policy (except ``ignore``). The group option
+``max_consecutive_skips`` (default :data:`MAX_CONSECUTIVE_SKIPS`) bounds how many updates of
+one parameter may be skipped in a row (steps, or parameter updates in layer-wise mode): the
+next one raises ``FloatingPointError``; None never stops a run; a good update resets the count.
+
+Once the gradients are admitted, the step records in a :class:`StepJournal` everything it is
+about to change (projectors, schedules, moments, weights, counters), right before the change;
+if anything fails (an exception, or Ctrl-C) the journal puts it all back before the error
+propagates, so a failed step leaves no half-applied update.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import numbers
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
 NONFINITE = ("skip", "raise", "ignore")
+MAX_CONSECUTIVE_SKIPS = 25
+"""Default bound on the updates of one parameter skipped in a row for non-finite gradients."""
 
 
 def check_nonfinite_option(value: Any) -> None:
     if value not in NONFINITE:
         raise ValueError(f"nonfinite={value!r}; expected one of {NONFINITE}")
+
+
+def check_max_consecutive_skips(value: Any) -> None:
+    """``max_consecutive_skips``: an integer >= 1, or None (no bound). 0 is refused: it could mean
+    "no bound" or "no skip", and each has its own spelling."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"max_consecutive_skips must be an integer or None, got {value!r} "
+                        f"({type(value).__name__}); e.g. {MAX_CONSECUTIVE_SKIPS}")
+    if value < 1:
+        raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {value}; set None to never stop a run "
+                         "for skipped steps, or nonfinite: raise to stop at the first non-finite gradient")
 
 
 def first_nonfinite(tensors: list[Tensor]) -> int | None:
@@ -39,3 +72,105 @@ def first_nonfinite(tensors: list[Tensor]) -> int | None:
     sums = torch.stack([tensor.sum(dtype=torch.float32).to(device) for tensor in tensors])
     flagged = (~sums.isfinite()).nonzero().flatten().tolist()
     return next((index for index in flagged if not bool(tensors[index].isfinite().all())), None)
+
+
+class StepJournal:
+    """What one optimizer step changed, recorded right before each change, so that
+    :meth:`undo` can put it all back (newest first) when the step fails.
+
+    Each thing is recorded once per step, by identity: a tensor (copied), an entry of a dict
+    (its value deep-copied, or its absence), an object with ``state_dict``/``load_state_dict``
+    (projectors, schedules, weight stores), an attribute. Only what the step reaches is copied.
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+        self._recorded: set[tuple[int, ...]] = set()
+
+    def _first(self, *key: object) -> bool:
+        """Whether ``key`` (objects, by identity) is recorded for the first time."""
+        ids = tuple(id(part) for part in key)
+        if ids in self._recorded:
+            return False
+        self._recorded.add(ids)
+        return True
+
+    def tensor(self, tensor: Tensor) -> None:
+        """Record ``tensor``'s values (it will be changed in place)."""
+        if self._first(tensor):
+            saved = tensor.clone()
+            self._undo.append(lambda: tensor.copy_(saved))
+
+    def entry(self, mapping: dict, key: Any) -> None:
+        """Record ``mapping[key]`` (a copy that later in-place changes cannot reach), or that it is absent."""
+        if not self._first(mapping, key):
+            return
+        if key in mapping:
+            saved = deep_copy(mapping[key])
+            self._undo.append(lambda: mapping.__setitem__(key, saved))
+        else:
+            self._undo.append(lambda: mapping.pop(key, None))
+
+    def stateful(self, owner: Any) -> None:
+        """Record ``owner.state_dict()``, restored with ``owner.load_state_dict``."""
+        if self._first(owner):
+            saved = deep_copy(owner.state_dict())
+            self._undo.append(lambda: owner.load_state_dict(saved))
+
+    def attribute(self, owner: Any, name: str) -> None:
+        """Record ``owner.<name>`` (a copy of it)."""
+        if self._first(owner, name):
+            saved = copy.deepcopy(getattr(owner, name))
+            self._undo.append(lambda: setattr(owner, name, saved))
+
+    def contents(self, mapping: dict) -> None:
+        """Record every entry of ``mapping``, which others hold by reference (it is refilled in place)."""
+        if self._first(mapping):
+            saved = dict(mapping)
+            self._undo.append(lambda: (mapping.clear(), mapping.update(saved)))
+
+    def undo(self) -> None:
+        """Put back everything recorded, newest first."""
+        while self._undo:
+            self._undo.pop()()
+
+
+class HeldInterrupt:
+    """Ctrl-C (SIGINT) held back during a block that must not stop half-way, and raised as
+    ``KeyboardInterrupt`` by :meth:`raise_held` once the caller is in a consistent state. Only
+    with Python's own handler in the main thread: elsewhere Ctrl-C does not raise there, or its
+    handler is someone else's."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._receive)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _receive(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def raise_held(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+
+def deep_copy(tree: Any) -> Any:
+    """A copy of ``tree`` (tensors, nested in dicts, lists or tuples, and plain values) that
+    later in-place changes cannot reach."""
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {key: deep_copy(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(deep_copy(value) for value in tree)
+    return copy.deepcopy(tree)

@@ -34,7 +34,7 @@ from torch.optim.adam import adam as adam_functional
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import InnerOptimizer
 from lit_lowrank.optim import checkpoint
-from lit_lowrank.optim.guard import first_nonfinite
+from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS, HeldInterrupt, StepJournal, first_nonfinite
 from lit_lowrank.optim.layouts import View, check_layout, target_layout
 from lit_lowrank.optim.validation import (
     build, build_inner, build_rule, check_bases, check_batched, check_group, check_sharding, check_tensor_projector,
@@ -121,7 +121,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
             component.
         nonfinite: what a step does when a gradient holds NaN/inf: ``skip`` the whole step
             (counted in :attr:`skipped_steps`, with a warning naming the parameter), ``raise``
-            ``FloatingPointError``, or ``ignore`` (no check). See :mod:`lit_lowrank.optim.guard`.
+            ``FloatingPointError``, or ``ignore`` (no check). A non-finite *weight* found then
+            raises ``FloatingPointError`` naming it (skipping cannot recover a corrupted model).
+            See :mod:`lit_lowrank.optim.guard`.
+        max_consecutive_skips: with ``nonfinite: skip``, the most updates of one parameter
+            skipped in a row (steps; parameter updates in layer-wise mode): the next one raises
+            ``FloatingPointError`` naming the parameter, instead of finishing a run that no
+            longer trains. A good update resets the count (checkpointed); None: no bound; 0 is
+            refused (None, or ``nonfinite: raise``).
         is_target: for :meth:`add_param_group`: which parameters of a group given without a
             ``lowrank`` key are projected — True (2-D weights) or a layout name, falsy for dense
             (``build_optimizer`` passes its target selection).
@@ -154,6 +161,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         inner_args: dict[str, Any] | None = None,
         schedule_args: dict[str, Any] | None = None,
         nonfinite: str = "skip",
+        max_consecutive_skips: int | None = MAX_CONSECUTIVE_SKIPS,
         is_target: Callable[[Tensor], bool] | None = None,
     ) -> None:
         self._is_target = is_target
@@ -163,6 +171,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             rule=rule, inner=inner, schedule=schedule, on_refresh=on_refresh,
             projector_args=dict(projector_args or {}), rule_args=dict(rule_args or {}),
             inner_args=dict(inner_args or {}), schedule_args=dict(schedule_args or {}), nonfinite=nonfinite,
+            max_consecutive_skips=max_consecutive_skips,
         )
         super().__init__(params, defaults)
         self._slots: dict[Tensor, LowRankSlot] = {}
@@ -177,6 +186,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         """Steps skipped for a non-finite gradient (``nonfinite: skip``); in layer-wise mode,
         skipped parameter updates."""
+        self._skip_streaks: dict[Tensor, int] = {}
+        """Updates skipped in a row, by parameter (only those with one at least): bounded by
+        ``max_consecutive_skips``, reset by a good update."""
         self.comm_bytes: int | None = None
         """Bytes this rank all-reduced for the gradients of the last step, counted by lit_lowrank's
         own communication (:mod:`lit_lowrank.optim.communication`, layer-wise DDP), or, for
@@ -328,7 +340,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
                           "was built, its parameters are new tensors: build the optimizer afterwards.",
                           RuntimeWarning, stacklevel=3)
         sent = self._sharded_bytes()
-        self._step_all(work, received)
+        try:
+            self._step_all(work, received)
+        except BaseException:
+            self._received = received  # a retried step uses them, as this one would have
+            raise
         if self._shards:
             self.comm_bytes = self._sharded_bytes() - sent
         return loss
@@ -380,19 +396,62 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _step_all(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor]) -> None:
         """One atomic step of ``work`` (groups and their params with gradients): gradients are
-        checked and subspaces refreshed for all of them before any moment or weight changes."""
+        checked and subspaces refreshed for all of them before any moment or weight changes. If
+        anything then fails (a component raising, Ctrl-C), everything the step changed is put
+        back (:class:`~lit_lowrank.optim.guard.StepJournal`) and the error re-raised.
+
+        The largest group that torch's AdamW steps goes last, without copies of its weights and
+        moments (they would triple its memory): torch checks its inputs before changing any, and
+        a Ctrl-C during it is held until it is done, then raised (the step complete)."""
         if not work or not self._admit_gradients(work, lows):
             return
-        old_bases = self._refresh_subspaces(work, lows)
+        journal, interrupt = StepJournal(), HeldInterrupt()
+        last = max((index for index, (group, _) in enumerate(work) if self._torch_adamw(group)), default=None,
+                   key=lambda index: sum(p.numel() for p in work[index][1]))
+        try:
+            self._record_subspaces(work, journal)
+            old_bases = self._refresh_subspaces(work, lows)
+            for group, params in [item for index, item in enumerate(work) if index != last]:
+                if group["lowrank"]:
+                    self._lowrank_step(group, params, lows, old_bases, journal)
+                else:
+                    self._dense_step(group, params, journal)
+            if last is not None:
+                with interrupt.held():
+                    self._dense_step(*work[last], journal, copies=False)
+        except BaseException:
+            journal.undo()
+            raise
+        for _, params in work if self._skip_streaks else ():
+            for p in params:
+                self._skip_streaks.pop(p, None)
+        interrupt.raise_held()
+
+    def _torch_adamw(self, group: dict[str, Any]) -> bool:
+        """Whether torch's AdamW (or Adam, coupled L2) steps ``group``: a dense group whose inner
+        optimizer does not step dense params."""
+        return not group["lowrank"] and self._dense_inner(group) is None
+
+    def _record_subspaces(self, work: list[tuple[dict[str, Any], list[Tensor]]], journal: StepJournal) -> None:
+        """Record what the refresh and its aftermath may change: the counters, the projector and
+        schedule of each weight due for a refresh, the absence of each weight's slot not made yet."""
+        journal.attribute(self, "refresh_count")
+        journal.contents(self.rank_ledger)
         for group, params in work:
-            if group["lowrank"]:
-                self._lowrank_step(group, params, lows, old_bases)
-            else:
-                self._dense_step(group, params)
+            if not group["lowrank"]:
+                continue
+            for p in params:
+                slot, state = self._slots.get(p), self.state.get(p, {})
+                if slot is None:
+                    journal.entry(self._slots, p)
+                elif slot.schedule.should_refresh(int(state["step"]) if "step" in state else 0):
+                    journal.stateful(slot.projector)
+                    journal.stateful(slot.schedule)
 
     def _admit_gradients(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor]) -> bool:
         """Whether the step may go on: sparse gradients raise; non-finite ones follow the
-        ``nonfinite`` policy (one fused check over every gradient the step reads)."""
+        ``nonfinite`` policy (one fused check over every gradient the step reads), after the
+        weights are checked (a non-finite one raises) and up to ``max_consecutive_skips``."""
         params = [p for _, group_params in work for p in group_params]
         moved = next((p for group, group_params in work if group.get("layout") == "kernel"
                       for p in group_params if not p.is_contiguous()), None)
@@ -404,23 +463,50 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if sparse is not None:
             raise RuntimeError(f"LowRankOptimizer does not support sparse gradients ({self._name(sparse)}); use a "
                                "dense embedding (sparse=False) or give that parameter its own torch optimizer.")
-        policy = {p: group["nonfinite"] for group, group_params in work for p in group_params}
-        checked = [(p, local(t)) for p in params if policy[p] != "ignore" for t in (lows.get(p), p.grad)
-                   if t is not None]
-        bad = first_nonfinite([t for _, t in checked])
-        if self._shards:  # each rank checked its own rows: all take the first offender of any rank
-            bad = next(iter(self._shards.values())).least(len(checked) if bad is None else bad)
-            bad = None if bad == len(checked) else bad
+        groups = {p: group for group, group_params in work for p in group_params}
+        guarded = [p for p in params if groups[p]["nonfinite"] != "ignore"]
+        checked = [(p, local(t)) for p in guarded for t in (lows.get(p), p.grad) if t is not None]
+        bad = self._agreed(first_nonfinite([t for _, t in checked]), len(checked))
         if bad is None:
             return True
-        p = checked[bad][0]
+        self._refuse_nonfinite_weight(guarded)
+        p, group = checked[bad][0], groups[checked[bad][0]]
         message = f"non-finite gradient in {self._name(p)}"
-        if policy[p] == "raise":
+        if group["nonfinite"] == "raise":
             raise FloatingPointError(f"{message}; no parameter was updated (set nonfinite: skip to skip such steps)")
         self.skipped_steps += 1
+        for q in params:
+            self._skip_streaks[q] = self._skip_streaks.get(q, 0) + 1
+        bound, streak = group["max_consecutive_skips"], self._skip_streaks[p]
+        if bound is not None and streak > bound:
+            raise FloatingPointError(
+                f"{message}: its update was skipped {streak} times in a row, more than max_consecutive_skips={bound}, "
+                "so training is not recovering; nothing was updated. Find where the loss or gradients overflow (lower "
+                "lr, bf16 rather than fp16, clip gradients) and resume from a checkpoint, or raise "
+                "max_consecutive_skips (None: no bound).")
         warnings.warn(f"{message}: step skipped, nothing updated ({self.skipped_steps} skipped so far)",
                       RuntimeWarning, stacklevel=3)
         return False
+
+    def _agreed(self, bad: int | None, count: int) -> int | None:
+        """The first offender's index among ``count`` checked tensors: this rank's ``bad``, or, for
+        weights split over ranks (each checked its own rows), the first that any rank found."""
+        if not self._shards:
+            return bad
+        found = next(iter(self._shards.values())).least(count if bad is None else bad)
+        return None if found == count else found
+
+    def _refuse_nonfinite_weight(self, params: list[Tensor]) -> None:
+        """Raise if one of ``params`` holds NaN/inf itself: every later gradient would be
+        non-finite too, so skipping steps could never recover (checked on a bad step only)."""
+        bad = next((i for i, p in enumerate(params) if first_nonfinite([float_weight(local(p))]) is not None), None)
+        bad = self._agreed(bad, len(params))
+        if bad is not None:
+            raise FloatingPointError(
+                f"weight {self._name(params[bad])} is non-finite (not its gradient): the model is corrupted (an fp16 "
+                "overflow, a faulty update or a corrupted checkpoint), and skipping steps cannot recover it; nothing "
+                "was updated. Restore a checkpoint saved before it (optim/skipped_steps shows when steps began to be "
+                "skipped), then lower lr, train in bf16 rather than fp16, or clip gradients.")
 
     def _name(self, p: Tensor) -> str:
         """``p``'s name in its group's ``names`` (``build_optimizer`` sets them), else its index."""
@@ -488,21 +574,30 @@ class LowRankOptimizer(torch.optim.Optimizer):
         slot = self._slots[p]
         return slot.view.back(slot.projector.project_back(low), p)
 
-    def _dense_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _dense_step(self, group: dict[str, Any], params: list[Tensor], journal: StepJournal, *,
+                    copies: bool = True) -> None:
+        """Step a dense group, recording in ``journal`` what it changes: its weights and moments,
+        or, without ``copies``, only its step counters and new states (for the step's last update:
+        see :meth:`_step_all`)."""
         inner = self._dense_inner(group)
         if inner is not None:
-            return self._inner_dense_step(group, params, inner)
+            return self._inner_dense_step(group, params, inner, journal)
         tensors = [local(p) for p in params]
         fused = all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
         states = []
         for p, tensor in zip(params, tensors):
+            fresh = "step" not in self.state.get(p, {})
+            if copies or fresh:
+                journal.entry(self.state, p)
+                journal.tensor(tensor)
             state = self.state[p]
-            if "step" not in state:
+            if fresh:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=tensor.device if fused else "cpu")
                 state["exp_avg"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
             elif fused and state["step"].device != tensor.device:  # torch loads steps onto the CPU
                 state["step"] = state["step"].to(tensor.device)
+            journal.tensor(state["step"])
             states.append(state)
         beta1, beta2 = group["betas"]
         adam_functional(
@@ -520,14 +615,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return None
         return self._group_components(group)[0]
 
-    def _inner_dense_step(self, group: dict[str, Any], params: list[Tensor], inner: InnerOptimizer) -> None:
+    def _inner_dense_step(self, group: dict[str, Any], params: list[Tensor], inner: InnerOptimizer,
+                          journal: StepJournal) -> None:
         """Dense params stepped by ``inner`` on their full gradients:
         ``W ← W − η · step_size_factor(t) · N`` with ``N = inner.directions(G)``; weight decay
         coupled into ``G`` or decoupled (before or after the update, where ``inner`` puts it)."""
         lr, decay = group["lr"], group["weight_decay"]
         by_step: dict[int, list[tuple[Tensor, Tensor, dict]]] = defaultdict(list)
         for p in params:
+            journal.entry(self.state, p)
             state, weight = self.state[p], local(p)
+            journal.tensor(weight)
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(weight))
@@ -541,11 +639,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     weight.add_(direction, alpha=-lr * inner.step_size_factor(step))
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor],
-                      old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None]) -> None:
+                      old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None], journal: StepJournal,
+                      ) -> None:
         inner, rule = self._group_components(group)
         by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, dict, LowRankSlot, View]]] = defaultdict(list)
         grads = {}
         for p in params:
+            journal.entry(self.state, p)
             state, slot = self.state[p], self._slots[p]
             fresh = "step" not in state
             step = 0 if fresh else int(state["step"])
@@ -566,6 +666,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             directions = inner.directions([item[2] for item in items], [item[3] for item in items], step)
             for (p, low, _, state, slot, view), direction in zip(items, directions):
                 target = local(p)
+                record_weight(journal, p, target)
                 weight = float_weight(target)
                 with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
                     rule.apply_(view.weight(weight), rule_inputs(slot, grads[p], low, direction, state),
@@ -616,10 +717,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, in which each low-rank weight's entry also holds ``"subspace"``: its
-        projector's and schedule's tensor-only state dicts; plus ``refresh_count`` and
-        ``skipped_steps``. What a resume needs sits under ``state`` and ``param_groups``, the only
+        projector's and schedule's tensor-only state dicts; plus ``refresh_count``, ``skipped_steps`` and ``skip_streaks`` (updates skipped in a row, by parameter
+        index). What a resume needs sits under ``state`` and ``param_groups``, the only
         keys torch's distributed checkpoint keeps (it then recounts ``refresh_count`` from the
-        projectors and restarts ``skipped_steps``). The state tensors of a weight split by rows
+        projectors and restarts ``skipped_steps`` and ``skip_streaks``). The state tensors of a weight split by rows
         across ranks (FSDP2) are DTensors of the whole, so that the checkpoint saves every rank's part."""
         state_dict = super().state_dict()
         packed = state_dict["state"]
@@ -634,6 +735,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             packed[index] = {**packed.get(index, {}), "subspace": map_tensors(subspace, Tensor.contiguous)}
         state_dict["refresh_count"] = self.refresh_count
         state_dict["skipped_steps"] = self.skipped_steps
+        state_dict["skip_streaks"] = {self._index[p]: streak for p, streak in self._skip_streaks.items()}
         return state_dict
 
     def _state_split(self, p: Tensor) -> tuple[int, int]:
@@ -666,11 +768,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         slots = self._loaded_slots(subspaces, saved_state)
         refresh_count = int(state_dict.pop("refresh_count", sum(slot.projector.refreshes for slot in slots.values())))
         skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        streaks = {int(index): int(streak) for index, streak in state_dict.pop("skip_streaks", {}).items()}
         super().load_state_dict(state_dict)
         self._slots, self._components = slots, {}
         self.refresh_count, self.skipped_steps = refresh_count, skipped_steps
         groups = {p: group for group in self.param_groups for p in group["params"]}
         params = self._params()
+        self._skip_streaks = {params[index]: streak for index, streak in streaks.items()}
         for index, saved in saved_state.items():
             p = params[index]
             if (shard := self._shards.get(p)) is not None:
@@ -771,6 +875,16 @@ def shape_only(shape: torch.Size, like: Tensor) -> Tensor:
     """A stand-in gradient of ``shape`` with ``like``'s dtype and device and no storage of its own
     (a broadcast scalar), for projectors that read only a gradient's shape."""
     return torch.zeros((), dtype=like.dtype, device=like.device).expand(shape)
+
+
+def record_weight(journal: StepJournal, p: Tensor, target: Tensor) -> None:
+    """Record, before an update, the values of ``p``'s weight: ``target`` (``p`` or this rank's
+    rows of it), or the state of its ``weight_store`` (codes, scales, rounding counter)."""
+    store = getattr(p, "weight_store", None)
+    if store is None:
+        journal.tensor(target)
+    else:
+        journal.stateful(store)
 
 
 def float_weight(p: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lit_lowrank import plugins
-from lit_lowrank.optim.guard import check_nonfinite_option
+from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS, check_max_consecutive_skips, check_nonfinite_option
 from lit_lowrank.optim.sharding import RowShard, applies_bases_plainly
 from lit_lowrank.projectors.base import SIDE_POLICIES, Projector, Side
 from lit_lowrank.quantizers.base import QuantizerProbeError
@@ -31,9 +31,10 @@ COMPONENTS = {"projector": "projectors", "rule": "update_rules", "inner": "inner
 
 def check_group(group: Mapping[str, Any]) -> None:
     """Validate a param group's options (or a config's): AdamW's ``lr``, ``betas``, ``eps``,
-    ``weight_decay`` and ``nonfinite`` for every group; for ``lowrank`` groups also ``rank``, ``update_gap``,
-    ``scale``, ``side``, ``on_refresh``, and a probe of each component built from its name and
-    ``*_args`` (so typos and unknown names fail now, not at the first step).
+    ``weight_decay``, ``nonfinite`` and ``max_consecutive_skips`` for every group; for ``lowrank``
+    groups also ``rank``, ``update_gap``, ``scale``, ``side``, ``on_refresh``, and a probe of each
+    component built from its name and ``*_args`` (so typos and unknown names fail now, not at the
+    first step).
 
     Raises:
         TypeError: an option of the wrong type, or a keyword a component does not take.
@@ -42,6 +43,7 @@ def check_group(group: Mapping[str, Any]) -> None:
     """
     check_adamw_options(group)
     check_nonfinite_option(group.get("nonfinite", "skip"))
+    check_max_consecutive_skips(group.get("max_consecutive_skips", MAX_CONSECUTIVE_SKIPS))
     if group.get("lowrank"):
         check_lowrank_options(group)
         probe_components(group)

@@ -5,6 +5,7 @@ bit-identical; in layer-wise mode the policy applies per parameter."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ def _grads(params, seed):
 def _snapshot(params, optimizer):
     state = copy.deepcopy(optimizer.state_dict())
     state.pop("skipped_steps")
+    state.pop("skip_streaks", None)  # counters: compared on their own
     bases = {i: optimizer.projectors[p].bases() for i, p in enumerate(params) if p in optimizer.projectors}
     return [p.detach().clone() for p in params], state, copy.deepcopy(bases)
 
@@ -53,7 +55,8 @@ def _assert_identical(a, b):
         for x, y in zip(a, b):
             _assert_identical(x, y)
     elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bit-equal, a NaN weight included
     else:
         assert a == b
 
@@ -186,3 +189,154 @@ def test_the_policy_of_the_offending_parameters_group_decides():
     tolerant.grad, strict.grad = torch.ones(4, 4), torch.full((3,), float("inf"))
     with pytest.raises(FloatingPointError, match="parameter 1"):
         optimizer.step()
+
+
+def _poison(params, seed, poisoned):
+    """Gradients for a step, with a NaN in each of ``poisoned`` (indices into ``params``)."""
+    _grads(params, seed)
+    for index in poisoned:
+        params[index].grad[0] = float("nan")
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_a_nonfinite_weight_is_named_as_such_and_nothing_changes(nonfinite):
+    """A NaN weight (fp16 overflow, a faulty update, a corrupted checkpoint) makes every later
+    gradient NaN: the step names the weight, not the first NaN gradient, and raises."""
+    params, optimizer = _setup(nonfinite=nonfinite)
+    _grads(params, 0)
+    optimizer.step()
+    with torch.no_grad():
+        params[1][3, 4] = float("nan")
+    before = _snapshot(params, optimizer)
+    _poison(params, 1, poisoned=[0, 1, 2])  # the first NaN gradient is first.weight's
+    with pytest.raises(FloatingPointError, match=r"weight second.weight is non-finite \(not its gradient\): the "
+                                                 r"model is corrupted.*Restore a checkpoint"):
+        optimizer.step()
+    _assert_identical(_snapshot(params, optimizer), before)
+    assert optimizer.skipped_steps == 0
+
+
+def test_a_nonfinite_weight_of_an_ignoring_group_is_not_checked():
+    params, optimizer = _setup(nonfinite="ignore")
+    with torch.no_grad():
+        params[2][0] = float("inf")
+    _grads(params, 0)
+    optimizer.step()  # `ignore`: no check at all, as documented
+    assert params[2].isnan().any() or params[2].isinf().any()
+
+
+def _skip_until_raised(params, optimizer, bad_steps):
+    """Steps with a NaN gradient in second.weight; returns how many were skipped before one raised."""
+    skipped = 0
+    for seed in range(bad_steps):
+        _poison(params, seed, poisoned=[1])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                optimizer.step()
+            except FloatingPointError as error:
+                assert not caught
+                return skipped, str(error)
+        assert [str(w.message).split(":")[0] for w in caught] == ["non-finite gradient in second.weight"]
+        skipped += 1
+    return skipped, None
+
+
+@pytest.mark.parametrize("bound", [1, 3, 25])
+def test_a_run_skipping_more_than_max_consecutive_skips_in_a_row_stops(bound):
+    params, optimizer = _setup(max_consecutive_skips=bound)
+    before = _snapshot(params, optimizer)
+    skipped, error = _skip_until_raised(params, optimizer, bad_steps=bound + 5)
+    assert skipped == bound
+    assert f"non-finite gradient in second.weight: its update was skipped {bound + 1} times in a row, more than " \
+           f"max_consecutive_skips={bound}" in error and "raise max_consecutive_skips (None: no bound)" in error
+    _assert_identical(_snapshot(params, optimizer), before)  # nothing ever updated
+
+
+def test_the_default_bound_is_a_few_dozen_and_none_never_stops():
+    assert LowRankOptimizer([nn.Parameter(torch.zeros(2))]).defaults["max_consecutive_skips"] == 25
+    params, optimizer = _setup(max_consecutive_skips=None)
+    skipped, error = _skip_until_raised(params, optimizer, bad_steps=60)
+    assert (skipped, error) == (60, None) and optimizer.skipped_steps == 60
+
+
+def test_a_good_step_resets_the_count():
+    params, optimizer = _setup(max_consecutive_skips=2)
+    for round_ in range(3):  # 2 skipped, 1 good, three times: never more than 2 in a row
+        assert _skip_until_raised(params, optimizer, bad_steps=2) == (2, None)
+        _grads(params, 100 + round_)
+        optimizer.step()
+    assert _skip_until_raised(params, optimizer, bad_steps=3)[0] == 2
+    assert optimizer.skipped_steps == 3 * 2 + 3
+
+
+def test_the_count_survives_a_checkpoint():
+    params, optimizer = _setup(max_consecutive_skips=3)
+    _grads(params, 0)
+    optimizer.step()
+    assert _skip_until_raised(params, optimizer, bad_steps=2) == (2, None)
+    saved = copy.deepcopy(optimizer.state_dict())
+    params_again, again = _setup(max_consecutive_skips=3)
+    again.load_state_dict(saved)
+    skipped, error = _skip_until_raised(params_again, again, bad_steps=3)
+    assert skipped == 1 and "skipped 4 times in a row" in error
+
+
+def test_a_checkpoint_saved_before_the_option_existed_takes_this_runs_bound():
+    params, optimizer = _setup()
+    _grads(params, 0)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    for group in saved["param_groups"]:
+        del group["max_consecutive_skips"]
+    del saved["skip_streaks"]
+    params_again, again = _setup(max_consecutive_skips=2)
+    again.load_state_dict(saved)
+    assert [group["max_consecutive_skips"] for group in again.param_groups] == [2, 2]
+    assert _skip_until_raised(params_again, again, bad_steps=5)[0] == 2
+
+
+@pytest.mark.parametrize(("value", "error", "match"), [
+    (0, ValueError, r"max_consecutive_skips must be >= 1 or None, got 0; set None to never stop.*nonfinite: raise"),
+    (-2, ValueError, "max_consecutive_skips must be >= 1 or None"),
+    (2.5, TypeError, "max_consecutive_skips must be an integer or None, got 2.5"),
+    ("3", TypeError, "max_consecutive_skips must be an integer or None"),
+    (True, TypeError, "max_consecutive_skips must be an integer or None, got True"),
+])
+def test_a_bad_bound_is_refused_when_the_optimizer_is_built(value, error, match):
+    with pytest.raises(error, match=match):
+        LowRankOptimizer([nn.Parameter(torch.zeros(2))], max_consecutive_skips=value)
+    with pytest.raises(error, match=match):  # also per group
+        LowRankOptimizer([{"params": [nn.Parameter(torch.zeros(4, 4))], "lowrank": True,
+                           "max_consecutive_skips": value}], rank=2)
+
+
+def test_layerwise_counts_each_parameters_skips_in_a_row():
+    """Layer-wise mode: the other parameters' good updates do not reset the count of the one
+    whose gradient is always NaN; after max_consecutive_skips skips of it, backward raises."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4))
+    groups = [{"params": [model[0].weight, model[2].weight], "lowrank": True, "names": ["0.weight", "2.weight"]},
+              {"params": [model[0].bias, model[2].bias], "names": ["0.bias", "2.bias"]}]
+    optimizer = LowRankOptimizer(groups, rank=2, lr=1e-2, max_consecutive_skips=2)
+    LayerwiseUpdates(optimizer).attach()
+    model[0].weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="non-finite gradient in 0.weight"):
+            model(torch.randn(3, 8)).sum().backward()
+    with pytest.raises(FloatingPointError, match="0.weight: its update was skipped 3 times in a row"):
+        model(torch.randn(3, 8)).sum().backward()
+    assert optimizer.skipped_steps == 3 and not optimizer.state[model[0].weight]
+
+
+def test_layerwise_names_the_nonfinite_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4))
+    names = [name for name, _ in model.named_parameters()]
+    optimizer = LowRankOptimizer([{"params": list(model.parameters()), "names": names}], lr=1e-2)
+    LayerwiseUpdates(optimizer).attach()
+    with torch.no_grad():
+        model[0].weight[1, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"weight 0.weight is non-finite \(not its gradient\)"):
+        with pytest.warns(RuntimeWarning, match="non-finite gradient"):  # the later layers' NaN gradients first
+            model(torch.randn(3, 8)).sum().backward()
