@@ -8,8 +8,16 @@ combining them) are registered the same way.
 A bare name always means the built-in component when one has it: a plugin registering ``svd``
 does not replace the built-in; its projector is reachable as ``<package>:svd`` (as is any
 plugin's component). Two plugins registering the same name make the bare name ambiguous: it is
-refused, and each is reachable as ``<package>:<name>``. A plugin whose import or hook fails
-(``sys.exit()`` included) is skipped with a warning, and nothing it registered in that call is kept.
+refused, and each is reachable as ``<package>:<name>``. ``<package>`` is the distribution's name
+for an installed plugin (the name given to :func:`register_plugin` up to a ``:``, for one
+registered in code), and ``lit_lowrank`` for the built-ins (``lit_lowrank:svd``). A plugin may
+register a name containing ``:`` only under its own package (``<its package>:<name>``); a hook
+registering a name under another package's prefix is skipped with a warning. A plugin whose
+import or hook fails (``sys.exit()`` included) is skipped with a warning, and nothing it
+registered in that call is kept.
+
+Checkpoints record each component by :func:`qualified_name` and :func:`class_path` (see
+lit_lowrank/optim/checkpoint.py), so a resume finds the same class or refuses.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import pluggy
 from lit_lowrank import hookspecs
 from lit_lowrank.methods import Method
 
+BUILTIN_PACKAGE = "lit_lowrank"
+"""The package that qualifies the built-in components' names (``lit_lowrank:svd``)."""
 KINDS = ("projectors", "quantizers", "update_rules", "inner_optimizers", "schedules", "methods")
 DISABLE_ENTRYPOINTS_ENV = "LIT_LOWRANK_DISABLE_ENTRYPOINTS"
 
@@ -158,6 +168,13 @@ def _call_hook(impl: pluggy.HookImpl, kind: str) -> list[tuple[str, type]]:
         warnings.warn(f"lit_lowrank plugin {impl.plugin_name!r} registered a method that is not a "
                       "lit_lowrank.Method; its methods are skipped.", RuntimeWarning, stacklevel=4)
         return []
+    package = _package(impl.plugin_name)
+    foreign = next((name for name, _ in offered if ":" in name and name.split(":")[0] != package), None)
+    if foreign is not None:
+        warnings.warn(f"lit_lowrank plugin {impl.plugin_name!r} registered {kind[:-1]} {foreign!r}, a name qualified "
+                      f"by another package than its own ({package!r}); its {kind} are skipped. Register the bare "
+                      f"name: it is reachable as {package}:<name>.", RuntimeWarning, stacklevel=4)
+        return []
     return offered
 
 
@@ -186,8 +203,14 @@ def _add(registry: dict[str, Entry], ambiguous: dict[str, list[str]], kind: str,
 
 
 def _qualified(name: str, provider: str) -> str:
-    """``<package>:<name>``; the provider of an entry point is ``<package>:<entry point>``."""
-    return f"{provider.split(':')[0]}:{name}"
+    """``<package>:<name>`` (``name`` itself if it is qualified already)."""
+    return name if ":" in name else f"{_package(provider)}:{name}"
+
+
+def _package(provider: str) -> str:
+    """The package a provider's names are qualified by: :data:`BUILTIN_PACKAGE` for a built-in
+    module; else the provider up to ``:`` (an entry point's provider is ``<package>:<entry point>``)."""
+    return BUILTIN_PACKAGE if _is_builtin(provider) else provider.split(":")[0]
 
 
 def _is_builtin(provider: str) -> bool:
@@ -199,15 +222,31 @@ def _is_builtin(provider: str) -> bool:
 def get(kind: str, name: str) -> object:
     """The component registered as ``name`` (or ``<package>:<name>``); raises
     :class:`UnknownComponentError` listing the names, or naming the plugins of an ambiguous name."""
+    return _entry(kind, name).component
+
+
+def qualified_name(kind: str, name: str) -> str:
+    """The ``<package>:<name>`` of the component ``name`` resolves to (``svd`` →
+    ``lit_lowrank:svd``): the name that keeps meaning it when other plugins take the bare name."""
+    return _qualified(name, _entry(kind, name).provider)
+
+
+def class_path(cls: type) -> str:
+    """``<module>.<qualname>`` of a registered class: what a checkpoint compares on resume."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _entry(kind: str, name: str) -> Entry:
+    """The entry ``name`` resolves to (see :func:`get`)."""
     registry = registered(kind)
     entry = registry.get(name)
-    if entry is None and isinstance(name, str) and ":" in name:  # a plugin's component by package
+    if entry is None and isinstance(name, str) and ":" in name:  # a component by package
         bare = name.split(":", 1)[1]
         candidate = registry.get(bare)
         if candidate is not None and _qualified(bare, candidate.provider) == name:
             entry = candidate
     if entry is not None:
-        return entry.component
+        return entry
     label = kind[:-1].replace("_", " ")
     if name in _ambiguous.get(kind, {}):
         raise UnknownComponentError(f"{label} {name!r} is registered by several plugins: "

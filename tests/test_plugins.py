@@ -223,3 +223,34 @@ def test_a_hook_calling_sys_exit_is_skipped(fresh_plugins):
     assert "exit-first" not in names and "svd" in names
 
 
+
+
+def test_builtins_are_qualified_by_lit_lowrank(fresh_plugins):
+    assert fresh_plugins.get_projector("lit_lowrank:svd") is SVDProjector
+    assert fresh_plugins.qualified_name("projectors", "svd") == "lit_lowrank:svd"
+    assert fresh_plugins.class_path(SVDProjector) == f"{SVDProjector.__module__}.{SVDProjector.__qualname__}"
+
+
+def test_a_plugin_component_has_its_package_as_qualified_name(fresh_plugins):
+    fresh_plugins.register_plugin(_plugin("echo", _EchoProjector), name="lit-lowrank-echo:echo")
+    assert fresh_plugins.qualified_name("projectors", "echo") == "lit-lowrank-echo:echo"
+    assert fresh_plugins.qualified_name("projectors", "lit-lowrank-echo:echo") == "lit-lowrank-echo:echo"
+
+
+@pytest.mark.parametrize("claimed", ["pkg-a:twin", "lit_lowrank:svd2"])
+def test_a_name_under_another_packages_prefix_is_refused(fresh_plugins, claimed):
+    """A plugin cannot take `pkg:name` of another package (or of the built-ins): its hook is skipped,
+    and the owner's qualified name keeps meaning the owner's class."""
+    fresh_plugins.register_plugin(_plugin("twin", _Shadow), name="pkg-a:a")
+    fresh_plugins.register_plugin(_plugin(claimed, _Other), name="pkg-evil:evil")
+    with pytest.warns(RuntimeWarning, match=rf"'pkg-evil:evil' registered projector '{claimed}', a name qualified by "
+                                            r"another package than its own \('pkg-evil'\)"):
+        names = fresh_plugins.registered("projectors")
+    assert claimed not in names
+    assert fresh_plugins.get_projector("pkg-a:twin") is _Shadow
+
+
+def test_a_name_under_its_own_prefix_is_registered(fresh_plugins):
+    fresh_plugins.register_plugin(_plugin("pkg-a:own", _Other), name="pkg-a:a")
+    assert fresh_plugins.get_projector("pkg-a:own") is _Other
+    assert fresh_plugins.qualified_name("projectors", "pkg-a:own") == "pkg-a:own"

@@ -10,14 +10,23 @@ the wrong layer. Options are compared group by group:
   warning listing each difference;
 * ``lr``, ``initial_lr`` and keys the optimizer does not own (added by LR schedulers) take the
   checkpoint's value, as ``torch.optim.Optimizer.load_state_dict`` does: schedulers own them.
+
+Each saved low-rank group also records its components (:data:`COMPONENTS`: the projector, rule,
+inner optimizer, schedule and quantizers named in ``projector_args``/``inner_args``) by
+qualified name and class (:func:`component_record`); a resume needs the same classes, under
+whichever names this run gives them (``lit_lowrank/plugins.py``), and refuses another class
+naming both. Checkpoints without the record compare the names, a qualified name matching the
+bare name it qualifies.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 from torch import Tensor
+
+from lit_lowrank import plugins
 
 STATE_LAYOUT = ("rank", "projector", "side", "rule", "inner", "schedule", "projector_args", "inner_args")
 """Options of low-rank groups whose saved state cannot carry over to another value."""
@@ -26,6 +35,72 @@ DENSE_OPTIONS = ("betas", "eps", "weight_decay", "nonfinite")
 """The options that matter for a dense (AdamW) group."""
 
 SCHEDULER_OWNED = ("lr", "initial_lr")
+
+COMPONENTS = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers",
+              "schedule": "schedules"}
+"""The options of a low-rank group that name a registered component, with its kind."""
+QUANTIZED_ARGS = ("projector_args", "inner_args")
+"""The options whose ``quantizer`` entry may name a registered quantizer."""
+RECORD_KEY = "components"
+"""The key of a saved param group that holds :func:`component_record`."""
+
+
+def named_components(group: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """``(option, name, kind)`` of each registered component a low-rank group names; a
+    quantizer's option is ``"<args option>.quantizer"``."""
+    for option, kind in COMPONENTS.items():
+        yield option, group[option], kind
+    for option in QUANTIZED_ARGS:
+        quantizer = (group.get(option) or {}).get("quantizer")
+        if isinstance(quantizer, str):
+            yield f"{option}.quantizer", quantizer, "quantizers"
+
+
+def component_record(group: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """What a checkpoint keeps of a low-rank group's components: by option, the qualified name
+    (``<package>:<name>``) and the class (``<module>.<qualname>``)."""
+    return {option: {"name": plugins.qualified_name(kind, name), "class": plugins.class_path(plugins.get(kind, name))}
+            for option, name, kind in named_components(group)}
+
+
+def check_components(label: str, group: dict[str, Any], record: dict[str, dict[str, str]]) -> None:
+    """Raise a ValueError unless ``group`` names components of the classes ``record``
+    (:func:`component_record` of the saved group) holds, option by option."""
+    current = {option: (name, kind) for option, name, kind in named_components(group)}
+    for option in sorted(set(current) | set(record)):
+        name, kind = current.get(option, (None, "quantizers"))
+        saved = record.get(option)
+        found = None if name is None else plugins.class_path(plugins.get(kind, name))
+        if saved is None or found != saved["class"]:
+            raise ValueError(_component_refusal(label, option, saved, name, found, kind))
+
+
+def _component_refusal(label: str, option: str, saved: dict[str, str] | None, name: str | None,
+                       found: str | None, kind: str) -> str:
+    """The message for a component whose class is not the checkpoint's, naming both and the fix."""
+    then = "none" if saved is None else f"{saved['name']!r} ({saved['class']})"
+    now = "none" if name is None else f"{name!r} ({found})"
+    message = (f"{label}: the checkpoint was saved with {option}={then}, this optimizer has {now}; its state cannot "
+               "carry over.")
+    if saved is None:
+        return f"{message} Resume without {option}, or start the optimizer fresh (load only the model weights)."
+    usable = next((candidate for candidate in (saved["name"].split(":", 1)[-1], saved["name"])
+                   if _class_of(kind, candidate) == saved["class"]), None)
+    if usable is not None:
+        return (f"{message} Resume with {option}: {usable!r}, or start the optimizer fresh (load only the model "
+                "weights).")
+    registered_now = _class_of(kind, saved["name"])
+    fate = "is not installed" if registered_now is None else f"is now {registered_now}"
+    return (f"{message} {saved['name']!r} {fate}: install the package that provides {saved['class']} and resume "
+            f"with {option}: {saved['name']!r}, or start the optimizer fresh (load only the model weights).")
+
+
+def _class_of(kind: str, name: str) -> str | None:
+    """The class path of the component ``name`` resolves to now; None if it does not resolve."""
+    try:
+        return plugins.class_path(plugins.get(kind, name))
+    except plugins.UnknownComponentError:
+        return None
 
 
 def group_label(index: int, group: dict[str, Any]) -> str:
@@ -58,9 +133,13 @@ def merge_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]], opt
         if bool(then.get("lowrank", False)) != bool(now["lowrank"]):
             raise ValueError(f"{label} is {'low-rank' if now['lowrank'] else 'dense'} here but not in the checkpoint; "
                              "use the same targets/exclude as the run that saved it.")
+        then = dict(then)
+        record = then.pop(RECORD_KEY, None)
+        if now["lowrank"] and record is not None:
+            check_components(label, now, record)
         relevant = options if now["lowrank"] else set(DENSE_OPTIONS)
         for key in sorted(relevant - set(SCHEDULER_OWNED)):
-            if key not in then or _same(then[key], now[key]):
+            if key not in then or _same_option(key, then[key], now[key], record):
                 continue
             if now["lowrank"] and key in STATE_LAYOUT:
                 raise ValueError(f"{label}: the checkpoint was saved with {key}={then[key]!r}, this optimizer has "
@@ -81,6 +160,30 @@ def _differing(now: list[str], then: list[str]) -> str:
     """The first parameter names that differ, for an error message."""
     first = next(i for i, (a, b) in enumerate(zip([*now, None], [*then, None])) if a != b)
     return f"{now[first:first + 3]} here but {then[first:first + 3]} in the checkpoint"
+
+
+def _same_option(key: str, saved: Any, current: Any, record: dict[str, dict[str, str]] | None) -> bool:
+    """Whether option ``key`` means here what it meant in the checkpoint: component names by
+    class where the checkpoint records them (:func:`check_components` did), else by
+    :func:`_same_component`; other values by equality."""
+    if key in COMPONENTS:
+        return record is not None or _same_component(COMPONENTS[key], saved, current)
+    if key in QUANTIZED_ARGS:
+        quantizers = saved.get("quantizer"), current.get("quantizer")
+        if all(isinstance(name, str) for name in quantizers):
+            unnamed = [{**args, "quantizer": None} for args in (saved, current)]
+            return (record is not None or _same_component("quantizers", *quantizers)) and _same(*unnamed)
+    return _same(saved, current)
+
+
+def _same_component(kind: str, saved: str, current: str) -> bool:
+    """For a checkpoint without a component record: whether its name ``saved`` means the
+    component ``current`` names — the same one now, or, for a name that no longer resolves (since
+    become ambiguous), a qualified name of it (``pkg:name`` for ``name``)."""
+    try:
+        return plugins.get(kind, saved) is plugins.get(kind, current)
+    except plugins.UnknownComponentError:
+        return saved.split(":")[-1] == current.split(":")[-1]
 
 
 def _same(a: Any, b: Any) -> bool:

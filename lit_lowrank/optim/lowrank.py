@@ -717,7 +717,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, in which each low-rank weight's entry also holds ``"subspace"``: its
-        projector's and schedule's tensor-only state dicts; plus ``refresh_count``, ``skipped_steps`` and ``skip_streaks`` (updates skipped in a row, by parameter
+        projector's and schedule's tensor-only state dicts, and each low-rank group ``"components"``:
+        its components' qualified names and classes (:func:`checkpoint.component_record`); plus
+        ``refresh_count``, ``skipped_steps`` and ``skip_streaks`` (updates skipped in a row, by parameter
         index). What a resume needs sits under ``state`` and ``param_groups``, the only
         keys torch's distributed checkpoint keeps (it then recounts ``refresh_count`` from the
         projectors and restarts ``skipped_steps`` and ``skip_streaks``). The state tensors of a weight split by rows
@@ -733,6 +735,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             subspace = {"projector": slot.projector.state_dict(), "schedule": slot.schedule.state_dict()}
             # contiguous: torch's full-state broadcast sends a strided basis (a slice of U) scrambled
             packed[index] = {**packed.get(index, {}), "subspace": map_tensors(subspace, Tensor.contiguous)}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            if group["lowrank"]:
+                saved[checkpoint.RECORD_KEY] = checkpoint.component_record(group)
         state_dict["refresh_count"] = self.refresh_count
         state_dict["skipped_steps"] = self.skipped_steps
         state_dict["skip_streaks"] = {self._index[p]: streak for p, streak in self._skip_streaks.items()}

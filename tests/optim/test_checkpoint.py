@@ -169,3 +169,99 @@ def test_a_checkpoint_of_the_earlier_format_resumes_exactly():
         _train(model, optimizer, range(3, 6))  # a refresh at step 4
         finals.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+# ---------------------------------------------------------------- plugins named in checkpoints
+from lit_lowrank import hookimpl  # noqa: E402
+from lit_lowrank.projectors.svd import SVDProjector  # noqa: E402
+
+
+class FirstSVD(SVDProjector):
+    """A plugin's projector (package pkg-a)."""
+
+
+class SecondSVD(SVDProjector):
+    """Another plugin's projector under the same name (package pkg-b), or pkg-a's replacement."""
+
+
+def _projector_plugin(name, cls):
+    class Plugin:
+        @hookimpl
+        def register_projectors(self, register):
+            register(name, cls)
+
+    return Plugin()
+
+
+def _path(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def test_a_checkpoint_records_each_component_by_qualified_name_and_class(fresh_plugins):
+    fresh_plugins.register_plugin(_projector_plugin("twin", FirstSVD), name="pkg-a:a")
+    saved = _saved(projector="twin")["optimizer"]
+    lowrank, dense = saved["param_groups"]
+    assert "components" not in dense
+    assert lowrank["components"] == {
+        "projector": {"name": "pkg-a:twin", "class": _path(FirstSVD)},
+        "rule": {"name": "lit_lowrank:galore", "class": _path(fresh_plugins.get_update_rule("galore"))},
+        "inner": {"name": "lit_lowrank:adamw", "class": _path(fresh_plugins.get_inner_optimizer("adamw"))},
+        "schedule": {"name": "lit_lowrank:fixed", "class": _path(fresh_plugins.get_schedule("fixed"))},
+    }
+
+
+def test_a_name_that_became_ambiguous_resumes_under_its_qualified_name(fresh_plugins):
+    fresh_plugins.register_plugin(_projector_plugin("twin", FirstSVD), name="pkg-a:a")
+    checkpoint = _saved(projector="twin")
+    fresh_plugins.register_plugin(_projector_plugin("twin", SecondSVD), name="pkg-b:b")  # installed later
+    with pytest.warns(RuntimeWarning, match="'twin' is registered by several plugins"):
+        fresh_plugins.registered("projectors")
+    model = Pair()
+    model.load_state_dict(checkpoint["model"])
+    optimizer = _build(model, rank=4, update_gap=2, projector="pkg-a:twin")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    assert all(type(projector) is FirstSVD for projector in optimizer.projectors.values())
+    other = _build(Pair(), rank=4, update_gap=2, projector="pkg-b:twin")
+    _refused(other, checkpoint["optimizer"], rf"saved with projector='pkg-a:twin' \({_path(FirstSVD)}\), this "
+                                             rf"optimizer has 'pkg-b:twin' \({_path(SecondSVD)}\).*Resume with "
+                                             r"projector: 'pkg-a:twin'")
+
+
+def test_a_replaced_package_is_refused_naming_both_classes(fresh_plugins):
+    fresh_plugins.register_plugin(_projector_plugin("echo", FirstSVD), name="pkg-a:a")
+    checkpoint = _saved(projector="echo")
+    fresh_plugins.unregister_plugin("pkg-a:a")
+    fresh_plugins.register_plugin(_projector_plugin("echo", SecondSVD), name="pkg-a:a")  # same package, other class
+    optimizer = _build(Pair(), rank=4, update_gap=2, projector="echo")
+    _refused(optimizer, checkpoint["optimizer"],
+             rf"saved with projector='pkg-a:echo' \({_path(FirstSVD)}\), this optimizer has 'echo' "
+             rf"\({_path(SecondSVD)}\).*'pkg-a:echo' is now {_path(SecondSVD)}: install the package that provides "
+             rf"{_path(FirstSVD)}")
+
+
+def test_a_checkpoint_without_the_record_resumes_by_name(fresh_plugins):
+    """Earlier checkpoints name components bare: they resume under the same name, or, once the
+    name is ambiguous, under a qualified name of it; another component is still refused."""
+    fresh_plugins.register_plugin(_projector_plugin("twin", FirstSVD), name="pkg-a:a")
+    checkpoint = _saved(projector="twin")
+    earlier = copy.deepcopy(checkpoint["optimizer"])
+    for group in earlier["param_groups"]:
+        group.pop("components", None)
+    _build(Pair(), rank=4, update_gap=2, projector="twin").load_state_dict(copy.deepcopy(earlier))
+    fresh_plugins.register_plugin(_projector_plugin("twin", SecondSVD), name="pkg-b:b")
+    with pytest.warns(RuntimeWarning, match="several plugins"):
+        fresh_plugins.registered("projectors")
+    _build(Pair(), rank=4, update_gap=2, projector="pkg-a:twin").load_state_dict(copy.deepcopy(earlier))
+    _refused(_build(Pair(), rank=4, update_gap=2, projector="svd"), earlier, "saved with projector='twin'")
+
+
+def test_a_quantizer_is_recorded_and_may_be_named_qualified_on_resume(fresh_plugins):
+    args = {"quantizer": "int", "quantizer_args": {"bits": 8, "group_size": 16}}
+    checkpoint = _saved(projector_args=args)["optimizer"]
+    quantizer = fresh_plugins.get_quantizer("int")
+    assert checkpoint["param_groups"][0]["components"]["projector_args.quantizer"] == {
+        "name": "lit_lowrank:int", "class": _path(quantizer)}
+    qualified = {**args, "quantizer": "lit_lowrank:int"}
+    _build(Pair(), rank=4, update_gap=2, projector_args=qualified).load_state_dict(copy.deepcopy(checkpoint))
+    _refused(_build(Pair(), rank=4, update_gap=2), checkpoint,
+             rf"saved with projector_args\.quantizer='lit_lowrank:int' \({_path(quantizer)}\), this optimizer has none")
