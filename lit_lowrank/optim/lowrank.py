@@ -282,7 +282,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         projector = build("projector", group, rank=rank, side=group["side"], seed=self._index[p],
                           ledger=self.rank_ledger)
         schedule = build("schedule", group, gap=group["update_gap"])
+        schedule.set_position(*self._lowrank_position(p))
         return LowRankSlot(projector, schedule, view, self._shards.get(p))
+
+    def _lowrank_position(self, p: Tensor) -> tuple[int, int]:
+        """``p``'s index among the optimizer's low-rank weights, in param-group order (the same on
+        every rank and in layer-wise mode), and their count: what a staggered schedule phases by."""
+        lowrank = [q for group in self.param_groups if group["lowrank"] for q in group["params"]]
+        return next(index for index, q in enumerate(lowrank) if q is p), len(lowrank)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (e.g. layers Lightning's ``BaseFinetuning`` unfreezes), validated and

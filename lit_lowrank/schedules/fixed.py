@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.schedules.base import Schedule
+from lit_lowrank.schedules.base import GapSchedule
 
 
-class FixedGap(Schedule):
-    """Refresh at steps 0, gap, 2·gap, ... (GaLore's ``update_proj_gap`` T, default 200)."""
+class FixedGap(GapSchedule):
+    """Refresh at steps 0, gap, 2·gap, ... (GaLore's ``update_proj_gap`` T, default 200).
 
-    def __init__(self, gap: int = 200) -> None:
-        super().__init__()
-        if gap < 1:
-            raise ValueError(f"refresh gap must be >= 1 step, got {gap}")
-        self.gap = gap
-
-    def after_refresh(self, step: int, similarity: float | None) -> None:
-        self.next_refresh = step + self.gap
+    ``stagger: true`` spreads the weights' refreshes over the gap: weight i of N refreshes at
+    0, T + ⌊i·T/N⌋, 2T + ⌊i·T/N⌋, ... (:class:`~lit_lowrank.schedules.base.GapSchedule`).
+    """
 
 
 class EveryStep(FixedGap):

@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.schedules.base import Schedule
+from lit_lowrank.schedules.base import GapSchedule
 
 
-class LazyGap(Schedule):
+class LazyGap(GapSchedule):
     """Refresh every ``gap`` steps, where ``gap`` grows by ``gamma`` once the subspace settles.
 
     After each refresh the optimizer reports ``similarity`` = |cos| between the previous and the
@@ -33,25 +33,25 @@ class LazyGap(Schedule):
         gamma: gap multiplier (2).
         queue_size: similarities averaged, k (5).
         reset_queue: empty the queue after each growth.
+        stagger: spread the layers' refreshes over the initial gap: layer i of N adds
+            ``⌊i·gap/N⌋`` steps to its first cycle (:class:`~lit_lowrank.schedules.base.GapSchedule`).
 
     State (tensors only): ``next_refresh``, ``gap``, ``queue`` (k values, NaN = empty slot),
-    ``refreshes`` (SVDs taken by this layer) and ``growths``. On load the gap is recomputed
-    as this run's initial ``gap`` grown ``growths`` times (:meth:`load_state_dict`).
+    ``refreshes`` (SVDs taken by this layer) and ``growths``; with ``stagger``, ``phase`` and
+    ``phase_due``. On load the gap is recomputed as this run's initial ``gap`` grown ``growths``
+    times (:meth:`load_state_dict`).
     """
 
     def __init__(
         self, gap: int = 200, threshold: float = 0.4, gamma: float = 2.0, queue_size: int = 5,
-        reset_queue: bool = True,
+        reset_queue: bool = True, stagger: bool = False,
     ) -> None:
-        super().__init__()
-        if gap < 1:
-            raise ValueError(f"refresh gap must be >= 1 step, got {gap}")
+        super().__init__(gap, stagger)
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1 (the gap only grows), got {gamma}")
         self.initial_gap = gap
-        self.gap = gap
         self.threshold = threshold
         self.gamma = gamma
         self.queue_size = queue_size
@@ -69,7 +69,7 @@ class LazyGap(Schedule):
                 self.growths += 1
                 if self.reset_queue:
                     self.queue = []
-        self.next_refresh = step + self.gap
+        self.next_refresh = self._next_after(step)
 
     def _grown(self, gap: int) -> int:
         """The gap after one growth: ``⌊gap · gamma⌋`` (never shorter)."""
