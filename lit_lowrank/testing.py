@@ -269,7 +269,8 @@ def check_update_rule(cls: type, **options: Any) -> None:
     dtype, leaves ``state["step"]`` (the optimizer's counter) alone and keeps state the
     checkpoint carries; with ``uses_gradient = False`` the same step without the gradient; a
     ``batched`` rule steps each slice of a stack as that weight alone; a ``shardable`` rule
-    steps each rank's rows of a weight as the whole; and a bitwise resume (rule state
+    steps each rank's rows of a weight as the whole; an ``any_projection`` rule steps a kernel
+    through a tensor projector without reading its side; and a bitwise resume (rule state
     included)."""
     for shape in SHAPES:
         for dtype in DTYPES:
@@ -288,6 +289,8 @@ def check_update_rule(cls: type, **options: Any) -> None:
         _check_rule_stack(cls, options)
     if cls.shardable:
         _check_rule_rows(cls, options)
+    if cls.any_projection:
+        _check_any_projection(cls, options)
     _check_resume("rule", cls, options)
 
 
@@ -340,6 +343,50 @@ def _check_rule_stack(cls: type, options: dict[str, Any]) -> None:
             alone, _ = _apply_rule(construct(cls, options, scale=0.25), weight, grad, _svd(rule, grad), where)
             _expect(torch.allclose(stacked[index], alone, rtol=1e-4, atol=1e-6), where,
                     f"slice {index} is stepped otherwise than the same weight alone")
+
+
+def _check_any_projection(cls: type, options: dict[str, Any]) -> None:
+    """A rule that takes ``any_projection`` steps a 4-D kernel through a tensor projector
+    (Tucker: a core, no side) without reading ``projector.side``."""
+    where = f"{cls.__name__} (any_projection = True) on a 6×5×3×3 float64 kernel with a tucker projector"
+    rule = construct(cls, options, scale=0.25)
+    grad, before = _randn((6, 5, 3, 3), torch.float64), _randn((6, 5, 3, 3), torch.float64, seed=1)
+    projector = plugins.get_projector("tucker")(rule.required_rank or RANK)
+    projector.refresh(grad)
+    try:
+        weight, _ = _apply_rule(rule, before, grad, _Sideless(projector), where)
+    except _SideRead as error:
+        raise AssertionError(f"{where}: declares any_projection = True, but apply_ reads projector.side; lift "
+                             "only through project_back/add_back_, or set any_projection = False") from error
+    _expect(weight.shape == before.shape and torch.isfinite(weight).all(), where, "a non-finite or reshaped weight")
+    _expect(not torch.equal(weight, before), where, "apply_ left the weight unchanged")
+
+
+class _SideRead(Exception):
+    """Raised by :class:`_Sideless` when a rule reads ``projector.side``."""
+
+
+class _Sideless:
+    """A projector without a side: project, lift and bases pass through, ``side`` raises."""
+
+    def __init__(self, projector: Any) -> None:
+        self.whole = projector
+
+    @property
+    def side(self) -> Side:
+        raise _SideRead("projector.side")
+
+    def bases(self) -> tuple[Tensor | None, ...]:
+        return self.whole.bases()
+
+    def project(self, grad: Tensor) -> Tensor:
+        return self.whole.project(grad)
+
+    def project_back(self, low: Tensor) -> Tensor:
+        return self.whole.project_back(low)
+
+    def add_back_(self, target: Tensor, low: Tensor, alpha: float) -> Tensor:
+        return self.whole.add_back_(target, low, alpha)
 
 
 def _check_rule_rows(cls: type, options: dict[str, Any]) -> None:
@@ -443,7 +490,7 @@ def check_inner_optimizer(cls: type, **options: Any) -> None:
     continues bitwise; ``rotate`` by identity maps leaving the moments unchanged; an
     ``elementwise`` optimizer's directions of a matrix equal to those of its pieces, and
     commuting with a permutation; a ``batched`` optimizer's stack stepped as each slice alone;
-    and a bitwise resume across a refresh with ``on_refresh: rotate``."""
+    one that ``steps_dense`` taking 1-D and 4-D gradients; and a bitwise resume across a refresh with ``on_refresh: rotate``."""
     resolved = with_quantizer_class(options)
     for shape in SHAPES:
         for dtype in DTYPES:
@@ -454,6 +501,8 @@ def check_inner_optimizer(cls: type, **options: Any) -> None:
         _check_elementwise(cls, resolved)
     if cls.batched:
         _check_inner_stack(cls, resolved)
+    if cls.steps_dense:
+        _check_dense_shapes(cls, resolved)
     _check_resume("inner", cls, options, on_refresh="rotate")
 
 
@@ -526,6 +575,22 @@ def _check_inner_stack(cls: type, options: dict[str, Any]) -> None:
             alone = _directions(construct(cls, options), [matrix])
             _expect(all(torch.allclose(s[0][index], a[0], rtol=1e-5, atol=1e-7) for s, a in zip(stacked, alone)),
                     where, f"slice {index} is stepped otherwise than the same matrix alone; set batched = False")
+
+
+def _check_dense_shapes(cls: type, options: dict[str, Any]) -> None:
+    """An optimizer that ``steps_dense`` takes the full gradients of dense parameters: biases
+    (1-D) and conv kernels (4-D) too, one finite direction of each shape."""
+    for shape in ((10,), (1,), (6, 5, 3, 3)):
+        where = f"{cls.__name__} (steps_dense = True) on a {shape} gradient"
+        low = _randn(shape, torch.float32)
+        try:
+            (direction,) = _directions(construct(cls, options), [low])[-1]
+        except Exception as error:  # a plugin's bug, reported with what it means
+            raise AssertionError(f"{where}: directions failed ({type(error).__name__}: {error}); an inner optimizer "
+                                 "that steps dense parameters takes tensors of any shape, or sets steps_dense = False"
+                                 ) from error
+        _expect(direction.shape == low.shape and torch.isfinite(direction).all(), where,
+                f"a direction of shape {tuple(direction.shape)} or with non-finite values")
 
 
 def _directions(inner: Any, lows: list[Tensor], steps: int = 3) -> list[list[Tensor]]:

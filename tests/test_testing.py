@@ -178,6 +178,15 @@ class StackNormalizedSGD(SGDInner):
         return [d / d.norm() for d in super().directions(lows, states, step)]
 
 
+class MatrixOnlySGD(SGDInner):
+    """Claims steps_dense (as SGD) but normalizes each column: a bias (1-D) has none."""
+
+    elementwise = batched = False
+
+    def directions(self, lows, states, step):
+        return [d / d.norm(dim=-2, keepdim=True).clamp(min=1e-12) for d in super().directions(lows, states, step)]
+
+
 class FrozenRule(GaLoreRule):
     def apply_(self, param, inputs, *, step_size):
         return None
@@ -225,6 +234,14 @@ class UnsummedNormRule(GaLoreRule):
         param.add_(lifted / lifted.norm(), alpha=-step_size)
 
 
+class SideReadingRule(GaLoreRule):
+    """Claims any_projection (as GaLore) but reads the side to scale a one-sided step."""
+
+    def apply_(self, param, inputs, *, step_size):
+        factor = 0.5 if inputs.projector.side == Side.LEFT else 1.0
+        super().apply_(param, inputs, step_size=factor * step_size)
+
+
 class LateSchedule(FixedGap):
     def should_refresh(self, step):
         return step > 0 and super().should_refresh(step)
@@ -267,6 +284,7 @@ class PythonIntSchedule(FixedGap):
     (testing.check_inner_optimizer, RowNormalizedSGD, "column blocks differ from those of the whole"),
     (testing.check_inner_optimizer, PositionalSGD, "depends on its position; set elementwise = False"),
     (testing.check_inner_optimizer, StackNormalizedSGD, "stepped otherwise than the same matrix alone"),
+    (testing.check_inner_optimizer, MatrixOnlySGD, "steps_dense = True\\) on a \\(10,\\) gradient: directions failed"),
     (testing.check_update_rule, FrozenRule, "left the weight unchanged"),
     (testing.check_update_rule, GradientSignRule, "uses_gradient = False, but apply_ fails with grad=None"),
     (testing.check_update_rule, GradientScaledRule, "uses_gradient = False, but its step changes with inputs.grad"),
@@ -274,6 +292,7 @@ class PythonIntSchedule(FixedGap):
     (testing.check_update_rule, StackNormalizedRule, "stepped otherwise than the same weight alone"),
     (testing.check_update_rule, UnsummedNormRule, "split by rows, side std: rows 0..5 are stepped otherwise than in "
                                                   "the whole weight: a norm is not summed"),
+    (testing.check_update_rule, SideReadingRule, "declares any_projection = True, but apply_ reads projector.side"),
     (testing.check_schedule, LateSchedule, "no refresh at step 0"),
     (testing.check_schedule, StuckSchedule, "update_gap 3: refreshes at steps \\[0, 1, 2"),
     (testing.check_schedule, OnceSchedule, "never refreshes after step 0"),
