@@ -303,6 +303,21 @@ def test_a_broken_component_fails_naming_the_problem(check, component, problem):
         check(component)
 
 
+def test_python_numbers_in_per_weight_state_pass_as_the_guide_says():
+    """docs/plugins.md: per-weight state may hold Python numbers; they checkpoint and resume."""
+
+    class CountingAdam(AdamInner):
+        def init_state(self, low):
+            return {**super().init_state(low), "calls": 0}
+
+        def directions(self, lows, states, step):
+            for state in states:
+                state["calls"] += 1
+            return [d * (1 + 1 / (1 + s["calls"])) for d, s in zip(super().directions(lows, states, step), states)]
+
+    testing.check_inner_optimizer(CountingAdam)
+
+
 def test_a_quantized_basis_far_from_the_unquantized_one_fails():
     class CoarseBases(SVDProjector):
         """Hands out its quantized bases rounded to one decimal: far beyond an INT8 quantizer's error."""
