@@ -149,6 +149,24 @@ def write_splits(splits: dict[str, Iterable[str]], tokenizer_path: str | Path, o
         Path(output, "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "tokenizer": "tokenizer.json"}))
 
 
+PLACEHOLDER = "YOUR-BUCKET"
+"""The bucket the shipped large-corpus configs name until the user writes theirs."""
+
+
+def check_data_dir(data_dir: str | None) -> None:
+    """Refuse, before anything starts, a ``data_dir`` that is the configs' placeholder or a local
+    folder that does not exist (remote URIs are checked when streamed)."""
+    if data_dir is None:
+        return
+    if PLACEHOLDER in data_dir:
+        raise ValueError(f"data_dir is the placeholder {data_dir!r}: tokenize a corpus with "
+                         "scripts/prepare_corpus.py and set --data.init_args.data_dir to its output (a local folder "
+                         "or your bucket), or drop data_dir to train on the embedded Shakespeare corpus")
+    if "://" not in data_dir and not Path(data_dir).is_dir():
+        raise ValueError(f"data_dir {data_dir!r} is not a folder: prepare it with scripts/prepare_corpus.py "
+                         "(it writes train/, val/ and meta.json there)")
+
+
 def prepare_embedded(cache_dir: str | Path, vocab_size: int = 4096, val_fraction: float = 0.05) -> Path:
     """Tokenizer + train/val token chunks of the embedded corpus under ``cache_dir``, made once
     (written to a staging directory and renamed, so an interrupted run leaves nothing half-made).
@@ -198,6 +216,7 @@ class PretrainData(pl.LightningDataModule):
         super().__init__()
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        check_data_dir(data_dir)
         self.data_dir, self.seq_len, self.batch_size = data_dir, seq_len, batch_size
         self.vocab_size, self.num_workers, self.shuffle, self.seed = vocab_size, num_workers, shuffle, seed
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
