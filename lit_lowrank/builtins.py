@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "lit_lowrank.rules.snsm",
     "lit_lowrank.projectors.random",
     "lit_lowrank.projectors.rsvd",
+    "lit_lowrank.projectors.svd_warm",
     "lit_lowrank.projectors.online_pca",
     "lit_lowrank.projectors.dct",
     "lit_lowrank.projectors.adaptive_rank",

@@ -60,7 +60,8 @@ BASELINES = ("adamw", "adamw8bit")
 MOMENTS = {"adamw": "float", "adamw-hf": "float", "adamw8bit": "8bit", "lion": "single", "momentum": "single",
            "adamw-sn": "subset-norm", "adafactor": "factored"}
 """How each inner optimizer with a known formula stores its moments."""
-BASES = {"svd": "float", "rsvd": "float", "online-pca": "float", "random": "seed", "dct": "columns"}
+BASES = {"svd": "float", "rsvd": "float", "svd-warm": "float", "online-pca": "float", "random": "seed",
+         "dct": "columns"}
 """How each projector with a known formula stores its basis (before any basis quantizer)."""
 RULE_STATES = {"galore": 0, "fira": 0, "apollo": 0, "apollo-mini": 0, "snsm": 4}
 LIMITED_RULES = ("fira", "apollo", "apollo-mini")

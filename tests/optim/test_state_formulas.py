@@ -27,6 +27,7 @@ def groups(values: int) -> int:
 FORMULAS = {
     "galore": lambda k, d, r, b, big: 2 * k * b + r * d * b,
     "galore-rsvd": lambda k, d, r, b, big: 2 * k * b + r * d * b,
+    "galore-warm": lambda k, d, r, b, big: 2 * k * b + r * d * b,
     "galore-dct": lambda k, d, r, b, big: 2 * k * b + 8 * r + r * d * b,
     "galore-random": lambda k, d, r, b, big: 2 * k * b + 16 + r * d * b,
     "online-pca": lambda k, d, r, b, big: 2 * k * b + r * d * b,
