@@ -276,7 +276,7 @@ class PythonIntSchedule(FixedGap):
     (testing.check_projector, PeekingRandom, "needs_gradient = False, but its bases depend on the gradient's values"),
     (testing.check_projector, StalePreview, "refresh 1: needs_gradient = False, but the bases after refresh differ"),
     (testing.check_quantizer, LossyQuantizer, "dict of tensors"),
-    (testing.check_quantizer, ZeroQuantizer, "does not follow x \\(cosine similarity 0"),
+    (testing.check_quantizer, ZeroQuantizer, "round trip does not follow its input \\(cosine similarity 0.00"),
     (testing.check_inner_optimizer, ForgetfulAdam, "continues differently"),
     (testing.check_inner_optimizer, FirstDirectionOnly, "directions per step for 5 R: a weight would not be updated"),
     (testing.check_inner_optimizer, StepCountingAdam, "init_state uses the key\\(s\\) \\['step'\\]"),

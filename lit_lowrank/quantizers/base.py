@@ -52,14 +52,18 @@ class QuantizerProbeError(ValueError):
 
 PROBE_SHAPE = (8, 32)
 """Shape of the probe tensor: not square, so a transposed or flattened round trip shows."""
+MIN_COSINE = 0.5
+"""The least cosine similarity between a Gaussian tensor and its round trip; one bit per entry
+with a sign and a scale already reaches √(2/π) ≈ 0.8, zeros or noise reach about 0."""
 
 
 def probe_round_trip(quantizer: Quantizer, name: str) -> Quantizer:
     """Check ``x̂ = dequantize(quantize(x))`` on a small fixed Gaussian ``x`` (CPU, float32):
     ``x̂`` must have ``x``'s shape, be finite and satisfy ``max|x̂ − x| ≤ 2·max|x|``, which any
     rounding onto a grid inside the data's range ``[−max|x|, max|x|]`` meets, stochastic or
-    not, at any bit width. Returns ``quantizer``; raises :class:`QuantizerProbeError` naming
-    ``name``, its registered name."""
+    not, at any bit width, and follow ``x`` (cosine similarity ≥ :data:`MIN_COSINE`), which a
+    quantizer returning zeros or noise does not. Returns ``quantizer``; raises
+    :class:`QuantizerProbeError` naming ``name``, its registered name."""
     x = torch.randn(PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
         restored = quantizer.dequantize(quantizer.quantize(x.clone()))
@@ -75,4 +79,8 @@ def probe_round_trip(quantizer: Quantizer, name: str) -> Quantizer:
     if error > bound * (1 + 1e-6):
         raise QuantizerProbeError(name, f"it errs by up to {error:.3g}, beyond 2·max|x| = {bound:.3g} "
                                         "(its values leave the data's range)")
+    cosine = torch.nn.functional.cosine_similarity(restored.flatten(), x.flatten(), dim=0).item()
+    if cosine < MIN_COSINE:
+        raise QuantizerProbeError(name, f"the round trip does not follow its input (cosine similarity {cosine:.2f} < "
+                                        f"{MIN_COSINE}: zeros or noise come back), so nothing it packs would train")
     return quantizer
