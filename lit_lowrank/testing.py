@@ -166,7 +166,7 @@ def _check_orthonormal(cls: type, options: dict[str, Any], projector: Any, grad:
     plain = {k: v for k, v in options.items() if k not in ("quantizer", "quantizer_args")}
     twin = construct(cls, plain, rank=projector.rank, side=projector.side_policy, seed=5)
     twin.refresh(grad)
-    packer = quantizer(**options.get("quantizer_args", {}))
+    packer = quantizer(**(options.get("quantizer_args") or {}))
     for label, packed, basis in zip(("L", "Q"), projector.bases(), twin.bases()):
         if basis is None:
             continue
