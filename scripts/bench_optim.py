@@ -5,6 +5,8 @@
     python scripts/bench_optim.py --device cuda --dtype bf16
     python scripts/bench_optim.py --model mixtral --methods adamw galore fira   # stacked MoE experts
     python scripts/bench_optim.py --model cnn --methods adamw galore galore-tucker   # conv kernels
+    python scripts/bench_optim.py --cycle                  # a full refresh cycle: spikes, amortized cost
+    python scripts/bench_optim.py --cycle --size 20m --gap 50 --projectors svd rsvd
 
 ``--model mixtral`` is transformers' ``MixtralForCausalLM`` at the size's shape with 4 fused
 experts per layer (the experts are E×m×n parameters, projected per expert in one batched step);
@@ -21,6 +23,16 @@ first step (which computes the projections) is reported separately as the refres
 steady-state figure is the median over ``--steps`` steps after ``--warmup`` steps, with
 no refresh in between (T = 200). State MiB sums the real storage of every tensor the optimizer
 holds (moments, bases, quantization scales), excluding scalar step counters.
+
+``--cycle`` times instead every step of GaLore's first two refresh cycles (``--gap`` T, default
+200) for each of ``--projectors`` (``svd``, ``rsvd`` and ``svd-warm`` where registered), with
+and without ``schedule_args: {stagger: true}``. Step 0 refreshes every weight in both modes (a
+weight cannot step without a basis) and is left out; steps 1 … T−1 refresh nothing in either
+mode (a staggered weight's second refresh comes T + ⌊i·T/N⌋ steps after its first) and give
+the steady step (their median); steps T … 2T−1 hold exactly one refresh of every weight — all
+at step T, or spread over the cycle with staggering — and give the cycle's median, its worst
+step, and the amortized step time, their mean: the steady step plus the cycle's refresh time
+over T. The refresh share is (amortized − steady) / steady.
 """
 
 from __future__ import annotations
@@ -147,6 +159,31 @@ def measure(model: nn.Module, factory: Factory, warmup: int, steps: int) -> dict
     return {"ms": steady * 1e3, "refresh_ms": max(first - steady, 0.0) * 1e3, "mib": measured_state_bytes(optimizer) / 2**20}
 
 
+CYCLE_PROJECTORS = ("svd", "rsvd", "svd-warm")
+"""The projectors ``--cycle`` times by default, those of them registered."""
+
+
+def cycle_factory(projector: str, stagger: bool, gap: int) -> Factory:
+    """GaLore with ``projector`` and refresh gap ``gap``, its weights' refreshes staggered or not."""
+    settings = {**GALORE, "update_gap": gap}
+    return lambda model: build_optimizer(model, projector=projector, schedule_args={"stagger": stagger}, **settings)
+
+
+def measure_cycle(model: nn.Module, factory: Factory, gap: int) -> dict[str, float]:
+    """Steps 1 … T−1 (no refresh: their median is the steady step) and T … 2T−1 (one refresh of
+    every weight: the cycle's median, worst and mean, the amortized step) after step 0, in ms,
+    and the refreshes the cycle made."""
+    optimizer = factory(model)
+    clock = Clock(next(model.parameters()).device)
+    clock.time(optimizer.step)  # step 0: every weight's first refresh, staggered or not
+    steady = [clock.time(optimizer.step) for _ in range(gap - 1)]
+    before = optimizer.refresh_count
+    cycle = [clock.time(optimizer.step) for _ in range(gap)]
+    return {"steady_ms": statistics.median(steady) * 1e3, "median_ms": statistics.median(cycle) * 1e3,
+            "worst_ms": max(cycle) * 1e3, "amortized_ms": statistics.fmean(cycle) * 1e3,
+            "refreshes": optimizer.refresh_count - before}
+
+
 def with_compact_projections(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], object]:
     """``optimizer.step``, preceded for CompAct's layers by handing over a fixed R (out × r), as
     their backward would."""
@@ -192,17 +229,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights, gradients, float states")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--cycle", action="store_true", help="time a full refresh cycle of GaLore per projector, "
+                        "with and without staggering, instead of the methods")
+    parser.add_argument("--gap", type=int, default=GALORE["update_gap"], help="--cycle: the refresh gap T (>= 2)")
+    parser.add_argument("--projectors", nargs="+", choices=sorted(registered("projectors")),
+                        default=[name for name in CYCLE_PROJECTORS if name in registered("projectors")],
+                        help="--cycle: the projectors timed")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.gap < 2:
+        parser.error(f"--gap must be >= 2 steps (step 1 … T−1 give the steady step), got {args.gap}")
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     n_params = sum(p.numel() for p in prepared_model(args.size, "adamw", DTYPES[args.dtype], "meta",
                                                      args.model).parameters())
     label = {"llama": f"LLaMA-{args.size}", "mixtral": f"Mixtral (LLaMA-{args.size} shape, 4 experts)",
              "cnn": "ConvNet (8 × 3×3 conv, 256 channels)"}[args.model]
-    print(f"{label}: {n_params / 1e6:.1f}M params, {args.dtype}, {device}, torch {torch.__version__}; "
-          f"median of {args.steps} steps after {args.warmup + 1}")
+    header = f"{label}: {n_params / 1e6:.1f}M params, {args.dtype}, {device}, torch {torch.__version__}; "
+    if args.cycle:
+        print(header + f"GaLore (rank {GALORE['rank']}), steps 1 … {2 * args.gap - 1} of T = {args.gap}")
+        print_cycle_table(run_cycles(args))
+        return
+    print(header + f"median of {args.steps} steps after {args.warmup + 1}")
     results = {}
     for name in args.methods:
         factory = BASELINES.get(name) or method_factory(name)
@@ -214,6 +263,27 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:  # the optimizer refuses the model's targets (e.g. stacked experts)
             print(f"  {name}: refused ({str(exc).splitlines()[0]})")
     print_table(results)
+
+
+def run_cycles(args: argparse.Namespace) -> dict[tuple[str, bool], dict[str, float]]:
+    """:func:`measure_cycle` of GaLore for each projector, unstaggered then staggered."""
+    results = {}
+    for projector in args.projectors:
+        for stagger in (False, True):
+            model = prepared_model(args.size, "galore", DTYPES[args.dtype], args.device, args.model)
+            results[projector, stagger] = measure_cycle(model, cycle_factory(projector, stagger, args.gap), args.gap)
+    return results
+
+
+def print_cycle_table(results: dict[tuple[str, bool], dict[str, float]]) -> None:
+    print("| projector | stagger | steady ms | cycle median ms | worst step ms | worst / median | amortized ms "
+          "| refresh share | refreshes in cycle |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (projector, stagger), r in results.items():
+        share = (r["amortized_ms"] - r["steady_ms"]) / r["steady_ms"]
+        print(f"| {projector} | {'yes' if stagger else 'no'} | {r['steady_ms']:.1f} | {r['median_ms']:.1f} "
+              f"| {r['worst_ms']:.1f} | {r['worst_ms'] / r['median_ms']:.2f} | {r['amortized_ms']:.1f} "
+              f"| {100 * share:.1f} % | {r['refreshes']} |")
 
 
 def print_table(results: dict[str, dict[str, float]]) -> None:

@@ -3,11 +3,12 @@ ratios against the ``adamw`` row of the same run, and each method built with its
 
 from __future__ import annotations
 
+import statistics
 
 import pytest
 import torch
 
-from lit_lowrank import LowRankOptimizer
+from lit_lowrank import LowRankOptimizer, select_targets
 
 from script_loader import loaded_script
 
@@ -66,3 +67,68 @@ def test_the_cnn_targets_are_its_3x3_kernels(bench):
     kernels = [g for g in optimizer.param_groups if g.get("layout") == "kernel"]
     assert len(kernels) == 1 and len(kernels[0]["params"]) == 8
     assert all(p.shape[-2:] == (3, 3) for p in kernels[0]["params"])
+
+
+class StepClock:
+    """A clock whose every call takes as many seconds as calls were timed before it: step k takes k s."""
+
+    def __init__(self, device) -> None:
+        self.calls = 0
+
+    def time(self, call) -> float:
+        call()
+        self.calls += 1
+        return float(self.calls - 1)
+
+
+def test_the_cycle_is_steps_t_to_2t_minus_1_and_the_steady_step_1_to_t_minus_1(bench, monkeypatch):
+    model = bench.prepared_model("tiny", "galore", torch.float32, "cpu")
+    monkeypatch.setattr(bench, "Clock", StepClock)
+    gap = 4
+    result = bench.measure_cycle(model, bench.cycle_factory("svd", False, gap), gap)
+    steady, cycle = range(1, gap), range(gap, 2 * gap)
+    assert result["steady_ms"] == pytest.approx(1e3 * sum(steady) / len(steady))  # odd count: median = mean
+    assert result["worst_ms"] == pytest.approx(1e3 * (2 * gap - 1))
+    assert result["amortized_ms"] == pytest.approx(1e3 * sum(cycle) / gap)
+    assert result["median_ms"] == pytest.approx(1e3 * statistics.median(cycle))
+    assert result["refreshes"] == target_count(model)  # every weight once, at step T
+
+
+def target_count(model) -> int:
+    """The weights GaLore projects: the default targets."""
+    return len(select_targets(model)[0])
+
+
+@pytest.mark.parametrize("stagger", [False, True])
+def test_a_cycle_refreshes_every_weight_once_staggered_or_not(bench, stagger):
+    model = bench.prepared_model("tiny", "galore", torch.float32, "cpu")
+    gap = 3
+    optimizer = bench.cycle_factory("rsvd", stagger, gap)(model)
+    refreshed = []
+    for _ in range(2 * gap):
+        before = optimizer.refresh_count
+        optimizer.step()
+        refreshed.append(optimizer.refresh_count - before)
+    weights = target_count(model)
+    assert refreshed[0] == weights and sum(refreshed[1:gap]) == 0 and sum(refreshed[gap:]) == weights
+    assert max(refreshed[gap:]) == (weights if not stagger else -(-weights // gap))
+
+
+def test_cycle_table_has_a_row_per_projector_and_stagger(bench, capsys):
+    bench.main(["--cycle", "--size", "tiny", "--gap", "2", "--projectors", "svd", "rsvd"])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert [row[:2] for row in rows] == [["svd", "no"], ["svd", "yes"], ["rsvd", "no"], ["rsvd", "yes"]]
+    weights = target_count(bench.prepared_model("tiny", "galore", torch.float32, "cpu"))
+    for row in rows:
+        steady, median, worst, ratio, amortized = (float(value) for value in row[2:7])
+        assert worst >= median and ratio == pytest.approx(worst / median, abs=0.006)
+        share = float(row[7].rstrip(" %"))  # ms printed to 0.1, the share to 0.1 %: bound the rounding
+        low, high = (amortized - 0.05) / (steady + 0.05), (amortized + 0.05) / (steady - 0.05)
+        assert 100 * (low - 1) - 0.05 <= share <= 100 * (high - 1) + 0.05
+        assert int(row[8]) == weights
+
+
+def test_a_gap_under_2_is_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--cycle", "--gap", "1"])
