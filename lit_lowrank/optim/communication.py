@@ -24,9 +24,18 @@ The averaged ``R`` goes to the optimizer's next :meth:`~LowRankOptimizer.step` (
 :meth:`~LowRankOptimizer.receive_projections`), and ``p.grad`` holds its lift ``P R``, the
 same on every rank. So anything that needs the full averaged gradient of a target weight
 between backward and step — global-norm clipping, fp16 gradient unscaling — cannot be used with
-it (the Lightning integrations refuse both).
+it: the step refuses to read an ``R`` whose lift in ``p.grad`` was changed or cleared after
+backward (``clip_grad_norm_`` and ``GradScaler`` change it in place), before updating anything
+(the Lightning integrations refuse both at setup).
+
+Gradient accumulation: communicate once per optimizer step, running the other micro-batches'
+backward passes under ``ddp.no_sync()``. Without it every backward all-reduces, and the next
+one projects ``p.grad = P R₁ + Gₖ`` again; that gives ``R₁ + Pᵀ Gₖ`` only for an orthonormal,
+unquantized basis, so for any other (``galore-random``'s Gaussian sketch, an INT4 basis) the
+step refuses it.
 """
 
+import weakref
 from typing import Any
 
 import torch
@@ -36,6 +45,9 @@ from torch import Tensor
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 
 # no `from __future__ import annotations`: DDP checks the hook's annotations as objects
+
+LIFT_SAMPLES = 64
+"""Entries of each lift compared before a step reads ``R`` (cheap; a scaled gradient changes every one)."""
 
 COMMUNICATIONS = ("full", "lowrank")
 """``full``: every gradient is all-reduced (DDP's own hook); ``lowrank``: target weights send ``R``."""
@@ -52,6 +64,12 @@ class LowRankCommunication:
         sent_bytes: bytes this rank all-reduced in the last backward that communicated,
             ``{"lowrank": R of target weights, "full": full gradients}``; their sum is also set as
             the optimizer's ``comm_bytes`` (logged as ``optim/comm_bytes``).
+
+    The optimizer's :meth:`~torch.optim.Optimizer.step` (after its closure, if it gets one)
+    raises ``RuntimeError``, before updating anything, where it would read a received ``R`` that
+    no longer matches ``p.grad``: a lift changed or cleared after backward (gradient clipping,
+    ``GradScaler``), or re-projected through a basis that is not orthonormal (several backward
+    passes without ``no_sync``).
     """
 
     def __init__(self, optimizer: LowRankOptimizer, process_group: Any = None) -> None:
@@ -66,6 +84,14 @@ class LowRankCommunication:
         optimizer.comm_bytes = 0
         self._backward_done = True
         self._groups: dict[Tensor, dict[str, Any]] = {}
+        self._lifts: dict[Tensor, tuple[weakref.ref, int, Tensor]] = {}
+        """For each weight handed an averaged ``R``: its ``p.grad`` as DDP left it (the lift), that
+        tensor's version counter then (an in-place change bumps it: clipping) and a copy of a few
+        of its entries (GradScaler's unscaling kernel changes them without bumping it)."""
+        self._refusal: str | None = None
+        """Why the next step must not read the received projections (set during backward)."""
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
 
     def sends_projection(self, p: Tensor) -> bool:
         """Whether ``p`` sends ``R`` this step (the same answer on every rank: same state)."""
@@ -73,18 +99,106 @@ class LowRankCommunication:
         return group is not None and not self.optimizer.needs_full_gradient(p, group)
 
     def enter_bucket(self, last: bool) -> None:
-        """Called by the hook for each bucket: at a backward's first, reset the counters and
-        look up the param groups afresh (groups may have been added since)."""
+        """Called by the hook for each bucket: at a backward's first, reset the counters, look
+        up the param groups afresh (groups may have been added since), check an accumulation
+        and have the lifts recorded once DDP has written them into ``p.grad``."""
         if self._backward_done:
             self.sent_bytes = {"lowrank": 0, "full": 0}
             self.optimizer.comm_bytes = 0
             self._groups = {p: group for group in self.optimizer.param_groups for p in group["params"]}
+            self._refusal = self._inexact_accumulation()
+            # DDP copies the reduced buckets into p.grad in an end-of-backward callback queued after
+            # this one: this one queues the recording behind it
+            queue_callback(lambda: queue_callback(self._record_lifts))
         self._backward_done = last
+
+    def _inexact_accumulation(self) -> str | None:
+        """Why this backward's projections would be wrong, if it is one more micro-batch of an
+        accumulation (``R`` received and not yet stepped) whose lift cannot be re-projected exactly."""
+        projectors = self.optimizer.projectors
+        for p in self.optimizer._received:
+            projector = projectors.get(p)
+            if projector is not None and not reprojects_exactly(projector):
+                return (f"{self.optimizer._name(p)} accumulates gradients over several backward passes that each "
+                        f"communicated, and its basis ({type(projector).__name__}) is not orthonormal, so the "
+                        "accumulated lift P·R in p.grad cannot be projected again exactly; nothing was updated. Use "
+                        "`with model.no_sync():` for all but the last backward of each accumulation (or call "
+                        "optimizer.zero_grad() before a backward whose gradients should replace the last ones)")
+        return None
+
+    def _record_lifts(self) -> None:
+        self._lifts = {p: (weakref.ref(p.grad), p.grad._version, _sample(p.grad).clone())
+                       for p in self.optimizer._received if p.grad is not None}
+
+    def _changed_lift(self) -> Tensor | None:
+        """A weight whose coming step reads its received ``R`` while ``p.grad`` is no longer the
+        lift recorded after backward (cleared, replaced, changed in place), if any."""
+        watched = [p for p in self._lifts if p in self.optimizer._received]
+        for p in watched:
+            lift, version, _ = self._lifts[p]
+            if p.grad is not lift() or p.grad._version != version:
+                return p
+        if not watched or _same([_sample(p.grad) for p in watched], [self._lifts[p][2] for p in watched]):
+            return None  # one comparison for all (one device sync); then find the weight
+        return next(p for p in watched if not _same([_sample(p.grad)], [self._lifts[p][2]]))
+
+    def _before_step(self, optimizer: LowRankOptimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The optimizer's step pre-hook (``args`` begin with the optimizer): refuse now, or after
+        the closure (which runs backward)."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            return self.refuse_stale_projections()
+
+        def checked_closure():
+            loss = closure()
+            self.refuse_stale_projections()
+            return loss
+
+        return args[:1], {**kwargs, "closure": checked_closure}
+
+    def _after_step(self, optimizer: LowRankOptimizer, args: tuple, kwargs: dict) -> None:
+        self._lifts, self._refusal = {}, None
+
+    def refuse_stale_projections(self) -> None:
+        """Raise if the coming step would read a received ``R`` that ``p.grad`` no longer lifts."""
+        if self._refusal is not None:
+            raise RuntimeError(self._refusal)
+        changed = self._changed_lift()
+        if changed is not None:
+            raise RuntimeError(
+                f"the gradient of {self.optimizer._name(changed)} was changed or cleared between backward and step() "
+                "(torch.nn.utils.clip_grad_norm_, GradScaler.unscale_ or .step, ...), but under lowrank_comm_hook "
+                "the step reads the averaged projection R that was communicated, not p.grad, and no rank ever "
+                "holds the full averaged gradient: clipping and fp16 loss scaling cannot see the projected "
+                "gradients. Nothing was updated. Train without them (bf16 autocast needs no GradScaler), or "
+                "without the hook (DDP's own all-reduce, communication: full)")
 
     def count(self, kind: str, tensor: Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         self.sent_bytes[kind] += size
         self.optimizer.comm_bytes += size
+
+
+def _sample(grad: Tensor) -> Tensor:
+    """About :data:`LIFT_SAMPLES` evenly spaced entries of ``grad`` (a view)."""
+    return grad.reshape(-1)[::max(1, grad.numel() // LIFT_SAMPLES)]
+
+
+def _same(tensors: list[Tensor], others: list[Tensor]) -> bool:
+    """Whether the concatenations are equal entry by entry (NaN equal to NaN)."""
+    return torch.allclose(torch.cat(tensors), torch.cat(others), rtol=0, atol=0, equal_nan=True)
+
+
+def reprojects_exactly(projector: Any) -> bool:
+    """Whether projecting a lift gives back what was lifted (``Pᵀ P R = R``): orthonormal bases,
+    not stored quantized."""
+    storage = getattr(projector, "_storage", None)
+    return projector.orthonormal and getattr(storage, "quantizer", None) is None
+
+
+def queue_callback(callback) -> None:
+    """Run ``callback`` when the backward in progress ends, after the callbacks queued before it."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 def lowrank_comm_hook(state: LowRankCommunication, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

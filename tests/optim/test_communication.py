@@ -134,3 +134,105 @@ def test_expert_stacks_and_conv_kernels_communicate_their_projections(tmp_path):
     rank = OPTIONS["rank"]
     between_refreshes = rank * 16 * 4 + 3 * rank * 16 * 4  # conv 16×12: R 16×r; stack 3×4×16: R 3×r×16
     assert rank0["sent"][1::2] == [between_refreshes] * (STEPS // 2)
+
+
+# ---------------------------------------------------------------- plain-PyTorch loops around the hook
+LOOP_STEPS = 4  # update_gap 2: steps 0 and 2 refresh (full gradients), steps 1 and 3 read the averaged R
+
+
+def _accumulated(model, optimizer, inputs, targets, tools, no_sync: bool = False) -> None:
+    """Two micro-batches per step; with ``no_sync`` only the second communicates."""
+    optimizer.zero_grad()
+    for i in range(2):
+        skip_sync = no_sync and i == 0
+        with model.no_sync() if skip_sync else torch.enable_grad():
+            nn.functional.mse_loss(model(inputs[i::2]), targets[i::2]).div(2).backward()
+    optimizer.step()
+
+
+def _scaled(model, optimizer, inputs, targets, tools) -> None:
+    scaler = tools.setdefault(id(optimizer), torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    optimizer.zero_grad()
+    scaler.scale(nn.functional.mse_loss(model(inputs), targets)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def _clipped(model, optimizer, inputs, targets, tools) -> None:
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(inputs), targets).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
+    optimizer.step()
+
+
+def _clipped_in_closure(model, optimizer, inputs, targets, tools) -> None:
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
+        return loss
+
+    optimizer.step(closure)
+
+
+LOOPS = {"accumulated": _accumulated, "accumulated_no_sync": lambda *a: _accumulated(*a, no_sync=True),
+         "scaled": _scaled, "clipped": _clipped, "clipped_in_closure": _clipped_in_closure}
+
+
+def _loop_worker(rank: int, world_size: int, out: str, loop: str, method: str) -> None:
+    """Plain DDP and the hook through the same loop; stops at the first step the hook refuses,
+    saving both models' weights from before that step."""
+    (plain, plain_ddp, plain_optimizer), (ours, our_ddp, our_optimizer), _ = _ddp_pair(
+        lambda: Block(torch.float32), {**OPTIONS, "method": method})
+    tools, result = {}, {"error": None}
+    for step, (inputs, targets) in enumerate(rank_share(batches(LOOP_STEPS, torch.float32), rank, world_size)):
+        plain_before, ours_before = ([p.detach().clone() for p in m.parameters()] for m in (plain, ours))
+        LOOPS[loop](plain_ddp, plain_optimizer, inputs, targets, tools)
+        try:
+            LOOPS[loop](our_ddp, our_optimizer, inputs, targets, tools)
+        except RuntimeError as error:
+            result.update(error=str(error), step=step, plain=plain_before, ours=ours_before,
+                          after=[p.detach().clone() for p in ours.parameters()])
+            break
+    else:
+        result.update(plain=[p.detach() for p in plain.parameters()], ours=[p.detach() for p in ours.parameters()])
+    torch.save(result, f"{out}/rank{rank}.pt")
+
+
+def _assert_same_weights(ours: list[torch.Tensor], plain: list[torch.Tensor]) -> None:
+    for mine, theirs in zip(ours, plain):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+
+
+@pytest.mark.slow
+@requires_gloo
+@pytest.mark.parametrize("loop, method", [("accumulated", "galore"), ("accumulated_no_sync", "galore-random")])
+def test_accumulation_trains_ddp_weights(tmp_path, loop, method):
+    """Every micro-batch communicating, re-projecting the lift through an orthonormal basis; or
+    only the last one (no_sync), whatever the basis: plain DDP's weights."""
+    run_ranks(_loop_worker, str(tmp_path), loop, method)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    assert rank0["error"] is None
+    _assert_same_weights(rank0["ours"], rank0["plain"])
+
+
+@pytest.mark.slow
+@requires_gloo
+@pytest.mark.parametrize("loop, method, names", [
+    ("accumulated", "galore-random", "no_sync"),  # a Gaussian sketch: Pᵀ(P R₁ + G₂) ≠ R₁ + PᵀG₂
+    ("scaled", "galore", "GradScaler"),
+    ("clipped", "galore", "clip_grad_norm_"),
+    ("clipped_in_closure", "galore", "clip_grad_norm_"),
+])
+def test_a_step_that_would_read_a_stale_projection_is_refused_before_any_update(tmp_path, loop, method, names):
+    """Plain DDP's weights up to the first step that reads the averaged R (step 1: step 0
+    refreshes, its full gradients are exact), which raises on both ranks, naming the fix, and
+    leaves every weight as it was."""
+    run_ranks(_loop_worker, str(tmp_path), loop, method)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["error"] is not None and names in result["error"] and result["step"] == 1, result["error"]
+        _assert_same_weights(result["ours"], result["plain"])
+        for before, after in zip(result["ours"], result["after"]):
+            assert torch.equal(before, after)
