@@ -167,11 +167,18 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]] | None:
 
 
 def sweep(plan: list[tuple[str, float]], steps: int, out: Path, jobs: int) -> list[dict[str, Any]]:
-    """Run what ``results.csv`` does not have yet, ``jobs`` at a time; all rows for ``plan``."""
+    """Run what is not done yet, ``jobs`` at a time; all rows for ``plan``. A run is done when
+    ``results.csv`` has its row and its run folder is here (a fresh clone has the committed rows
+    without the folders: those runs are made again, their new rows appended)."""
     results_path = out / "results.csv"
-    done = {(row["variant"], float(row["lr"]), int(row["steps"])): row for row in read_rows(results_path)}
+    rows = read_rows(results_path)
+    done = {(row["variant"], float(row["lr"]), int(row["steps"])): row for row in rows
+            if read_metrics(out / run_name(row["variant"], float(row["lr"]))) is not None}
     todo = [(name, lr) for name, lr in plan if (name, lr, steps) not in done]
-    print(f"{len(plan)} runs, {len(plan) - len(todo)} already in {results_path}", flush=True)
+    orphans = sum((r["variant"], float(r["lr"]), int(r["steps"])) not in done for r in rows)
+    print(f"{len(plan)} runs, {len(plan) - len(todo)} already in {results_path}"
+          + (f" ({orphans} of its rows have no run folder here: those in the plan run again)"
+             if orphans else ""), flush=True)
     prepare_data()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for row in pool.map(lambda item: launch(*item, steps, out), todo):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 
 import pytest
 
@@ -33,6 +34,12 @@ def test_tiny_sweep_writes_rows_table_and_curves_and_resumes(bench, tmp_path, ca
     capsys.readouterr()
     bench.main(argv)  # everything already there: nothing re-run
     assert "2 runs, 2 already in" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / bench.run_name("adamw", 3e-3))  # a clone: the rows without that run's folder
+    bench.main(argv)
+    assert "2 runs, 1 already in" in capsys.readouterr().out
+    with (tmp_path / "results.csv").open() as stream:
+        assert [row["variant"] for row in csv.DictReader(stream)] == ["adamw", "adamw-split", "adamw"]
+    assert (tmp_path / bench.run_name("adamw", 3e-3)).is_dir()
 
 
 def test_split_adamw_trains_the_block_weights_at_alpha_lr(bench, tmp_path):
