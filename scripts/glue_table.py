@@ -101,6 +101,18 @@ def details(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def elsewhere(run_dir: Path) -> str:
+    """``"; GLUE runs are in runs/glue_minilm (sst2, rte): python scripts/glue_table.py
+    runs/glue_minilm"``: the folders beside ``run_dir`` that hold task runs (each base config
+    logs to its own, e.g. MiniLM's ``runs/glue_minilm``); ``""`` if none."""
+    parent = run_dir.parent if run_dir.parent != run_dir else run_dir
+    found = {sibling: sorted(newest_metrics(sibling)) for sibling in sorted(parent.glob("*"))
+             if sibling.is_dir() and sibling != run_dir}
+    hints = [f"{sibling} ({', '.join(tasks)}): python scripts/glue_table.py {sibling}"
+             for sibling, tasks in found.items() if tasks]
+    return "; GLUE runs are in " + "; ".join(hints) if hints else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="directory with one CSVLogger folder per task")
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     results = collect(args.run_dir, args.select)
     if not results:
         raise SystemExit(f"error: no metrics.csv under {args.run_dir} in a folder named after a GLUE task "
-                         f"({', '.join(GLUE_TASKS)})")
+                         f"({', '.join(GLUE_TASKS)}){elsewhere(args.run_dir)}")
     print(table(results, args.label or args.run_dir.name))
     print()
     print(details(results))

@@ -71,3 +71,12 @@ def test_last_epoch(run_dir, monkeypatch, capsys):
 def test_empty_directory_is_an_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="no metrics.csv"):
         run([str(tmp_path)], monkeypatch, capsys)
+
+
+def test_a_run_folder_without_task_runs_names_the_one_beside_it_that_has_them(tmp_path, monkeypatch, capsys):
+    """MiniLM's base config logs to runs/glue_minilm: asking for runs/glue points there."""
+    write_metrics(tmp_path / "glue_minilm" / "sst2" / "version_0" / "metrics.csv", [{"val/accuracy": 0.9}])
+    write_metrics(tmp_path / "glue_minilm" / "rte" / "version_0" / "metrics.csv", [{"val/accuracy": 0.6}])
+    with pytest.raises(SystemExit, match=rf"GLUE runs are in {tmp_path / 'glue_minilm'} \(rte, sst2\): "
+                                         rf"python scripts/glue_table.py {tmp_path / 'glue_minilm'}"):
+        run([str(tmp_path / "glue")], monkeypatch, capsys)
