@@ -12,7 +12,10 @@ it): a value the optimizer would refuse stops the CLI with one ``error: ...`` li
 
 from __future__ import annotations
 
+import csv
+import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,12 @@ from lit_lowrank.extras import require
 require("lightning", "lightning", "jsonargparse")
 
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 import yaml  # noqa: E402
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from fsspec.utils import get_protocol  # noqa: E402
+from lightning.fabric.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+from lightning.fabric.utilities.cloud_io import get_filesystem  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from lit_lowrank import plugins
 from lit_lowrank.methods import Method
@@ -157,10 +164,13 @@ class LowRankCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         plugins.plugin_manager()
+        save_config = {"overwrite": False, **(kwargs.pop("save_config_kwargs", None) or {})}
+        self.overwrite_default = bool(save_config["overwrite"])  # the --overwrite default
+        self.config_filename = save_config.get("config_filename", "config.yaml")
         kwargs = {"subclass_mode_data": True, "auto_configure_optimizers": False,
                   "trainer_defaults": {"callbacks": [progress_bar()]},
                   "parser_class": LowRankArgumentParser,
-                  "save_config_kwargs": {"overwrite": True},
+                  "save_config_kwargs": {**save_config, "overwrite": True},  # claim_run_folder decides
                   "parser_kwargs": {"prog": "python -m lit_lowrank", "description": DESCRIPTION}, **kwargs}
         super().__init__(LowRankModule, pl.LightningDataModule, args=args, **kwargs)
 
@@ -172,6 +182,10 @@ class LowRankCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_dataclass_arguments(LowRankConfig, "lowrank")
+        parser.add_argument("--overwrite", type=bool, default=self.overwrite_default,
+                            help="Run in a log folder that holds another run's config.yaml or metrics.csv, "
+                                 "replacing them (by default such a run is refused; a fit resumed from a "
+                                 "checkpoint inside its own folder appends to it).")
         parser.link_arguments("lowrank", "model.lowrank", apply_on="instantiate")
         list_registered_names(parser)
 
@@ -184,6 +198,104 @@ class LowRankCLI(LightningCLI):
         own = [c for c in trainer.get("callbacks") or [] if "ProgressBar" in str(c.get("class_path", ""))]
         if trainer.get("enable_progress_bar") is False or own:
             self.trainer_defaults = {k: v for k, v in self.trainer_defaults.items() if k != "callbacks"}
+
+
+    def before_fit(self) -> None:
+        """Claim the run's log folder before anything is trained (:meth:`claim_run_folder`)."""
+        self.claim_run_folder()
+
+    before_validate = before_test = before_predict = before_fit
+
+    def claim_run_folder(self) -> None:
+        """Refuse a run whose log folder holds another run's config or metrics (a fixed
+        ``version``, ``logger: false`` with a reused ``default_root_dir``), unless ``--overwrite
+        true``; a fit resumed from a checkpoint inside that folder appends to its metrics. An
+        auto-numbered ``version_N`` taken by a run started at the same moment moves to the next
+        number. Runs on the launching process only (DDP's other ranks re-run the CLI)."""
+        config = self.config[self.subcommand]
+        if config.get("overwrite") or not self.trainer.is_global_zero:
+            return
+        log_dir = claim_log_dir(self.trainer)
+        checkpoint = config.get("ckpt_path")
+        resumed = self.subcommand == "fit" and checkpoint is not None and resumes_in(checkpoint, log_dir)
+        fs = get_filesystem(log_dir)
+        held = [name for name in (self.config_filename, METRICS) if fs.isfile(os.path.join(log_dir, name))]
+        if held and not resumed:
+            raise ConfigError(run_folder_message(log_dir, held, self.trainer.logger is None))
+        if resumed and isinstance(self.trainer.logger, CSVLogger):
+            keep_metrics(self.trainer.logger, checkpoint)
+
+
+METRICS = "metrics.csv"
+"""The file CSVLogger writes a run's metrics to (and deletes when it opens a folder holding one)."""
+
+
+def claim_log_dir(trainer: pl.Trainer) -> str:
+    """``trainer.log_dir``, created now when the logger numbers its versions itself (CSV,
+    TensorBoard): ``mkdir`` is atomic, so a run started at the same moment that took the same
+    ``version_N`` moves this one to the next number instead of interleaving one metrics file."""
+    logger = trainer.logger
+    numbered = isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger._version is None
+    log_dir = trainer.log_dir
+    while numbered and get_protocol(log_dir) == "file":
+        os.makedirs(os.path.dirname(log_dir), exist_ok=True)
+        try:
+            os.mkdir(log_dir)
+            break
+        except FileExistsError:
+            logger._version = None  # taken since the logger numbered it: the next free number
+            log_dir = trainer.log_dir
+    return log_dir
+
+
+def resumes_in(checkpoint: str, log_dir: str) -> bool:
+    """Whether a fit from the ``checkpoint`` file continues the run of ``log_dir`` (lies in it);
+    Lightning's ``last``/``hpc`` do not count (their file is found only once fit starts)."""
+    if checkpoint in ("last", "hpc", "best", "registry") or checkpoint.startswith("registry:"):
+        return False
+    if get_protocol(checkpoint) != "file" or get_protocol(log_dir) != "file":
+        return checkpoint.startswith(log_dir.rstrip("/") + "/")
+    return Path(checkpoint).resolve().is_relative_to(Path(log_dir).resolve())
+
+
+def run_folder_message(log_dir: str, held: list[str], no_logger: bool) -> str:
+    """The refusal of a run whose ``log_dir`` holds another run's files ``held``."""
+    elsewhere = ("set another --trainer.default_root_dir (with logger: false the config goes there)" if no_logger
+                 else "log to another folder (another --trainer.logger.init_args.version or name; no version "
+                      "numbers the runs)")
+    return (f"the run folder {log_dir} holds {' and '.join(held)} of another run, which this run would replace; "
+            f"{elsewhere}, resume that run with --ckpt_path pointing to one of its checkpoints (it appends), or "
+            "pass --overwrite true (save_config_kwargs={'overwrite': True} in Python) to replace them")
+
+
+def keep_metrics(logger: CSVLogger, checkpoint: str) -> None:
+    """Let a fit resumed in its own folder append to the run's ``metrics.csv``: keep the rows
+    logged before the checkpoint's step (CSVLogger deletes the file when it opens the folder; the
+    rows after the checkpoint are logged again) and have the logger append to them."""
+    path = os.path.join(logger.log_dir, METRICS)
+    fs = get_filesystem(path)
+    if not fs.isfile(path):
+        return
+    step = checkpoint_step(checkpoint)
+    with fs.open(path, "r", newline="") as stream:
+        reader = csv.DictReader(stream)
+        header, rows = list(reader.fieldnames or []), [row for row in reader if int(row["step"]) < step]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Experiment logs directory")  # its "will be deleted" warning
+        experiment = logger.experiment
+    with fs.open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    experiment.metrics_keys = header
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The ``global_step`` a Lightning checkpoint file was saved at (a local file is mapped, not read)."""
+    if get_protocol(checkpoint) == "file":
+        return torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    with get_filesystem(checkpoint).open(checkpoint, "rb") as stream:
+        return torch.load(stream, map_location="cpu", weights_only=False)["global_step"]
 
 
 REGISTERED_FIELDS = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers",

@@ -3,6 +3,7 @@ with a projector provided by the pip-installed example plugin, and clear name er
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -33,11 +34,12 @@ def cache_dir(tmp_path_factory):
 
 
 def small_config(tmp_path: Path, cache_dir: Path, **lowrank) -> Path:
+    """A 3-step tiny-LLaMA run without a logger, its config saved in ``tmp_path/run``."""
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": 3, "limit_val_batches": 2, "val_check_interval": 3,
                     "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_checkpointing": False,
-                    "default_root_dir": str(tmp_path), "logger": False},
+                    "default_root_dir": str(tmp_path / "run"), "logger": False},
         "model": {"network": {"class_path": "lit_lowrank.models.Llama",
                               "init_args": {"size": "tiny", "vocab_size": VOCAB, "hidden_size": 32,
                                             "intermediate_size": 64, "num_heads": 2, "num_layers": 2}}},
@@ -194,3 +196,85 @@ def test_an_option_giving_the_class_before_an_overlay_is_no_missing_base(tmp_pat
               "--print_config"])
     assert exit_info.value.code in (0, None)
     assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["batch_size"] == 3
+
+
+def fixed_folder_run(root: Path, cache_dir: Path, steps: int, *extra: str) -> list[str]:
+    """``fit`` of a tiny LLaMA logging every step to ``root/run/version_0`` (a fixed version),
+    checkpointing every 3 steps."""
+    config = yaml.safe_load(small_config(root, cache_dir).read_text())
+    config["trainer"].update(max_steps=steps, logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                                      "init_args": {"save_dir": str(root), "name": "run",
+                                                                    "version": 0}},
+                             log_every_n_steps=1, enable_checkpointing=True, val_check_interval=steps,
+                             callbacks=[{"class_path": "lit_lowrank.lightning.LastStepCheckpoint",
+                                         "init_args": {"every_n_train_steps": 3}}])
+    path = root / f"fixed{steps}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return ["fit", "--config", str(path), *extra]
+
+
+def metric_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_fixed_version_folder_is_refused_unless_asked(tmp_path, cache_dir, capsys):
+    run = tmp_path / "run" / "version_0"
+    main(fixed_folder_run(tmp_path, cache_dir, 3))
+    first = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv")}
+    with pytest.raises(SystemExit) as exit_info:
+        main(fixed_folder_run(tmp_path, cache_dir, 4))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: the run folder {run} holds config.yaml and metrics.csv of another run")
+    assert "--trainer.logger.init_args.version" in error and "--overwrite true" in error
+    assert {name: (run / name).read_bytes() for name in first} == first  # the first run's files, untouched
+    main(fixed_folder_run(tmp_path, cache_dir, 4, "--overwrite", "true"))
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 4
+    assert [int(row["step"]) for row in metric_rows(run) if row["train/loss"]] == list(range(4))
+
+
+@pytest.mark.slow
+def test_a_fit_resumed_in_its_own_folder_appends_to_its_metrics(tmp_path, cache_dir):
+    run = tmp_path / "run" / "version_0"
+    main(fixed_folder_run(tmp_path, cache_dir, 3))
+    before = metric_rows(run)
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    main(fixed_folder_run(tmp_path, cache_dir, 6, "--ckpt_path", str(checkpoint)))
+    after = metric_rows(run)
+    assert [int(row["step"]) for row in after if row["train/loss"]] == list(range(6))  # each step once
+    assert [{k: v for k, v in row.items() if v} for row in after[:len(before)]] == \
+        [{k: v for k, v in row.items() if v} for row in before]  # the first part as the first run wrote it
+
+
+def test_validate_twice_without_a_logger_into_one_root_dir_is_refused(tmp_path, cache_dir, capsys):
+    config = str(small_config(tmp_path, cache_dir))
+    main(["validate", "--config", config])
+    saved = (tmp_path / "run" / "config.yaml").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", config, "--seed_everything", "1"])
+    assert exit_info.value.code == 2
+    assert "set another --trainer.default_root_dir" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == saved
+
+
+def test_a_version_number_taken_meanwhile_moves_the_run_to_the_next(tmp_path, monkeypatch):
+    """Two runs numbering their version at the same moment: the one that creates ``version_0``
+    second gets ``version_1`` instead of sharing one metrics file."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_lowrank.cli import claim_log_dir
+
+    real_numbering, numberings = CSVLogger._get_next_version, []
+
+    def numbered_before_the_other_run_made_its_folder(self):
+        numberings.append(self)
+        return 0 if len(numberings) == 1 else real_numbering(self)
+
+    monkeypatch.setattr(CSVLogger, "_get_next_version", numbered_before_the_other_run_made_its_folder)
+    (tmp_path / "run" / "version_0").mkdir(parents=True)  # the other run's folder
+    trainer = pl.Trainer(logger=CSVLogger(tmp_path, name="run"), accelerator="cpu", enable_progress_bar=False)
+    assert claim_log_dir(trainer) == str(tmp_path / "run" / "version_1")
+    assert (tmp_path / "run" / "version_1").is_dir() and len(numberings) == 2
