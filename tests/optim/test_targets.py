@@ -3,6 +3,7 @@ a Meta-style LLaMA written here), tied weights updated once, patterns as an over
 
 from __future__ import annotations
 
+import ast
 import re
 
 import pytest
@@ -294,7 +295,7 @@ def test_no_structural_target_says_what_the_selection_looks_for_and_what_the_mod
 def test_the_patterns_the_error_suggests_project_the_weights_it_lists(model):
     with pytest.raises(ValueError) as error:
         build_optimizer(model(), rank=2)
-    suggested = eval(re.search(r"e\.g\. (\[.*\])\.$", str(error.value)).group(1))
+    suggested = ast.literal_eval(re.search(r"e\.g\. (\[.*\])\.$", str(error.value)).group(1))
     low_rank, _ = select_targets(model(), targets=suggested)
     expected = {n for n, p in model().named_parameters()
                 if p.ndim >= 2 and not n.startswith("embed")}  # every weight but the embedding
