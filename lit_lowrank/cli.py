@@ -221,7 +221,7 @@ class LowRankCLI(LightningCLI):
         fs = get_filesystem(log_dir)
         held = [name for name in (self.config_filename, METRICS) if fs.isfile(os.path.join(log_dir, name))]
         if held and not resumed:
-            raise ConfigError(run_folder_message(log_dir, held, self.trainer.logger is None))
+            raise ConfigError(run_folder_message(log_dir, held, self.trainer.logger is None, self.subcommand == "fit"))
         if resumed and isinstance(self.trainer.logger, CSVLogger):
             keep_metrics(self.trainer.logger, checkpoint)
 
@@ -258,14 +258,15 @@ def resumes_in(checkpoint: str, log_dir: str) -> bool:
     return Path(checkpoint).resolve().is_relative_to(Path(log_dir).resolve())
 
 
-def run_folder_message(log_dir: str, held: list[str], no_logger: bool) -> str:
+def run_folder_message(log_dir: str, held: list[str], no_logger: bool, fit: bool) -> str:
     """The refusal of a run whose ``log_dir`` holds another run's files ``held``."""
     elsewhere = ("set another --trainer.default_root_dir (with logger: false the config goes there)" if no_logger
                  else "log to another folder (another --trainer.logger.init_args.version or name; no version "
                       "numbers the runs)")
+    resume = ", resume that run with --ckpt_path pointing to one of its checkpoints (it appends)" if fit else ""
     return (f"the run folder {log_dir} holds {' and '.join(held)} of another run, which this run would replace; "
-            f"{elsewhere}, resume that run with --ckpt_path pointing to one of its checkpoints (it appends), or "
-            "pass --overwrite true (save_config_kwargs={'overwrite': True} in Python) to replace them")
+            f"{elsewhere}{resume}, or pass --overwrite true (save_config_kwargs={{'overwrite': True}} in Python) "
+            "to replace them")
 
 
 def keep_metrics(logger: CSVLogger, checkpoint: str) -> None:

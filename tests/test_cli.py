@@ -228,7 +228,7 @@ def test_a_second_run_into_a_fixed_version_folder_is_refused_unless_asked(tmp_pa
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: the run folder {run} holds config.yaml and metrics.csv of another run")
-    assert "--trainer.logger.init_args.version" in error and "--overwrite true" in error
+    assert "--trainer.logger.init_args.version" in error and "--overwrite true" in error and "--ckpt_path" in error
     assert {name: (run / name).read_bytes() for name in first} == first  # the first run's files, untouched
     main(fixed_folder_run(tmp_path, cache_dir, 4, "--overwrite", "true"))
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 4
@@ -255,7 +255,8 @@ def test_validate_twice_without_a_logger_into_one_root_dir_is_refused(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", "--config", config, "--seed_everything", "1"])
     assert exit_info.value.code == 2
-    assert "set another --trainer.default_root_dir" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "set another --trainer.default_root_dir" in error and "--ckpt_path" not in error  # no resume for validate
     assert (tmp_path / "run" / "config.yaml").read_bytes() == saved
 
 
