@@ -59,7 +59,8 @@ class GapSchedule(Schedule):
     (k ≥ 1) are those with φᵢ = φ: at most ⌈N/T⌉ of them at any step, instead of all N every T
     steps. Each weight takes the same SVDs as without staggering, never more (its second refresh
     comes φᵢ steps later), and its first basis serves T + φᵢ < 2T steps. ``φ₀ = 0``: the first
-    weight refreshes as without staggering.
+    weight refreshes as without staggering. A weight added later (``add_param_group``) is placed
+    among the weights the optimizer holds at its first step; those placed before keep their phases.
 
     State (tensors only): ``next_refresh``; with ``stagger``, also ``phase`` (φᵢ) and
     ``phase_due`` (whether φᵢ is still to be added), so a resumed run keeps the phases it
