@@ -1,6 +1,6 @@
-"""``python -m lit_lowrank``: the command line (see :mod:`lit_lowrank.cli`)."""
+"""``python -m lit_lowrank``: the command line (see :mod:`lit_lowrank.commands`)."""
 
-from lit_lowrank.cli import main
+from lit_lowrank.commands import main
 
 if __name__ == "__main__":
     main()

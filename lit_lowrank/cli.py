@@ -1,9 +1,5 @@
-"""Command line.
-
-``python -m lit_lowrank plugins`` lists every registered component; ``python -m lit_lowrank plot
-RUN_DIR ...`` draws runs' logged curves (:mod:`lit_lowrank.plot`);
-``python -m lit_lowrank {fit,validate,test} --config x.yaml`` (and ``--print_config``) runs
-:class:`LowRankCLI`, a ``LightningCLI`` whose YAML has a top-level ``lowrank:`` section
+"""The Lightning command line: ``python -m lit_lowrank {fit,validate,test} --config x.yaml`` (and
+``--print_config``) runs :class:`LowRankCLI`, a ``LightningCLI`` whose YAML has a top-level ``lowrank:`` section
 (:class:`~lit_lowrank.lightning.LowRankConfig`) naming components by their registered names.
 
 The ``lowrank:`` section is checked right after parsing (and before ``--print_config`` prints
@@ -33,13 +29,13 @@ from lightning.fabric.utilities.cloud_io import get_filesystem  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from lit_lowrank import plugins
-from lit_lowrank.methods import Method
+from lit_lowrank.commands import main  # noqa: F401 — ``lit_lowrank.cli.main``, as before
 from lit_lowrank.lightning import LowRankConfig, LowRankModule
 from lit_lowrank.lightning.progress import progress_bar
 
 
 class ConfigError(Exception):
-    """A config value that the checks refuse; :func:`main` prints it as one ``error:`` line."""
+    """A config value that the checks refuse; :func:`run_cli` prints it as one ``error:`` line."""
 
 
 CONFIG_ERRORS = (ValueError, TypeError, plugins.UnknownComponentError)
@@ -130,17 +126,6 @@ class LowRankArgumentParser(LightningArgumentParser):
         return super().dump(cfg, *args, **kwargs)
 
 
-def print_plugins() -> None:
-    """One line per registered component — kind, name, class (a method: its settings), providing
-    plugin."""
-    for kind in plugins.KINDS:
-        for name, entry in sorted(plugins.registered(kind).items()):
-            component = entry.component
-            what = (component.settings() if isinstance(component, Method)
-                    else f"{component.__module__}.{component.__qualname__}")
-            print(f"{kind:<17} {name:<16} {what}  [{entry.provider}]")
-
-
 DESCRIPTION = ("Train with low-rank gradient optimizers (GaLore, Fira, APOLLO, Q-GaLore, ...). "
                "`python -m lit_lowrank plugins` lists the registered projectors, rules, inner "
                "optimizers, schedules, quantizers and methods.")
@@ -199,6 +184,17 @@ class LowRankCLI(LightningCLI):
         if trainer.get("enable_progress_bar") is False or own:
             self.trainer_defaults = {k: v for k, v in self.trainer_defaults.items() if k != "callbacks"}
 
+    def instantiate_classes(self) -> None:
+        """Build the trainer, model and data; a value a constructor refuses (a placeholder
+        ``data_dir``, ...) stops with that constructor's own message, not jsonargparse's dump of
+        every union member it tried."""
+        try:
+            super().instantiate_classes()
+        except ValueError as exc:
+            cause: BaseException = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ConfigError(str(cause)) from exc
 
     def before_fit(self) -> None:
         """Claim the run's log folder before anything is trained (:meth:`claim_run_folder`)."""
@@ -314,18 +310,10 @@ def list_registered_names(parser: LightningArgumentParser) -> None:
             action.help = f"{action.help or ''} Registered: {names}."
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point; ``argv`` defaults to the command line."""
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["plugins"]:
-        print_plugins()
-        return
-    if args[:1] == ["plot"]:
-        from lit_lowrank.plot import main as plot
-
-        return plot(args[1:])
+def run_cli(args: list[str]) -> None:
+    """Run :class:`LowRankCLI` on ``args``; a config error ends in one ``error:`` line, exit code 2."""
     try:
-        LowRankCLI(args=argv)
+        LowRankCLI(args=args)
     except (ConfigError, plugins.UnknownComponentError) as exc:  # a config error: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
