@@ -1,10 +1,13 @@
 """Named methods: one registry (``register_methods``) read by ``build_optimizer(method=...)``,
-``lowrank: {method: ...}``, the estimator, the benchmark and the README's method table."""
+``lowrank: {method: ...}``, the estimator, the benchmark and the generated methods reference
+(``docs/hooks/generate.py``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from lit_lowrank.methods import BUILTIN_METHODS, OPTION_KEYS, Method
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
-README = Path(__file__).parents[1] / "README.md"
+GENERATOR = Path(__file__).parents[1] / "docs" / "hooks" / "generate.py"
 
 
 class Blocks(nn.Module):
@@ -142,25 +145,32 @@ def test_config_method_trains_like_build_optimizer_method():
     assert [comparable(g) for g in built.param_groups] == [comparable(g) for g in reference.param_groups]
 
 
-def readme_method_rows() -> dict[str, str]:
-    """The README method table: method name → its ``lowrank:`` settings cell."""
-    text = README.read_text()
-    table = text[text.index("| method | `lowrank:` settings"):].split("\n\n")[0].splitlines()[2:]
+def docs_generator():
+    """The docs site's generator module (it is not a package: loaded from its path)."""
+    spec = importlib.util.spec_from_file_location("docs_generate", GENERATOR)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def methods_page_rows() -> dict[str, str]:
+    """The generated methods reference: method name → the settings it documents (YAML flow keys)."""
+    reference = docs_generator().methods_reference()
+    sections = re.findall(r"^### ([\w-]+)\n(.*?)(?=^### |\Z)", reference, flags=re.MULTILINE | re.DOTALL)
     rows = {}
-    for line in table:
-        cells = [cell.strip() for cell in line.split("|")[1:-1]]
-        name = re.search(r"`method: ([\w-]+)`", cells[1])
-        if name:
-            rows[name.group(1)] = cells[1]
+    for name, body in sections:
+        sets = re.search(r"\*\*Sets\*\* \(`lowrank: \{method: [\w-]+\}`\): `([^`]*)`", body)
+        rows[name] = sets.group(1) if sets else None
     return rows
 
 
-def test_readme_method_table_has_every_builtin_with_its_settings():
-    rows = readme_method_rows()
+def test_methods_reference_has_every_builtin_with_its_settings():
+    rows = methods_page_rows()
     assert set(BUILTIN_METHODS) <= set(rows), sorted(set(BUILTIN_METHODS) - set(rows))
-    for name, cell in rows.items():
-        spelled = re.findall(r"`([^`]*)`", cell.split("` = ", 1)[1]) if "` = " in cell else []
-        settings = yaml.safe_load("{" + ", ".join(spelled) + "}")
+    for name, spelled in rows.items():
+        assert spelled is not None, f"{name}: no settings line"
+        settings = {} if spelled == "the defaults" else yaml.safe_load("{" + spelled + "}")
         expected = json.loads(json.dumps(plugins.get_method(name).settings()))  # tuples as YAML's lists
         assert settings == expected, name
     assert set(OPTION_KEYS) <= set(LowRankConfig.__dataclass_fields__)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_lowrank import LowRankOptimizer, UnknownComponentError, build_optimizer, hookimpl, plugins
+from lit_lowrank import (DenseBasisProjector, InnerOptimizer, LowRankOptimizer, Side, UnknownComponentError,
+                         UpdateRule, build_optimizer, hookimpl, plugins)
 from lit_lowrank.memory import BASELINES, estimate, llama_on_meta
 from lit_lowrank.activations import bind_compact, compact_linear_layers
 from lit_lowrank.methods import Method
@@ -24,26 +25,94 @@ UNESTIMATED = {"adaptive-rank"}  # its ranks depend on the gradients' spectra
 ADAFACTOR_BETA1 = Method("Adafactor with a first moment", {"inner": "adafactor", "inner_args": {"beta1": 0.9}})
 
 
+class TopAxes(DenseBasisProjector):
+    """A plugin's projector: the r coordinate axes of the projected side with the largest
+    gradient norms, as one-hot columns."""
+
+    def fit(self, grad: torch.Tensor, side: Side) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        axis = -2 if side == Side.LEFT else -1
+        norms = torch.linalg.vector_norm(grad, dim=-1 if axis == -2 else -2)
+        basis = torch.zeros(grad.shape[axis], self.rank, dtype=grad.dtype, device=grad.device)
+        basis.scatter_(0, norms.topk(self.rank).indices[None], 1.0)
+        return (basis, None) if side == Side.LEFT else (None, basis)
+
+
+class RowScaledMomentum(InnerOptimizer):
+    """A plugin's inner optimizer: ``N = M / (row RMS of M + ε)``, a float32 momentum of R and a
+    float32 row RMS, whatever R's dtype."""
+
+    linear_state = ("exp_avg",)
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.betas, self.eps = tuple(betas), eps
+
+    def init_state(self, low: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"exp_avg": torch.zeros_like(low, dtype=torch.float32),
+                "row_rms": low.new_zeros(low.shape[0], dtype=torch.float32)}
+
+    def directions(self, lows, states, step):
+        directions = []
+        for low, state in zip(lows, states):
+            momentum = state["exp_avg"].lerp_(low.float(), 1 - self.betas[0])
+            state["row_rms"].copy_(momentum.square().mean(dim=1).sqrt())
+            directions.append((momentum / (state["row_rms"][:, None] + self.eps)).to(low.dtype))
+        return directions
+
+
+class ColumnMaxGalore(UpdateRule):
+    """A plugin's rule keeping state: GaLore's ``W ← W − η α lift(N)``, recording the largest
+    norm each column of G has had (float32, one per column), declared by :meth:`state_layout`."""
+
+    def apply_(self, param, inputs, *, step_size):
+        norms = torch.linalg.vector_norm(inputs.grad.float(), dim=0)
+        seen = inputs.state.setdefault("column_max", torch.zeros_like(norms))
+        torch.maximum(seen, norms, out=seen)
+        inputs.projector.add_back_(param, inputs.direction, alpha=-step_size * self.scale)
+
+    def state_layout(self, grad, low, projector):
+        return {"column_max": torch.linalg.vector_norm(grad.float(), dim=0)}
+
+
+TOP_AXES = Method("a plugin's method: top-norm axes, row-scaled momentum, column maxima",
+                  {"projector": "test-top-axes", "inner": "test-row-momentum", "rule": "test-column-max"})
+PLUGIN_METHODS = {"galore-adafactor-beta1": ADAFACTOR_BETA1, "test-top-axes": TOP_AXES}
+"""Methods registered by this file's plugin, estimated like the built-ins."""
+
+
 @pytest.fixture(scope="module", autouse=True)
-def adafactor_beta1_plugin():
-    """A method shipped by a plugin: the estimator reads it from the registry like a built-in."""
+def test_plugin():
+    """Methods and components shipped by a plugin: the estimator reads them from the registry
+    like built-ins, and predicts their state from the components themselves."""
 
     class Plugin:
         @hookimpl
         def register_methods(self, register):
-            register("galore-adafactor-beta1", ADAFACTOR_BETA1)
+            for name, recipe in PLUGIN_METHODS.items():
+                register(name, recipe)
 
-    plugins.register_plugin(Plugin(), name="adafactor-beta1-recipe")
+        @hookimpl
+        def register_projectors(self, register):
+            register("test-top-axes", TopAxes)
+
+        @hookimpl
+        def register_inner_optimizers(self, register):
+            register("test-row-momentum", RowScaledMomentum)
+
+        @hookimpl
+        def register_update_rules(self, register):
+            register("test-column-max", ColumnMaxGalore)
+
+    plugins.register_plugin(Plugin(), name="estimate-memory-test-plugin")
     yield
-    plugins.unregister_plugin("adafactor-beta1-recipe")
+    plugins.unregister_plugin("estimate-memory-test-plugin")
 
 
 def estimated_methods() -> list[str]:
-    return [name for name in plugins.registered("methods") if name not in UNESTIMATED] + ["galore-adafactor-beta1"]
+    return [name for name in plugins.registered("methods") if name not in UNESTIMATED] + list(PLUGIN_METHODS)
 
 
 def recipe(name: str) -> Method:
-    return ADAFACTOR_BETA1 if name == "galore-adafactor-beta1" else plugins.get_method(name)
+    return PLUGIN_METHODS[name] if name in PLUGIN_METHODS else plugins.get_method(name)
 
 
 def small_llama() -> LlamaForCausalLM:
@@ -136,11 +205,17 @@ def test_a_method_without_a_formula_is_refused(name):
         estimate(small_llama(), name, rank=RANK)
 
 
-def test_subset_norms_other_than_auto_have_no_formula():
-    """Rows or columns of R hold r or max(m, n) values depending on the side: not estimated."""
-    recipe = Method("GaLore-SN over R's rows", {"inner": "adamw-sn", "inner_args": {"subsets": "rows"}})
-    with pytest.raises(ValueError, match="subsets are not 'auto'.*state_bytes"):
-        estimate(small_llama(), recipe, rank=RANK)
+@pytest.mark.parametrize("subsets", ["rows", "columns"])
+def test_subset_norms_other_than_auto_are_estimated_as_measured(subsets):
+    """Rows or columns of R hold r or max(m, n) values depending on the side: the components
+    predict which (tests/optim/test_state_formulas.py has the closed form)."""
+    recipe = Method("GaLore-SN over R's rows or columns", {"inner": "adamw-sn", "inner_args": {"subsets": subsets}})
+    model = OddShapes(torch.float32)
+    optimizer = build_optimizer(model, method=recipe, targets=["mlp"], exclude=["head"], rank=RANK)
+    predicted = estimate(model, recipe, rank=RANK, targets=["mlp"], exclude=["head"])
+    model(torch.randn(4, 53)).square().mean().backward()
+    optimizer.step()
+    assert predicted.states == optimizer.state_bytes()
 
 
 def test_cli_prints_a_row_per_method(monkeypatch, capsys):
@@ -149,6 +224,32 @@ def test_cli_prints_a_row_per_method(monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["method", "adamw", "q-galore-layerwise"]
+
+
+def run_script(monkeypatch, capsys, *args: str) -> tuple[list[list[str]], str]:
+    """The cells of each table row ``scripts/estimate_memory.py`` prints (header included), and
+    its whole output."""
+    script = Path(__file__).parents[2] / "scripts" / "estimate_memory.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    return rows, out
+
+
+def test_cli_prints_a_plugin_method_as_estimated(monkeypatch, capsys):
+    """A plugin's method (this file's components, in no table of the estimator) gets its row."""
+    (header, row), _ = run_script(monkeypatch, capsys, "--size", "60m", "--methods", "test-top-axes")
+    result = estimate(llama_on_meta("60m"), "test-top-axes", rank=128)
+    expected = [result.weights, result.gradients, result.optimizer, result.total]
+    assert row == ["test-top-axes", *(f"{value / 2**30:.2f}" for value in expected)]
+
+
+def test_cli_prints_unknown_and_why_for_a_method_without_a_prediction(monkeypatch, capsys):
+    (header, unknown, adamw), out = run_script(monkeypatch, capsys, "--size", "60m", "--methods", "adaptive-rank",
+                                               "adamw")
+    assert unknown == ["adaptive-rank", *["unknown"] * 4] and adamw[0] == "adamw"
+    assert "no memory estimate for method 'adaptive-rank'" in out and "state_bytes() after a step" in out
 
 
 class OddShapes(torch.nn.Module):
@@ -182,9 +283,9 @@ def test_state_bytes_equal_measured_on_odd_shapes(name, dtype):
     assert predicted.states == optimizer.state_bytes()
 
 
-def test_readme_7b_table_is_the_estimators():
-    """Every row of the README's LLaMA-7B table (bf16, rank 1024) is what the estimator prints."""
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+def test_docs_7b_table_is_the_estimators():
+    """Every row of the docs' LLaMA-7B table (docs/quantized.md: bf16, rank 1024) is what the estimator prints."""
+    readme = (Path(__file__).parents[2] / "docs" / "quantized.md").read_text()
     lines = readme[readme.index("LLaMA-7B, bf16, rank 1024, GiB"):].splitlines()[2:]
     table = lines[: next(i for i, line in enumerate(lines) if not line.startswith("|"))]
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[2:]]  # below the header
