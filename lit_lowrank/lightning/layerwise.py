@@ -36,6 +36,9 @@ class LayerwiseCallback(Callback):
             once), with fp16 gradient scaling (the scaler unscales gradients after backward),
             with manual optimization, or with several processes under another strategy than
             ``ddp_lowrank`` (DDP would all-reduce gradients after the hooks ran).
+        RuntimeError: from ``backward()`` on every rank, before that step updates anything, naming
+            each parameter that got a gradient in the step on some ranks but not on others
+            (:class:`~lit_lowrank.optim.layerwise.LayerwiseUpdates`: no ``find_unused_parameters``).
     """
 
     def __init__(self, communication: str = "full") -> None:

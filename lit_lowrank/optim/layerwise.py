@@ -31,8 +31,13 @@ e.g. with :func:`~lit_lowrank.optim.communication.sync_module_states`). On the w
 micro-batch, a parameter launches an asynchronous all-reduce of what its step needs — ``R_acc + R``
 where the step can take ``R`` and ``communication="lowrank"``, else its full gradient — and is
 stepped when it arrives, in launch order, while backward goes on; the end of backward waits for
-the rest. Every rank issues the same all-reduces in the same order, so every parameter must take
-part in every backward on every rank (DDP's ``find_unused_parameters`` has no counterpart).
+the rest. Every rank issues the same all-reduces in the same order, so a parameter that gets a
+gradient in a window on some ranks must get one on all of them (DDP's ``find_unused_parameters``
+has no counterpart): at the first gradient of a window's last backward, before any all-reduce of
+it, the ranks sum one "has a gradient this window" flag per parameter (the autograd engine tells
+which parameters the backward in progress will reach), and every rank raises ``RuntimeError``
+naming the parameters that some ranks lack — nothing of that step is updated. A parameter
+unused on every rank is skipped, as before.
 
 Not supported, by construction: global gradient-norm clipping (no per-parameter equivalent —
 every other gradient is already gone when one parameter steps) and gradient scaling for fp16
@@ -47,6 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from lit_lowrank.optim.communication import COMMUNICATIONS
@@ -158,12 +164,33 @@ class LayerwiseUpdates:
     @torch.no_grad()
     def _on_gradient(self, p: Tensor) -> None:
         if not self._end_queued:  # once per backward: run _end_backward when autograd finishes (as DDP does)
+            if self._world > 1 and self.ends_window():
+                self._refuse_partly_unused()
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             self._end_queued = True
         if self.ends_window():
             self._step(p)
         else:
             self._accumulate(p)
+
+    def _refuse_partly_unused(self) -> None:
+        """Before the window's first all-reduce: raise on every rank if some parameter has a
+        gradient this window (from an earlier micro-batch, or coming in this backward) on some
+        ranks only — its all-reduce would be paired with another parameter's."""
+        params = list(self._groups)
+        has_gradient = [p in self._pending or p in self._lows or _will_get_gradient(p) for p in params]
+        counts = torch.tensor(has_gradient, dtype=torch.int32, device=params[0].device)
+        dist.all_reduce(counts, group=self.process_group)
+        partly = [(p, has) for p, has, count in zip(params, has_gradient, counts.tolist()) if 0 < count < self._world]
+        if partly:
+            names = ", ".join(f"{self.optimizer._name(p)} ({'has one' if has else 'none'} on this rank)"
+                              for p, has in partly)
+            raise RuntimeError(
+                f"layer-wise updates under data parallel: these parameters got a gradient in this step on some ranks "
+                f"but not on others: {names}. Each parameter's gradient is all-reduced in the same order on every "
+                "rank, so each must get one on every rank or on none (there is no find_unused_parameters); nothing "
+                "was updated in this step. Make them take part in every rank's forward (e.g. add 0 * p.sum() to "
+                "the loss), freeze them (requires_grad=False), or leave them out of the optimizer")
 
     def _needs_full(self, p: Tensor) -> bool:
         """Whether ``p`` keeps (and, under data parallel, reduces) its full gradient this window."""
@@ -240,6 +267,12 @@ class LayerwiseUpdates:
         low_rank = sum(t.numel() * t.element_size() for t in self._lows.values())
         full = sum(p.grad.numel() * p.grad.element_size() for p in self._pending if p.grad is not None)
         return {"low_rank": low_rank, "full": full}
+
+
+def _will_get_gradient(p: Tensor) -> bool:
+    """Whether the backward in progress reaches ``p``'s gradient accumulator (as
+    ``torch.autograd.graph.register_multi_grad_hook`` asks the engine)."""
+    return torch._C._will_engine_execute_node(get_gradient_edge(p).node)
 
 
 def _world_size(process_group: Any) -> int:

@@ -51,3 +51,21 @@ def test_ddp_lowrank_refuses_options_beside_a_lowrank_module(small_llama):
     module = LowRankModule(small_llama(), lowrank=LowRankConfig(rank=4))
     with pytest.raises(ValueError, match="its own lowrank section"):
         DDPLowRankStrategy(rank=8).connect(module)
+
+
+class DetachOnRankOne(pl.Callback):
+    """From the second batch on, rank 1's second MLP gets no gradient (its output is detached)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and batch_idx == 1:
+            pl_module.network.model.layers[1].mlp.register_forward_hook(lambda module, args, out: out.detach())
+
+
+@pytest.mark.slow
+def test_layerwise_ddp_names_a_parameter_unused_on_one_rank(small_llama):
+    torch.manual_seed(0)
+    module = LowRankModule(small_llama(), lowrank=LowRankConfig(rank=4, update_gap=2, lr=0.01, layerwise=True))
+    t = trainer(strategy=DDPLowRankStrategy(ddp_kwargs=SPAWN_GLOO), devices=2, max_epochs=1,
+                callbacks=[DetachOnRankOne()])
+    with pytest.raises(Exception, match=r"some ranks but not on others: .*layers\.1\.mlp\.gate_proj"):
+        t.fit(module, DataLoader(tokens(8), batch_size=2))

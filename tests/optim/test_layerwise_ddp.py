@@ -117,3 +117,56 @@ def test_layerwise_ddp_backward_peak_is_single_process_plus_what_is_in_flight(tm
     for cap, peak in peaks.items():
         assert peak <= single + cap * 2**20, (cap, peak, single)
     assert peaks[1] <= 1.02 * single
+
+
+class Branches(torch.nn.Module):
+    """``attn`` → ``mlp``, plus ``extra`` added to the output when ``use_extra``: a parameter
+    whose use depends on the batch (as an expert does on the routing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn, self.mlp, self.extra = torch.nn.Linear(12, 16), torch.nn.Linear(16, 4), torch.nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor, use_extra: bool) -> torch.Tensor:
+        out = self.mlp(torch.tanh(self.attn(x)))
+        return out + self.extra(x) if use_extra else out
+
+
+EXTRA_USED_ON = [(0, 1), (), (0,)]  # by step: the ranks whose batch uses `extra`
+
+
+def _unused_worker(rank: int, world_size: int, out: str, accumulation: int) -> None:
+    model = Branches()
+    optimizer = build_optimizer(model, targets=["attn", "mlp", "extra"], rank=2, update_gap=2, lr=1e-2)
+    LayerwiseUpdates(optimizer, accumulation).attach()
+    generator = torch.Generator().manual_seed(rank)
+    result = {"error": None}
+    for step, used_on in enumerate(EXTRA_USED_ON):
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            for micro_batch in range(accumulation):  # `extra` used in the window's first micro-batch only
+                use_extra = rank in used_on and micro_batch == 0
+                model(torch.randn(4, 12, generator=generator), use_extra).square().mean().backward()
+        except RuntimeError as error:
+            result.update(error=str(error), step=step,
+                          unchanged=all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
+            break
+    torch.save(result, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+@requires_gloo
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_parameter_unused_on_one_rank_is_named_on_every_rank_before_any_update(tmp_path, accumulation):
+    """``extra`` is used on both ranks (step 0), on none (step 1: skipped everywhere, no error),
+    then on rank 0 only (step 2): both ranks raise, naming its weight and bias, before any
+    all-reduce of that step could pair different parameters, and no weight changes in it."""
+    run_ranks(_unused_worker, str(tmp_path), accumulation)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["error"] is not None and result["step"] == 2, result["error"]
+        assert "extra.weight" in result["error"] and "extra.bias" in result["error"]
+        assert "attn" not in result["error"] and "mlp" not in result["error"]
+        assert ("has one on this rank" if rank == 0 else "none on this rank") in result["error"]
+        assert result["unchanged"]
