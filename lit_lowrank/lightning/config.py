@@ -14,6 +14,7 @@ from torch import nn
 from lit_lowrank.lightning.lr_schedule import DECAYS
 from lit_lowrank.optim.communication import COMMUNICATIONS
 from lit_lowrank.optim.factory import build_optimizer
+from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS
 from lit_lowrank.optim.lowrank import ADAMW_BETAS, ADAMW_EPS
 from lit_lowrank.optim.targets import check_patterns
 from lit_lowrank.optim.validation import check_group
@@ -66,7 +67,9 @@ class LowRankConfig:
         inner_args: The inner optimizer's own options, e.g. {min_8bit_size: 4096} (method field).
         schedule_args: The schedule's own options, e.g. {threshold: 0.4} (method field).
         nonfinite: A step with a NaN/inf gradient is skipped (skip, counted in
-            optim/skipped_steps), raises (raise) or goes through (ignore).
+            optim/skipped_steps), raises (raise) or goes through (ignore). A NaN/inf weight raises.
+        max_consecutive_skips: With nonfinite skip, the most updates of one weight skipped in a
+            row; the next raises (the run stops instead of finishing untrained). null: no bound.
         warmup: Linear warm-up length: steps (an integer ≥ 1) or a fraction of the run (< 1).
         min_lr_ratio: The decay ends at min_lr_ratio · lr (0.1 in the GaLore papers' pretraining).
         lr_schedule: After warm-up: cosine decay (LLaMA pretraining), linear decay (the papers'
@@ -112,6 +115,7 @@ class LowRankConfig:
     inner_args: dict[str, Any] | None = None
     schedule_args: dict[str, Any] | None = None
     nonfinite: str = "skip"
+    max_consecutive_skips: int | None = MAX_CONSECUTIVE_SKIPS
     warmup: float = 0.1
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"

@@ -31,7 +31,7 @@ from lit_lowrank import plugins
 STATE_LAYOUT = ("rank", "projector", "side", "rule", "inner", "schedule", "projector_args", "inner_args")
 """Options of low-rank groups whose saved state cannot carry over to another value."""
 
-DENSE_OPTIONS = ("betas", "eps", "weight_decay", "nonfinite")
+DENSE_OPTIONS = ("betas", "eps", "weight_decay", "nonfinite", "max_consecutive_skips")
 """The options that matter for a dense (AdamW) group."""
 
 SCHEDULER_OWNED = ("lr", "initial_lr")

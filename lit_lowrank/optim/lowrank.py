@@ -596,6 +596,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             fresh = "step" not in self.state.get(p, {})
             if copies or fresh:
                 journal.entry(self.state, p)
+            if copies:
                 journal.tensor(tensor)
             state = self.state[p]
             if fresh:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_lowrank import LowRankOptimizer
+from lit_lowrank import LowRankOptimizer, build_optimizer
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
 from lit_lowrank.projectors.svd import SVDProjector
 
@@ -340,3 +340,23 @@ def test_layerwise_names_the_nonfinite_weight():
     with pytest.raises(FloatingPointError, match=r"weight 0.weight is non-finite \(not its gradient\)"):
         with pytest.warns(RuntimeWarning, match="non-finite gradient"):  # the later layers' NaN gradients first
             model(torch.randn(3, 8)).sum().backward()
+
+
+def test_build_optimizer_passes_the_bound_to_every_group_with_or_without_a_method():
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4))
+    for method in (None, "galore", "fira"):
+        optimizer = build_optimizer(model, method=method, targets=["0", "2"], rank=2, max_consecutive_skips=4)
+        assert [group["max_consecutive_skips"] for group in optimizer.param_groups] == [4, 4], method
+    with pytest.raises(ValueError, match="max_consecutive_skips must be >= 1 or None"):
+        build_optimizer(model, targets=["0"], rank=2, max_consecutive_skips=0)
+
+
+def test_resuming_with_another_bound_warns_and_uses_this_runs():
+    params, optimizer = _setup(max_consecutive_skips=3)
+    _grads(params, 0)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    _, again = _setup(max_consecutive_skips=5)
+    with pytest.warns(UserWarning, match=r"param group 1 \(bias, ...\) max_consecutive_skips: 3 -> 5"):
+        again.load_state_dict(saved)
+    assert [group["max_consecutive_skips"] for group in again.param_groups] == [5, 5]
