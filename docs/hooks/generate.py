@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +274,15 @@ def on_files(files, config):
     for image in sorted(ROOT.glob("bench/**/*.png")):
         files.append(File.generated(config, image.relative_to(ROOT).as_posix(), abs_src_path=str(image)))
     return files
+
+
+SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|obj|exc):<code>(~?)([^<]*)</code>")
+"""A Sphinx cross-reference role left in a rendered docstring (``:class:`~a.B``` → ``B``)."""
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """MkDocs hook: the docstrings' Sphinx roles rendered as plain code (``~`` keeps the last name)."""
+    return SPHINX_ROLE.sub(lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>", html)
 
 
 if __name__ == "__main__":
