@@ -98,7 +98,7 @@ BUILTIN_METHODS: dict[str, Method] = {
     "galore-warm": Method("GaLore whose SVD basis is tracked: exact SVD at the first refresh, then subspace "
                           "iteration from the previous basis (QR and a d×r Ritz SVD, no SVD of G)",
                           {"projector": "svd-warm"},
-                          paper="Golub & Van Loan, Matrix Computations, §8.2.4 orthogonal iteration"),
+                          paper="Golub & Van Loan, Matrix Computations, orthogonal iteration"),
     "galore-dct": Method("GaLore with the top-r DCT-II columns instead of an SVD",
                          {"projector": "dct"}, paper="Modoranu et al. 2025, SVD-free low-rank adaptive gradient"),
     "online-pca": Method("one online-PCA step per optimizer step instead of a periodic SVD",

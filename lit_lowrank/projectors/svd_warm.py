@@ -2,8 +2,8 @@
 the next by block power (subspace) iteration from the previous basis, instead of a cold SVD.
 
 Gradient subspaces drift slowly between refreshes, so the previous basis is already close to the
-new top-r subspace; a subspace iteration started there (Golub & Van Loan, Matrix Computations,
-§8.2.4 "orthogonal iteration", with the Rayleigh–Ritz step of §8.2.5) converges in a few rounds,
+new top-r subspace; a subspace iteration started there ("orthogonal iteration", Golub & Van Loan,
+Matrix Computations, ch. 8, ending in a Rayleigh–Ritz step) converges in a few rounds,
 each two products of the gradient's own size with r columns and a thin QR — no m×n factorization.
 """
 

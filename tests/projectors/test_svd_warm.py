@@ -47,8 +47,8 @@ def tangent_of_largest_angle(basis: torch.Tensor, exact: torch.Tensor) -> float:
 @pytest.mark.parametrize("side", ["std", "reverse_std", "full"])
 @pytest.mark.parametrize("iterations", [1, 2])
 def test_one_refresh_contracts_the_angle_at_the_rate_of_the_spectral_gap(shape, side, iterations):
-    """Orthogonal iteration on A Aᵀ: tan θ_new ≤ (σ_{r+1}/σ_r)^(2q) · tan θ_start (Golub & Van
-    Loan, Thm 8.2.2), from a start at a known angle to the exact top-r subspace."""
+    """Orthogonal iteration on A Aᵀ: tan θ_new ≤ (σ_{r+1}/σ_r)^(2q) · tan θ_start for the largest
+    principal angle θ to the exact top-r subspace (the classical bound), from an unrelated start."""
     rank, ratio = 5, 0.5
     grad, u, v = known_spectrum(*shape, gapped(rank, min(shape), ratio))
     projector = WarmSVDProjector(rank, side=side, iterations=iterations)
