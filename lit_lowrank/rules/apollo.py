@@ -10,7 +10,8 @@ from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
-from lit_lowrank.rules.norm_scaling import SCALINGS, limit_growth_, norm_ratio
+from lit_lowrank.projectors.base import Projector
+from lit_lowrank.rules.norm_scaling import SCALINGS, limit_growth_, limiter_layout, norm_ratio
 
 
 class ApolloRule(UpdateRule):
@@ -56,6 +57,10 @@ class ApolloRule(UpdateRule):
         if self.gamma is not None:
             limit_growth_(update, inputs.state, "limiter_norm", self.gamma, inputs.reduce_grad)
         param.add_(update, alpha=-step_size * math.sqrt(self.scale))
+
+    def state_layout(self, grad: Tensor, low: Tensor, projector: Projector) -> dict:
+        """The limiter's norm per matrix (see :func:`~lit_lowrank.rules.norm_scaling.limiter_layout`)."""
+        return limiter_layout(grad, "limiter_norm", self.gamma)
 
 
 class ApolloMiniRule(ApolloRule):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor
 
@@ -78,3 +78,12 @@ class UpdateRule(ABC):
     @abstractmethod
     def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
         """Update ``param`` in place."""
+
+    def state_layout(self, grad: Tensor, low: Tensor, projector: Projector) -> dict[str, Any]:
+        """The tensors :meth:`apply_` keeps in a weight's state, shaped and typed as it makes them
+        (their values unused), for a gradient shaped like ``grad`` (``G``, the view's shape) and
+        its projection ``low`` (``R``) — both on the ``meta`` device, ``projector`` refreshed with
+        ``grad``. The memory prediction (:mod:`lit_lowrank.optim.summary`, the estimator) counts
+        them as :meth:`LowRankOptimizer.state_bytes` counts the real ones; none by default, so a
+        rule that keeps tensors overrides it."""
+        return {}

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
-from lit_lowrank.rules.norm_scaling import limit_growth_, norm_ratio
+from lit_lowrank.projectors.base import Projector
+from lit_lowrank.rules.norm_scaling import limit_growth_, limiter_layout, norm_ratio
 
 
 class FiraRule(UpdateRule):
@@ -53,6 +54,10 @@ class FiraRule(UpdateRule):
             limit_growth_(residual, inputs.state, "limiter_norm", self.gamma, inputs.reduce_grad)
         param.add_(residual, alpha=-step_size)
         inputs.projector.add_back_(param, inputs.direction, alpha=-step_size * self.scale)
+
+    def state_layout(self, grad: Tensor, low: Tensor, projector: Projector) -> dict:
+        """The limiter's norm per matrix (see :func:`~lit_lowrank.rules.norm_scaling.limiter_layout`)."""
+        return limiter_layout(grad, "limiter_norm", self.gamma)
 
 
 @hookimpl

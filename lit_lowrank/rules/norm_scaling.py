@@ -8,7 +8,7 @@ both damp sudden growth of the resulting full-rank term with Fira's norm-growth 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -111,3 +111,10 @@ def limit_growth_(update: Tensor, state: dict[str, Tensor], key: str, gamma: flo
         norm = torch.where(norm > 0, norm * factor, previous)
     state[key] = {"norm": norm}
     return update
+
+
+def limiter_layout(grad: Tensor, key: str, gamma: float | None) -> dict[str, Any]:
+    """The state :func:`limit_growth_` keeps under ``key`` for an update shaped like ``grad``
+    (an ``UpdateRule.state_layout``): one norm per matrix — 0-dim for a weight, E×1×1 for a stack
+    of E experts; none without a limiter (``gamma`` None)."""
+    return {} if gamma is None else {key: {"norm": matrix_norm(grad)}}

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.inner.subset_norm import accumulate_, check_subset_options, second_correction, subset_squares
+from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 
 
@@ -54,6 +55,10 @@ class SubsetNormRule(UpdateRule):
         inputs.projector.add_back_(update, inputs.direction, alpha=self.scale)
         update.div_((norm.sqrt() + self.eps).to(update.dtype))
         param.add_(update, alpha=-step_size * second_correction(self.beta2, step))
+
+    def state_layout(self, grad: Tensor, low: Tensor, projector: Projector) -> dict:
+        """V: one float32 value per subset of ``G``."""
+        return {"subset_norm": subset_squares(grad, self.subsets)}
 
 
 @hookimpl

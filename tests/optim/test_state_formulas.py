@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lit_lowrank import LowRankOptimizer
+from lit_lowrank.optim.summary import summarize
 from lit_lowrank.plugins import get_method
 from lit_lowrank.quantizers.quantized_linear import QuantizedLinear
 
@@ -51,21 +52,51 @@ def options_and_formula(name: str):
     return VARIANTS[name] if name in VARIANTS else (get_method(name).options, FORMULAS[name])
 
 
+def one_weight(shape: tuple[int, int], dtype: torch.dtype, options: dict) -> tuple[nn.Linear, LowRankOptimizer]:
+    """A linear layer with an m×n weight (random, seeded) and the optimizer projecting it."""
+    layer = nn.Linear(shape[1], shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(*shape, generator=torch.Generator().manual_seed(0)))
+    layer.to(dtype)
+    return layer, LowRankOptimizer([{"params": [layer.weight], "lowrank": True}], **options)
+
+
+def low_rank_bytes(states: dict[str, int]) -> int:
+    return states["moments"] + states["projectors"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape, rank", [((37, 53), 5), ((300, 129), 16), ((129, 300), 16)])
 @pytest.mark.parametrize("name", [*FORMULAS, *VARIANTS])
-def test_state_formula_equals_measured_bytes(name, shape, rank, dtype):
+def test_state_formula_equals_measured_and_predicted_bytes(name, shape, rank, dtype):
+    """The formula against ``state_bytes()`` after a step and against the components' own
+    prediction before it (``summarize``, what the estimator uses)."""
     options, formula = options_and_formula(name)
-    generator = torch.Generator().manual_seed(0)
-    weight = nn.Parameter(torch.randn(*shape, generator=generator).to(dtype))
-    optimizer = LowRankOptimizer([{"params": [weight], "lowrank": True}], **{"rank": rank, **options})
-    weight.grad = torch.randn(*shape, generator=generator).to(dtype)
+    layer, optimizer = one_weight(shape, dtype, {"rank": rank, **options})
+    predicted = summarize(layer, optimizer).states
+    layer.weight.grad = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     optimizer.step()
     r = options.get("rank", rank)
     b = torch.finfo(dtype).bits // 8
     expected = formula(r * max(shape), min(shape), r, b, max(shape))
-    measured = optimizer.state_bytes()
-    assert measured["moments"] + measured["projectors"] == expected
+    assert low_rank_bytes(optimizer.state_bytes()) == expected
+    assert low_rank_bytes(predicted) == expected
+
+
+@pytest.mark.parametrize("subsets", ["rows", "columns"])
+@pytest.mark.parametrize("shape", [(37, 53), (300, 129)])
+def test_subset_norms_of_rows_or_columns_of_r(subsets, shape):
+    """GaLore-SN over R's rows or columns: R is m×r (m ≥ n) or r×n, one float32 norm per row or
+    column of it beside Adam's first moment."""
+    m, n, r = *shape, 5
+    low_shape = (m, r) if m >= n else (r, n)
+    expected = 4 * r * max(m, n) + 4 * low_shape[0 if subsets == "rows" else 1] + 4 * r * min(m, n)
+    layer, optimizer = one_weight(shape, torch.float32, {"rank": r, "inner": "adamw-sn",
+                                                          "inner_args": {"subsets": subsets}})
+    predicted = summarize(layer, optimizer).states
+    layer.weight.grad = torch.randn(*shape)
+    optimizer.step()
+    assert low_rank_bytes(optimizer.state_bytes()) == low_rank_bytes(predicted) == expected
 
 
 @pytest.mark.parametrize("shape", [(37, 53), (300, 129)])
