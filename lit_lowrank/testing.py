@@ -267,15 +267,17 @@ def check_update_rule(cls: type, **options: Any) -> None:
     checkpoint carries; with ``uses_gradient = False`` the same step without the gradient; a
     ``batched`` rule steps each slice of a stack as that weight alone; a ``shardable`` rule
     steps each rank's rows of a weight as the whole; an ``any_projection`` rule steps a kernel
-    through a tensor projector without reading its side; and a bitwise resume (rule state
-    included)."""
+    through a tensor projector without reading its side; ``state_layout`` declares the tensors
+    ``apply_`` keeps; and a bitwise resume (rule state included)."""
     for shape in SHAPES:
         for dtype in DTYPES:
             where = f"{cls.__name__} on a {shape[0]}×{shape[1]} {dtype} weight"
             rule = construct(cls, options, scale=0.25)
             grad = _randn(shape, dtype)
             before = _randn(shape, dtype, seed=1)
-            weight, state = _apply_rule(rule, before, grad, _svd(rule, grad), where)
+            projector = _svd(rule, grad)
+            weight, state = _apply_rule(rule, before, grad, projector, where)
+            _expect_declared_state(rule, grad, projector, state, where)
             _expect(weight.shape == before.shape and weight.dtype == dtype, where, "apply_ changed shape/dtype")
             _expect(torch.isfinite(weight).all(), where, "non-finite weight after apply_")
             _expect(not torch.equal(weight, before), where, "apply_ left the weight unchanged")
@@ -289,6 +291,32 @@ def check_update_rule(cls: type, **options: Any) -> None:
     if cls.any_projection:
         _check_any_projection(cls, options)
     _check_resume("rule", cls, options)
+
+
+def _expect_declared_state(rule: Any, grad: Tensor, projector: Any, state: dict[str, Any], where: str) -> None:
+    """``state_layout`` on ``meta`` tensors declares the non-scalar tensors ``apply_`` kept (keys,
+    shapes, dtypes): the summary and the memory estimator predict ``state_bytes()`` from it."""
+    low = projector.project(grad).to("meta")
+    try:
+        declared = _counted_layout(rule.state_layout(grad.to("meta"), low, projector))
+    except Exception as error:  # noqa: BLE001 — named in the failure
+        raise AssertionError(f"{where}: state_layout failed on meta tensors ({type(error).__name__}: {error}); "
+                             "build the declared state from the shapes of grad and low alone") from error
+    kept = _counted_layout(state)
+    _expect(declared == kept, where, f"state_layout declares {declared} but apply_ keeps {kept}; declare what "
+            "apply_ keeps, so the summary and the memory estimator count it")
+
+
+def _counted_layout(tree: dict[str, Any]) -> dict[str, Any]:
+    """What ``state_bytes()`` counts of a (nested) state dict: its non-scalar tensors as
+    ``(shape, dtype)`` (0-dim tensors, Python numbers and dicts without either left out)."""
+    layout = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and _counted_layout(value):
+            layout[key] = _counted_layout(value)
+        elif isinstance(value, Tensor) and value.ndim > 0:
+            layout[key] = (tuple(value.shape), value.dtype)
+    return layout
 
 
 def _svd(rule: Any, grad: Tensor) -> Any:
