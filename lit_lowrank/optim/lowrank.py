@@ -429,9 +429,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         except BaseException:
             journal.undo()
             raise
-        for _, params in work if self._skip_streaks else ():
-            for p in params:
-                self._skip_streaks.pop(p, None)
+        if self._skip_streaks:  # an update ends its parameter's run of skipped ones
+            for _, params in work:
+                for p in params:
+                    self._skip_streaks.pop(p, None)
         interrupt.raise_held()
 
     def _torch_adamw(self, group: dict[str, Any]) -> bool:
