@@ -21,7 +21,9 @@ next one raises ``FloatingPointError``; None never stops a run; a good update re
 Once the gradients are admitted, the step records in a :class:`StepJournal` everything it is
 about to change (projectors, schedules, moments, weights, counters), right before the change;
 if anything fails (an exception, or Ctrl-C) the journal puts it all back before the error
-propagates, so a failed step leaves no half-applied update.
+propagates, so a failed step leaves no half-applied update. Only the step's last update, torch's
+AdamW on the largest dense group, is not copied: torch checks its inputs before it changes
+anything, and a Ctrl-C during it is held (:class:`HeldInterrupt`) until the step is complete.
 """
 
 from __future__ import annotations
@@ -136,18 +138,17 @@ class StepJournal:
 
 
 class HeldInterrupt:
-    """Ctrl-C (SIGINT) held back during a block that must not stop half-way, and raised as
-    ``KeyboardInterrupt`` by :meth:`raise_held` once the caller is in a consistent state. Only
-    with Python's own handler in the main thread: elsewhere Ctrl-C does not raise there, or its
-    handler is someone else's."""
+    """Ctrl-C (SIGINT) held back during a block that must not stop half-way, and delivered by
+    :meth:`raise_held` to the handler that was in place (Python's raises ``KeyboardInterrupt``)
+    once the caller is in a consistent state. In the main thread only (signals are handled there),
+    and only over a handler set from Python."""
 
     def __init__(self) -> None:
         self.received = False
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
             yield
             return
         previous = signal.signal(signal.SIGINT, self._receive)
@@ -161,7 +162,8 @@ class HeldInterrupt:
 
     def raise_held(self) -> None:
         if self.received:
-            raise KeyboardInterrupt
+            self.received = False
+            signal.raise_signal(signal.SIGINT)
 
 
 def deep_copy(tree: Any) -> Any:

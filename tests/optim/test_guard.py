@@ -80,3 +80,19 @@ def test_a_held_ctrl_c_is_raised_after_the_block():
     thread.start()
     thread.join()
     assert finished == [True, True]
+
+
+def test_a_held_ctrl_c_goes_to_the_handler_that_was_in_place():
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        interrupt = HeldInterrupt()
+        with interrupt.held():
+            signal.raise_signal(signal.SIGINT)
+            assert calls == []  # held
+        interrupt.raise_held()
+        assert calls == [signal.SIGINT]
+        interrupt.raise_held()  # delivered once
+        assert calls == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
