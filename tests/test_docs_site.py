@@ -170,3 +170,11 @@ def test_bash_commands_name_real_files(page):
 def test_readme_quick_starts_name_real_files():
     named = command_paths(ROOT / "README.md")
     assert {"scripts/install.sh", "configs/demo.yaml"} <= set(named)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_cited_repository_files_exist(page):
+    """Inline code naming a file of the repository (`tests/...py`, `scripts/...`, ...) names one that exists."""
+    cited = re.findall(r"`((?:tests|scripts|lit_lowrank|configs|bench|plugins|docs)/[^`:\s*<{]+)(?:::[^`]*)?`", page.read_text())
+    missing = sorted({path for path in cited if not (ROOT / path).exists()})
+    assert not missing, missing
