@@ -78,6 +78,8 @@ class LowRankCommunication:
         if optimizer.sharded:
             raise ValueError("low-rank communication is a DDP comm hook, and this optimizer's weights are sharded by "
                              "FSDP (which reduce-scatters their gradients itself)")
+        if process_group is None:  # averaged over every rank: refresh_sharing auto may share
+            optimizer.gradients_identical = True
         self.optimizer = optimizer
         self.process_group = process_group
         self.sent_bytes = {"lowrank": 0, "full": 0}
@@ -147,7 +149,8 @@ class LowRankCommunication:
         the closure (which runs backward)."""
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
-            return self.refuse_stale_projections()
+            self.refuse_stale_projections()
+            return None
 
         def checked_closure():
             loss = closure()
