@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lit_lowrank.hookspecs import hookimpl
+from lit_lowrank.options import having
 
-OPTION_KEYS = ("rank", "projector", "side", "update_gap", "scale", "rule", "inner", "schedule", "on_refresh",
-               "projector_args", "rule_args", "inner_args", "schedule_args")
+OPTION_KEYS = having("method")
 """The optimizer options a method may set: what makes the method, not training hyper-parameters
 (``lr``, ``betas``, ``weight_decay``, the LR schedule stay the user's)."""
+
+TRANSFORMS = {"gradnorm": False, "weight_bits": None, "compact": False}
+"""The model transforms a method may ask for, with their values when it does not: the model must
+hold them before the optimizer is built, since the optimizer trains what the model holds."""
 
 INT4_BASIS = {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
 """Q-GaLore's projection basis: INT4 codes, asymmetric, one scale and minimum per 256 values."""
@@ -77,7 +81,7 @@ class Method:
         return {**settings, **{k: v for k, v in explicit.items() if v is not None}}
 
 
-DEFINING = ("projector", "side", "rule", "inner", "schedule", "gradnorm", "weight_bits", "compact")
+DEFINING = (*having("defining"), *TRANSFORMS)
 """Settings that make a method what it is: set explicitly to another value, they are refused."""
 
 

@@ -18,7 +18,9 @@ from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS
 from lit_lowrank.optim.lowrank import ADAMW_BETAS, ADAMW_EPS
 from lit_lowrank.optim.targets import check_patterns
 from lit_lowrank.optim.validation import check_group
-from lit_lowrank.plugins import get_method
+from lit_lowrank.methods import OPTION_KEYS, TRANSFORMS
+from lit_lowrank.options import names
+from lit_lowrank.optim.resolution import resolve
 from lit_lowrank.quantizers.quantized_linear import check_weight_options, quantize_linear_weights
 from lit_lowrank.activations import CompactLinear, bind_compact, check_compact_options, compact_linear_layers
 from lit_lowrank.reparam.gradnorm import apply_gradnorm
@@ -164,22 +166,17 @@ class LowRankConfig:
         check_compact_options(vars(self))
 
     def _resolve_method(self) -> None:
-        """Fill every method field left at ``None``: from ``method``'s settings, else the
-        built-in default (:data:`METHOD_DEFAULTS`). A field set explicitly is kept, unless it
-        contradicts what the method is (:meth:`Method.merged`: refused)."""
-        explicit = {name: getattr(self, name) for name in METHOD_DEFAULTS}
-        if self.method is not None:
-            explicit = get_method(self.method).merged(self.method, explicit)
-        for name, default in METHOD_DEFAULTS.items():
-            value = explicit.get(name)
-            setattr(self, name, copy.deepcopy(default if value is None else value))
+        """Fill every method field left at ``None`` through the run's one resolution
+        (:func:`~lit_lowrank.optim.resolution.resolve`): from ``method``'s settings, else the
+        schema's default. A field set explicitly is kept, unless it contradicts what the method
+        is (refused)."""
+        run = resolve(self.method, {name: getattr(self, name) for name in METHOD_FIELDS})
+        for name in METHOD_FIELDS:
+            setattr(self, name, copy.deepcopy({**run.options, **run.transforms}[name]))
 
     def optimizer_options(self) -> dict[str, Any]:
-        """The keyword arguments of :class:`LowRankOptimizer` (everything but targets/schedule)."""
-        options = asdict(self)
-        for key in ("enabled", "method", "targets", "exclude", "warmup", "min_lr_ratio", "lr_schedule", "gradnorm", "layerwise",
-                    "communication", "weight_bits", "weight_args", "compact"):
-            options.pop(key)
+        """The keyword arguments of :class:`LowRankOptimizer` (every option of the schema)."""
+        options = {name: copy.deepcopy(getattr(self, name)) for name in names()}
         options["betas"] = None if options["betas"] is None else tuple(options["betas"])
         return options
 
@@ -217,9 +214,5 @@ class LowRankConfig:
 
 
 LR_SCHEDULES = DECAYS
-METHOD_DEFAULTS: dict[str, Any] = {
-    "rank": 128, "projector": "svd", "side": "std", "update_gap": 200, "scale": 0.25, "rule": "galore",
-    "inner": "adamw", "schedule": "fixed", "on_refresh": "keep", "projector_args": {}, "rule_args": {},
-    "inner_args": {}, "schedule_args": {}, "gradnorm": False, "weight_bits": None, "compact": False,
-}
-"""The fields a ``method`` may set (``null`` in YAML: the method's value, else this default)."""
+METHOD_FIELDS = (*OPTION_KEYS, *TRANSFORMS)
+"""The fields a ``method`` may set (``null`` in YAML: the method's value, else the default)."""

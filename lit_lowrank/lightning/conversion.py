@@ -33,21 +33,22 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 
+from lit_lowrank import plugins
 from lit_lowrank.activations import CompactLinear, bind_compact, compact_linear_layers
 from lit_lowrank.lightning.communication import LowRankCommunicationCallback
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.gradient_readers import refuse_gradient_readers
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
-from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.optim.layouts import LAYOUTS
+from lit_lowrank.optim.lowrank import LowRankOptimizer
+from lit_lowrank.optim.resolution import resolve
 from lit_lowrank.optim.targets import no_targets_message, target_layouts
-from lit_lowrank import plugins
 from lit_lowrank.optim.validation import accepted, check_shardable
-from lit_lowrank.plugins import get_method
+from lit_lowrank.options import having
 from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.reparam.gradnorm import is_gradnorm
 
-OWNED_BY_MODULE = ("lr", "betas", "eps", "weight_decay", "warmup", "min_lr_ratio", "lr_schedule")
+OWNED_BY_MODULE = (*having("user"), "warmup", "min_lr_ratio", "lr_schedule")
 """LowRankConfig fields an existing module's ``configure_optimizers`` owns (its optimizer and
 scheduler set them); setting them on the callback or strategy is an error."""
 
@@ -94,8 +95,7 @@ def adoption_config(config: LowRankConfig | None, options: dict[str, Any]) -> tu
                          "configure_optimizers owns them: set lr, betas, eps and weight_decay on your torch optimizer "
                          "and the LR schedule with your own scheduler (or train with LowRankModule, which reads "
                          "them from the config)")
-    method_fields = get_method(merged.method).settings() if merged.method is not None else {}
-    return merged, explicit | frozenset(method_fields)
+    return merged, explicit | resolve(merged.method, {}).chosen
 
 
 def _plain(value: Any) -> Any:
@@ -317,7 +317,7 @@ def _lost(key: str, groups: list[dict[str, Any]]) -> bool:
     return any(g.get(key) not in (None, False, 0) for g in groups)
 
 
-_SUBSTITUTE_KEEPS = ("lr", "weight_decay", "decoupled_weight_decay", "betas", "eps")
+_SUBSTITUTE_KEEPS = (*having("user"), "decoupled_weight_decay")
 """What a substitute inner optimizer keeps of the user's groups (``betas``/``eps`` only if it takes them)."""
 
 

@@ -27,17 +27,17 @@ from typing import Any, Iterator
 from torch import Tensor
 
 from lit_lowrank import plugins
+from lit_lowrank.options import component_kinds, having
 
-STATE_LAYOUT = ("rank", "projector", "side", "rule", "inner", "schedule", "projector_args", "inner_args")
+STATE_LAYOUT = having("state")
 """Options of low-rank groups whose saved state cannot carry over to another value."""
-
-DENSE_OPTIONS = ("betas", "eps", "weight_decay", "nonfinite", "max_consecutive_skips")
-"""The options that matter for a dense (AdamW) group."""
 
 SCHEDULER_OWNED = ("lr", "initial_lr")
 
-COMPONENTS = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers",
-              "schedule": "schedules"}
+DENSE_OPTIONS = tuple(name for name in having("dense") if name not in SCHEDULER_OWNED)
+"""The options that matter for a dense (AdamW) group, checked on resume."""
+
+COMPONENTS = component_kinds()
 """The options of a low-rank group that name a registered component, with its kind."""
 QUANTIZED_ARGS = ("projector_args", "inner_args")
 """The options whose ``quantizer`` entry may name a registered quantizer."""

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from lit_lowrank.methods import Method
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.optim.targets import GRADNORM_DIRECTION, no_targets_message, select_targets, target_layouts
-from lit_lowrank.plugins import get_method
+from lit_lowrank.optim.resolution import resolve
 
 DEFAULT_TARGETS: Sequence[str] | None = None
 """``None``: the linear layers inside the network's repeated blocks (see :mod:`lit_lowrank.optim.targets`)."""
@@ -44,16 +44,13 @@ def build_optimizer(
     low_rank, dense = select_targets(model, targets, exclude)
     if not low_rank:
         raise ValueError(no_targets_message(model, targets, exclude))
-    if method is not None:
-        recipe = get_method(method) if isinstance(method, str) else method
-        options = recipe.merged(str(method), options)
-    transforms = {key: options.pop(key) for key in TRANSFORM_KEYS if key in options}
-    check_model_fits(transforms, low_rank, method)
+    run = resolve(method, options)
+    check_model_fits(run.transforms, low_rank, method)
     layouts = target_layouts(model, targets, exclude, include_frozen=True)  # frozen ones: for add_param_group
     groups = layout_groups(low_rank, layouts)
     if dense:
         groups.append({"params": list(dense.values()), "names": list(dense), "lowrank": False})
-    return LowRankOptimizer(groups, is_target=layouts.get, **options)
+    return LowRankOptimizer(groups, is_target=layouts.get, **run.options)
 
 
 def layout_groups(low_rank: dict[str, Tensor], layouts: dict[Tensor, str]) -> list[dict[str, Any]]:
@@ -67,11 +64,6 @@ def layout_groups(low_rank: dict[str, Tensor], layouts: dict[Tensor, str]) -> li
         group["params"].append(p)
         group["names"].append(name)
     return list(groups.values())
-
-
-TRANSFORM_KEYS = ("gradnorm", "weight_bits", "compact")
-"""The model transforms a method (or a keyword) asks for: the model must hold them before the
-optimizer is built, since the optimizer trains what the model holds."""
 
 
 def check_model_fits(transforms: dict[str, Any], targets: dict[str, nn.Parameter], name: object) -> None:

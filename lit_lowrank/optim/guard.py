@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from lit_lowrank.options import MAX_CONSECUTIVE_SKIPS
+
 NONFINITE = ("skip", "raise", "ignore")
-MAX_CONSECUTIVE_SKIPS = 25
-"""Default bound on the updates of one parameter skipped in a row for non-finite gradients."""
 
 
 def check_nonfinite_option(value: Any) -> None:

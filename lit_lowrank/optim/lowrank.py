@@ -40,6 +40,7 @@ from lit_lowrank.optim.validation import (
     build, build_inner, build_rule, check_bases, check_batched, check_group, check_sharding, check_tensor_projector,
 )
 from lit_lowrank.optim.sharding import LocalRows, RowShard, local, map_tensors
+from lit_lowrank.options import having
 from lit_lowrank.projectors.base import Projector, Side
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
@@ -87,7 +88,7 @@ class LowRankSlot:
 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8
 """torch AdamW's defaults: dense groups stepped by torch's AdamW whose ``betas``/``eps`` are unset."""
-COMPONENT_OPTIONS = ("inner", "inner_args", "betas", "eps", "rule", "rule_args", "scale")
+COMPONENT_OPTIONS = having("builds")
 """The group options a group's inner optimizer and rule are built from."""
 
 

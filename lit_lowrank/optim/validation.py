@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lit_lowrank import plugins
+from lit_lowrank.options import component_kinds
 from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS, check_max_consecutive_skips, check_nonfinite_option
 from lit_lowrank.optim.sharding import RowShard, applies_bases_plainly
 from lit_lowrank.projectors.base import SIDE_POLICIES, Projector, Side
@@ -24,8 +25,7 @@ from lit_lowrank.quantizers.base import QuantizerProbeError
 ON_REFRESH = ("keep", "reset", "rotate")
 """What happens to the moments when a basis changes (see ``LowRankOptimizer._after_refresh``)."""
 
-COMPONENTS = {"projector": "projectors", "rule": "update_rules", "inner": "inner_optimizers",
-              "schedule": "schedules"}
+COMPONENTS = component_kinds()
 """Group option naming a component → its registry kind; its keyword arguments are ``<option>_args``."""
 
 
