@@ -9,7 +9,7 @@ from torch import nn
 from lit_lowrank import LowRankOptimizer, plugins
 
 
-@pytest.mark.parametrize("inner", ["adafactor", "lion"])
+@pytest.mark.parametrize("inner", sorted(plugins.registered("inner_optimizers")))
 @pytest.mark.parametrize("rule", list(plugins.registered("update_rules")))
 @pytest.mark.parametrize("projector", list(plugins.registered("projectors")))
 def test_inner_steps_with_projector_and_rule(inner, rule, projector):
