@@ -69,6 +69,7 @@ def test_every_shipped_config_parses(config, capsys):
     assert "lowrank" in printed
 
 
+@pytest.mark.slow
 def test_fit_from_yaml_with_the_plugin_projector(installed_plugins, tmp_path, cache_dir):
     from lit_lowrank_hadamard import SRHTProjector
 
@@ -81,6 +82,7 @@ def test_fit_from_yaml_with_the_plugin_projector(installed_plugins, tmp_path, ca
     assert "val/ppl" in cli.trainer.callback_metrics
 
 
+@pytest.mark.slow
 def test_fit_a_mixture_of_experts_from_yaml(tmp_path, cache_dir):
     config = yaml.safe_load(small_config(tmp_path, cache_dir).read_text())
     config["model"]["network"] = {"class_path": "lit_lowrank.models.Mixtral",
@@ -98,6 +100,7 @@ def test_fit_a_mixture_of_experts_from_yaml(tmp_path, cache_dir):
     assert cli.trainer.global_step == 3 and "val/ppl" in cli.trainer.callback_metrics
 
 
+@pytest.mark.slow
 def test_validate_subcommand(tmp_path, cache_dir):
     cli = LowRankCLI(args=["validate", "--config", str(small_config(tmp_path, cache_dir))])
     metrics = cli.trainer.callback_metrics

@@ -39,6 +39,7 @@ def runs(tmp_path_factory) -> list[Path]:
     return dirs
 
 
+@pytest.mark.slow
 def test_one_line_per_run_in_every_panel_with_labels(runs, tmp_path):
     out = tmp_path / "curves.png"
     figure = plot_runs(runs, out)
@@ -58,12 +59,14 @@ def test_one_line_per_run_in_every_panel_with_labels(runs, tmp_path):
     assert list(zip(*val.get_lines()[0].get_data())) == logged  # the plotted points are the logged ones
 
 
+@pytest.mark.slow
 def test_the_command_writes_the_png(runs, tmp_path, capsys):
     out = tmp_path / "both.png"
     main(["plot", str(runs[0] / "version_0"), str(runs[1]), "--out", str(out)])
     assert out.exists() and f"wrote {out}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_errors_name_the_problem(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plot", str(tmp_path / "nowhere")])
@@ -100,12 +103,14 @@ def test_csv_errors_name_the_file_and_its_columns(tmp_path):
         plot_runs([all_nan], tmp_path / "x.png")
 
 
+@pytest.mark.slow
 def test_without_matplotlib_the_error_names_the_extra(runs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     with pytest.raises(ModuleNotFoundError, match=r'pip install "lit-lowrank\[plot\]"'):
         plot_runs(runs, tmp_path / "x.png")
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_be_read_is_skipped_with_a_warning(runs, tmp_path):
     """A version folder without the expected columns (an aborted run) is named and skipped."""
     broken = runs[0] / "version_9"

@@ -350,6 +350,7 @@ def test_adafactor_is_rightly_not_elementwise():
         testing._check_elementwise(Claimed, {})
 
 
+@pytest.mark.slow
 def test_a_projector_that_drifts_on_resume_fails():
     class Unsaved(SVDProjector):
         """Refreshes with a random sign flip drawn from the global RNG: not reproducible."""

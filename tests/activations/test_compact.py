@@ -233,6 +233,7 @@ def test_only_nn_linear_targets_are_compressed():
     assert isinstance(CompactLinear.from_linear(nn.Linear(3, 2)), CompactLinear)
 
 
+@pytest.mark.slow
 def test_the_lightning_config_compresses_and_equals_the_uncompressed_random_projection(tmp_path):
     """``lowrank.compact: true`` through LowRankModule and a Trainer: the same weights as the
     run without compression on the same random right projection."""
@@ -270,6 +271,7 @@ def test_config_refuses_compact_options_it_cannot_honour_when_parsed(fields, mes
         LowRankConfig(**{"projector": "random", "side": "right", "compact": True, **fields})
 
 
+@pytest.mark.slow
 def test_a_users_module_adopts_compact_through_the_callback_and_clipping_is_refused():
     import lightning.pytorch as pl
     from lightning.pytorch.demos.boring_classes import BoringModel

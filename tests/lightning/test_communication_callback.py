@@ -36,6 +36,7 @@ def _fit(communication: str, callback: bool = False) -> tuple[TwoLayer, dict[str
     return model, trainer.callback_metrics
 
 
+@pytest.mark.slow
 def test_ddp_lowrank_communication_trains_plain_ddp_weights_and_logs_bytes():
     plain, plain_metrics = _fit("full")
     ours, metrics = _fit("lowrank")

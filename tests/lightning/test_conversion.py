@@ -59,6 +59,7 @@ def fit(adoption: str, steps: int) -> tuple[UserClassifier, pl.Trainer, dict[str
     return model, trainer, before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adoption", list(ADOPTIONS))
 def test_user_adam_is_replaced_and_target_updates_are_low_rank(adoption):
     model, trainer, before = fit(adoption, steps=1)
@@ -75,6 +76,7 @@ def test_user_adam_is_replaced_and_target_updates_are_low_rank(adoption):
     assert trainer.callback_metrics["optim/refreshes"].item() == 2  # telemetry: both encoder weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adoption", list(ADOPTIONS))
 def test_user_scheduler_drives_the_new_optimizer(adoption):
     with warnings.catch_warnings():
@@ -85,6 +87,7 @@ def test_user_scheduler_drives_the_new_optimizer(adoption):
     assert trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
 
 
+@pytest.mark.slow
 def test_no_matching_target_names_the_fix():
     with pytest.raises(ValueError, match="set `targets`"):
         trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -103,6 +106,7 @@ class Losses(pl.Callback):
             trainer.should_stop = True  # an interruption
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD])
 @pytest.mark.parametrize("adoption", list(ADOPTIONS))
 def test_resume_restores_the_converted_optimizer_and_user_scheduler(adoption, optimizer, tmp_path):

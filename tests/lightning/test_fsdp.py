@@ -38,6 +38,7 @@ def run_two_ranks(out: Path, module: str, checkpoint: str) -> None:
         assert rank.returncode == 0, output[-4000:]
 
 
+@pytest.mark.slow
 @requires_gloo
 @pytest.mark.parametrize("checkpoint", ["distributed", "full"])
 def test_fsdp_lowrank_module_resumes_exactly_and_matches_one_process(tmp_path, checkpoint):
@@ -61,6 +62,7 @@ def test_fsdp_lowrank_module_resumes_exactly_and_matches_one_process(tmp_path, c
     assert shares[0]["comm_bytes"] == 2 * (2 * rank * ff * 4) + 8  # the last step does not refresh; + the NaN check
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_a_module_that_shards_itself_adopts_lowrank_with_the_callback(tmp_path):
     run_two_ranks(tmp_path, "user", "distributed")

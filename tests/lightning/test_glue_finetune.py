@@ -62,6 +62,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_minilm_galore_learns_held_out_sentiment(tmp_path, one_thread):
     pl.seed_everything(0)
     data = GLUEDataModule("sst2", data_dir=str(write_sst2(tmp_path)), max_seq_length=16, batch_size=16,
@@ -81,6 +82,7 @@ def test_minilm_galore_learns_held_out_sentiment(tmp_path, one_thread):
     assert after >= 0.85, f"held-out accuracy {after:.3f}"
 
 
+@pytest.mark.slow
 def test_label_count_mismatch_is_refused(tmp_path):
     data = GLUEDataModule("sst2", data_dir=str(write_sst2(tmp_path)), max_seq_length=8)
     module = LowRankModule(SequenceClassifier(num_labels=3), GLUEClassification("sst2"), LowRankConfig(rank=4))

@@ -48,6 +48,7 @@ def train_losses(cli: LowRankCLI) -> dict[int, float]:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(handle) if row["train/loss"]}
 
 
+@pytest.mark.slow
 def test_demo_leaves_a_checkpoint_of_its_last_step_and_resumes_from_it(tmp_path, cache_dir):
     full = fit_demo(tmp_path / "full", cache_dir, 6)
     first = fit_demo(tmp_path / "first", cache_dir, 3)  # 3 is no multiple of the config's 100
@@ -90,6 +91,7 @@ def test_a_monitor_needs_save_last():
     assert isinstance(LastStepCheckpoint(monitor="val/loss", save_last=True), ModelCheckpoint)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("top_k", "steps"), [(1, [5]), (-1, [2, 4, 5])])
 def test_periodic_checkpoints_plus_the_final_step(tmp_path, top_k, steps):
     from lightning.pytorch import Trainer

@@ -50,6 +50,7 @@ def fit(small_llama, *, layerwise: bool, batches: int, **trainer_options):
     return {n: p.detach().clone() for n, p in module.named_parameters()}, lr, t.global_step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation, batches", [(1, 3), (2, 5)])
 def test_layerwise_fit_matches_standard(small_llama, accumulation, batches):
     """accumulate 2 over 5 batches: windows [0, 1], [2, 3] and the epoch's last batch alone —
@@ -66,6 +67,7 @@ def test_layerwise_fit_matches_standard(small_llama, accumulation, batches):
             torch.testing.assert_close(layerwise[name], value, rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_layerwise_with_lowrank_callback_on_a_plain_module(small_llama):
     """An existing LightningModule with LowRankCallback: add LayerwiseCallback next to it."""
 
@@ -90,6 +92,7 @@ def test_layerwise_with_lowrank_callback_on_a_plain_module(small_llama):
     assert t.global_step == 2 and layerwise.updates is None  # detached at the end of training
 
 
+@pytest.mark.slow
 def test_refuses_global_clipping(small_llama):
     module = LowRankModule(small_llama(), lowrank=LowRankConfig(rank=4, layerwise=True))
     with pytest.raises(ValueError, match="gradient_clip_val=None"):

@@ -27,6 +27,7 @@ def tokens(n: int = 48, length: int = 17, vocab: int = 64) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow
 def test_lowrank_fit_logs_telemetry_and_perplexity(small_llama):
     torch.manual_seed(0)
     config = LowRankConfig(rank=4, update_gap=3, lr=0.01, warmup=2)
@@ -52,6 +53,7 @@ def test_lowrank_fit_logs_telemetry_and_perplexity(small_llama):
     assert logged["val/ppl"].item() == pytest.approx(torch.exp(logged["val/loss"]).item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_disabled_is_plain_adamw_with_comparable_state_bytes(small_llama):
     module = LowRankModule(small_llama(), lowrank=LowRankConfig(enabled=False, lr=1e-3))
     t = trainer(max_steps=2)
@@ -63,6 +65,7 @@ def test_disabled_is_plain_adamw_with_comparable_state_bytes(small_llama):
     assert "optim/refreshes" not in t.callback_metrics
 
 
+@pytest.mark.slow
 def test_sequence_classification_logs_metrics_per_named_loader():
     torch.manual_seed(0)
     config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -90,6 +93,7 @@ def test_sequence_classification_logs_metrics_per_named_loader():
     assert isinstance(t.optimizers[0], LowRankOptimizer)
 
 
+@pytest.mark.slow
 def test_infinite_run_is_rejected(small_llama):
     module = LowRankModule(small_llama())
     with pytest.raises(ValueError, match="max_steps"):

@@ -3,6 +3,8 @@ starts a node's process, Lightning joins them, and both end with the same weight
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from ranks import free_port, requires_gloo
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_two_nodes_train_the_same_weights(tmp_path):
     port = free_port()

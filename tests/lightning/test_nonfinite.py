@@ -51,6 +51,7 @@ def _fit(small_llama, nonfinite, callback=None, max_steps=4, **options):
     return module, trainer
 
 
+@pytest.mark.slow
 def test_skipped_step_is_logged_and_the_weights_stay_finite(small_llama):
     with pytest.warns(RuntimeWarning, match="non-finite gradient in model.layers.0.mlp.up_proj.weight"):
         module, trainer = _fit(small_llama, "skip")
@@ -59,6 +60,7 @@ def test_skipped_step_is_logged_and_the_weights_stay_finite(small_llama):
     assert all(bool(p.isfinite().all()) for p in module.parameters())
 
 
+@pytest.mark.slow
 def test_raise_stops_training_naming_the_weight(small_llama):
     with pytest.raises(FloatingPointError, match="model.layers.0.mlp.up_proj.weight"):
         _fit(small_llama, "raise")

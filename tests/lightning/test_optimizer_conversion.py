@@ -49,6 +49,7 @@ def sgd_momentum(params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adoption", ["callback", "strategy"])
 def test_converted_sgd_at_full_rank_equals_the_plain_lightning_run(adoption):
     """BoringModel's 2×32 layer at rank 2 (full) with a basis fitted once: SGD with momentum in
@@ -76,6 +77,7 @@ class TinyTransformer(LightningTransformer):
         pass
 
 
+@pytest.mark.slow
 def test_lightning_transformer_sgd_stays_sgd_and_the_loss_falls(caplog):
     torch.manual_seed(0)
     model = TinyTransformer(vocab_size=32)
@@ -99,6 +101,7 @@ def test_lightning_transformer_sgd_stays_sgd_and_the_loss_falls(caplog):
     assert f"{len(projected)} weights projected, {len(dense)} dense" in line
 
 
+@pytest.mark.slow
 def test_adam_keeps_its_coupled_weight_decay_and_adamw_its_decoupled():
     callbacks = lambda: [LowRankCallback(targets=["layer"], rank=1)]
     adam = fit(Boring(lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.1)), callbacks=callbacks())
@@ -108,6 +111,7 @@ def test_adam_keeps_its_coupled_weight_decay_and_adamw_its_decoupled():
             for g in adamw.optimizers[0].param_groups} == {(True, (0.8, 0.9), 0.01)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, named", [
     (lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True), "Adam.*amsgrad"),
     (lambda p: torch.optim.RMSprop(p, lr=1e-3), "RMSprop has no low-rank equivalent"),
@@ -118,6 +122,7 @@ def test_unsupported_optimizers_are_refused_naming_the_opt_in(make, named):
         fit(Boring(make), callbacks=[LowRankCallback(targets=["layer"], rank=1)])
 
 
+@pytest.mark.slow
 def test_cycled_momentum_is_refused():
     class Cycled(Boring):
         def configure_optimizers(self):
@@ -128,6 +133,7 @@ def test_cycled_momentum_is_refused():
         fit(Cycled(), strategy=LowRankStrategy(targets=["layer"], rank=1))
 
 
+@pytest.mark.slow
 def test_explicit_inner_accepts_a_substitute_and_says_what_is_not_reproduced():
     with pytest.warns(UserWarning, match=r"RMSprop.* replaced by inner='adamw'.*'alpha'.* not reproduced"):
         trainer = fit(Boring(lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9)),
@@ -136,6 +142,7 @@ def test_explicit_inner_accepts_a_substitute_and_says_what_is_not_reproduced():
     assert {(g["inner"], g["lr"]) for g in groups} == {("adamw", 1e-3)}
 
 
+@pytest.mark.slow
 def test_a_methods_inner_replaces_sgd_keeping_its_coupled_weight_decay_and_naming_its_momentum():
     with pytest.warns(UserWarning, match=r"method 'galore-adafactor'.*'momentum'.* not reproduced"):
         trainer = fit(Boring(sgd_momentum), callbacks=[LowRankCallback(targets=["layer"], rank=1,
@@ -144,6 +151,7 @@ def test_a_methods_inner_replaces_sgd_keeping_its_coupled_weight_decay_and_namin
     assert {(g["inner"], g["weight_decay"], g["decoupled_weight_decay"]) for g in groups} == {("adafactor", 0.01, False)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adoption", ["callback", "strategy"])
 def test_enabled_false_keeps_the_users_optimizer(adoption):
     model = Boring()
@@ -154,6 +162,7 @@ def test_enabled_false_keeps_the_users_optimizer(adoption):
     assert set(model.stepping) == {torch.optim.SGD}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adoption", ["callback", "strategy"])
 def test_layerwise_adds_the_layerwise_callback(adoption):
     options = dict(targets=["layer"], rank=1, layerwise=True)
@@ -165,6 +174,7 @@ def test_layerwise_adds_the_layerwise_callback(adoption):
                                                 else {"strategy": LowRankStrategy(**options)}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adoption", ["callback", "strategy"])
 def test_weight_bits_quantizes_the_target_layers(adoption):
     options = dict(targets=["layer"], rank=1, weight_bits=8, weight_args={"group_size": 64})
@@ -190,11 +200,13 @@ def test_a_config_at_its_defaults_is_accepted():
         LowRankCallback(LowRankConfig(betas=[0.9, 0.999]))  # a list, as YAML gives it: the user's optimizer owns betas
 
 
+@pytest.mark.slow
 def test_callback_with_lowrank_strategy_is_refused_naming_both():
     with pytest.raises(ValueError, match="LowRankCallback and strategy='lowrank'"):
         fit(Boring(), strategy="lowrank", callbacks=[LowRankCallback(targets=["layer"], rank=1)])
 
 
+@pytest.mark.slow
 def test_a_module_already_returning_a_low_rank_optimizer_is_refused():
     with pytest.raises(ValueError, match="already returns a LowRankOptimizer"):
         fit(Boring(lambda p: LowRankOptimizer(p)), callbacks=[LowRankCallback(targets=["layer"], rank=1)])
@@ -231,6 +243,7 @@ class ConvBoring(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=0.01)
 
 
+@pytest.mark.slow
 def test_a_users_conv_kernels_are_converted_into_their_own_group_and_train():
     model = ConvBoring()
     start = model.conv.weight.detach().clone()

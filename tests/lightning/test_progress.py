@@ -21,6 +21,7 @@ def test_train_description(bounds, description):
     assert bar._get_train_description(0).strip() == description
 
 
+@pytest.mark.slow
 def test_the_cli_uses_it_unless_the_run_disables_the_bar(tmp_path):
     from lit_lowrank.cli import LowRankCLI
 

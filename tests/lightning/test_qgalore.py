@@ -42,6 +42,7 @@ def run(small_llama, max_steps, ckpt_path=None, callbacks=()):
     return recorder, trainer, module
 
 
+@pytest.mark.slow
 def test_qgalore_int8_run_resumes_exactly(small_llama, tmp_path):
     full, full_trainer, full_module = run(small_llama, max_steps=8)
     layers = [m for m in full_module.network.modules() if isinstance(m, QuantizedLinear)]

@@ -56,6 +56,7 @@ def run(small_llama, cache_dir, max_steps, ckpt_path=None, callbacks=()):
     return recorder, trainer
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_logs_the_same_losses(small_llama, cache_dir, tmp_path):
     full, full_trainer = run(small_llama, cache_dir, max_steps=8)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)

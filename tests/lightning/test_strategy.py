@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -51,6 +53,7 @@ class CheckRanksAgree(pl.Callback):
         assert optimizer.refresh_count == 2  # steps 0 and 2 with update_gap 2
 
 
+@pytest.mark.slow
 def test_ddp_lowrank_trains_two_processes_with_identical_projectors():
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 10, generator=g), torch.randint(0, 2, (32,), generator=g))

@@ -76,6 +76,7 @@ def fit(adoption: str, steps: int = 3, callbacks=()) -> tuple[pl.Trainer, Record
     return trainer, recorder
 
 
+@pytest.mark.slow
 def test_lr_monitor_keeps_the_users_keys():
     _, plain = fit("plain", callbacks=[LearningRateMonitor()])
     user_keys = {k for m in plain.history for k in m if k.startswith("lr-")}
@@ -89,6 +90,7 @@ def test_lr_monitor_keeps_the_users_keys():
         assert recorder.values("lr-Adam/pg1-dense") == plain.values("lr-Adam/pg1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adoption", ["callback", "strategy"])
 def test_layers_are_named_by_parameter_name_on_the_conversion_path(adoption):
     trainer, _ = fit(adoption, steps=1)
@@ -97,11 +99,13 @@ def test_layers_are_named_by_parameter_name_on_the_conversion_path(adoption):
     assert logged["optim/layers/encoder.2.weight/refreshes"].item() == 1
 
 
+@pytest.mark.slow
 def test_train_lr_at_step_k_is_the_lr_used_by_step_k():
     _, recorder = fit("callback", steps=4)
     assert recorder.values("train/lr") == pytest.approx([3e-3 * 0.5 ** k for k in range(4)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adoption", ["callback", "strategy", "module"])
 def test_the_summary_is_printed_at_fit_start(adoption, small_llama, caplog):
     caplog.set_level(logging.INFO)

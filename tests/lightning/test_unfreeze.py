@@ -3,6 +3,8 @@ projected like the others, with the config's betas and weight decay."""
 
 from __future__ import annotations
 
+import pytest
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
@@ -20,6 +22,7 @@ class UnfreezeSecondLayer(BaseFinetuning):
             self.unfreeze_and_add_param_group(pl_module.network.model.layers[1], optimizer)
 
 
+@pytest.mark.slow
 def test_layers_unfrozen_by_base_finetuning_are_projected(small_llama):
     torch.manual_seed(0)
     config = LowRankConfig(rank=4, update_gap=3, lr=0.01, warmup=1, betas=(0.8, 0.95), weight_decay=0.05)

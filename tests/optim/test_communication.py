@@ -48,6 +48,7 @@ def _worker(rank: int, world_size: int, out: str, method: str) -> None:
                 "bases": flat_bases(our_optimizer), "log": log}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_lowrank_communication_matches_ddp_and_sends_r_max_mn(tmp_path):
     run_ranks(_worker, str(tmp_path), "galore")
@@ -71,6 +72,7 @@ def test_lowrank_communication_matches_ddp_and_sends_r_max_mn(tmp_path):
             assert entry["full"] == all_bytes - sum(w.numel() * 4 for w in targets)  # the biases
 
 
+@pytest.mark.slow
 @requires_gloo
 @pytest.mark.parametrize("method", ["galore-rsvd", "galore-random", "adaptive-rank", "galore-adafactor", "online-pca",
                                     "fira", "apollo"])
@@ -124,6 +126,7 @@ def _stacked_worker(rank: int, world_size: int, out: str) -> None:
                 "sent": sent}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_expert_stacks_and_conv_kernels_communicate_their_projections(tmp_path):
     run_ranks(_stacked_worker, str(tmp_path))

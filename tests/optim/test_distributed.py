@@ -3,6 +3,8 @@ single-process run on the whole batch."""
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -54,6 +56,7 @@ def _worker(rank: int, world_size: int, out: str) -> None:
                f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_ddp_ranks_agree_and_match_single_process(tmp_path):
     run_ranks(_worker, str(tmp_path))

@@ -99,6 +99,7 @@ def _train_worker(rank: int, world_size: int, out: str, name: str) -> None:
                 "state_bytes": optimizer.state_bytes(), "refreshes": optimizer.refresh_count}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @requires_gloo
 @pytest.mark.parametrize("name", list(METHODS))
 def test_fully_shard_trains_what_one_process_trains(tmp_path, name):
@@ -116,6 +117,7 @@ def test_fully_shard_trains_what_one_process_trains(tmp_path, name):
     assert shares[0]["projectors"] == single_bytes["projectors"]  # every rank keeps the whole bases
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_left_projection_moments_cover_a_block_of_columns(tmp_path):
     run_ranks(_train_worker, str(tmp_path), "galore-both-reset")
@@ -137,6 +139,7 @@ def _hsdp_worker(rank: int, world_size: int, out: str) -> None:
     torch.save(trained, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_hsdp_replicas_of_row_shards_train_what_one_process_trains(tmp_path):
     run_ranks(_hsdp_worker, str(tmp_path), world_size=4)
@@ -198,6 +201,7 @@ def _layouts_worker(rank: int, world_size: int, out: str) -> None:
     torch.save(trained, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_sharded_experts_and_kernels_train_what_one_process_trains(tmp_path):
     run_ranks(_layouts_worker, str(tmp_path))
@@ -242,6 +246,7 @@ def _empty_shard_worker(rank: int, world_size: int, out: str) -> None:
     torch.save(trained, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_a_rank_holding_no_rows_of_a_weight_still_trains_it_exactly(tmp_path):
     run_ranks(_empty_shard_worker, str(tmp_path))
@@ -290,6 +295,7 @@ def _resume_worker(rank: int, world_size: int, out: str, name: str, full: bool, 
         assert torch.equal(whole(resumed), reference), "the resumed run left the uninterrupted one"
 
 
+@pytest.mark.slow
 @requires_gloo
 @pytest.mark.parametrize("full", [False, True], ids=["distributed", "full"])
 @pytest.mark.parametrize("name", ["galore", "fira"])
@@ -297,12 +303,14 @@ def test_checkpoints_of_sharded_state_resume_exactly(tmp_path, name, full):
     run_ranks(_resume_worker, str(tmp_path), name, full)
 
 
+@pytest.mark.slow
 @requires_gloo
 @pytest.mark.parametrize("full", [False, True], ids=["distributed", "full"])
 def test_checkpoints_of_sharded_experts_and_kernels_resume_exactly(tmp_path, full):
     run_ranks(_resume_worker, str(tmp_path), "fira", full, "layouts")  # per-expert limiter norms (E×1×1) split too
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_hsdp_checkpoints_resume_exactly(tmp_path):
     run_ranks(_resume_worker, str(tmp_path), "fira", False, world_size=4)
@@ -323,6 +331,7 @@ def _nonfinite_worker(rank: int, world_size: int) -> None:
     assert all(torch.equal(whole(p), b) for p, b in zip(model.parameters(), before))
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank():
     run_ranks(_nonfinite_worker)
@@ -352,6 +361,7 @@ def _refusal_worker(rank: int, world_size: int) -> None:
         LowRankOptimizer([{"params": [*model.parameters(), half.weight], "lowrank": False}])
 
 
+@pytest.mark.slow
 @requires_gloo
 def test_what_a_rank_cannot_step_alone_is_refused_when_built():
     run_ranks(_refusal_worker)

@@ -10,6 +10,8 @@ from lit_lowrank.models.llama import GALORE_RANKS, LLAMA_SIZES
 from ranks import requires_gloo
 from script_loader import loaded_script
 
+pytestmark = pytest.mark.slow  # each test runs the benchmark end to end
+
 
 @pytest.fixture(scope="module")
 def bench():

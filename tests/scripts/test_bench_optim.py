@@ -12,6 +12,8 @@ from lit_lowrank import LowRankOptimizer, select_targets
 
 from script_loader import loaded_script
 
+pytestmark = pytest.mark.slow  # each test runs the benchmark end to end
+
 
 @pytest.fixture(scope="module")
 def bench():

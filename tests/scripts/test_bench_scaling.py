@@ -11,6 +11,8 @@ from torch import nn
 
 from script_loader import loaded_script
 
+pytestmark = pytest.mark.slow  # each test runs the benchmark end to end
+
 
 @pytest.fixture(scope="module")
 def bench():
