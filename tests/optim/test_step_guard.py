@@ -14,6 +14,7 @@ from torch import nn
 from lit_lowrank import LowRankOptimizer, build_optimizer
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
 from lit_lowrank.projectors.svd import SVDProjector
+from steps import seeded_grads, weights_and_bias
 
 RULES = [dict(rule="galore"), dict(rule="fira"), dict(rule="apollo", projector="random"),
          dict(rule="apollo-mini", projector="random", rank=1)]
@@ -22,19 +23,7 @@ INNERS = [dict(inner="adamw"), dict(inner="adafactor", inner_args={"beta1": 0.9}
 
 
 def _setup(**options):
-    torch.manual_seed(0)
-    weights = [nn.Parameter(torch.randn(12, 8)), nn.Parameter(torch.randn(6, 10))]
-    bias = nn.Parameter(torch.randn(6))
-    groups = [{"params": weights, "lowrank": True, "names": ["first.weight", "second.weight"]},
-              {"params": [bias], "names": ["bias"]}]
-    options = {"rank": 3, "update_gap": 2, "lr": 1e-2, "weight_decay": 0.1, **options}
-    return [*weights, bias], LowRankOptimizer(groups, **options)
-
-
-def _grads(params, seed):
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator)
+    return weights_and_bias({"first.weight": (12, 8), "second.weight": (6, 10)}, **options)
 
 
 def _snapshot(params, optimizer):
@@ -76,27 +65,27 @@ def _all_finite(tree):
 def test_nonfinite_gradient_skips_the_whole_step(rule, inner, good_steps, bad):
     params, optimizer = _setup(**rule, **inner)
     for seed in range(good_steps):
-        _grads(params, seed)
+        seeded_grads(params, seed)
         optimizer.step()
     before = _snapshot(params, optimizer)
-    _grads(params, 10)
+    seeded_grads(params, 10)
     params[1].grad[2, 3] = bad
     with pytest.warns(RuntimeWarning, match="non-finite gradient in second.weight: step skipped"):
         optimizer.step()
     after = _snapshot(params, optimizer)
     _assert_identical(after, before)
     assert optimizer.skipped_steps == 1 and optimizer.state_dict()["skipped_steps"] == 1
-    _grads(params, 11)
+    seeded_grads(params, 11)
     optimizer.step()  # training goes on, finite
     assert _all_finite(_snapshot(params, optimizer))
 
 
 def test_nonfinite_raise_names_the_parameter_and_changes_nothing():
     params, optimizer = _setup(nonfinite="raise")
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()
     before = _snapshot(params, optimizer)
-    _grads(params, 1)
+    seeded_grads(params, 1)
     params[2].grad[0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite gradient in bias"):
         optimizer.step()
@@ -105,7 +94,7 @@ def test_nonfinite_raise_names_the_parameter_and_changes_nothing():
 
 def test_nonfinite_ignore_lets_the_value_through():
     params, optimizer = _setup(nonfinite="ignore")
-    _grads(params, 0)
+    seeded_grads(params, 0)
     params[2].grad[0] = float("nan")
     optimizer.step()
     assert params[2].isnan().any() and optimizer.skipped_steps == 0
@@ -120,7 +109,7 @@ def test_unknown_nonfinite_policy_is_refused():
 def test_failed_refresh_of_one_weight_rolls_back_every_weight(monkeypatch, good_steps):
     params, optimizer = _setup()
     for seed in range(good_steps):
-        _grads(params, seed)
+        seeded_grads(params, seed)
         optimizer.step()
     before = _snapshot(params, optimizer)
     refreshes = optimizer.refresh_count
@@ -134,7 +123,7 @@ def test_failed_refresh_of_one_weight_rolls_back_every_weight(monkeypatch, good_
         return fit(self, grad, side)
 
     monkeypatch.setattr(SVDProjector, "fit", failing_fit)
-    _grads(params, 5)
+    seeded_grads(params, 5)
     with pytest.raises(torch.linalg.LinAlgError):
         optimizer.step()
     assert calls == [(12, 8), (6, 10)]
@@ -193,7 +182,7 @@ def test_the_policy_of_the_offending_parameters_group_decides():
 
 def _poison(params, seed, poisoned):
     """Gradients for a step, with a NaN in each of ``poisoned`` (indices into ``params``)."""
-    _grads(params, seed)
+    seeded_grads(params, seed)
     for index in poisoned:
         params[index].grad[0] = float("nan")
 
@@ -203,7 +192,7 @@ def test_a_nonfinite_weight_is_named_as_such_and_nothing_changes(nonfinite):
     """A NaN weight (fp16 overflow, a faulty update, a corrupted checkpoint) makes every later
     gradient NaN: the step names the weight, not the first NaN gradient, and raises."""
     params, optimizer = _setup(nonfinite=nonfinite)
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()
     with torch.no_grad():
         params[1][3, 4] = float("nan")
@@ -220,7 +209,7 @@ def test_a_nonfinite_weight_of_an_ignoring_group_is_not_checked():
     params, optimizer = _setup(nonfinite="ignore")
     with torch.no_grad():
         params[2][0] = float("inf")
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()  # `ignore`: no check at all, as documented
     assert params[2].isnan().any() or params[2].isinf().any()
 
@@ -264,7 +253,7 @@ def test_a_good_step_resets_the_count():
     params, optimizer = _setup(max_consecutive_skips=2)
     for round_ in range(3):  # 2 skipped, 1 good, three times: never more than 2 in a row
         assert _skip_until_raised(params, optimizer, bad_steps=2) == (2, None)
-        _grads(params, 100 + round_)
+        seeded_grads(params, 100 + round_)
         optimizer.step()
     assert _skip_until_raised(params, optimizer, bad_steps=3)[0] == 2
     assert optimizer.skipped_steps == 3 * 2 + 3
@@ -272,7 +261,7 @@ def test_a_good_step_resets_the_count():
 
 def test_the_count_survives_a_checkpoint():
     params, optimizer = _setup(max_consecutive_skips=3)
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()
     assert _skip_until_raised(params, optimizer, bad_steps=2) == (2, None)
     saved = copy.deepcopy(optimizer.state_dict())
@@ -284,7 +273,7 @@ def test_the_count_survives_a_checkpoint():
 
 def test_a_checkpoint_saved_before_the_option_existed_takes_this_runs_bound():
     params, optimizer = _setup()
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()
     saved = copy.deepcopy(optimizer.state_dict())
     for group in saved["param_groups"]:
@@ -353,7 +342,7 @@ def test_build_optimizer_passes_the_bound_to_every_group_with_or_without_a_metho
 
 def test_resuming_with_another_bound_warns_and_uses_this_runs():
     params, optimizer = _setup(max_consecutive_skips=3)
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()
     saved = copy.deepcopy(optimizer.state_dict())
     _, again = _setup(max_consecutive_skips=5)

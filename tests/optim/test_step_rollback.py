@@ -18,6 +18,7 @@ from lit_lowrank.inner.sgd import SGDInner
 from lit_lowrank.optim import lowrank as lowrank_module
 from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 from lit_lowrank.rules.galore import GaLoreRule
+from steps import seeded_grads, weights_and_bias
 
 
 class PluginFailure(RuntimeError):
@@ -26,19 +27,7 @@ class PluginFailure(RuntimeError):
 
 def _setup(**options):
     """Three low-rank weights and a dense bias; update_gap 2: steps 1 and 3 refresh the subspaces."""
-    torch.manual_seed(0)
-    weights = [nn.Parameter(torch.randn(12, 8)), nn.Parameter(torch.randn(6, 10)), nn.Parameter(torch.randn(9, 7))]
-    bias = nn.Parameter(torch.randn(6))
-    groups = [{"params": weights, "lowrank": True, "names": ["a.weight", "b.weight", "c.weight"]},
-              {"params": [bias], "names": ["bias"]}]
-    options = {"rank": 3, "update_gap": 2, "lr": 1e-2, "weight_decay": 0.1, **options}
-    return [*weights, bias], LowRankOptimizer(groups, **options)
-
-
-def _grads(params, seed):
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator)
+    return weights_and_bias({"a.weight": (12, 8), "b.weight": (6, 10), "c.weight": (9, 7)}, **options)
 
 
 def _everything(params, optimizer):
@@ -112,11 +101,11 @@ FAILURES = {
 def test_failed_update_phase_is_undone_and_the_retry_equals_a_fresh_run(monkeypatch, failure, on_refresh, good_steps):
     params, optimizer = _setup(on_refresh=on_refresh)
     for seed in range(good_steps):
-        _grads(params, seed)
+        seeded_grads(params, seed)
         optimizer.step()
     before = _everything(params, optimizer)
     restore = FAILURES[failure](monkeypatch)
-    _grads(params, 10)
+    seeded_grads(params, 10)
     with pytest.raises((RuntimeError, KeyboardInterrupt)):
         optimizer.step()
     _assert_identical(_everything(params, optimizer), before)
@@ -125,7 +114,7 @@ def test_failed_update_phase_is_undone_and_the_retry_equals_a_fresh_run(monkeypa
     optimizer.step()  # the same gradients, now without the failure
     fresh_params, fresh = _setup(on_refresh=on_refresh)
     for seed in [*range(good_steps), 10]:
-        _grads(fresh_params, seed)
+        seeded_grads(fresh_params, seed)
         fresh.step()
     _assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
 
@@ -142,7 +131,7 @@ def test_ctrl_c_during_the_last_dense_update_completes_the_step_then_raises(monk
     """A real SIGINT while torch's AdamW updates the largest dense group (the step's last update,
     not copied) is held until the step is complete, then raised."""
     params, optimizer = _two_dense_groups()
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()
 
     def interrupted(original, *args, **kwargs):
@@ -151,13 +140,13 @@ def test_ctrl_c_during_the_last_dense_update_completes_the_step_then_raises(monk
         original(*args, **kwargs)
 
     restore = _patch_dense_adamw(monkeypatch, interrupted)
-    _grads(params, 1)
+    seeded_grads(params, 1)
     with pytest.raises(KeyboardInterrupt):
         optimizer.step()
     restore()
     fresh_params, fresh = _two_dense_groups()
     for seed in (0, 1):
-        _grads(fresh_params, seed)
+        seeded_grads(fresh_params, seed)
         fresh.step()
     _assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
 
@@ -166,7 +155,7 @@ def test_ctrl_c_in_an_earlier_dense_group_is_undone(monkeypatch):
     """The smaller dense group is stepped before the last one, with copies: Ctrl-C right after
     its update undoes it, and the low-rank weight's."""
     params, optimizer = _two_dense_groups()
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()
     before = _everything(params, optimizer)
 
@@ -176,7 +165,7 @@ def test_ctrl_c_in_an_earlier_dense_group_is_undone(monkeypatch):
             raise KeyboardInterrupt
 
     _patch_dense_adamw(monkeypatch, interrupted)
-    _grads(params, 1)
+    seeded_grads(params, 1)
     with pytest.raises(KeyboardInterrupt):
         optimizer.step()
     _assert_identical(_everything(params, optimizer), before)
@@ -187,11 +176,11 @@ def test_a_failing_dense_inner_optimizer_undoes_the_low_rank_weights_stepped_bef
     fails after the low-rank weights and their momentum were updated."""
     options = dict(inner="sgd", inner_args={"momentum": 0.9})
     params, optimizer = _setup(**options)
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()
     before = _everything(params, optimizer)
     restore = _fail_on_call(monkeypatch, SGDInner, "directions", 2, after=True)
-    _grads(params, 1)
+    seeded_grads(params, 1)
     with pytest.raises(PluginFailure):
         optimizer.step()
     _assert_identical(_everything(params, optimizer), before)
@@ -199,19 +188,19 @@ def test_a_failing_dense_inner_optimizer_undoes_the_low_rank_weights_stepped_bef
     optimizer.step()
     fresh_params, fresh = _setup(**options)
     for seed in (0, 1):
-        _grads(fresh_params, seed)
+        seeded_grads(fresh_params, seed)
         fresh.step()
     _assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
 
 
 def test_refresh_count_and_lazy_schedule_are_undone(monkeypatch):
     params, optimizer = _setup(schedule="lazy", update_gap=1)
-    _grads(params, 0)
+    seeded_grads(params, 0)
     optimizer.step()
     before = _everything(params, optimizer)
     refreshes = optimizer.refresh_count
     _fail_on_call(monkeypatch, GaLoreRule, "apply_", 3)
-    _grads(params, 1)
+    seeded_grads(params, 1)
     with pytest.raises(PluginFailure):
         optimizer.step()
     assert optimizer.refresh_count == refreshes
