@@ -71,6 +71,7 @@ class LowRankOptions:
     schedule_args: dict[str, Any] = option(factory=dict, method=True)
     nonfinite: str = option("skip", dense=True)
     max_consecutive_skips: int | None = option(MAX_CONSECUTIVE_SKIPS, dense=True)
+    refresh_sharing: str = option("auto")
 
 
 def names() -> tuple[str, ...]:

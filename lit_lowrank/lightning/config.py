@@ -18,12 +18,10 @@ from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS
 from lit_lowrank.optim.lowrank import ADAMW_BETAS, ADAMW_EPS
 from lit_lowrank.optim.targets import check_patterns
 from lit_lowrank.optim.validation import check_group
-from lit_lowrank.methods import OPTION_KEYS, TRANSFORMS
+from lit_lowrank import transforms as model_transforms
+from lit_lowrank.methods import LEGACY_TRANSFORMS, OPTION_KEYS, TRANSFORMS_KEY
 from lit_lowrank.options import names
 from lit_lowrank.optim.resolution import resolve
-from lit_lowrank.quantizers.quantized_linear import check_weight_options, quantize_linear_weights
-from lit_lowrank.activations import CompactLinear, bind_compact, check_compact_options, compact_linear_layers
-from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
 
 @dataclass
@@ -72,6 +70,9 @@ class LowRankConfig:
             optim/skipped_steps), raises (raise) or goes through (ignore). A NaN/inf weight raises.
         max_consecutive_skips: With nonfinite skip, the most updates of one weight skipped in a
             row; the next raises (the run stops instead of finishing untrained). null: no bound.
+        refresh_sharing: Under data parallelism, each weight's subspace refresh computed by one
+            rank and its bases broadcast (the same weights, bitwise): auto (ddp_lowrank,
+            fsdp_lowrank), on (plain DDP) or off.
         warmup: Linear warm-up length: steps (an integer ≥ 1) or a fraction of the run (< 1).
         min_lr_ratio: The decay ends at min_lr_ratio · lr (0.1 in the GaLore papers' pretraining).
         lr_schedule: After warm-up: cosine decay (LLaMA pretraining), linear decay (the papers'
@@ -82,17 +83,17 @@ class LowRankConfig:
         communication: What DDP all-reduces for target weights: full (their gradients, as plain
             DDP) or lowrank (R = PᵀG between subspace refreshes: r·max(m, n) numbers instead of
             m·n; the same weights); needs a DDP strategy, refuses gradient_clip_val and fp16.
-        gradnorm: GradNormLoRP: weight-normalize the target linear weights (W = g·V/‖V‖) so the
-            direction V is projected and the magnitude g trained densely (method field; default
-            false).
-        weight_bits: Q-GaLore: hold the target linear weights as integer codes of this many bits
-            (8 in the paper), updated with stochastic rounding (method field; default null: float
-            weights).
-        weight_args: Options of the quantized weights: group_size (256), stochastic (true).
-        compact: CompAct (method field; default false): the target linear layers save a random projection x·Q of their input
-            for backward instead of x (activation memory tokens·r instead of tokens·in per layer)
-            and hand the optimizer R = G·Q directly; needs projector random, side right and a
-            rule that does not read G (galore), single process, not layerwise.
+        transforms: Model transforms applied to the targets before the optimizer is built, as
+            {name: options} (method field; `python -m lit_lowrank plugins` lists them):
+            int-weights (Q-GaLore: {bits: 8, group_size: 256, stochastic: true}, integer-coded
+            weights updated with stochastic rounding), weight-norm (GradNormLoRP: W = g·V/‖V‖,
+            V projected, g dense), compact (CompAct: layers save x·Q instead of x and hand the
+            optimizer R = G·Q; needs projector random, side right, rule galore, single process,
+            not layerwise).
+        gradnorm: Deprecated: transforms: {weight-norm: {}}.
+        weight_bits: Deprecated: transforms: {int-weights: {bits: <weight_bits>}}.
+        weight_args: Deprecated: the int-weights options besides bits.
+        compact: Deprecated: transforms: {compact: {}}.
     """
 
     enabled: bool = True
@@ -118,14 +119,16 @@ class LowRankConfig:
     schedule_args: dict[str, Any] | None = None
     nonfinite: str = "skip"
     max_consecutive_skips: int | None = MAX_CONSECUTIVE_SKIPS
+    refresh_sharing: str = "auto"
     warmup: float = 0.1
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"
     layerwise: bool = False
     communication: str = "full"
+    transforms: dict[str, dict[str, Any]] | None = None
     gradnorm: bool | None = None
     weight_bits: int | None = None
-    weight_args: dict[str, Any] = field(default_factory=dict)
+    weight_args: dict[str, Any] | None = None
     compact: bool | None = None
 
     def __post_init__(self) -> None:
@@ -147,32 +150,36 @@ class LowRankConfig:
             raise ValueError(f"warmup must be a whole number of steps (>= 1) or a fraction of the run in "
                              f"[0, 1), got {self.warmup}")
         check_group({**vars(self), "lowrank": self.enabled})  # the optimizer's own checks, at parse time
-        if self.weight_bits is not None and (not self.enabled or self.gradnorm):
-            raise ValueError("weight_bits (quantized weights) needs the low-rank optimizer without gradnorm; "
-                             "set enabled: true and gradnorm: false, or weight_bits: null")
-        check_weight_options(self.weight_bits, self.weight_args)
-        if self.compact:
-            self._check_compact()
+        self._check_transforms()
 
-    def _check_compact(self) -> None:
-        """CompAct hands the optimizer R instead of gradients: it needs the low-rank optimizer,
-        options that can step from R, and no path that reads weight gradients."""
-        if not self.enabled or self.gradnorm or self.weight_bits is not None:
-            raise ValueError("compact: true compresses the plain linear layers of the low-rank optimizer's targets; "
-                             "set enabled: true, gradnorm: false and weight_bits: null, or compact: false")
-        if self.layerwise or self.communication != "full":
-            raise ValueError("compact: true delivers R to optimizer.step() without weight gradients, which layer-wise "
-                             "mode and low-rank communication work from; set layerwise: false and communication: full")
-        check_compact_options(vars(self))
+    def _check_transforms(self) -> None:
+        """Refuse, at parse time, transforms the run cannot train: unknown names or options, any
+        without the low-rank optimizer, one hiding gradients (CompAct) with layer-wise mode or
+        low-rank communication, optimizer options a transform cannot step with."""
+        built = model_transforms.build(self.transforms)
+        if built and not self.enabled:
+            raise ValueError(f"transforms {list(self.transforms)} are trained by the low-rank optimizer; set "
+                             "enabled: true, or transforms: null")
+        for transform in built:
+            if transform.hides_gradients and (self.layerwise or self.communication != "full"):
+                raise ValueError(f"transform {transform.name!r} delivers its updates to optimizer.step() without "
+                                 "weight gradients, which layer-wise mode and low-rank communication work from; set "
+                                 "layerwise: false and communication: full")
+            transform.check_options(vars(self))
 
     def _resolve_method(self) -> None:
         """Fill every method field left at ``None`` through the run's one resolution
         (:func:`~lit_lowrank.optim.resolution.resolve`): from ``method``'s settings, else the
         schema's default. A field set explicitly is kept, unless it contradicts what the method
-        is (refused)."""
-        run = resolve(self.method, {name: getattr(self, name) for name in METHOD_FIELDS})
-        for name in METHOD_FIELDS:
-            setattr(self, name, copy.deepcopy({**run.options, **run.transforms}[name]))
+        is (refused). The deprecated transform fields are folded into ``transforms`` (with a
+        DeprecationWarning) and cleared."""
+        aliases = {name: getattr(self, name) for name in LEGACY_TRANSFORMS if getattr(self, name) is not None}
+        run = resolve(self.method, {**{name: getattr(self, name) for name in METHOD_FIELDS}, **aliases})
+        for name in OPTION_KEYS:
+            setattr(self, name, copy.deepcopy(run.options[name]))
+        self.transforms = copy.deepcopy(run.transforms) or None
+        for name in LEGACY_TRANSFORMS:
+            setattr(self, name, None)
 
     def optimizer_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`LowRankOptimizer` (every option of the schema)."""
@@ -181,15 +188,10 @@ class LowRankConfig:
         return options
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Apply the model transforms the method needs (GradNormLoRP's reparameterization), in
+        """Apply the model transforms of the run (:func:`lit_lowrank.transforms.prepare`), in
         place, before any strategy wraps the model or an optimizer is built."""
-        if self.enabled and self.gradnorm:
-            apply_gradnorm(model, self.targets, self.exclude)
-        if self.weight_bits is not None:
-            quantize_linear_weights(model, self.targets, bits=self.weight_bits, exclude=self.exclude,
-                                    **self.weight_args)
-        if self.compact and not any(isinstance(m, CompactLinear) for m in model.modules()):
-            compact_linear_layers(model, self.targets, self.exclude)
+        if self.enabled:
+            model_transforms.prepare(model, self.transforms, self.targets, self.exclude)
         return model
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -198,9 +200,9 @@ class LowRankConfig:
             params = [p for p in model.parameters() if p.requires_grad]
             return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas or ADAMW_BETAS),
                                      eps=ADAMW_EPS if self.eps is None else self.eps, weight_decay=self.weight_decay)
-        optimizer = build_optimizer(model, targets=self.targets, exclude=self.exclude, **self.optimizer_options())
-        if self.compact:
-            bind_compact(model, optimizer)
+        optimizer = build_optimizer(model, targets=self.targets, exclude=self.exclude, transforms=self.transforms,
+                                    **self.optimizer_options())
+        model_transforms.bind(model, self.transforms, optimizer)
         return optimizer
 
     def warmup_steps(self, total_steps: int) -> int:
@@ -214,5 +216,5 @@ class LowRankConfig:
 
 
 LR_SCHEDULES = DECAYS
-METHOD_FIELDS = (*OPTION_KEYS, *TRANSFORMS)
+METHOD_FIELDS = (*OPTION_KEYS, TRANSFORMS_KEY)
 """The fields a ``method`` may set (``null`` in YAML: the method's value, else the default)."""

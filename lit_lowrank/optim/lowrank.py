@@ -39,11 +39,13 @@ from lit_lowrank.optim.layouts import View, check_layout, target_layout
 from lit_lowrank.optim.validation import (
     build, build_inner, build_rule, check_bases, check_batched, check_group, check_sharding, check_tensor_projector,
 )
+from lit_lowrank.optim.refresh_sharing import SharedRefresh, check_refresh_sharing_option, shareable, world_size
 from lit_lowrank.optim.sharding import LocalRows, RowShard, local, map_tensors
 from lit_lowrank.options import having
 from lit_lowrank.projectors.base import Projector, Side
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
+from lit_lowrank.transforms.base import stored_weight
 
 
 @dataclass
@@ -130,6 +132,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
             ``FloatingPointError`` naming the parameter, instead of finishing a run that no
             longer trains. A good update resets the count (checkpointed); None: no bound; 0 is
             refused (None, or ``nonfinite: raise``).
+        refresh_sharing: under data parallelism, whether each weight's subspace refresh is
+            computed by one rank and its bases broadcast to the others (the same weights,
+            bitwise; the refresh time falls with the ranks): ``auto`` when the gradients are
+            known to be the same on every rank (FSDP2, or :attr:`gradients_identical` set by
+            the ``ddp_lowrank`` strategy or the low-rank communication hook), ``on`` for plain
+            torch DDP, ``off``. See :mod:`lit_lowrank.optim.refresh_sharing`.
         is_target: for :meth:`add_param_group`: which parameters of a group given without a
             ``lowrank`` key are projected — True (2-D weights) or a layout name, falsy for dense
             (``build_optimizer`` passes its target selection).
@@ -163,6 +171,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         schedule_args: dict[str, Any] | None = None,
         nonfinite: str = "skip",
         max_consecutive_skips: int | None = MAX_CONSECUTIVE_SKIPS,
+        refresh_sharing: str = "auto",
         is_target: Callable[[Tensor], bool] | None = None,
     ) -> None:
         self._is_target = is_target
@@ -172,7 +181,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             rule=rule, inner=inner, schedule=schedule, on_refresh=on_refresh,
             projector_args=dict(projector_args or {}), rule_args=dict(rule_args or {}),
             inner_args=dict(inner_args or {}), schedule_args=dict(schedule_args or {}), nonfinite=nonfinite,
-            max_consecutive_skips=max_consecutive_skips,
+            max_consecutive_skips=max_consecutive_skips, refresh_sharing=refresh_sharing,
         )
         super().__init__(params, defaults)
         self._slots: dict[Tensor, LowRankSlot] = {}
@@ -198,6 +207,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._received: dict[Tensor, Tensor] = {}
         self._shards: dict[Tensor, RowShard] = {}
         """This rank's share of each parameter split by rows across ranks (FSDP2)."""
+        self.gradients_identical = False
+        """Whether the gradients a step reads are the same on every rank (averaged by the
+        ``ddp_lowrank`` strategy, the low-rank communication hook or layer-wise DDP, which set
+        it): lets ``refresh_sharing: auto`` share the refreshes."""
         for group in self.param_groups:
             self._validate(group)
         self._refuse_partial_sharding()
@@ -210,13 +223,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Refuse a group whose options, components or parameters do not fit (see
         :func:`~lit_lowrank.optim.validation.check_group`), now rather than at the first step."""
         check_group(group)
+        check_refresh_sharing_option(group["refresh_sharing"])
         shards = check_sharding(group)
         if not group["lowrank"] and self._dense_inner(group) is None:  # torch's AdamW/Adam
             group["betas"] = ADAMW_BETAS if group["betas"] is None else group["betas"]
             group["eps"] = ADAMW_EPS if group["eps"] is None else group["eps"]
         if not group["lowrank"]:
-            if any(hasattr(p, "weight_store") for p in group["params"]):
-                raise ValueError("a quantized weight (with a weight_store) is in a dense group; "
+            if any(stored_weight(p) is not None for p in group["params"]):
+                raise ValueError("a weight stored in another format (int-weights) is in a dense group; "
                                  "add its module name to the low-rank `targets`.")
             self._dense_inner(group)  # an inner optimizer that steps dense params is built (probed) now
         else:
@@ -528,31 +542,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _refresh_subspaces(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor],
                            ) -> dict[Tensor, tuple[Tensor | None, Tensor | None] | None]:
         """Refresh every projector due this step, before anything else changes; if one fails
-        (an SVD that does not converge), restore those already refreshed and re-raise.
+        (an SVD that does not converge), restore those already refreshed and re-raise. Under
+        refresh sharing (:mod:`~lit_lowrank.optim.refresh_sharing`) each shared weight is refreshed
+        by one rank and its projector's state sent to the others; a failure on any rank is
+        raised on every rank.
 
         Returns ``{param: its bases before the refresh (None at the first)}`` for the refreshed ones.
         """
         old_bases, snapshots, created = {}, {}, set()
         try:
-            for group, params in work:
-                if not group["lowrank"]:
-                    continue
-                for p in params:
-                    if p not in self._slots:
-                        created.add(p)
-                    projector, schedule = (slot := self._slot(p, group)).projector, slot.schedule
-                    state = self.state.get(p, {})
-                    if not schedule.should_refresh(int(state["step"]) if "step" in state else 0):
-                        continue
-                    if p in lows and projector.needs_gradient:
-                        raise RuntimeError("a projected gradient was given for a step that refreshes the subspace; "
-                                           "check needs_full_gradient() before projecting")
-                    snapshots[p] = _clone(projector.state_dict())
-                    old_bases[p] = projector.bases() if projector.refreshes else None
-                    values_unread = p in lows or (slot.shard is not None and not projector.needs_gradient)
-                    grad = shape_only(slot.view.shape, p) if values_unread else whole_gradient(p, slot, group)
-                    projector.refresh(grad)
-                    check_bases(projector, grad, group["rank"], group["projector"])
+            due = self._due_refreshes(work, lows, created)
+            for p, slot, group in due:
+                snapshots[p] = _clone(slot.projector.state_dict())
+                old_bases[p] = slot.projector.bases() if slot.projector.refreshes else None
+            shared = self._shared_refresh(due)
+            for p, slot, group in due:
+                index = shared[1].get(p) if shared else None
+                self._refresh_one(p, slot, group, lows, None if index is None else (shared[0], index))
+            if shared:
+                shared[0].exchange()
         except BaseException:
             for p, saved in snapshots.items():
                 if p not in created:
@@ -561,6 +569,66 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._slots.pop(p, None)  # None: its projector failed to build
             raise
         return old_bases
+
+    def _due_refreshes(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor],
+                       created: set[Tensor]) -> list[tuple[Tensor, LowRankSlot, dict[str, Any]]]:
+        """The low-rank weights whose schedule refreshes them this step, with their slots (made
+        now for a first step: added to ``created``) and groups, in parameter order."""
+        due = []
+        for group, params in work:
+            if not group["lowrank"]:
+                continue
+            for p in params:
+                if p not in self._slots:
+                    created.add(p)
+                slot, state = self._slot(p, group), self.state.get(p, {})
+                if not slot.schedule.should_refresh(int(state["step"]) if "step" in state else 0):
+                    continue
+                if p in lows and slot.projector.needs_gradient:
+                    raise RuntimeError("a projected gradient was given for a step that refreshes the subspace; "
+                                       "check needs_full_gradient() before projecting")
+                due.append((p, slot, group))
+        return due
+
+    def _shared_refresh(self, due: list[tuple[Tensor, LowRankSlot, dict[str, Any]]],
+                        ) -> tuple[SharedRefresh, dict[Tensor, int]] | None:
+        """The step's shared refreshes and each shared weight's index among them, or None when
+        no weight due is shared (:meth:`_shares_refresh`)."""
+        chosen = [(p, slot) for p, slot, group in due if self._shares_refresh(slot, group)]
+        if not chosen:
+            return None
+        costs = [slot.view.shape.numel() for _, slot in chosen]
+        sharing = SharedRefresh([slot.projector for _, slot in chosen], costs, local(chosen[0][0]).device)
+        return sharing, {p: index for index, (p, _) in enumerate(chosen)}
+
+    def _shares_refresh(self, slot: LowRankSlot, group: dict[str, Any]) -> bool:
+        """Whether this weight's refresh is computed by one rank and sent to the others: see
+        :mod:`~lit_lowrank.optim.refresh_sharing` for ``refresh_sharing`` and when ``auto`` shares."""
+        mode = group.get("refresh_sharing", "auto")
+        if mode == "off" or world_size() < 2 or not shareable(slot.projector):
+            return False
+        return mode == "on" or slot.shard is not None or self.gradients_identical
+
+    def _refresh_one(self, p: Tensor, slot: LowRankSlot, group: dict[str, Any], lows: dict[Tensor, Tensor],
+                     shared: tuple[SharedRefresh, int] | None) -> None:
+        """Refresh ``p``'s projector from its whole gradient — unless another rank owns this
+        shared refresh (a sharded gradient is still gathered: every rank takes part). A shared
+        refresh that fails is kept for the exchange instead of raised."""
+        projector = slot.projector
+        values_unread = p in lows or (slot.shard is not None and not projector.needs_gradient)
+        mine = shared is None or shared[0].mine(shared[1])
+        if not mine and slot.shard is None:
+            return
+        grad = shape_only(slot.view.shape, p) if values_unread else whole_gradient(p, slot, group)
+        if not mine:
+            return
+        try:
+            projector.refresh(grad)
+            check_bases(projector, grad, group["rank"], group["projector"])
+        except Exception as error:
+            if shared is None:
+                raise
+            shared[0].failed(error)
 
     def needs_full_gradient(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether ``p``'s next step needs its full gradient, not only its projection ``R``: a
@@ -682,7 +750,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     rule.apply_(view.weight(weight), rule_inputs(slot, grads[p], low, direction, state),
                                 step_size=lr * inner.step_size_factor(step))
                 if weight is not target:
-                    p.weight_store.store_(weight)
+                    stored_weight(p).store_(weight)
 
     def _after_refresh(self, old: tuple[Tensor | None, Tensor | None] | None, slot: LowRankSlot, state: dict,
                        inner: InnerOptimizer, group: dict[str, Any], step: int, low: Tensor) -> None:
@@ -894,8 +962,9 @@ def shape_only(shape: torch.Size, like: Tensor) -> Tensor:
 
 def record_weight(journal: StepJournal, p: Tensor, target: Tensor) -> None:
     """Record, before an update, the values of ``p``'s weight: ``target`` (``p`` or this rank's
-    rows of it), or the state of its ``weight_store`` (codes, scales, rounding counter)."""
-    store = getattr(p, "weight_store", None)
+    rows of it), or the state of its :func:`~lit_lowrank.transforms.base.stored_weight` (codes,
+    scales, rounding counter)."""
+    store = stored_weight(p)
     if store is None:
         journal.tensor(target)
     else:
@@ -904,9 +973,10 @@ def record_weight(journal: StepJournal, p: Tensor, target: Tensor) -> None:
 
 def float_weight(p: Tensor) -> Tensor:
     """The tensor an update is applied to: ``p`` itself, or, for a parameter whose values live
-    elsewhere (a ``p.weight_store`` such as an INT8 ``QuantizedLinear``; Q-GaLore §3.4), a float
-    copy ``store.float_weight()`` that ``store.store_(weight)`` re-quantizes after the update."""
-    store = getattr(p, "weight_store", None)
+    elsewhere (a :func:`~lit_lowrank.transforms.base.stored_weight` such as an INT8
+    ``QuantizedLinear``; Q-GaLore §3.4), a float copy ``store.float_weight()`` that
+    ``store.store_(weight)`` re-quantizes after the update."""
+    store = stored_weight(p)
     return p if store is None else store.float_weight()
 
 

@@ -1,0 +1,130 @@
+"""Subspace refresh time on 1 and 2 ranks: every rank computing every SVD, against refresh work
+shared across the ranks (``refresh_sharing``: each weight's refresh on one rank, its bases
+broadcast).
+
+    python scripts/bench_refresh.py                       # LLaMA-60M, svd
+    python scripts/bench_refresh.py --size 20m --projectors svd rsvd --steps 3
+
+Each rank (one gloo process, one thread) holds the same LLaMA and the same fixed gradients —
+what DDP's all-reduce leaves on every rank — and steps GaLore (rank 128) with ``update_gap`` 1,
+so every step refreshes every target weight, and with a gap longer than the run, so no step
+does: the refresh time is the difference of their medians over ``--steps`` steps (after one
+first step that builds the state). A step on 2 ranks is timed on each rank between barriers and
+the slower rank's time counts. Rows: 1 rank; 2 ranks, every rank refreshing every weight
+(``refresh_sharing: off``); 2 ranks sharing (``on``). The last column is the refresh time over
+the 1-rank row's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from socket import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lit_lowrank import build_optimizer
+from lit_lowrank.models.llama import llama_config
+
+NEVER = 10**9
+"""An update gap longer than any run: only the first step refreshes."""
+
+
+def timed_steps(optimizer: torch.optim.Optimizer, steps: int, distributed: bool) -> float:
+    """The median over ``steps`` of one ``optimizer.step()`` (the slowest rank's), after a first one."""
+    optimizer.step()
+    times = []
+    for _ in range(steps):
+        if distributed:
+            dist.barrier()
+        start = time.perf_counter()
+        optimizer.step()
+        elapsed = torch.tensor(time.perf_counter() - start)
+        if distributed:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(float(elapsed))
+    return statistics.median(times)
+
+
+def llama_with_gradients(size: str) -> torch.nn.Module:
+    """LLaMA of ``size`` with fixed random gradients, the same on every rank (seeded)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(size))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model
+
+
+def measure(size: str, projector: str, sharing: str, steps: int, distributed: bool) -> dict[str, float]:
+    """Steady step, refreshing step and refresh time (seconds) of GaLore with ``projector``."""
+    model = llama_with_gradients(size)
+    result = {}
+    for name, gap in (("refreshing", 1), ("steady", NEVER)):
+        optimizer = build_optimizer(model, rank=128, update_gap=gap, scale=0.25, lr=0.01, projector=projector,
+                                    refresh_sharing=sharing)
+        result[name] = timed_steps(optimizer, steps, distributed)
+    result["refresh"] = result["refreshing"] - result["steady"]
+    return result
+
+
+def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed = world_size > 1
+    if distributed:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    modes = ("off", "on") if distributed else ("off",)
+    results = {(projector, sharing): measure(args.size, projector, sharing, args.steps, distributed)
+               for projector in args.projectors for sharing in modes}
+    if rank == 0:
+        torch.save(results, out)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run(world_size: int, args: argparse.Namespace) -> dict[tuple[str, str], dict[str, float]]:
+    """Rank 0's results on ``world_size`` spawned processes."""
+    with socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "results.pt")
+        mp.spawn(_worker, args=(world_size, port, args, out), nprocs=world_size, join=True)
+        return torch.load(out)
+
+
+def table(single: dict[tuple[str, str], dict[str, float]], double: dict[tuple[str, str], dict[str, float]]) -> str:
+    lines = ["| projector | ranks | refresh_sharing | steady step ms | refreshing step ms | refresh ms | × 1 rank |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for (projector, _), one in single.items():
+        rows = [(1, "—", one)] + [(2, sharing, double[projector, sharing]) for sharing in ("off", "on")]
+        for ranks, sharing, result in rows:
+            lines.append(f"| {projector} | {ranks} | {sharing} | {result['steady'] * 1e3:.0f} | "
+                         f"{result['refreshing'] * 1e3:.0f} | {result['refresh'] * 1e3:.0f} | "
+                         f"{result['refresh'] / one['refresh']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="60m", help="LLaMA size")
+    parser.add_argument("--projectors", nargs="+", default=["svd"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median)")
+    args = parser.parse_args(argv)
+    single, double = run(1, args), run(2, args)
+    print(f"LLaMA-{args.size}, GaLore rank 128, fp32, 2 gloo processes (1 thread each) on "
+          f"{os.cpu_count()} CPU cores, torch {torch.__version__}; median of {args.steps} steps")
+    print(table(single, double))
+
+
+if __name__ == "__main__":
+    main()
