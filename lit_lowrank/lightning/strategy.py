@@ -24,6 +24,7 @@ from lit_lowrank.lightning.conversion import (
 )
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 from lit_lowrank.optim.communication import sync_module_states
+from lit_lowrank.optim.lowrank import LowRankOptimizer
 
 
 class _LowRankOptimizers:
@@ -120,6 +121,15 @@ class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
     def _register_ddp_hooks(self) -> None:
         if isinstance(self.model, DistributedDataParallel):
             super()._register_ddp_hooks()
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        """Tell each LowRankOptimizer that its gradients are averaged over the ranks (DDP, or the
+        layer-wise hooks), so ``refresh_sharing: auto`` shares the refreshes."""
+        super().setup_optimizers(trainer)
+        for optimizer in self.optimizers:
+            if isinstance(optimizer, LowRankOptimizer):
+                optimizer.gradients_identical = True
 
 
 class FSDPLowRankStrategy(_LowRankOptimizers, ModelParallelStrategy):
