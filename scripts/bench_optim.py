@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     header = f"{label}: {n_params / 1e6:.1f}M params, {args.dtype}, {device}, torch {torch.__version__}; "
     if args.cycle:
         print(header + f"GaLore (rank {GALORE['rank']}), steps 1 … {2 * args.gap - 1} of T = {args.gap}")
-        print_cycle_table(run_cycles(args))
+        run_cycles(args)
         return
     print(header + f"median of {args.steps} steps after {args.warmup + 1}")
     results = {}
@@ -265,25 +265,20 @@ def main(argv: list[str] | None = None) -> None:
     print_table(results)
 
 
-def run_cycles(args: argparse.Namespace) -> dict[tuple[str, bool], dict[str, float]]:
-    """:func:`measure_cycle` of GaLore for each projector, unstaggered then staggered."""
-    results = {}
+def run_cycles(args: argparse.Namespace) -> None:
+    """Print :func:`measure_cycle` of GaLore for each projector, unstaggered then staggered, a
+    row as each is measured (a 60M cycle takes minutes)."""
+    print("| projector | stagger | steady ms | cycle median ms | worst step ms | worst / median | amortized ms "
+          "| refresh share | refreshes in cycle |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for projector in args.projectors:
         for stagger in (False, True):
             model = prepared_model(args.size, "galore", DTYPES[args.dtype], args.device, args.model)
-            results[projector, stagger] = measure_cycle(model, cycle_factory(projector, stagger, args.gap), args.gap)
-    return results
-
-
-def print_cycle_table(results: dict[tuple[str, bool], dict[str, float]]) -> None:
-    print("| projector | stagger | steady ms | cycle median ms | worst step ms | worst / median | amortized ms "
-          "| refresh share | refreshes in cycle |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for (projector, stagger), r in results.items():
-        share = (r["amortized_ms"] - r["steady_ms"]) / r["steady_ms"]
-        print(f"| {projector} | {'yes' if stagger else 'no'} | {r['steady_ms']:.1f} | {r['median_ms']:.1f} "
-              f"| {r['worst_ms']:.1f} | {r['worst_ms'] / r['median_ms']:.2f} | {r['amortized_ms']:.1f} "
-              f"| {100 * share:.1f} % | {r['refreshes']} |")
+            r = measure_cycle(model, cycle_factory(projector, stagger, args.gap), args.gap)
+            share = (r["amortized_ms"] - r["steady_ms"]) / r["steady_ms"]
+            print(f"| {projector} | {'yes' if stagger else 'no'} | {r['steady_ms']:.1f} | {r['median_ms']:.1f} "
+                  f"| {r['worst_ms']:.1f} | {r['worst_ms'] / r['median_ms']:.2f} | {r['amortized_ms']:.1f} "
+                  f"| {100 * share:.1f} % | {r['refreshes']} |", flush=True)
 
 
 def print_table(results: dict[str, dict[str, float]]) -> None:
