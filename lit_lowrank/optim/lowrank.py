@@ -40,7 +40,7 @@ from lit_lowrank.optim.validation import (
     build, build_inner, build_rule, check_bases, check_batched, check_group, check_sharding, check_tensor_projector,
 )
 from lit_lowrank.optim.refresh_sharing import SharedRefresh, check_refresh_sharing_option, shareable, world_size
-from lit_lowrank.optim.sharding import LocalRows, RowShard, local, map_tensors
+from lit_lowrank.optim.sharding import LocalRows, RowShard, applies_bases_plainly, local, map_tensors
 from lit_lowrank.options import having
 from lit_lowrank.projectors.base import Projector, Side
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
@@ -425,7 +425,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         The largest group that torch's AdamW steps goes last, without copies of its weights and
         moments (they would triple its memory): torch checks its inputs before changing any, and
         a Ctrl-C during it is held until it is done, then raised (the step complete)."""
-        if not work or not self._admit_gradients(work, lows):
+        if not work:
+            return
+        projected = self._screening_projections(work, lows)
+        if not self._admit_gradients(work, lows, projected):
             return
         journal, interrupt = StepJournal(), HeldInterrupt()
         last = max((index for index, (group, _) in enumerate(work) if self._torch_adamw(group)), default=None,
@@ -435,7 +438,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             old_bases = self._refresh_subspaces(work, lows)
             for group, params in [item for index, item in enumerate(work) if index != last]:
                 if group["lowrank"]:
-                    self._lowrank_step(group, params, lows, old_bases, journal)
+                    self._lowrank_step(group, params, lows, projected, old_bases, journal)
                 else:
                     self._dense_step(group, params, journal)
             if last is not None:
@@ -471,10 +474,31 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     journal.stateful(slot.projector)
                     journal.stateful(slot.schedule)
 
-    def _admit_gradients(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor]) -> bool:
+    def _screening_projections(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor],
+                               ) -> dict[Tensor, Tensor]:
+        """``R``, computed now, of each guarded low-rank weight whose step projects ``p.grad`` on
+        the basis it already has (no refresh this step) by plain matrix products: the guard
+        screens ``R`` instead of ``G`` (a NaN or inf of ``G`` reaches ``R``; r/min(m, n) of the
+        reading), and the step uses it as it is."""
+        projected = {}
+        for group, params in work:
+            if not group["lowrank"] or group["nonfinite"] == "ignore":
+                continue
+            for p in params:
+                slot, state = self._slots.get(p), self.state.get(p, {})
+                if (p in lows or slot is None or "step" not in state or slot.schedule.should_refresh(int(state["step"]))
+                        or not applies_bases_plainly(type(slot.projector))):
+                    continue
+                grad = slot.local_view(local(p))(l2_gradient(local(p.grad), local(p), group))
+                projected[p] = slot.applied.project(grad)
+        return projected
+
+    def _admit_gradients(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor],
+                         projected: dict[Tensor, Tensor]) -> bool:
         """Whether the step may go on: sparse gradients raise; non-finite ones follow the
-        ``nonfinite`` policy (one fused check over every gradient the step reads), after the
-        weights are checked (a non-finite one raises) and up to ``max_consecutive_skips``."""
+        ``nonfinite`` policy (one fused check over every gradient the step reads, or the
+        projection ``projected`` of it: :meth:`_screening_projections`), after the weights are
+        checked (a non-finite one raises) and up to ``max_consecutive_skips``."""
         params = [p for _, group_params in work for p in group_params]
         moved = next((p for group, group_params in work if group.get("layout") == "kernel"
                       for p in group_params if not p.is_contiguous()), None)
@@ -488,8 +512,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                "dense embedding (sparse=False) or give that parameter its own torch optimizer.")
         groups = {p: group for group, group_params in work for p in group_params}
         guarded = [p for p in params if groups[p]["nonfinite"] != "ignore"]
-        checked = [(p, local(t)) for p in guarded for t in (lows.get(p), p.grad) if t is not None]
-        bad = self._agreed(first_nonfinite([t for _, t in checked]), len(checked))
+        checked = [(p, projected.get(p, local(t)) if t is p.grad else local(t), local(t))
+                   for p in guarded for t in (lows.get(p), p.grad) if t is not None]
+        bad = self._agreed(first_nonfinite([t for _, t, _ in checked], [s for _, _, s in checked]), len(checked))
         if bad is None:
             return True
         self._refuse_nonfinite_weight(guarded)
@@ -717,7 +742,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     weight.add_(direction, alpha=-lr * inner.step_size_factor(step))
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor],
-                      old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None], journal: StepJournal,
+                      projected: dict[Tensor, Tensor], old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None], journal: StepJournal,
                       ) -> None:
         inner, rule = self._group_components(group)
         by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, dict, LowRankSlot, View]]] = defaultdict(list)
@@ -729,7 +754,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             step = 0 if fresh else int(state["step"])
             view = slot.local_view(local(p))
             grads[p] = grad = None if p.grad is None else view(l2_gradient(local(p.grad), local(p), group))
-            low = slot.applied.project(grad) if p not in lows else l2_projection(lows[p], p, slot, group)
+            if p in lows:
+                low = l2_projection(lows[p], p, slot, group)
+            else:
+                low = projected[p] if p in projected else slot.applied.project(grad)
             part = state_part(slot, low)
             if p in old_bases:
                 self._after_refresh(old_bases[p], slot, state, inner, group, step, part)
