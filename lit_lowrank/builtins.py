@@ -26,5 +26,8 @@ BUILTIN_MODULES = (
     "lit_lowrank.projectors.dct",
     "lit_lowrank.projectors.adaptive_rank",
     "lit_lowrank.projectors.tucker",
+    "lit_lowrank.transforms.int_weights",
+    "lit_lowrank.transforms.weight_norm",
+    "lit_lowrank.transforms.compact",
     "lit_lowrank.methods",
 )

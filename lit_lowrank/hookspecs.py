@@ -47,6 +47,12 @@ def register_schedules(register: Register) -> None:
 
 
 @hookspec
+def register_transforms(register: Register) -> None:
+    """Call ``register(name, cls)`` for each :class:`~lit_lowrank.transforms.Transform` subclass:
+    a change of the model that a method names (``Method(..., transforms={name: options})``)."""
+
+
+@hookspec
 def register_methods(register: Callable[[str, "Method"], None]) -> None:
     """Call ``register(name, method)`` for each :class:`~lit_lowrank.methods.Method`: a named
     recipe of the components above (``build_optimizer(model, method=name)``)."""

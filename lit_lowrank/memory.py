@@ -32,10 +32,10 @@ from torch import nn
 
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS, build_optimizer, select_targets
 from lit_lowrank.optim.summary import LowRankSummary, summarize
-from lit_lowrank.optim.targets import GRADNORM_DIRECTION
+from lit_lowrank import transforms as model_transforms
 from lit_lowrank.methods import Method
 from lit_lowrank.plugins import get_method
-from lit_lowrank.reparam.gradnorm import apply_gradnorm
+from lit_lowrank.transforms.weight_norm import apply_gradnorm
 
 LAYERWISE = "-layerwise"
 BASELINES = ("adamw", "adamw8bit")
@@ -97,7 +97,8 @@ def estimate(
     Raises:
         UnknownComponentError: for an unregistered method (the message lists them).
         ValueError: for a method whose state cannot be predicted on ``meta`` (see the module
-            docstring), or a ``gradnorm`` method on a model without ``apply_gradnorm``.
+            docstring), or a ``weight-norm`` method on a model without it (its parameters differ;
+            the other transforms are counted here, on the plain model).
     """
     recipe, layerwise = method(name)
     low_rank, dense = select_targets(model, targets, exclude)
@@ -107,14 +108,14 @@ def estimate(
         grads = [_nbytes(p) for p in trainable]
         states = {"moments": 0, "projectors": 0, "dense": sum(_full_rank_states(p, name, formats) for p in trainable)}
         return Estimate(weights, max(grads, default=0) if layerwise else sum(grads), states)
-    if recipe.gradnorm and not any(n.endswith(GRADNORM_DIRECTION) for n in low_rank):
-        raise ValueError(f"{name} needs a weight-normalized model: call "
-                         "lit_lowrank.reparam.apply_gradnorm(model, targets) first")
-    if recipe.weight_bits is not None:  # INT8 codes instead of the target weights
-        weights += sum(int_bytes(p.numel(), recipe.weight_bits, formats.weight_group, p.ndim) - _nbytes(p)
+    transforms = model_transforms.build(recipe.transforms)
+    model_transforms.check(model, {t.name: t.options for t in transforms if t.name == "weight-norm"}, repr(name))
+    bits = recipe.transforms.get("int-weights", {}).get("bits")
+    if bits is not None:  # INT8 codes instead of the target weights
+        weights += sum(int_bytes(p.numel(), bits, formats.weight_group, p.ndim) - _nbytes(p)
                        for p in low_rank.values())
     summary = predicted(model, recipe, name, rank=rank, targets=targets, exclude=exclude)
-    if recipe.compact:  # a compressed layer's weight gets its R, not a gradient
+    if any(t.hides_gradients for t in transforms):  # a compressed layer's weight gets its R, not a gradient
         grads = [_nbytes(p) for p in dense.values()] + [row.predicted.low for row in summary.rows if row.reason is None]
     else:
         grads = [_nbytes(p) for p in trainable]

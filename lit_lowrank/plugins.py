@@ -35,7 +35,7 @@ from lit_lowrank.methods import Method
 
 BUILTIN_PACKAGE = "lit_lowrank"
 """The package that qualifies the built-in components' names (``lit_lowrank:svd``)."""
-KINDS = ("projectors", "quantizers", "update_rules", "inner_optimizers", "schedules", "methods")
+KINDS = ("projectors", "quantizers", "update_rules", "inner_optimizers", "schedules", "transforms", "methods")
 DISABLE_ENTRYPOINTS_ENV = "LIT_LOWRANK_DISABLE_ENTRYPOINTS"
 
 
@@ -276,6 +276,11 @@ def get_inner_optimizer(name: str) -> type:
 
 def get_schedule(name: str) -> type:
     return get("schedules", name)
+
+
+def get_transform(name: str) -> type:
+    """The :class:`~lit_lowrank.transforms.Transform` subclass registered as ``name``."""
+    return get("transforms", name)
 
 
 def get_method(name: str) -> Method:

@@ -47,12 +47,10 @@ import torch
 from torch import nn
 
 from lit_lowrank import build_optimizer, registered
-from lit_lowrank.activations import bind_compact, compact_linear_layers
+from lit_lowrank import transforms
 from lit_lowrank.memory import measured_state_bytes
 from lit_lowrank.methods import Method
 from lit_lowrank.models.llama import llama_config
-from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
-from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
 GALORE = dict(rank=128, update_gap=200, scale=0.25, lr=0.01)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -111,8 +109,7 @@ def method_factory(name: str) -> Factory:
     def factory(model: nn.Module) -> torch.optim.Optimizer:
         optimizer = build_optimizer(model, method=name, targets=targets_of(model),
                                     **{k: v for k, v in GALORE.items() if k not in method.options})
-        if method.compact:
-            bind_compact(model, optimizer)
+        transforms.bind(model, method.transforms, optimizer)
         return optimizer
 
     return factory
@@ -137,12 +134,8 @@ def prepared_model(size: str, name: str, dtype: torch.dtype, device: str, kind: 
     torch.manual_seed(0)
     model = network(kind, size).to(device=device, dtype=dtype)
     method = registered("methods").get(name)
-    if method is not None and method.component.gradnorm:
-        apply_gradnorm(model)
-    if method is not None and method.component.weight_bits is not None:
-        quantize_linear_weights(model, None, bits=method.component.weight_bits)
-    if method is not None and method.component.compact:
-        compact_linear_layers(model, targets_of(model))
+    if method is not None:
+        transforms.prepare(model, method.component.transforms, targets_of(model))
     for p in model.parameters():
         p.grad = None if getattr(p, "compact_activations", False) else torch.randn_like(p) * 1e-3
     return model

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lit_lowrank import build_optimizer
 from lit_lowrank.models.llama import Llama
-from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
+from lit_lowrank.transforms.int_weights import quantize_linear_weights
 
 INT4_BASIS = {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         recipe = method(name)[0]
         try:
-            result = estimate(models[recipe is not None and recipe.gradnorm], name, rank=rank)
+            result = estimate(models[recipe is not None and "weight-norm" in recipe.transforms], name, rank=rank)
         except ValueError as error:  # components that need real values (adaptive-rank)
             unknown.append(str(error))
             print(f"| {name} | unknown | unknown | unknown | unknown |")

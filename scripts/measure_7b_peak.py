@@ -18,12 +18,10 @@ from typing import Sequence
 
 import torch
 
-from lit_lowrank import build_optimizer, get_method
+from lit_lowrank import build_optimizer, get_method, transforms
 from lit_lowrank.memory import estimate
 from lit_lowrank.models.llama import GALORE_RANKS, llama_config
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
-from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
-from lit_lowrank.reparam.gradnorm import apply_gradnorm
 
 GIB = 2**30
 
@@ -37,10 +35,7 @@ def peak_of_layerwise_steps(method: str, size: str, rank: int, seq: int, checkpo
     recipe = get_method(method)
     with torch.device("cuda"):
         model = LlamaForCausalLM(llama_config(size, max_seq_len=seq)).to(torch.bfloat16)
-    if recipe.gradnorm:
-        apply_gradnorm(model)
-    if recipe.weight_bits is not None:
-        quantize_linear_weights(model, None, bits=recipe.weight_bits)
+    transforms.prepare(model, recipe.transforms)
     if checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = build_optimizer(model, method=method, rank=rank, update_gap=200, lr=1e-3)

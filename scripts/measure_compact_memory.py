@@ -15,7 +15,7 @@ m×r product gᵀz in backward.
 
 Both runs use the same optimizer — the ``random`` projector on ``side: right`` at rank r, the
 projection CompAct computes — so only the layers differ: plain ``nn.Linear`` saves each target
-layer's input x (tokens×in), :class:`~lit_lowrank.activations.CompactLinear` saves x·Q (tokens×r).
+layer's input x (tokens×in), :class:`~lit_lowrank.transforms.compact.CompactLinear` saves x·Q (tokens×r).
 
     python scripts/measure_compact_memory.py --hidden 512 --layers 4 --seq 256 --batch 4 --rank 64
 """
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lit_lowrank import build_optimizer
-from lit_lowrank.activations import bind_compact, compact_linear_layers
+from lit_lowrank.transforms.compact import bind_compact, compact_linear_layers
 from measure_layerwise_memory import _measured, small_llama
 
 

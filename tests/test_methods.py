@@ -17,10 +17,10 @@ from torch import nn
 
 from lit_lowrank import UnknownComponentError, build_optimizer, hookimpl, plugins
 from lit_lowrank.lightning import LowRankConfig
-from lit_lowrank.activations import compact_linear_layers
+from lit_lowrank.transforms.compact import compact_linear_layers
 from lit_lowrank.methods import BUILTIN_METHODS, OPTION_KEYS, Method
-from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
-from lit_lowrank.reparam.gradnorm import apply_gradnorm
+from lit_lowrank.transforms.int_weights import quantize_linear_weights
+from lit_lowrank.transforms.weight_norm import apply_gradnorm
 
 GENERATOR = Path(__file__).parents[1] / "docs" / "hooks" / "generate.py"
 
@@ -35,11 +35,11 @@ class Blocks(nn.Module):
 
 def prepared(method: Method) -> Blocks:
     model = Blocks()
-    if method.gradnorm:
+    if "weight-norm" in method.transforms:
         apply_gradnorm(model)
-    if method.weight_bits is not None:
-        quantize_linear_weights(model, None, bits=method.weight_bits)
-    if method.compact:
+    if "int-weights" in method.transforms:
+        quantize_linear_weights(model, None, bits=method.transforms["int-weights"]["bits"])
+    if "compact" in method.transforms:
         compact_linear_layers(model)
     return model
 
@@ -122,8 +122,8 @@ def test_a_plugin_ships_a_recipe_usable_by_name_everywhere():
 
 def test_config_method_fills_only_fields_left_unset():
     config = LowRankConfig(method="q-galore", scale=0.5)  # q-galore sets no scale: no warning
-    assert (config.inner, config.schedule, config.weight_bits, config.scale, config.rank) == (
-        "adamw8bit", "lazy", 8, 0.5, 128)
+    assert (config.inner, config.schedule, config.transforms, config.scale, config.rank) == (
+        "adamw8bit", "lazy", {"int-weights": {"bits": 8}}, 0.5, 128)
     assert config.projector_args == {"quantizer": "int", "quantizer_args": {"bits": 4, "group_size": 256}}
     # set explicitly to the method's own value: no contradiction
     assert LowRankConfig(method="apollo", projector="random", scale=1).projector == "random"
@@ -133,8 +133,8 @@ def test_config_method_fills_only_fields_left_unset():
 
 def test_config_without_method_keeps_the_defaults():
     config = LowRankConfig()
-    assert (config.projector, config.rule, config.inner, config.rank, config.scale, config.gradnorm) == (
-        "svd", "galore", "adamw", 128, 0.25, False)
+    assert (config.projector, config.rule, config.inner, config.rank, config.scale, config.transforms) == (
+        "svd", "galore", "adamw", 128, 0.25, None)
 
 
 def test_config_method_trains_like_build_optimizer_method():

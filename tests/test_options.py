@@ -13,7 +13,7 @@ from torch import nn
 
 from lit_lowrank import LowRankOptimizer, build_optimizer
 from lit_lowrank.lightning import LowRankConfig
-from lit_lowrank.methods import DEFINING, OPTION_KEYS, TRANSFORMS
+from lit_lowrank.methods import DEFINING, OPTION_KEYS, TRANSFORMS_KEY
 from lit_lowrank.optim import checkpoint
 from lit_lowrank.optim.resolution import resolve
 from lit_lowrank.options import ROLES, defaults, having, names
@@ -29,15 +29,15 @@ def test_the_optimizers_keywords_and_defaults_are_the_schemas():
 
 def test_every_option_is_a_yaml_field_documented_for_help():
     fields = {f.name for f in dataclasses.fields(LowRankConfig)}
-    assert set(names()) | set(TRANSFORMS) <= fields
+    assert set(names()) | {TRANSFORMS_KEY} <= fields
     documented = inspect.getdoc(LowRankConfig)
-    for name in (*names(), *TRANSFORMS):
+    for name in (*names(), TRANSFORMS_KEY):
         assert f"\n    {name}:" in documented or f"\n{name}:" in documented or f"    {name}: " in documented, name
 
 
 def test_derived_lists_follow_the_roles():
     assert OPTION_KEYS == having("method")
-    assert set(DEFINING) == set(having("defining")) | set(TRANSFORMS)
+    assert set(DEFINING) == set(having("defining")) | {TRANSFORMS_KEY}
     assert checkpoint.STATE_LAYOUT == having("state")
     assert set(checkpoint.DENSE_OPTIONS) == set(having("dense")) - {"lr"}
     assert set(having("defining")) <= set(having("method")) and set(having("user")) <= set(having("dense"))
@@ -61,9 +61,9 @@ def test_an_explicit_none_of_an_option_that_means_something_is_kept(method):
 def test_the_yaml_config_and_build_optimizer_resolve_a_method_alike():
     config = LowRankConfig(method="q-galore", rank=4, scale=0.5)
     run = resolve("q-galore", {"rank": 4, "scale": 0.5})
-    assert {name: getattr(config, name) for name in (*OPTION_KEYS, *TRANSFORMS)} == {
-        **{name: run.options[name] for name in OPTION_KEYS}, **run.transforms}
-    assert {"rank", "scale", "inner", "schedule", "projector_args", "weight_bits"} <= run.chosen
+    assert {name: getattr(config, name) for name in (*OPTION_KEYS, TRANSFORMS_KEY)} == {
+        **{name: run.options[name] for name in OPTION_KEYS}, TRANSFORMS_KEY: run.transforms}
+    assert {"rank", "scale", "inner", "schedule", "projector_args", TRANSFORMS_KEY} <= run.chosen
     assert "rule" not in run.chosen
 
 

@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.conversion import (
-    adopt_module, adoption_config, check_compact_trainer, check_strategy, convert_optimizers, lowrank_callbacks,
+    adopt_module, adoption_config, check_strategy, check_transform_trainer, convert_optimizers, lowrank_callbacks,
 )
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
@@ -28,7 +28,7 @@ class LowRankCallback(LowRankTelemetry):
     ``Tuner.lr_find`` sweeps the optimizer that will train. ``enabled=False`` keeps your
     optimizers; ``layerwise=True`` adds :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback`,
     ``communication="lowrank"`` :class:`~lit_lowrank.lightning.communication.LowRankCommunicationCallback`;
-    ``weight_bits`` quantizes the target linear layers at setup. Also logs the telemetry of
+    ``transforms`` (e.g. ``int-weights``) transform the target linear layers at setup. Also logs the telemetry of
     :class:`LowRankTelemetry` and prints the low-rank summary at fit start.
 
     Args:
@@ -52,8 +52,7 @@ class LowRankCallback(LowRankTelemetry):
             return
         if self.config.enabled:
             check_strategy(trainer.strategy, self.config)
-        if self.config.compact:
-            check_compact_trainer(trainer)
+        check_transform_trainer(trainer, self.config)
         from lit_lowrank.lightning.strategy import _LowRankOptimizers
 
         if isinstance(trainer.strategy, _LowRankOptimizers):

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 
 from lit_lowrank import plugins
-from lit_lowrank.activations import CompactLinear, bind_compact, compact_linear_layers
+from lit_lowrank import transforms as model_transforms
 from lit_lowrank.lightning.communication import LowRankCommunicationCallback
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.gradient_readers import refuse_gradient_readers
@@ -45,8 +45,7 @@ from lit_lowrank.optim.resolution import resolve
 from lit_lowrank.optim.targets import no_targets_message, target_layouts
 from lit_lowrank.optim.validation import accepted, check_shardable
 from lit_lowrank.options import having
-from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
-from lit_lowrank.reparam.gradnorm import is_gradnorm
+from lit_lowrank.transforms.base import Transform
 
 OWNED_BY_MODULE = (*having("user"), "warmup", "min_lr_ratio", "lr_schedule")
 """LowRankConfig fields an existing module's ``configure_optimizers`` owns (its optimizer and
@@ -103,31 +102,27 @@ def _plain(value: Any) -> Any:
 
 
 def adopt_module(module: nn.Module, config: LowRankConfig) -> None:
-    """Apply ``config``'s model transform to a user's module, in place and once: with
-    ``weight_bits``, the target linear layers become :class:`QuantizedLinear` (Q-GaLore); with
-    ``compact``, :class:`CompactLinear` (CompAct; the same parameters)."""
-    if config.enabled and config.compact and not any(isinstance(m, CompactLinear) for m in module.modules()):
-        compact_linear_layers(module, config.targets, config.exclude)
-    if not config.enabled or config.weight_bits is None:
+    """Apply ``config``'s model transforms to a user's module, in place and once
+    (:func:`lit_lowrank.transforms.prepare`), except those that replace parameters the module's
+    ``configure_optimizers`` may hold (``weight-norm``): :func:`convert_optimizers` refuses a
+    module without them."""
+    if not config.enabled:
         return
-    quantized = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
-    if not quantized:
-        quantize_linear_weights(module, config.targets, bits=config.weight_bits, exclude=config.exclude,
-                                **config.weight_args)
-    elif any(m.initial.bits != config.weight_bits for m in quantized):
-        raise ValueError(f"the module already holds quantized linear layers of other widths than "
-                         f"weight_bits={config.weight_bits}; build a fresh module or match weight_bits")
+    adoptable = {t.name: t.options for t in model_transforms.build(config.transforms) if t.adopts_modules}
+    model_transforms.prepare(module, adoptable, config.targets, config.exclude)
 
 
-def check_compact_trainer(trainer: pl.Trainer) -> None:
-    """Refuse what would read CompAct's weight gradients, which never exist (the layers hand the
+def check_transform_trainer(trainer: pl.Trainer, config: LowRankConfig) -> None:
+    """Refuse what would read the weight gradients a transform hides (CompAct's layers hand the
     optimizer ``R``): norm clipping (it would clip every other gradient by a norm without them)
     and the fp16 scaler (it would not unscale ``R``)."""
-    refuse_gradient_readers(
-        trainer, feature="compact: true", off="compact: false",
-        clipping="the compressed layers' weights have no gradients to clip, and the others would be clipped by a "
-                 "norm without them",
-        scaling="the optimizer gets projected gradients that the fp16 scaler does not unscale")
+    for transform in model_transforms.build(config.transforms if config.enabled else None):
+        if transform.hides_gradients:
+            refuse_gradient_readers(
+                trainer, feature=f"transform {transform.name!r}", off=f"no {transform.name!r} in lowrank.transforms",
+                clipping=f"the weights {transform.name!r} transforms have no gradients to clip, and the others would "
+                         "be clipped by a norm without them",
+                scaling="the optimizer gets projected gradients that the fp16 scaler does not unscale")
 
 
 def check_strategy(strategy: pl.strategies.Strategy, config: LowRankConfig) -> None:
@@ -140,9 +135,9 @@ def check_strategy(strategy: pl.strategies.Strategy, config: LowRankConfig) -> N
                          "ModelParallelStrategy), see README 'Scaling out'")
     if not isinstance(strategy, ModelParallelStrategy):
         return
+    whole = [t.name for t in model_transforms.build(config.transforms) if t.needs_whole_weights]
     unsharded = {"layerwise": config.layerwise, "communication: lowrank": config.communication == "lowrank",
-                 "compact": config.compact, "weight_bits": config.weight_bits is not None,
-                 "gradnorm": config.gradnorm}
+                 **{name: True for name in whole}}
     refused = [name for name, wanted in unsharded.items() if wanted]
     if refused:
         raise ValueError(f"{refused} cannot be combined with sharded weights ({type(strategy).__name__}): each "
@@ -193,10 +188,12 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
     if not config.enabled:
         rank_zero_info("lit_lowrank: enabled=False, the configured optimizers train unchanged")
         return optimizers
-    if config.gradnorm and not any(is_gradnorm(m) for m in module.modules()):
-        raise ValueError("lowrank gradnorm: true needs the weight-normalized model before Lightning sets it up: "
-                         "call lit_lowrank.reparam.apply_gradnorm(self, targets) in your LightningModule's "
-                         "__init__ (LowRankModule does it from its config)")
+    transforms = model_transforms.build(config.transforms)
+    for transform in transforms:
+        if not transform.applied(module):
+            raise ValueError(f"lowrank transforms {transform.name!r} needs the transformed model before Lightning "
+                             f"sets it up: call {transform.fix()}, in your LightningModule's __init__ "
+                             "(LowRankModule does it from its config)")
     targets = {id(p): layout for p, layout in target_layouts(module, config.targets, config.exclude).items()}
     if not targets:
         raise ValueError(no_targets_message(module, config.targets, config.exclude))
@@ -212,13 +209,20 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
             if scheduler_config.scheduler.optimizer is optimizer:
                 _rebind(scheduler_config.scheduler, len(optimizer.param_groups), new, group_map)
         converted.append(new)
-    if config.compact:
-        lowrank = [o for o in converted if isinstance(o, LowRankOptimizer)]
-        if len(lowrank) != 1:
-            raise ValueError(f"compact: true binds the compressed layers to one optimizer, but {len(lowrank)} hold "
-                             "target weights; put the targets in one optimizer")
-        bind_compact(module, lowrank[0])
+    _bind(module, [t for t in transforms if type(t).bind is not Transform.bind], converted)
     return converted
+
+
+def _bind(module: nn.Module, transforms: list[Transform], converted: list[torch.optim.Optimizer]) -> None:
+    """Bind ``transforms`` (those with a :meth:`~Transform.bind`) to the one LowRankOptimizer."""
+    if not transforms:
+        return
+    lowrank = [o for o in converted if isinstance(o, LowRankOptimizer)]
+    if len(lowrank) != 1:
+        raise ValueError(f"transforms {[t.name for t in transforms]} bind the transformed layers to one optimizer, "
+                         f"but {len(lowrank)} hold target weights; put the targets in one optimizer")
+    for transform in transforms:
+        transform.bind(module, lowrank[0])
 
 
 def _lowrank_copy(optimizer: torch.optim.Optimizer, targets: dict[int, str], config: LowRankConfig,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import check_compact_trainer, check_strategy, config_callbacks
+from lit_lowrank.lightning.conversion import check_strategy, check_transform_trainer, config_callbacks
 from lit_lowrank.lightning.lr_schedule import warmup_decay
 from lit_lowrank.lightning.tasks import CausalLM, Task
 from lit_lowrank.optim.sharding import shard_blocks
@@ -52,8 +52,7 @@ class LowRankModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.lowrank.enabled:
             check_strategy(self.trainer.strategy, self.lowrank)
-        if self.lowrank.compact:
-            check_compact_trainer(self.trainer)
+        check_transform_trainer(self.trainer, self.lowrank)
         data_vocab = getattr(self.trainer.datamodule, "vocab_size", None)
         model_vocab = getattr(getattr(self.network, "config", None), "vocab_size", None)
         if data_vocab is not None and model_vocab is not None and data_vocab > model_vocab:

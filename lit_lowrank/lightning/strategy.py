@@ -20,7 +20,7 @@ from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.module import LowRankModule
 from lit_lowrank.lightning.conversion import (
-    adopt_module, adoption_config, check_compact_trainer, check_strategy, convert_optimizers, lowrank_callbacks,
+    adopt_module, adoption_config, check_strategy, check_transform_trainer, convert_optimizers, lowrank_callbacks,
 )
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 from lit_lowrank.optim.communication import sync_module_states
@@ -28,7 +28,7 @@ from lit_lowrank.optim.lowrank import LowRankOptimizer
 
 
 class _LowRankOptimizers:
-    """Mixin: before setup, apply the model transforms of the config (``weight_bits``); after
+    """Mixin: before setup, apply the model transforms of the config (``transforms``); after
     the wrapped strategy built the module's optimizers, convert them (and log
     :class:`LowRankTelemetry` unless the trainer already does; add
     :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback` for ``layerwise=True`` and
@@ -56,8 +56,7 @@ class _LowRankOptimizers:
         super().setup_optimizers(trainer)  # type: ignore[misc]
         if isinstance(self.lightning_module, LowRankModule):
             return  # its optimizer and callbacks come from its own config
-        if self.lowrank.compact:
-            check_compact_trainer(trainer)
+        check_transform_trainer(trainer, self.lowrank)
         self.optimizers = convert_optimizers(self.lightning_module, self.optimizers,
                                              self.lr_scheduler_configs, self.lowrank, self.explicit)
         if not any(isinstance(callback, LowRankTelemetry) for callback in trainer.callbacks):
@@ -144,7 +143,7 @@ class FSDPLowRankStrategy(_LowRankOptimizers, ModelParallelStrategy):
 
     Args:
         lowrank, options: as for :class:`DDPLowRankStrategy`; ``layerwise``,
-            ``communication: lowrank``, ``compact``, ``weight_bits`` and ``gradnorm`` are refused
+            ``communication: lowrank`` and transforms that need whole weights (``int-weights``, ``weight-norm``, ``compact``) are refused
             (each needs whole weights or gradients on every rank).
         save_distributed_checkpoint: each rank writes its shards (True, a folder) or rank 0 one
             whole file (False); both resume exactly.

@@ -7,9 +7,10 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
+from lit_lowrank import transforms as model_transforms
 from lit_lowrank.methods import Method
 from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.optim.targets import GRADNORM_DIRECTION, no_targets_message, select_targets, target_layouts
+from lit_lowrank.optim.targets import no_targets_message, select_targets, target_layouts
 from lit_lowrank.optim.resolution import resolve
 
 DEFAULT_TARGETS: Sequence[str] | None = None
@@ -45,7 +46,7 @@ def build_optimizer(
     if not low_rank:
         raise ValueError(no_targets_message(model, targets, exclude))
     run = resolve(method, options)
-    check_model_fits(run.transforms, low_rank, method)
+    check_model_fits(model, run.transforms, method)
     layouts = target_layouts(model, targets, exclude, include_frozen=True)  # frozen ones: for add_param_group
     groups = layout_groups(low_rank, layouts)
     if dense:
@@ -66,23 +67,8 @@ def layout_groups(low_rank: dict[str, Tensor], layouts: dict[Tensor, str]) -> li
     return list(groups.values())
 
 
-def check_model_fits(transforms: dict[str, Any], targets: dict[str, nn.Parameter], name: object) -> None:
-    """Refuse a model that lacks a transform in ``transforms`` (``gradnorm``, ``weight_bits``,
-    ``compact``, from the method or a keyword; never silently train the plain weights instead):
-    INT8 weights for Q-GaLore (of the asked width), weight normalization for GradNormLoRP,
-    compressed linear layers for CompAct."""
-    asker = f"method {name!r}" if name is not None else "build_optimizer"
-    bits = transforms.get("weight_bits")
-    held = {p.weight_store.initial.bits for p in targets.values() if hasattr(p, "weight_store")}
-    if bits is not None and held != {bits}:
-        raise ValueError(f"{asker} trains {bits}-bit target weights, but the model's targets hold "
-                         f"{sorted(held) or 'float'} weights: call lit_lowrank.quantizers.quantized_linear."
-                         f"quantize_linear_weights(model, bits={bits}) before building the optimizer (the Lightning "
-                         "config does it with weight_bits)")
-    if transforms.get("gradnorm") and not any(n.endswith(GRADNORM_DIRECTION) for n in targets):
-        raise ValueError(f"{asker} trains weight-normalized targets: call "
-                         "lit_lowrank.reparam.apply_gradnorm(model) before building the optimizer")
-    if transforms.get("compact") and not any(getattr(p, "compact_activations", False) for p in targets.values()):
-        raise ValueError(f"{asker} trains compressed linear layers: call lit_lowrank.activations."
-                         "compact_linear_layers(model) before building the optimizer and bind_compact(model, "
-                         "optimizer) after (the Lightning config does both with compact: true)")
+def check_model_fits(model: nn.Module, transforms: model_transforms.Transforms, name: object) -> None:
+    """Refuse a model that lacks a transform in ``transforms`` (``{name: options}``, from the
+    method or the keywords; never silently train the plain weights instead), through the one
+    :func:`lit_lowrank.transforms.check`."""
+    model_transforms.check(model, transforms, f"method {name!r}" if name is not None else "build_optimizer")

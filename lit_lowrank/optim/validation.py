@@ -21,6 +21,7 @@ from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS, check_max_consecutive
 from lit_lowrank.optim.sharding import RowShard, applies_bases_plainly
 from lit_lowrank.projectors.base import SIDE_POLICIES, Projector, Side
 from lit_lowrank.quantizers.base import QuantizerProbeError
+from lit_lowrank.transforms.base import stored_weight
 
 ON_REFRESH = ("keep", "reset", "rotate")
 """What happens to the moments when a basis changes (see ``LowRankOptimizer._after_refresh``)."""
@@ -66,8 +67,9 @@ def check_sharding(group: Mapping[str, Any]) -> dict[Tensor, RowShard]:
             require_flag(group, "inner", "elementwise")
         return shards
     check_shardable(group)
-    if any(hasattr(p, "weight_store") for p in group["params"]):
-        raise ValueError("quantized weights (weight_bits) cannot be sharded by FSDP; drop weight_bits or use DDP.")
+    if any(stored_weight(p) is not None for p in group["params"]):
+        raise ValueError("quantized weights (transform int-weights) cannot be sharded by FSDP; drop int-weights from "
+                         "lowrank.transforms or use DDP.")
     return shards
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lit_lowrank import build_optimizer, plugins
 from lit_lowrank.lightning import DDPLowRankStrategy, FSDPLowRankStrategy, LowRankCallback, LowRankStrategy
 from lit_lowrank.lightning.conversion import adopt_module, adoption_config, check_strategy, convert_optimizers
-from lit_lowrank.reparam import apply_gradnorm
+from lit_lowrank.transforms.weight_norm import apply_gradnorm
 
 COMPONENT_KEYS = ("projector", "side", "rule", "inner", "schedule", "on_refresh", "projector_args", "rule_args",
                   "inner_args", "schedule_args", "scale", "rank", "update_gap")
@@ -45,7 +45,7 @@ def transformed(method: str) -> Net:
     """A fresh Net holding the transforms ``method`` trains (as a user's module would)."""
     torch.manual_seed(0)
     net = Net()
-    if plugins.get_method(method).gradnorm:
+    if "weight-norm" in plugins.get_method(method).transforms:
         apply_gradnorm(net)
     return net
 

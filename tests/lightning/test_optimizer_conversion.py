@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lit_lowrank import LowRankOptimizer, select_targets
 from lit_lowrank.lightning import LayerwiseCallback, LowRankCallback, LowRankConfig, LowRankStrategy
-from lit_lowrank.quantizers.quantized_linear import QuantizedLinear
+from lit_lowrank.transforms.int_weights import QuantizedLinear
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
              accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0)

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lit_lowrank.lightning import LowRankConfig, LowRankModule
-from lit_lowrank.quantizers.quantized_linear import QuantizedLinear
+from lit_lowrank.transforms.int_weights import QuantizedLinear
 
 VOCAB = 64
 QGALORE = dict(rank=4, update_gap=2, lr=0.01, warmup=2, lr_schedule="constant", schedule="lazy",
@@ -62,5 +62,5 @@ def test_qgalore_int8_run_resumes_exactly(small_llama, tmp_path):
 
 
 def test_weight_bits_needs_the_lowrank_optimizer():
-    with pytest.raises(ValueError, match="weight_bits"):
+    with pytest.warns(DeprecationWarning, match="weight_bits"), pytest.raises(ValueError, match="int-weights"):
         LowRankConfig(enabled=False, weight_bits=8)

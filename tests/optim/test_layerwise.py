@@ -14,8 +14,8 @@ from lit_lowrank import build_optimizer
 from lit_lowrank.models import Llama, Mixtral
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
-from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
-from lit_lowrank.reparam.gradnorm import apply_gradnorm
+from lit_lowrank.transforms.int_weights import quantize_linear_weights
+from lit_lowrank.transforms.weight_norm import apply_gradnorm
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

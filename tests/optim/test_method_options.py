@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from lit_lowrank import build_optimizer
-from lit_lowrank.activations import compact_linear_layers
-from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
-from lit_lowrank.reparam import apply_gradnorm
+from lit_lowrank.transforms.compact import compact_linear_layers
+from lit_lowrank.transforms.int_weights import quantize_linear_weights
+from lit_lowrank.transforms.weight_norm import apply_gradnorm
 
 
 def net() -> nn.Module:

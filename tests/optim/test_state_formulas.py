@@ -12,7 +12,7 @@ from torch import nn
 from lit_lowrank import LowRankOptimizer
 from lit_lowrank.optim.summary import summarize
 from lit_lowrank.plugins import get_method
-from lit_lowrank.quantizers.quantized_linear import QuantizedLinear
+from lit_lowrank.transforms.int_weights import QuantizedLinear
 
 def eight_bit(k: int, b: int) -> int:
     """Two Adam moments: 8-bit blockwise from k = 4096 elements on, else in the weight's dtype."""

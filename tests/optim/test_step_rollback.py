@@ -16,7 +16,7 @@ from lit_lowrank import LowRankOptimizer, build_optimizer
 from lit_lowrank.inner.adamw import AdamInner
 from lit_lowrank.inner.sgd import SGDInner
 from lit_lowrank.optim import lowrank as lowrank_module
-from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
+from lit_lowrank.transforms.int_weights import quantize_linear_weights
 from lit_lowrank.rules.galore import GaLoreRule
 from steps import seeded_grads, weights_and_bias
 

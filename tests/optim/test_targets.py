@@ -12,8 +12,8 @@ from torch import nn
 
 from lit_lowrank import LowRankOptimizer, build_optimizer, select_targets
 from lit_lowrank.optim.targets import classify
-from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
-from lit_lowrank.reparam.gradnorm import apply_gradnorm, is_gradnorm
+from lit_lowrank.transforms.int_weights import QuantizedLinear, quantize_linear_weights
+from lit_lowrank.transforms.weight_norm import apply_gradnorm, is_gradnorm
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,11 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lit_lowrank import (DenseBasisProjector, InnerOptimizer, LowRankOptimizer, Side, UnknownComponentError,
                          UpdateRule, build_optimizer, hookimpl, plugins)
 from lit_lowrank.memory import BASELINES, estimate, llama_on_meta
-from lit_lowrank.activations import bind_compact, compact_linear_layers
+from lit_lowrank import transforms
 from lit_lowrank.methods import Method
-from lit_lowrank.reparam.gradnorm import apply_gradnorm
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
-from lit_lowrank.quantizers.quantized_linear import quantize_linear_weights
 
 RANK = 16  # q/k/v/o moments 16×128 < 4096 stay float; MLP moments 16×344 are 8-bit
 UNESTIMATED = {"adaptive-rank"}  # its ranks depend on the gradients' spectra
@@ -134,8 +132,7 @@ def transformed_optimizer(model: torch.nn.Module, method: Method, targets, **opt
     CompAct's layers bound to the optimizer)."""
     transform(model, method, targets)
     optimizer = build_optimizer(model, method=method, targets=targets, **options, **rank_unless_fixed(method))
-    if method.compact:
-        bind_compact(model, optimizer)
+    transforms.bind(model, method.transforms, optimizer)
     return optimizer
 
 
@@ -146,12 +143,7 @@ def rank_unless_fixed(method: Method) -> dict:
 
 def transform(model: torch.nn.Module, method: Method, targets) -> None:
     """The model transforms ``method`` trains: weight normalization, INT8 weights, compressed layers."""
-    if method.gradnorm:
-        apply_gradnorm(model, targets)
-    if method.weight_bits is not None:
-        quantize_linear_weights(model, targets, bits=method.weight_bits, exclude=DEFAULT_EXCLUDE)
-    if method.compact:
-        compact_linear_layers(model, targets)
+    transforms.prepare(model, method.transforms, targets, DEFAULT_EXCLUDE)
 
 
 def backward(model: LlamaForCausalLM) -> None:
@@ -292,7 +284,7 @@ def test_docs_7b_table_is_the_estimators():
     assert len(rows) >= 10
     models = {gradnorm: llama_on_meta("7b", gradnorm=gradnorm) for gradnorm in (False, True)}
     for name, *figures in rows:
-        gradnorm = name not in BASELINES and plugins.get_method(name.removesuffix("-layerwise")).gradnorm
+        gradnorm = name not in BASELINES and "weight-norm" in plugins.get_method(name.removesuffix("-layerwise")).transforms
         result = estimate(models[gradnorm], name, rank=1024)
         expected = [result.weights, result.gradients, result.optimizer, result.total]
         assert figures == [f"{value / 2**30:.2f}" for value in expected], name

@@ -1,12 +1,12 @@
-"""Linear layers whose weight lives quantized between steps (Q-GaLore §3.4: INT8 weights with
-stochastic-rounding updates).
+"""The ``int-weights`` transform: linear layers whose weight lives quantized between steps
+(Q-GaLore §3.4: INT8 weights with stochastic-rounding updates).
 
 :class:`QuantizedLinear` keeps its weight as group-wise integer codes (the ``int`` quantizer:
 INT8, group 256, per-group scale and offset). The forward pass dequantizes it; the backward
 pass produces the usual m×n float weight gradient on a parameter ``weight`` that has the
 weight's shape but no storage of its own (a stride-0 view of one element), so the optimizer
-sees an ordinary parameter with an ordinary ``.grad``. That parameter carries
-``weight_store`` — this layer — and :class:`~lit_lowrank.LowRankOptimizer` updates a float copy
+sees an ordinary parameter with an ordinary ``.grad``. That parameter's
+:func:`~lit_lowrank.transforms.base.stored_weight` is this layer, and :class:`~lit_lowrank.LowRankOptimizer` updates a float copy
 ``W = float_weight()`` and hands it back through ``store_(W)``, which re-quantizes it with
 stochastic rounding, ``w_q ← SR((W − min) / s)``: an update far below one quantization step
 survives in expectation instead of being rounded away.
@@ -24,13 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.optim.targets import linear_targets, replace_module
 from lit_lowrank.quantizers.base import Packed
 from lit_lowrank.quantizers.int import MAX_BITS, MIN_BITS, IntQuantizer
+from lit_lowrank.transforms.base import Transform, attach_store
 
 _PREFIX = "weight_"  # buffers: weight_codes, weight_scales, weight_mins, weight_shape
 WEIGHT_ARGS = ("group_size", "stochastic")
-"""The options of quantized weights (``weight_args``) besides their width (``weight_bits``)."""
+"""The options of ``int-weights`` besides their width ``bits``."""
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -104,7 +106,7 @@ class QuantizedLinear(nn.Module):
                                      rounding="stochastic" if stochastic else "nearest")
         dtype = dtype or torch.get_default_dtype()
         self.weight = nn.Parameter(self._handle(torch.zeros((), device=device, dtype=dtype)))
-        self.weight.weight_store = self
+        attach_store(self.weight, self)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._packed_keys: tuple[str, ...] = ()
         self._set_packed(self.initial.quantize(torch.zeros(out_features, in_features, device=device)))
@@ -217,40 +219,99 @@ def quantize_linear_weights(
             (:func:`check_weight_options`).
     """
     check_weight_options(bits, {"group_size": group_size, "stochastic": stochastic})
-    chosen = linear_targets(model, targets, exclude, "weight_bits quantizes")
+    chosen = linear_targets(model, targets, exclude, "int-weights quantizes")
     for seed, (name, linear) in enumerate(chosen.items()):
         replace_module(model, name, QuantizedLinear.from_linear(
             linear, bits=bits, group_size=group_size, stochastic=stochastic, seed=seed))
     return list(chosen)
 
 
-def check_weight_options(bits: int | None, args: dict[str, Any]) -> None:
-    """Refuse quantized-weight options before any model is transformed, naming the valid values:
-    ``bits`` (``weight_bits``) not an integer in 2..8, ``args`` (``weight_args``) with keys other
-    than :data:`WEIGHT_ARGS`, a ``group_size`` neither a positive integer nor -1, a
-    ``stochastic`` not a bool, or ``args`` without ``bits`` (they would be ignored).
+def check_weight_options(bits: int, args: dict[str, Any]) -> None:
+    """Refuse ``int-weights`` options before any model is transformed, naming the valid values:
+    ``bits`` not an integer in 2..8, ``args`` with keys other than :data:`WEIGHT_ARGS`, a
+    ``group_size`` neither a positive integer nor -1, a ``stochastic`` not a bool.
 
     Raises:
         ValueError: naming the option and its valid values.
     """
-    if bits is None:
-        if args:
-            raise ValueError(f"weight_args={args} configures quantized weights, but weight_bits is null; set "
-                             "weight_bits (8 in Q-GaLore) or remove weight_args")
-        return
     if not _is_integer(bits) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"weight_bits must be an integer in {MIN_BITS}..{MAX_BITS} (8 in Q-GaLore), got {bits!r}")
+        raise ValueError(f"int-weights bits must be an integer in {MIN_BITS}..{MAX_BITS} (8 in Q-GaLore), got {bits!r}")
     unknown = sorted(set(args) - set(WEIGHT_ARGS))
     if unknown:
-        raise ValueError(f"unknown weight_args {unknown}; the valid keys are {list(WEIGHT_ARGS)}")
+        raise ValueError(f"int-weights has no option(s) {unknown}; its options are {['bits', *WEIGHT_ARGS]}")
     group_size = args.get("group_size", -1)  # absent: quantize_linear_weights's default, valid
     if not (_is_integer(group_size) and (group_size >= 1 or group_size == -1)):
-        raise ValueError(f"weight_args group_size must be a positive integer (256 in Q-GaLore) or -1 (one group "
+        raise ValueError(f"int-weights group_size must be a positive integer (256 in Q-GaLore) or -1 (one group "
                          f"per output row), got {group_size!r}")
     if "stochastic" in args and not isinstance(args["stochastic"], bool):
-        raise ValueError(f"weight_args stochastic must be true (stochastic rounding, Q-GaLore) or false (nearest), "
+        raise ValueError(f"int-weights stochastic must be true (stochastic rounding, Q-GaLore) or false (nearest), "
                          f"got {args['stochastic']!r}")
 
 
 def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def dequantize_linear_weights(model: nn.Module) -> nn.Module:
+    """Replace, in place, every :class:`QuantizedLinear` of ``model`` by an ``nn.Linear`` holding
+    its dequantized weight Ŵ (and the layer's own bias parameter); returns ``model``."""
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, layer in quantized.items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device=layer.weight.device,
+                           dtype=layer.weight.dtype)
+        linear.weight = nn.Parameter(layer.float_weight())
+        linear.bias = layer.bias
+        replace_module(model, name, linear)
+    return model
+
+
+class IntWeights(Transform):
+    """``int-weights``: the target linear weights held as ``bits``-bit group-wise codes and
+    re-quantized with stochastic rounding after each update (Q-GaLore §3.4).
+
+    Options: ``bits`` (8 in Q-GaLore; 2–8), ``group_size`` (256 in Q-GaLore; -1: one group per
+    output row), ``stochastic`` (True: stochastic rounding)."""
+
+    name = "int-weights"
+    option_names = ("bits", *WEIGHT_ARGS)
+    changes_targets = True
+    needs_whole_weights = True
+    tolerance = 0.05  # nearest rounding of the initial weights to 8-bit codes
+
+    def __init__(self, **options: Any) -> None:
+        check_weight_options(options.get("bits", 8), {k: v for k, v in options.items() if k != "bits"})
+        super().__init__(**options)
+        self.bits = self.options.get("bits", 8)
+        self.layer_options = {key: self.options[key] for key in WEIGHT_ARGS if key in self.options}
+
+    def apply(self, model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> list[str]:
+        return quantize_linear_weights(model, targets, bits=self.bits, exclude=exclude, **self.layer_options)
+
+    def applied(self, model: nn.Module) -> bool:
+        layers = _quantized(model)
+        return bool(layers) and all(layer.initial.bits == self.bits for layer in layers)
+
+    def held(self, model: nn.Module) -> bool:
+        return bool(_quantized(model))
+
+    def undo(self, model: nn.Module) -> nn.Module:
+        return dequantize_linear_weights(model)
+
+    def describe(self) -> str:
+        return f"{self.bits}-bit target weights"
+
+    def found(self, model: nn.Module) -> str:
+        return f"the model's targets hold {sorted({layer.initial.bits for layer in _quantized(model)}) or 'float'} weights"
+
+    def fix(self) -> str:
+        return (f"lit_lowrank.transforms.int_weights.quantize_linear_weights(model, bits={self.bits}) (or "
+                f"{super().fix()})")
+
+
+def _quantized(model: nn.Module) -> list[QuantizedLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+
+
+@hookimpl
+def register_transforms(register):
+    register(IntWeights.name, IntWeights)

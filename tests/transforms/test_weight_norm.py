@@ -11,7 +11,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from lit_lowrank import build_optimizer, select_targets
-from lit_lowrank.reparam.gradnorm import apply_gradnorm, fold_gradnorm, is_gradnorm
+from lit_lowrank.transforms.weight_norm import apply_gradnorm, fold_gradnorm, is_gradnorm
 
 
 TARGETS = ["attn", "mlp"]  # TinyNet has no repeated blocks: its targets are named

@@ -1,4 +1,4 @@
-"""CompAct (Shamshoum et al. 2024, "CompAct: Compressed Activations for Memory-Efficient LLM
+"""The ``compact`` transform: CompAct (Shamshoum et al. 2024, "CompAct: Compressed Activations for Memory-Efficient LLM
 Training"): linear layers that keep a random projection of their input for backward instead of
 the input itself, so the weight gradient is born projected.
 
@@ -28,15 +28,16 @@ clip the other gradients by a norm without them (the Lightning paths refuse
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_lowrank.optim.lowrank import LowRankOptimizer
+from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.optim.targets import linear_targets, replace_module
 from lit_lowrank.plugins import get_projector, get_update_rule
+from lit_lowrank.transforms.base import Transform
 
 
 class CompactFunction(torch.autograd.Function):
@@ -73,7 +74,7 @@ class CompactLinear(nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.weight.compact_activations = True  # marks a weight stepped from R alone (layer-wise mode refuses it)
-        self._optimizer: LowRankOptimizer | None = None
+        self._optimizer: Any = None  # a LowRankOptimizer
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> CompactLinear:
@@ -88,7 +89,7 @@ class CompactLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self._optimizer is None:
             raise RuntimeError("a CompactLinear trains through its low-rank optimizer: call "
-                               "lit_lowrank.activations.bind_compact(model, optimizer) after building it")
+                               "lit_lowrank.transforms.compact.bind_compact(model, optimizer) after building it")
         _, basis = self._optimizer.upcoming_bases(self.weight)
         return CompactFunction.apply(x, self.weight, self.bias, basis, self._deliver)
 
@@ -115,9 +116,10 @@ def compact_linear_layers(model: nn.Module, targets: Sequence[str] | None = None
     return list(chosen)
 
 
-def bind_compact(model: nn.Module, optimizer: LowRankOptimizer) -> list[CompactLinear]:
+def bind_compact(model: nn.Module, optimizer: Any) -> list[CompactLinear]:
     """Bind every :class:`CompactLinear` of ``model`` to ``optimizer``, after checking that the
-    optimizer projects its weight the way the layer computes ``R``.
+    optimizer (a :class:`~lit_lowrank.LowRankOptimizer`) projects its weight the way the layer
+    computes ``R``.
 
     Raises:
         ValueError: a layer's weight not in a low-rank group of ``optimizer``; a projector that
@@ -143,7 +145,7 @@ def bind_compact(model: nn.Module, optimizer: LowRankOptimizer) -> list[CompactL
     return layers
 
 
-def check_compact_options(options: dict) -> None:
+def check_compact_options(options: Mapping[str, Any]) -> None:
     """Refuse options under which a low-rank optimizer cannot step from CompAct's ``R``: a
     projector that needs the gradient to find its basis, a side other than ``right``, a rule
     that reads the full gradient."""
@@ -154,3 +156,46 @@ def check_compact_options(options: dict) -> None:
         raise ValueError(f"CompAct projects the input dimension of each layer: set side: right (got {options['side']!r})")
     if get_update_rule(options["rule"]).uses_gradient:
         raise ValueError(f"rule {options['rule']!r} reads the full gradient, which CompAct never forms; use rule: galore")
+
+
+class Compact(Transform):
+    """``compact``: CompAct's layers (no options). Their weights get ``R`` instead of a ``.grad``
+    (:attr:`hides_gradients`); they are bound to the optimizer after it is built."""
+
+    name = "compact"
+    changes_targets = True
+    needs_whole_weights = True  # R = gᵀ x Q is formed on the whole input dimension
+    hides_gradients = True
+
+    def apply(self, model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> list[str]:
+        return compact_linear_layers(model, targets, exclude)
+
+    def applied(self, model: nn.Module) -> bool:
+        return any(isinstance(module, CompactLinear) for module in model.modules())
+
+    def bind(self, model: nn.Module, optimizer: Any) -> None:
+        bind_compact(model, optimizer)
+
+    def undo(self, model: nn.Module) -> nn.Module:
+        """Plain ``nn.Linear`` layers holding the compressed layers' own parameters."""
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, CompactLinear)]:
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            linear.weight, linear.bias = layer.weight, layer.bias
+            del layer.weight.compact_activations
+            replace_module(model, name, linear)
+        return model
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        check_compact_options(options)
+
+    def describe(self) -> str:
+        return "compressed linear layers"
+
+    def fix(self) -> str:
+        return ("lit_lowrank.transforms.compact.compact_linear_layers(model) before building the optimizer and "
+                "bind_compact(model, optimizer) after")
+
+
+@hookimpl
+def register_transforms(register: Any) -> None:
+    register(Compact.name, Compact)

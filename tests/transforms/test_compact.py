@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lit_lowrank import build_optimizer
-from lit_lowrank.activations import CompactLinear, bind_compact, compact_linear_layers
+from lit_lowrank.transforms.compact import CompactLinear, bind_compact, compact_linear_layers
 from lit_lowrank.models import Llama
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from lit_lowrank import LowRankOptimizer, build_optimizer
 from lit_lowrank.quantizers.int import IntQuantizer
-from lit_lowrank.quantizers.quantized_linear import QuantizedLinear, quantize_linear_weights
+from lit_lowrank.transforms.int_weights import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.methods import INT4_BASIS
 
 
@@ -201,12 +201,12 @@ def test_layers_draw_distinct_rounding_noise_and_a_resume_draws_the_same():
 
 
 BAD_WEIGHT_OPTIONS = [
-    (dict(weight_bits=1), r"weight_bits must be an integer in 2\.\.8"),
-    (dict(weight_bits=9), r"weight_bits must be an integer in 2\.\.8"),
-    (dict(weight_bits=8.0), r"weight_bits must be an integer in 2\.\.8"),
-    (dict(weight_bits=True), r"weight_bits must be an integer in 2\.\.8"),
-    (dict(weight_bits=8, weight_args={"groupsize": 64}), r"unknown weight_args \['groupsize'\]; the valid keys are "
-                                                         r"\['group_size', 'stochastic'\]"),
+    (dict(weight_bits=1), r"bits must be an integer in 2\.\.8"),
+    (dict(weight_bits=9), r"bits must be an integer in 2\.\.8"),
+    (dict(weight_bits=8.0), r"bits must be an integer in 2\.\.8"),
+    (dict(weight_bits=True), r"bits must be an integer in 2\.\.8"),
+    (dict(weight_bits=8, weight_args={"groupsize": 64}), r"int-weights has no option\(s\) \['groupsize'\]; its options "
+                                                         r"are \['bits', 'group_size', 'stochastic'\]"),
     (dict(weight_bits=8, weight_args={"group_size": 0}), "group_size must be a positive integer .* or -1"),
     (dict(weight_bits=8, weight_args={"group_size": -2}), "group_size must be a positive integer .* or -1"),
     (dict(weight_bits=8, weight_args={"group_size": 64.0}), "group_size must be a positive integer .* or -1"),

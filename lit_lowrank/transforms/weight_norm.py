@@ -1,4 +1,4 @@
-"""GradNormLoRP's reparameterization (Huang et al. 2024, arXiv 2412.19616, §3): each target
+"""The ``weight-norm`` transform: GradNormLoRP's reparameterization (Huang et al. 2024, arXiv 2412.19616, §3): each target
 linear weight becomes ``W = g · V / ‖V‖`` with one norm per output unit — Weight Normalization
 (Salimans & Kingma 2016, Eq. 2), the paper's column norm ``‖·‖_c`` of a d×k weight, i.e. the
 row norm of ``nn.Linear``'s out×in ``weight`` — built on
@@ -21,20 +21,21 @@ so the model has no extra cost.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm, weight_norm
 
-from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
+from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.optim.targets import linear_targets
+from lit_lowrank.transforms.base import Transform
 
 
 def apply_gradnorm(
     model: nn.Module,
-    targets: Sequence[str] | None = DEFAULT_TARGETS,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    targets: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
 ) -> nn.Module:
     """Weight-normalize the target layers of :func:`lit_lowrank.select_targets` (same ``targets``
     and ``exclude``), in place; they must all be ``nn.Linear``.
@@ -49,7 +50,7 @@ def apply_gradnorm(
             is not an ``nn.Linear`` (its norm axis would be another), or a target's weight is tied
             to another module's (weight-normalizing one use would untie them).
     """
-    for module in linear_targets(model, targets, exclude, "gradnorm weight-normalizes").values():
+    for module in linear_targets(model, targets, exclude, "weight-norm normalizes").values():
         if not is_gradnorm(module):
             weight_norm(module, name="weight", dim=0)
     return model
@@ -74,3 +75,37 @@ def is_gradnorm(module: nn.Module) -> bool:
         return False
     chain = module.parametrizations.weight
     return len(chain) == 1 and isinstance(chain[0], _WeightNorm)
+
+
+class WeightNorm(Transform):
+    """``weight-norm``: GradNormLoRP's ``W = g · V / ‖V‖`` on the target linear weights (no
+    options); undone by :func:`fold_gradnorm`. It replaces the weight parameters, so a Lightning
+    module must hold it before its ``configure_optimizers`` runs."""
+
+    name = "weight-norm"
+    changes_targets = True
+    needs_whole_weights = True  # the norm of each output row needs the whole row
+    tolerance = 1e-5
+    adopts_modules = False
+
+    def apply(self, model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> list[str]:
+        before = {module for module in model.modules() if is_gradnorm(module)}
+        apply_gradnorm(model, targets, exclude)
+        return [name for name, module in model.named_modules() if is_gradnorm(module) and module not in before]
+
+    def applied(self, model: nn.Module) -> bool:
+        return any(is_gradnorm(module) for module in model.modules())
+
+    def undo(self, model: nn.Module) -> nn.Module:
+        return fold_gradnorm(model)
+
+    def describe(self) -> str:
+        return "weight-normalized targets"
+
+    def fix(self) -> str:
+        return f"lit_lowrank.transforms.weight_norm.apply_gradnorm(model) (or {super().fix()})"
+
+
+@hookimpl
+def register_transforms(register: Any) -> None:
+    register(WeightNorm.name, WeightNorm)
