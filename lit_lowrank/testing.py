@@ -1,5 +1,6 @@
 """Conformance checks for component authors: does a projector, quantizer, update rule, inner
-optimizer or schedule keep the contract the optimizer relies on (docs/plugins.md)?
+optimizer, schedule or model transform keep the contract the optimizer relies on
+(docs/plugins.md)?
 
 Each ``check_<kind>(cls, **options)`` builds ``cls`` as the optimizer would (``options`` are what
 a user would write in ``<kind>_args``; a ``quantizer`` may be a registered name or a class),
@@ -40,6 +41,7 @@ from lit_lowrank.optim.validation import accepted, basis_problem, construct, wit
 from lit_lowrank.projectors.base import Projector, Side
 from lit_lowrank.quantizers.base import MIN_COSINE, QuantizerProbeError, probe_round_trip
 from lit_lowrank.rules.base import RuleInputs
+from lit_lowrank.transforms.base import Transform
 
 SHAPES = ((12, 7), (7, 12), (9, 9), (1, 10), (10, 1))
 """Tall, wide, square, a single row, a single column."""
@@ -671,6 +673,81 @@ def _check_cadence(cls: type, options: dict[str, Any], gap: int) -> None:
 
 
 # ---------------------------------------------------------------------------- the resume run
+# ---------------------------------------------------------------------------- transforms
+TRANSFORM_TARGETS = [r"blocks\.\d+\.0"]
+"""The target linear layers of :func:`_transform_model` (one per block)."""
+
+
+def check_transform(cls: type, **options: Any) -> None:
+    """``cls(**options)`` applied to a small model's target linear layers: it names what it
+    changed and says it is applied; applied again it changes nothing or is refused (ValueError);
+    the model's outputs stay within the transform's declared ``tolerance`` (relative); its flags
+    are booleans, and a transform hiding gradients binds to the optimizer (something must hand it
+    the updates); where it can be undone, the undone model computes the same outputs with the
+    original module classes and no longer holds the transform."""
+    transform = cls(**options)
+    _expect(isinstance(transform, Transform), cls.__name__, "is not a lit_lowrank.transforms.Transform")
+    for flag in ("changes_targets", "needs_whole_weights", "hides_gradients", "adopts_modules"):
+        _expect(isinstance(getattr(transform, flag), bool), cls.__name__, f"flag {flag} is not a bool")
+    _expect(not transform.hides_gradients or type(transform).bind is not Transform.bind, cls.__name__,
+            "hides gradients but does not bind to the optimizer: nothing would hand it the updates")
+    model, inputs = _transform_model(), _randn((5, 8), torch.float32, seed=3)
+    reference = copy.deepcopy(model).eval()
+    _expect(not transform.applied(model), cls.__name__, "says a plain model is already transformed")
+    changed = transform.apply(model, TRANSFORM_TARGETS, ())
+    _expect(changed and transform.applied(model), cls.__name__, "apply() changed no target or applied() is false")
+    _expect_outputs(model, reference, inputs, transform.tolerance, f"{cls.__name__} applied")
+    _check_applied_twice(transform, model, reference, inputs)
+    try:
+        transform.undo(model)
+    except NotImplementedError:
+        return
+    _expect(not transform.applied(model), cls.__name__, "undo() left applied() true")
+    _expect_outputs(model, reference, inputs, transform.tolerance, f"{cls.__name__} undone")
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    _expect(kinds == {name: type(m) for name, m in reference.named_modules()}, cls.__name__,
+            f"undo() left other modules than the original's: {kinds}")
+
+
+def _check_applied_twice(transform: Transform, model: nn.Module, reference: nn.Module, inputs: Tensor) -> None:
+    """Applying again is refused with a ValueError, or leaves the outputs and the parameters' count."""
+    count = sum(1 for _ in model.parameters())
+    try:
+        transform.apply(model, TRANSFORM_TARGETS, ())
+    except ValueError:
+        return
+    where = f"{type(transform).__name__} applied twice"
+    _expect(sum(1 for _ in model.parameters()) == count, where, "added parameters the second time")
+    _expect_outputs(model, reference, inputs, transform.tolerance, where)
+
+
+def _expect_outputs(model: nn.Module, reference: nn.Module, inputs: Tensor, tolerance: float, where: str) -> None:
+    with torch.no_grad():
+        out, expected = model.eval()(inputs), reference(inputs)
+    error = float((out - expected).norm() / expected.norm())
+    _expect(error <= tolerance + 1e-6, where, f"changes the outputs by {error:.2e} (relative), beyond its declared "
+                                              f"tolerance {tolerance:.2e}")
+
+
+class _TransformNet(nn.Module):
+    """Two blocks of a biased linear layer and tanh, then a head: the targets are the blocks' layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _transform_model() -> nn.Module:
+    torch.manual_seed(0)
+    return _TransformNet()
+
+
 def _check_resume(option: str, cls: type, options: dict[str, Any], **extra: Any) -> None:
     """Train two weights (odd shapes) for 7 steps with the component, refreshing every 2 steps;
     the low-rank weights must move beyond weight decay, and a copy saved after step 3

@@ -276,13 +276,13 @@ class IntWeights(Transform):
     option_names = ("bits", *WEIGHT_ARGS)
     changes_targets = True
     needs_whole_weights = True
-    tolerance = 0.05  # nearest rounding of the initial weights to 8-bit codes
 
     def __init__(self, **options: Any) -> None:
         check_weight_options(options.get("bits", 8), {k: v for k, v in options.items() if k != "bits"})
         super().__init__(**options)
         self.bits = self.options.get("bits", 8)
         self.layer_options = {key: self.options[key] for key in WEIGHT_ARGS if key in self.options}
+        self.tolerance = 1 / (2**self.bits - 1)  # nearest rounding: half a step of each group's range
 
     def apply(self, model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> list[str]:
         return quantize_linear_weights(model, targets, bits=self.bits, exclude=exclude, **self.layer_options)
