@@ -12,16 +12,22 @@ For a gradient ``G`` (m×n) and the left basis (the right one is the same on ``G
 Exact when ``rank(G) ≤ k``; otherwise close to the optimal subspace at a fraction of the cost of
 a full SVD for large n. The randomness of each refresh comes from a CPU generator seeded with
 (parameter seed, refresh count), so every device and every resume draws the same sketch.
+
+``freeze-bias``: a model transform (:class:`FreezeBias`) that keeps the biases of the low-rank
+target layers at their initial values, so those layers train only their projected weights.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-from torch import Tensor
+from typing import Sequence
 
-from lit_lowrank import DenseBasisProjector, Side, hookimpl
+import torch
+from torch import Tensor, nn
+
+from lit_lowrank import DenseBasisProjector, Side, hookimpl, select_targets
+from lit_lowrank.transforms import Transform
 
 
 def fwht(x: Tensor) -> Tensor:
@@ -89,3 +95,46 @@ class SRHTProjector(DenseBasisProjector):
 @hookimpl
 def register_projectors(register) -> None:
     register("srht", SRHTProjector)
+
+
+FROZEN_BY = "frozen_by"
+"""The attribute marking a bias frozen by :class:`FreezeBias` (so undo unfreezes only those)."""
+
+
+class FreezeBias(Transform):
+    """``freeze-bias``: the biases of the low-rank target layers keep their initial values
+    (``requires_grad=False``): the optimizer then has no dense state for them and those layers
+    train only their projected weights. A bias tied to another module stays tied (it is frozen for
+    every use). :meth:`undo` makes them trainable again. No options."""
+
+    name = "freeze-bias"
+
+    def apply(self, model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> list[str]:
+        low_rank, _ = select_targets(model, targets, exclude)
+        frozen = []
+        for weight_name in low_rank:
+            module_name = weight_name.rpartition(".")[0]
+            bias = getattr(model.get_submodule(module_name), "bias", None)
+            if isinstance(bias, nn.Parameter) and bias.requires_grad:
+                bias.requires_grad_(False)
+                setattr(bias, FROZEN_BY, self.name)
+                frozen.append(f"{module_name}.bias".lstrip("."))
+        if not frozen and not self.applied(model):
+            raise ValueError("freeze-bias: no low-rank target layer has a trainable bias; drop freeze-bias from "
+                             "lowrank.transforms or change `targets`")
+        return frozen
+
+    def applied(self, model: nn.Module) -> bool:
+        return any(getattr(p, FROZEN_BY, None) == self.name for p in model.parameters())
+
+    def undo(self, model: nn.Module) -> nn.Module:
+        for p in model.parameters():
+            if getattr(p, FROZEN_BY, None) == self.name:
+                p.requires_grad_(True)
+                delattr(p, FROZEN_BY)
+        return model
+
+
+@hookimpl
+def register_transforms(register) -> None:
+    register(FreezeBias.name, FreezeBias)

@@ -106,3 +106,49 @@ def test_trains_inside_lowrank_optimizer_by_name(installed_plugins):
 def test_keeps_the_projector_contract(options):
     """lit_lowrank's conformance kit: shapes, orthonormal bases, state round trip, bitwise resume."""
     check_projector(SRHTProjector, **options)
+
+
+def test_freeze_bias_keeps_the_transform_contract():
+    from lit_lowrank.testing import check_transform
+    from lit_lowrank_hadamard import FreezeBias
+
+    check_transform(FreezeBias)
+
+
+def test_a_yaml_config_names_the_plugins_transform(installed_plugins, tmp_path, capsys):
+    import yaml
+
+    from lit_lowrank.cli import main
+
+    config = {"model": {"network": {"class_path": "lit_lowrank.models.Llama",
+                                    "init_args": {"size": "tiny", "vocab_size": 64, "hidden_size": 32,
+                                                  "intermediate_size": 64, "num_heads": 2, "num_layers": 2}}},
+              "lowrank": {"rank": 4, "transforms": {"freeze-bias": {}}},
+              "data": {"class_path": "lit_lowrank.data.PretrainData",
+                       "init_args": {"seq_len": 32, "batch_size": 4, "vocab_size": 64,
+                                     "cache_dir": str(tmp_path)}}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["lowrank"]["transforms"] == {"freeze-bias": {}}
+
+
+def test_one_training_step_keeps_the_target_biases_and_trains_the_rest(installed_plugins):
+    from lit_lowrank.lightning import LowRankConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("mlp", torch.nn.Linear(24, 16))
+    model.add_module("head", torch.nn.Linear(16, 4))
+    config = LowRankConfig(targets=["mlp"], rank=4, lr=0.05, transforms={"freeze-bias": {}})
+    config.prepare(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = config.build(model)
+    x, y = torch.randn(8, 24), torch.randn(8, 4)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved == {"mlp.weight", "head.weight", "head.bias"}
+    assert not model.mlp.bias.requires_grad
