@@ -92,6 +92,8 @@ def test_the_examples_cover_every_kind(examples):
 @pytest.mark.parametrize("side", ["std", "full"])
 def test_every_example_trains_and_resumes_exactly(examples, side):
     for kind, components in examples.items():
+        if kind == "transforms":  # they change the model, not the optimizer: test_the_transform_example_...
+            continue
         for name in components:
             model = make()
             optimizer = optimizer_for(model, side=side, **options(kind, name))
@@ -108,6 +110,16 @@ def test_every_example_trains_and_resumes_exactly(examples, side):
             train(resumed_model, resumed, 4, torch.Generator().set_state(state))
             for mine, theirs in zip(model.parameters(), resumed_model.parameters()):
                 torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=f"{kind} {name!r} side={side}")
+
+
+def test_the_transform_example_keeps_the_contract_and_freezes_only_target_biases(examples):
+    from lit_lowrank.lightning import LowRankConfig
+    from lit_lowrank.testing import check_transform
+
+    check_transform(examples["transforms"]["my-freeze-bias"])
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 6))
+    LowRankConfig(targets=["0"], transforms={"my-freeze-bias": {}}).prepare(model)
+    assert [name for name, p in model.named_parameters() if not p.requires_grad] == ["0.bias"]
 
 
 def test_top_norm_projectors_keep_the_largest_columns(examples):
