@@ -11,8 +11,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-import yaml
 import torch
+import yaml
 
 from lit_lowrank import LowRankOptimizer
 from lit_lowrank.cli import main as cli_main
@@ -115,4 +115,5 @@ def test_method_overlay_parses(capsys, monkeypatch):
         cli_main(["fit", "--config", str(GLUE_CONFIGS / "roberta.yaml"), "--config", str(GLUE_CONFIGS / "roberta" / "sst2.yaml"),
                   "--config", str(GLUE_CONFIGS / "gradnorm.yaml"), "--print_config"])
     printed = capsys.readouterr().out
-    assert "gradnorm: true" in printed and "task: sst2" in printed and "lr: 2.0e-05" in printed
+    assert yaml.safe_load(printed)["lowrank"]["transforms"] == {"weight-norm": {}}
+    assert "task: sst2" in printed and "lr: 2.0e-05" in printed
