@@ -7,6 +7,7 @@
     python scripts/bench_optim.py --model cnn --methods adamw galore galore-tucker   # conv kernels
     python scripts/bench_optim.py --cycle                  # a full refresh cycle: spikes, amortized cost
     python scripts/bench_optim.py --cycle --size 20m --gap 50 --projectors svd rsvd
+    python scripts/bench_optim.py --interleave --methods galore-torch galore galore-unguarded --steps 15
 
 ``--model mixtral`` is transformers' ``MixtralForCausalLM`` at the size's shape with 4 fused
 experts per layer (the experts are E×m×n parameters, projected per expert in one batched step);
@@ -23,6 +24,10 @@ first step (which computes the projections) is reported separately as the refres
 steady-state figure is the median over ``--steps`` steps after ``--warmup`` steps, with
 no refresh in between (T = 200). State MiB sums the real storage of every tensor the optimizer
 holds (moments, bases, quantization scales), excluding scalar step counters.
+
+``--interleave`` steps every method's optimizer on one model in turn, one step each per round,
+so that the load of other work on a shared machine falls on all of them alike (methods without a
+model transform only); the ratios of one such run are the comparison to quote.
 
 ``--cycle`` times instead every step of GaLore's first two refresh cycles (``--gap`` T, default
 200) for each of ``--projectors`` (``svd``, ``rsvd`` and ``svd-warm`` where registered), with
@@ -156,6 +161,35 @@ CYCLE_PROJECTORS = ("svd", "rsvd", "svd-warm")
 """The projectors ``--cycle`` times by default, those of them registered."""
 
 
+def measure_interleaved(model: nn.Module, factories: dict[str, Factory], warmup: int, steps: int,
+                        ) -> dict[str, dict[str, float]]:
+    """:func:`measure` of every factory's optimizer on the one ``model``, their steps taken in
+    turn: round k times step k of each."""
+    optimizers = {name: factory(model) for name, factory in factories.items()}
+    clock = Clock(next(model.parameters()).device)
+    firsts = {name: clock.time(optimizer.step) for name, optimizer in optimizers.items()}
+    for _ in range(warmup):
+        for optimizer in optimizers.values():
+            optimizer.step()
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(steps):
+        for name, optimizer in optimizers.items():
+            times[name].append(clock.time(optimizer.step))
+    results = {}
+    for name, optimizer in optimizers.items():
+        steady = statistics.median(times[name])
+        results[name] = {"ms": steady * 1e3, "refresh_ms": max(firsts[name] - steady, 0.0) * 1e3,
+                         "mib": measured_state_bytes(optimizer) / 2**20}
+    return results
+
+
+def transformed(name: str) -> bool:
+    """Whether a method changes the model before its optimizer is built (INT8 weights, weight
+    normalization, CompAct's layers)."""
+    method = registered("methods").get(name)
+    return method is not None and bool(method.component.transforms)
+
+
 def cycle_factory(projector: str, stagger: bool, gap: int) -> Factory:
     """GaLore with ``projector`` and refresh gap ``gap``, its weights' refreshes staggered or not."""
     settings = {**GALORE, "update_gap": gap}
@@ -224,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cycle", action="store_true", help="time a full refresh cycle of GaLore per projector, "
                         "with and without staggering, instead of the methods")
+    parser.add_argument("--interleave", action="store_true", help="step the methods' optimizers in turn on one "
+                        "model (methods without a model transform)")
     parser.add_argument("--gap", type=int, default=GALORE["update_gap"], help="--cycle: the refresh gap T (>= 2)")
     parser.add_argument("--projectors", nargs="+", choices=sorted(registered("projectors")),
                         default=[name for name in CYCLE_PROJECTORS if name in registered("projectors")],
@@ -244,7 +280,15 @@ def main(argv: list[str] | None = None) -> None:
         print(header + f"GaLore (rank {GALORE['rank']}), steps 1 … {2 * args.gap - 1} of T = {args.gap}")
         run_cycles(args)
         return
-    print(header + f"median of {args.steps} steps after {args.warmup + 1}")
+    print(header + f"median of {args.steps} steps after {args.warmup + 1}" + (", interleaved" if args.interleave else ""))
+    if args.interleave:
+        refused = [name for name in args.methods if transformed(name)]
+        if refused:
+            parser.error(f"--interleave steps one model: {refused} transform theirs; leave them out")
+        model = prepared_model(args.size, "adamw", DTYPES[args.dtype], args.device, args.model)
+        factories = {name: BASELINES.get(name) or method_factory(name) for name in args.methods}
+        print_table(measure_interleaved(model, factories, args.warmup, args.steps))
+        return
     results = {}
     for name in args.methods:
         factory = BASELINES.get(name) or method_factory(name)

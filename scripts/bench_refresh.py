@@ -10,9 +10,10 @@ what DDP's all-reduce leaves on every rank — and steps GaLore (rank 128) with 
 so every step refreshes every target weight, and with a gap longer than the run, so no step
 does: the refresh time is the difference of their medians over ``--steps`` steps (after one
 first step that builds the state). A step on 2 ranks is timed on each rank between barriers and
-the slower rank's time counts. Rows: 1 rank; 2 ranks, every rank refreshing every weight
+the slower rank's time counts; beside the wall time, the CPU time of the slower rank's process
+(on a machine shared with other work, what their load does not stretch). Rows: 1 rank; 2 ranks, every rank refreshing every weight
 (``refresh_sharing: off``); 2 ranks sharing (``on``). The last column is the refresh time over
-the 1-rank row's.
+the 1-rank row's, for each.
 """
 
 from __future__ import annotations
@@ -36,20 +37,23 @@ NEVER = 10**9
 """An update gap longer than any run: only the first step refreshes."""
 
 
-def timed_steps(optimizer: torch.optim.Optimizer, steps: int, distributed: bool) -> float:
-    """The median over ``steps`` of one ``optimizer.step()`` (the slowest rank's), after a first one."""
+def timed_steps(optimizer: torch.optim.Optimizer, steps: int, distributed: bool) -> tuple[float, float]:
+    """The medians over ``steps`` of one ``optimizer.step()`` (the slowest rank's), after a first
+    one: wall time, and this process's CPU time (what the load of other processes on the machine
+    does not stretch)."""
     optimizer.step()
-    times = []
+    walls, cpus = [], []
     for _ in range(steps):
         if distributed:
             dist.barrier()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         optimizer.step()
-        elapsed = torch.tensor(time.perf_counter() - start)
+        elapsed = torch.tensor([time.perf_counter() - wall, time.process_time() - cpu])
         if distributed:
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        times.append(float(elapsed))
-    return statistics.median(times)
+        walls.append(float(elapsed[0]))
+        cpus.append(float(elapsed[1]))
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def llama_with_gradients(size: str) -> torch.nn.Module:
@@ -64,14 +68,15 @@ def llama_with_gradients(size: str) -> torch.nn.Module:
 
 
 def measure(size: str, projector: str, sharing: str, steps: int, distributed: bool) -> dict[str, float]:
-    """Steady step, refreshing step and refresh time (seconds) of GaLore with ``projector``."""
+    """Steady step, refreshing step and refresh time (seconds; wall and CPU) of GaLore with ``projector``."""
     model = llama_with_gradients(size)
     result = {}
     for name, gap in (("refreshing", 1), ("steady", NEVER)):
         optimizer = build_optimizer(model, rank=128, update_gap=gap, scale=0.25, lr=0.01, projector=projector,
                                     refresh_sharing=sharing)
-        result[name] = timed_steps(optimizer, steps, distributed)
+        result[name], result[f"{name} cpu"] = timed_steps(optimizer, steps, distributed)
     result["refresh"] = result["refreshing"] - result["steady"]
+    result["refresh cpu"] = result["refreshing cpu"] - result["steady cpu"]
     return result
 
 
@@ -103,14 +108,15 @@ def run(world_size: int, args: argparse.Namespace) -> dict[tuple[str, str], dict
 
 
 def table(single: dict[tuple[str, str], dict[str, float]], double: dict[tuple[str, str], dict[str, float]]) -> str:
-    lines = ["| projector | ranks | refresh_sharing | steady step ms | refreshing step ms | refresh ms | × 1 rank |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| projector | ranks | refresh_sharing | steady step ms | refreshing step ms | refresh ms | × 1 rank "
+             "| refresh CPU ms | × 1 rank |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (projector, _), one in single.items():
         rows = [(1, "—", one)] + [(2, sharing, double[projector, sharing]) for sharing in ("off", "on")]
         for ranks, sharing, result in rows:
             lines.append(f"| {projector} | {ranks} | {sharing} | {result['steady'] * 1e3:.0f} | "
                          f"{result['refreshing'] * 1e3:.0f} | {result['refresh'] * 1e3:.0f} | "
-                         f"{result['refresh'] / one['refresh']:.2f} |")
+                         f"{result['refresh'] / one['refresh']:.2f} | {result['refresh cpu'] * 1e3:.0f} | "
+                         f"{result['refresh cpu'] / one['refresh cpu']:.2f} |")
     return "\n".join(lines)
 
 
