@@ -57,6 +57,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lit_lowrank.optim.communication import COMMUNICATIONS
 from lit_lowrank.optim.lowrank import LowRankOptimizer
+from lit_lowrank.transforms.base import gradient_hidden
 
 
 class LayerwiseUpdates:
@@ -125,7 +126,7 @@ class LayerwiseUpdates:
     def attach(self) -> LayerwiseUpdates:
         """Register the per-parameter hooks (idempotent); returns ``self``."""
         if not self._handles:
-            if any(getattr(p, "compact_activations", False) for g in self.optimizer.param_groups for p in g["params"]):
+            if any(gradient_hidden(p) for g in self.optimizer.param_groups for p in g["params"]):
                 raise ValueError("CompAct layers hand R to optimizer.step() and their weights never get a .grad, "
                                  "so layer-wise hooks would never step them; use one or the other")
             for group in self.optimizer.param_groups:

@@ -16,13 +16,20 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from lit_lowrank.plugins import get_transform
-from lit_lowrank.transforms.base import StoredWeight, Transform, attach_store, stored_weight
+from lit_lowrank.transforms.base import (
+    StoredWeight,
+    Transform,
+    attach_store,
+    gradient_hidden,
+    hide_gradient,
+    stored_weight,
+)
 
 Transforms = Mapping[str, Mapping[str, Any] | None]
 """Transforms as a method, a YAML config or a keyword names them: ``{name: options}``."""
 
-__all__ = ["StoredWeight", "Transform", "Transforms", "attach_store", "bind", "build", "check", "prepare",
-           "stored_weight"]
+__all__ = ["StoredWeight", "Transform", "Transforms", "attach_store", "bind", "build", "check", "gradient_hidden",
+           "hide_gradient", "prepare", "stored_weight"]
 
 
 def build(transforms: Transforms | None) -> list[Transform]:

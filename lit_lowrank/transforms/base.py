@@ -56,6 +56,25 @@ def stored_weight(parameter: Tensor) -> StoredWeight | None:
     return store if store is not None and isinstance(store, StoredWeight) else None
 
 
+_HIDDEN_ATTRIBUTE = "compact_activations"
+"""The parameter attribute marking a weight whose gradient a transform hides (read only by
+:func:`gradient_hidden`; the name checkpoints and older code know)."""
+
+
+def hide_gradient(parameter: nn.Parameter, hidden: bool = True) -> None:
+    """Mark ``parameter`` as stepped without a ``.grad`` (its transform hands the optimizer its
+    updates, as CompAct's ``R``), or unmark it (``hidden=False``)."""
+    if hidden:
+        setattr(parameter, _HIDDEN_ATTRIBUTE, True)
+    elif hasattr(parameter, _HIDDEN_ATTRIBUTE):
+        delattr(parameter, _HIDDEN_ATTRIBUTE)
+
+
+def gradient_hidden(parameter: Tensor) -> bool:
+    """Whether a transform hides ``parameter``'s gradient (it never gets a ``.grad``)."""
+    return bool(getattr(parameter, _HIDDEN_ATTRIBUTE, False))
+
+
 class Transform:
     """Base class of model transforms; subclasses set :attr:`name`, :attr:`options` (the option
     names the constructor accepts) and implement :meth:`apply` and :meth:`applied`.

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.optim.targets import linear_targets, replace_module
 from lit_lowrank.plugins import get_projector, get_update_rule
-from lit_lowrank.transforms.base import Transform
+from lit_lowrank.transforms.base import Transform, hide_gradient
 
 
 class CompactFunction(torch.autograd.Function):
@@ -73,7 +73,7 @@ class CompactLinear(nn.Linear):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.weight.compact_activations = True  # marks a weight stepped from R alone (layer-wise mode refuses it)
+        hide_gradient(self.weight)  # a weight stepped from R alone (layer-wise mode refuses it)
         self._optimizer: Any = None  # a LowRankOptimizer
 
     @classmethod
@@ -81,7 +81,7 @@ class CompactLinear(nn.Linear):
         """A CompactLinear holding ``linear``'s own weight and bias (the same parameters)."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
-        layer.weight.compact_activations = True
+        hide_gradient(layer.weight)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -181,7 +181,7 @@ class Compact(Transform):
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, CompactLinear)]:
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
             linear.weight, linear.bias = layer.weight, layer.bias
-            del layer.weight.compact_activations
+            hide_gradient(layer.weight, hidden=False)
             replace_module(model, name, linear)
         return model
 

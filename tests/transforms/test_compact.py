@@ -302,5 +302,5 @@ def test_a_users_module_adopts_compact_through_the_callback_and_clipping_is_refu
 
     model, start = fit()
     assert isinstance(model.layer[0][0], CompactLinear) and not torch.equal(model.layer[0][0].weight, start)
-    with pytest.raises(ValueError, match="no gradients to clip.*gradient_clip_val=None, or compact: false"):
+    with pytest.raises(ValueError, match="no gradients to clip.*gradient_clip_val=None, or no 'compact' in lowrank"):
         fit(gradient_clip_val=1.0)

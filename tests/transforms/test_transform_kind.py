@@ -16,7 +16,7 @@ from lit_lowrank.hookspecs import hookimpl
 from lit_lowrank.lightning import LowRankConfig
 from lit_lowrank.methods import Method
 from lit_lowrank.testing import check_transform
-from lit_lowrank.transforms.base import Transform, attach_store, stored_weight
+from lit_lowrank.transforms.base import Transform, attach_store, gradient_hidden, stored_weight
 from lit_lowrank.transforms.int_weights import QuantizedLinear
 
 LIBRARY = Path(__file__).parents[2] / "lit_lowrank"
@@ -216,3 +216,10 @@ def test_no_component_package_imports_the_optimizer(package):
         upward = {m for m in imported_modules(path) if m == "lit_lowrank.optim" or m.startswith("lit_lowrank.optim.")}
         assert upward <= {"lit_lowrank.optim.targets"} | {f"lit_lowrank.optim.targets.{n}" for n in (
             "linear_targets", "replace_module")}, f"{path.relative_to(LIBRARY)} imports {sorted(upward)}"
+
+
+def test_a_hidden_gradient_is_marked_by_the_transform_and_cleared_by_undo():
+    model = transforms.prepare(Net(), {"compact": {}}, TARGETS)
+    assert [gradient_hidden(p) for p in model.parameters()] == [True, False, True, False, False, False]
+    plugins.get_transform("compact")().undo(model)
+    assert not any(gradient_hidden(p) for p in model.parameters())

@@ -160,7 +160,7 @@ def test_glue_overlays_parse_on_top_of_a_task_config(overlay, inner, capsys):
     lowrank = yaml.safe_load(capsys.readouterr().out)["lowrank"]
     task = {**yaml.safe_load((configs / "roberta.yaml").read_text())["lowrank"],
             **yaml.safe_load((configs / "roberta" / "mrpc.yaml").read_text()).get("lowrank", {})}
-    assert lowrank["gradnorm"] is True and lowrank["inner"] == inner
+    assert lowrank["transforms"] == {"weight-norm": {}} and lowrank["inner"] == inner
     assert {k: lowrank[k] for k in ("rank", "scale", "update_gap", "lr", "targets")} == \
         {k: task[k] for k in ("rank", "scale", "update_gap", "lr", "targets")}
 
