@@ -51,8 +51,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lit_lowrank import build_optimizer, registered
-from lit_lowrank import transforms
+from lit_lowrank import build_optimizer, registered, transforms
 from lit_lowrank.memory import measured_state_bytes
 from lit_lowrank.methods import Method
 from lit_lowrank.models.llama import llama_config
@@ -142,7 +141,7 @@ def prepared_model(size: str, name: str, dtype: torch.dtype, device: str, kind: 
     if method is not None:
         transforms.prepare(model, method.component.transforms, targets_of(model))
     for p in model.parameters():
-        p.grad = None if getattr(p, "compact_activations", False) else torch.randn_like(p) * 1e-3
+        p.grad = None if transforms.gradient_hidden(p) else torch.randn_like(p) * 1e-3
     return model
 
 
@@ -214,7 +213,7 @@ def measure_cycle(model: nn.Module, factory: Factory, gap: int) -> dict[str, flo
 def with_compact_projections(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], object]:
     """``optimizer.step``, preceded for CompAct's layers by handing over a fixed R (out × r), as
     their backward would."""
-    compact = [p for p in model.parameters() if getattr(p, "compact_activations", False)]
+    compact = [p for p in model.parameters() if transforms.gradient_hidden(p)]
     if not compact:
         return optimizer.step
     rank = optimizer.param_groups[0]["rank"]
