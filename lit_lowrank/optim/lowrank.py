@@ -637,14 +637,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _refresh_one(self, p: Tensor, slot: LowRankSlot, group: dict[str, Any], lows: dict[Tensor, Tensor],
                      shared: tuple[SharedRefresh, int] | None) -> None:
         """Refresh ``p``'s projector from its whole gradient — unless another rank owns this
-        shared refresh (a sharded gradient is still gathered: every rank takes part). A shared
-        refresh that fails is kept for the exchange instead of raised."""
+        shared refresh (a sharded gradient is then gathered on its owner only: every rank of
+        the owner's shard group takes part). A shared refresh that fails is kept for the
+        exchange instead of raised."""
         projector = slot.projector
         values_unread = p in lows or (slot.shard is not None and not projector.needs_gradient)
         mine = shared is None or shared[0].mine(shared[1])
         if not mine and slot.shard is None:
             return
-        grad = shape_only(slot.view.shape, p) if values_unread else whole_gradient(p, slot, group)
+        if values_unread:
+            grad = shape_only(slot.view.shape, p)
+        elif shared is not None and slot.shard is not None:
+            grad = owner_gradient(p, slot, group, shared[0].owner[shared[1]])
+        else:
+            grad = whole_gradient(p, slot, group)
         if not mine:
             return
         try:
@@ -954,6 +960,14 @@ def whole_gradient(p: Tensor, slot: LowRankSlot, group: dict[str, Any]) -> Tenso
     a weight split by rows (on refresh steps only)."""
     grad = l2_gradient(local(p.grad), local(p), group)
     return slot.view(grad if slot.shard is None else slot.shard.gather(grad, 0, slot.shard.shape[0]))
+
+
+def owner_gradient(p: Tensor, slot: LowRankSlot, group: dict[str, Any], owner: int) -> Tensor | None:
+    """:func:`whole_gradient` of a weight split by rows, gathered on global rank ``owner`` only
+    (None on the other ranks): the one rank that refreshes it under refresh sharing."""
+    grad = l2_gradient(local(p.grad), local(p), group)
+    whole = slot.shard.gather_to(grad, slot.shard.shape[0], owner)
+    return None if whole is None else slot.view(whole)
 
 
 def basis_shapes(bases: tuple[Tensor | None, ...]) -> tuple[tuple[int, ...] | None, ...]:

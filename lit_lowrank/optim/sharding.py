@@ -7,7 +7,9 @@ A low-rank step needs (README 'Scaling out'):
 
 * refresh — the basis of the *whole* G: one all-gather of G, on refresh steps only; every rank
   fits the same basis from the same numbers, as under DDP (a projector that draws its basis from
-  a seed and G's shape, ``random``, gathers nothing);
+  a seed and G's shape, ``random``, gathers nothing); with refresh sharing
+  (:mod:`~lit_lowrank.optim.refresh_sharing`) G is gathered on the one rank that fits the basis
+  (:meth:`RowShard.gather_to`), which sends it to the others;
 * a right projection ``R = G Q`` (m×r): rows I_i of R are ``G_i Q``, computed locally, and the
   moments are split by rows like W;
 * a left projection ``R = Lᵀ G = Σ_i L_iᵀ G_i`` (r×n; both sides, ``Lᵀ G Q``: r×r): one
@@ -138,6 +140,26 @@ class RowShard:
         whole = self.distributed(part, dim, size).full_tensor()
         self.sent += whole.numel() * whole.element_size()
         return whole
+
+    def gather_to(self, part: Tensor, size: int, owner: int) -> Tensor | None:
+        """The whole tensor whose row blocks (``size`` rows in all) the ranks hold, on global rank
+        ``owner`` only, None elsewhere: one ``gather`` to the rank that refreshes the weight
+        instead of an all-gather to all (refresh sharing). Ranks outside ``owner``'s group along
+        the split (another HSDP replica) take no part."""
+        ranks = dist.get_process_group_ranks(self.group)
+        if owner not in ranks:
+            return None
+        block = math.ceil(size / len(ranks))
+        padded = part.new_zeros((block, *part.shape[1:]))  # gather takes blocks of one shape
+        padded[:part.shape[0]] = part
+        receiving = dist.get_rank() == owner
+        blocks = [torch.empty_like(padded) for _ in ranks] if receiving else None
+        dist.gather(padded, blocks, dst=owner, group=self.group)
+        self.sent += padded.numel() * padded.element_size()
+        if not receiving:
+            return None
+        return torch.cat([piece[:len(range(size)[chunk_bounds(size, len(ranks), index)])]
+                          for index, piece in enumerate(blocks)])
 
     def distributed(self, part: Tensor, dim: int, size: int) -> DTensor:
         """``part`` (this rank's block along ``dim``) as a DTensor ``Shard(dim)`` of the whole."""

@@ -47,11 +47,15 @@ def batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randn(8, 4, generator=generator, dtype=torch.float64)) for _ in range(steps)]
 
 
-def train(model: nn.Module, optimizer, rank: int, world_size: int) -> None:
+def train(model: nn.Module, optimizer, rank: int, world_size: int) -> list[int | None]:
+    """Train on this rank's share of each batch; the bytes each step exchanged (FSDP)."""
+    sent = []
     for inputs, targets in batches():
         optimizer.zero_grad()
         nn.functional.mse_loss(model(inputs[rank::world_size]), targets[rank::world_size]).backward()
         optimizer.step()
+        sent.append(optimizer.comm_bytes)
+    return sent
 
 
 class RefreshCounter:
@@ -74,13 +78,15 @@ class RefreshCounter:
         Projector.refresh = self.original
 
 
-def trained(model: nn.Module, options: dict, rank: int, world_size: int, wrap) -> tuple[list[torch.Tensor], int, int]:
-    """The weights after training, this rank's refresh calls, and the optimizer's refresh count."""
+def trained(model: nn.Module, options: dict, rank: int, world_size: int, wrap,
+            ) -> tuple[list[torch.Tensor], int, int, list[int | None]]:
+    """The weights after training, this rank's refresh calls, the optimizer's refresh count, and
+    the bytes each step exchanged."""
     optimizer = build_optimizer(model, **options)
     with RefreshCounter() as counter:
-        train(wrap(model), optimizer, rank, world_size)
+        sent = train(wrap(model), optimizer, rank, world_size)
     weights = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
-    return weights, counter.calls, optimizer.refresh_count
+    return weights, counter.calls, optimizer.refresh_count, sent
 
 
 def _ddp_worker(rank: int, world_size: int, out: str) -> None:
@@ -113,8 +119,8 @@ def check_shared(results: list[dict], shared: str) -> None:
     """Sharing on: bitwise the weights of sharing off, on both ranks; together the ranks made each
     refresh once, and each made part of them."""
     for name in VARIANTS:
-        (weights_on, calls_0, count), (_, calls_1, _) = (r[name, shared] for r in results)
-        weights_off, every, count_off = results[0][name, "off"]
+        (weights_on, calls_0, count, _), (_, calls_1, _, _) = (r[name, shared] for r in results)
+        weights_off, every, count_off, _ = results[0][name, "off"]
         assert count == count_off > 0, name
         assert every == count_off, name  # off: every rank refreshes every weight
         assert calls_0 + calls_1 == every and 0 < calls_0 < every and 0 < calls_1 < every, (name, calls_0, calls_1)
@@ -134,7 +140,11 @@ def test_ddp_shared_refreshes_train_bitwise_the_same_weights(tmp_path):
 @pytest.mark.slow
 def test_fsdp_shared_refreshes_train_bitwise_the_same_weights(tmp_path):
     run_ranks(_fsdp_worker, str(tmp_path))
-    check_shared([torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)], "auto")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    check_shared(results, "auto")
+    # the first step refreshes every weight: a gather of each G to its owner, not an all-gather to both
+    for result in results:
+        assert result["svd", "auto"][3][0] < result["svd", "off"][3][0]
 
 
 def _auto_worker(rank: int, world_size: int, out: str) -> None:
