@@ -20,6 +20,7 @@ from lit_lowrank.plugins import (
     get_projector,
     get_quantizer,
     get_schedule,
+    get_transform,
     get_update_rule,
     register_plugin,
     registered,
@@ -28,12 +29,14 @@ from lit_lowrank.projectors.base import DenseBasisProjector, Projector, Side
 from lit_lowrank.quantizers.base import Packed, Quantizer
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 from lit_lowrank.schedules.base import Schedule
+from lit_lowrank.transforms.base import StoredWeight, Transform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DenseBasisProjector", "InnerOptimizer", "LowRankCommunication", "LowRankOptimizer", "Method", "Packed", "Projector",
-    "Quantizer", "RuleInputs", "Schedule", "Side", "UnknownComponentError", "UpdateRule", "build_optimizer",
-    "get_inner_optimizer", "get_method", "get_projector", "get_quantizer", "get_schedule", "get_update_rule",
+    "Quantizer", "RuleInputs", "Schedule", "Side", "StoredWeight", "Transform", "UnknownComponentError", "UpdateRule",
+    "build_optimizer", "get_inner_optimizer", "get_method", "get_projector", "get_quantizer", "get_schedule",
+    "get_transform", "get_update_rule",
     "hookimpl", "lowrank_comm_hook", "register_plugin", "registered", "select_targets", "shard_blocks",
 ]

@@ -86,7 +86,8 @@ def optimizer_for(model, **kwargs) -> LowRankOptimizer:
 
 def test_the_examples_cover_every_kind(examples):
     assert all(examples[kind] for kind in plugins.KINDS), examples
-    assert all(name in lit_lowrank.__all__ for name in ("RuleInputs", "hookimpl", "Packed", "Side"))
+    assert all(name in lit_lowrank.__all__ for name in ("RuleInputs", "hookimpl", "Packed", "Side", "Transform",
+                                                        "StoredWeight"))
 
 
 @pytest.mark.parametrize("side", ["std", "full"])

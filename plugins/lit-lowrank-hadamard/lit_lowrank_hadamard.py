@@ -26,8 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_lowrank import DenseBasisProjector, Side, hookimpl, select_targets
-from lit_lowrank.transforms import Transform
+from lit_lowrank import DenseBasisProjector, Side, Transform, hookimpl, select_targets
 
 
 def fwht(x: Tensor) -> Tensor:
