@@ -32,9 +32,10 @@ def print_plugins() -> None:
     """One line per registered component: kind, name, what it does (a method: its description
     and settings; another component: its summary and class, see :func:`summary`), and the plugin
     providing it."""
+    modules = [entry.component.__module__ for kind in plugins.KINDS for entry in plugins.registered(kind).values()
+               if not isinstance(entry.component, Method)]  # a module of several components: their class docs
     for kind in plugins.KINDS:
         entries = plugins.registered(kind)
-        modules = [entry.component.__module__ for entry in entries.values() if not isinstance(entry.component, Method)]
         for name, entry in sorted(entries.items()):
             print(f"{kind:<17} {name:<16} {describe(entry.component, modules)}  [{entry.provider}]")
 
