@@ -224,12 +224,3 @@ def test_a_hidden_gradient_is_marked_by_the_transform_and_cleared_by_undo():
     plugins.get_transform("compact")().undo(model)
     assert not any(gradient_hidden(p) for p in model.parameters())
 
-
-def test_the_plugins_command_lists_transforms_with_their_own_summary(fresh_plugins, capsys):
-    from lit_lowrank.commands import print_plugins
-
-    plugins.register_plugin(MarkingPlugin(), name="marking-plugin")
-    print_plugins()
-    lines = {tuple(line.split()[:2]): line for line in capsys.readouterr().out.splitlines()}
-    assert "Q-GaLore" in lines["transforms", "int-weights"]
-    assert "only marks the target blocks" in lines["transforms", "marking"]  # its class's doc, not the module's

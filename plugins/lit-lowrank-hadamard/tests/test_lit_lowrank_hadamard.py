@@ -152,3 +152,13 @@ def test_one_training_step_keeps_the_target_biases_and_trains_the_rest(installed
     moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert moved == {"mlp.weight", "head.weight", "head.bias"}
     assert not model.mlp.bias.requires_grad
+
+
+def test_the_plugins_command_summarises_each_of_the_modules_components_by_its_class(installed_plugins, capsys):
+    from lit_lowrank.commands import print_plugins
+
+    print_plugins()
+    lines = {tuple(line.split()[:2]): line for line in capsys.readouterr().out.splitlines()}
+    assert "Q-GaLore" in lines["transforms", "int-weights"]
+    assert "biases of the low-rank target layers" in lines["transforms", "freeze-bias"]
+    assert "SRHT" in lines["projectors", "srht"]
