@@ -224,3 +224,28 @@ def test_a_hidden_gradient_is_marked_by_the_transform_and_cleared_by_undo():
     plugins.get_transform("compact")().undo(model)
     assert not any(gradient_hidden(p) for p in model.parameters())
 
+
+
+class WholeRows(Marking):
+    """A plugin's transform that needs whole weights on every rank."""
+
+    name = "whole-rows"
+    needs_whole_weights = True
+
+
+class WholeRowsPlugin:
+    @hookimpl
+    def register_transforms(self, register):
+        register("whole-rows", WholeRows)
+
+
+def test_a_plugins_transform_needing_whole_weights_is_refused_under_sharded_weights(fresh_plugins):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lit_lowrank.lightning.conversion import check_strategy
+
+    plugins.register_plugin(WholeRowsPlugin(), name="whole-rows-plugin")
+    plugins.register_plugin(MarkingPlugin(), name="marking-plugin")
+    check_strategy(ModelParallelStrategy(), LowRankConfig(transforms={"marking": {}}, rank=2))  # rows suffice
+    with pytest.raises(ValueError, match=r"\['whole-rows'\] cannot be combined with sharded weights"):
+        check_strategy(ModelParallelStrategy(), LowRankConfig(transforms={"whole-rows": {}}, rank=2))
