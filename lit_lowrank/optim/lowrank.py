@@ -411,12 +411,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         ``lows`` gives, for low-rank params of a step that does not refresh their subspace
         (:meth:`needs_full_gradient` is False), the projected gradient ``R`` to use instead of
         projecting ``p.grad`` (which may then be None): layer-wise gradient accumulation sums
-        ``R`` over micro-batches instead of the full gradient.
+        ``R`` over micro-batches instead of the full gradient. Refreshes are not shared across
+        ranks here: a weight's step runs while other weights' all-reduces are in flight, and a
+        collective of its own would interleave with them differently on each rank.
         """
         if params:
-            self._step_all([(group, params)], lows or {})
+            self._step_all([(group, params)], lows or {}, share_refreshes=False)
 
-    def _step_all(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor]) -> None:
+    def _step_all(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor], *,
+                  share_refreshes: bool = True) -> None:
         """One atomic step of ``work`` (groups and their params with gradients): gradients are
         checked and subspaces refreshed for all of them before any moment or weight changes. If
         anything then fails (a component raising, Ctrl-C), everything the step changed is put
@@ -435,7 +438,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                    key=lambda index: sum(p.numel() for p in work[index][1]))
         try:
             self._record_subspaces(work, journal)
-            old_bases = self._refresh_subspaces(work, lows)
+            old_bases = self._refresh_subspaces(work, lows, share_refreshes)
             for group, params in [item for index, item in enumerate(work) if index != last]:
                 if group["lowrank"]:
                     self._lowrank_step(group, params, lows, projected, old_bases, journal)
@@ -565,12 +568,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return f"parameter {self._index.get(p, '?')}"
 
     def _refresh_subspaces(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor],
-                           ) -> dict[Tensor, tuple[Tensor | None, Tensor | None] | None]:
+                           share: bool = True) -> dict[Tensor, tuple[Tensor | None, Tensor | None] | None]:
         """Refresh every projector due this step, before anything else changes; if one fails
         (an SVD that does not converge), restore those already refreshed and re-raise. Under
         refresh sharing (:mod:`~lit_lowrank.optim.refresh_sharing`) each shared weight is refreshed
-        by one rank and its projector's state sent to the others; a failure on any rank is
-        raised on every rank.
+        by one rank and its projector's state sent to the others (unless ``share`` is False: a
+        layer-wise step); a failure on any rank is raised on every rank.
 
         Returns ``{param: its bases before the refresh (None at the first)}`` for the refreshed ones.
         """
@@ -580,7 +583,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for p, slot, group in due:
                 snapshots[p] = _clone(slot.projector.state_dict())
                 old_bases[p] = slot.projector.bases() if slot.projector.refreshes else None
-            shared = self._shared_refresh(due)
+            shared = self._shared_refresh(due) if share else None
             for p, slot, group in due:
                 index = shared[1].get(p) if shared else None
                 self._refresh_one(p, slot, group, lows, None if index is None else (shared[0], index))

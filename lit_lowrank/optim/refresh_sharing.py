@@ -22,7 +22,9 @@ The option ``refresh_sharing`` (a group option of ``LowRankOptimizer``):
   gradients would all take the owner's basis);
 * ``off`` — every rank refreshes every weight.
 
-Not shared, whatever the option: projectors that read no gradient values (``random``: each
+Not shared, whatever the option: layer-wise steps (``LowRankOptimizer.step_group``, taken inside
+backward while other weights' all-reduces are in flight: a collective of the step's own would
+interleave with them differently on each rank), projectors that read no gradient values (``random``: each
 rank draws the same basis from a seed) and projectors that share a rank budget through the
 optimizer's ledger (``adaptive-rank``: a weight's grant depends on the grants made before it in
 the same step, on every rank). A refresh that fails on its owner (an SVD that does not

@@ -241,3 +241,13 @@ def test_a_single_process_ignores_refresh_sharing():
         weights[sharing] = [p.detach() for p in model.parameters()]
     for on, off in zip(weights["on"], weights["off"]):
         assert torch.equal(on, off)
+
+
+def test_the_low_rank_communication_hook_marks_the_gradients_identical_over_the_world_only():
+    from lit_lowrank.optim.communication import LowRankCommunication
+
+    world, subgroup = (build_optimizer(Stack(), **OPTIONS) for _ in range(2))
+    assert not world.gradients_identical
+    LowRankCommunication(world)
+    LowRankCommunication(subgroup, process_group="a subgroup")  # averaged over some ranks only
+    assert world.gradients_identical and not subgroup.gradients_identical
