@@ -110,7 +110,7 @@ def run_one(name: str, lr: float, steps: int, out: Path) -> None:
     import torch
 
     from lit_lowrank.cli import LowRankCLI
-    from lit_lowrank.optim.targets import select_targets
+    from lit_lowrank.targets import select_targets
 
     cli = LowRankCLI(args=cli_args(name, lr, steps, out), run=False)
     if VARIANTS[name].split:

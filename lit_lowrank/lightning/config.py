@@ -16,7 +16,7 @@ from lit_lowrank.optim.communication import COMMUNICATIONS
 from lit_lowrank.optim.factory import build_optimizer
 from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS
 from lit_lowrank.optim.lowrank import ADAMW_BETAS, ADAMW_EPS
-from lit_lowrank.optim.targets import check_patterns
+from lit_lowrank.targets import check_patterns
 from lit_lowrank.optim.validation import check_group
 from lit_lowrank import transforms as model_transforms
 from lit_lowrank.methods import LEGACY_TRANSFORMS, OPTION_KEYS, TRANSFORMS_KEY

@@ -42,7 +42,7 @@ from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.optim.layouts import LAYOUTS
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 from lit_lowrank.optim.resolution import resolve
-from lit_lowrank.optim.targets import no_targets_message, target_layouts
+from lit_lowrank.targets import no_targets_message, target_layouts
 from lit_lowrank.optim.validation import accepted, check_shardable
 from lit_lowrank.options import having
 from lit_lowrank.transforms.base import Transform

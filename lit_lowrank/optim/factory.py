@@ -10,11 +10,11 @@ from torch import Tensor, nn
 from lit_lowrank import transforms as model_transforms
 from lit_lowrank.methods import Method
 from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.optim.targets import no_targets_message, select_targets, target_layouts
+from lit_lowrank.targets import no_targets_message, select_targets, target_layouts
 from lit_lowrank.optim.resolution import resolve
 
 DEFAULT_TARGETS: Sequence[str] | None = None
-"""``None``: the linear layers inside the network's repeated blocks (see :mod:`lit_lowrank.optim.targets`)."""
+"""``None``: the linear layers inside the network's repeated blocks (see :mod:`lit_lowrank.targets`)."""
 
 DEFAULT_EXCLUDE: Sequence[str] = ()
 

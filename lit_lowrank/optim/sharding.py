@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-from lit_lowrank.optim.targets import repeated_blocks
+from lit_lowrank.targets import repeated_blocks
 from lit_lowrank.projectors.base import Projector, Side
 
 try:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lit_lowrank.optim.layouts import View
 from lit_lowrank.optim.lowrank import LowRankOptimizer, tensor_bytes
-from lit_lowrank.optim.targets import classify
+from lit_lowrank.targets import classify
 from lit_lowrank.optim.validation import build
 from lit_lowrank.plugins import get_projector
 from lit_lowrank.projectors.base import choose_side

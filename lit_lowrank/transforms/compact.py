@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.optim.targets import linear_targets, replace_module
+from lit_lowrank.targets import linear_targets, replace_module
 from lit_lowrank.plugins import get_projector, get_update_rule
 from lit_lowrank.transforms.base import Transform, hide_gradient
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.optim.targets import linear_targets, replace_module
+from lit_lowrank.targets import linear_targets, replace_module
 from lit_lowrank.quantizers.base import Packed
 from lit_lowrank.quantizers.int import MAX_BITS, MIN_BITS, IntQuantizer
 from lit_lowrank.transforms.base import Transform, attach_store

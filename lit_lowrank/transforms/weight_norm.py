@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm, weight_norm
 
 from lit_lowrank.hookspecs import hookimpl
-from lit_lowrank.optim.targets import linear_targets
+from lit_lowrank.targets import linear_targets
 from lit_lowrank.transforms.base import Transform
 
 

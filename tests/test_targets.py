@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lit_lowrank import LowRankOptimizer, build_optimizer, select_targets
-from lit_lowrank.optim.targets import classify
+from lit_lowrank.targets import classify
 from lit_lowrank.transforms.int_weights import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.transforms.weight_norm import apply_gradnorm, is_gradnorm
 
