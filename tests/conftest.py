@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,15 @@ import torch
 from lit_lowrank import plugins
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def python_ctrl_c_handler():
+    """Each test starts with Python's own Ctrl-C handler: Lightning's teardown of a distributed
+    run leaves SIGINT ignored or fatal (``_destroy_dist_connection``) in the test process, where
+    a later test that raises SIGINT would then end the whole session silently."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture
