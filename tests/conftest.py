@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import numpy as np
@@ -20,6 +21,23 @@ def python_ctrl_c_handler():
     a later test that raises SIGINT would then end the whole session silently."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
+
+
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def own_distributed_env():
+    """Each test starts with the launcher variables it found: Lightning's DDP launcher writes
+    ``MASTER_PORT`` (and the ranks) into the test process, and a later DDP test would reuse a
+    port an earlier run may still hold (EADDRINUSE)."""
+    before = {name: os.environ.get(name) for name in DISTRIBUTED_ENV}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture
