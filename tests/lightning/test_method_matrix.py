@@ -133,3 +133,15 @@ def test_fsdp_refuses_a_method_exactly_when_it_refuses_its_settings_written_out(
     assert verdict(method=method) == verdict(**settings)
     if method == "galore-adafactor":
         assert "elementwise inner" in verdict(method=method)
+
+
+@pytest.mark.parametrize("method", sorted(plugins.registered("methods")))
+def test_the_yaml_config_builds_what_build_optimizer_builds(method):
+    """``lowrank: {method: m}`` (LowRankModule, the CLI) through LowRankConfig.prepare/build."""
+    rank = {"rank": 4} if "rank" not in plugins.get_method(method).settings() else {}
+    config, _ = adoption_config(None, {"method": method, **rank})
+    net, reference_net = transformed(method), transformed(method)
+    built = config.build(config.prepare(net))
+    adopt_module(reference_net, config)
+    reference = build_optimizer(reference_net, method=method, **rank)
+    assert _plain(lowrank_components(built)) == _plain(lowrank_components(reference))
