@@ -25,3 +25,20 @@ def seeded_grads(params: list[torch.Tensor], seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator)
+
+
+def assert_identical(a, b) -> None:
+    """``a`` and ``b`` (nested dicts, lists and tensors) are bit-equal, NaN included."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_identical(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_identical(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert a == b

@@ -14,7 +14,7 @@ from torch import nn
 from lit_lowrank import LowRankOptimizer, build_optimizer
 from lit_lowrank.optim.layerwise import LayerwiseUpdates
 from lit_lowrank.projectors.svd import SVDProjector
-from steps import seeded_grads, weights_and_bias
+from steps import assert_identical, seeded_grads, weights_and_bias
 
 RULES = [dict(rule="galore"), dict(rule="fira"), dict(rule="apollo", projector="random"),
          dict(rule="apollo-mini", projector="random", rank=1)]
@@ -32,22 +32,6 @@ def _snapshot(params, optimizer):
     state.pop("skip_streaks", None)  # counters: compared on their own
     bases = {i: optimizer.projectors[p].bases() for i, p in enumerate(params) if p in optimizer.projectors}
     return [p.detach().clone() for p in params], state, copy.deepcopy(bases)
-
-
-def _assert_identical(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_identical(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_identical(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bit-equal, a NaN weight included
-    else:
-        assert a == b
 
 
 def _all_finite(tree):
@@ -73,7 +57,7 @@ def test_nonfinite_gradient_skips_the_whole_step(rule, inner, good_steps, bad):
     with pytest.warns(RuntimeWarning, match="non-finite gradient in second.weight: step skipped"):
         optimizer.step()
     after = _snapshot(params, optimizer)
-    _assert_identical(after, before)
+    assert_identical(after, before)
     assert optimizer.skipped_steps == 1 and optimizer.state_dict()["skipped_steps"] == 1
     seeded_grads(params, 11)
     optimizer.step()  # training goes on, finite
@@ -89,7 +73,7 @@ def test_nonfinite_raise_names_the_parameter_and_changes_nothing():
     params[2].grad[0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite gradient in bias"):
         optimizer.step()
-    _assert_identical(_snapshot(params, optimizer), before)
+    assert_identical(_snapshot(params, optimizer), before)
 
 
 def test_nonfinite_ignore_lets_the_value_through():
@@ -127,7 +111,7 @@ def test_failed_refresh_of_one_weight_rolls_back_every_weight(monkeypatch, good_
     with pytest.raises(torch.linalg.LinAlgError):
         optimizer.step()
     assert calls == [(12, 8), (6, 10)]
-    _assert_identical(_snapshot(params, optimizer), before)
+    assert_identical(_snapshot(params, optimizer), before)
     assert optimizer.refresh_count == refreshes
     monkeypatch.setattr(SVDProjector, "fit", fit)
     optimizer.step()  # the same gradients now go through: the first weight refreshes from its old basis
@@ -145,7 +129,7 @@ def test_sparse_gradient_in_a_later_group_changes_nothing():
     before = _snapshot([weight, embedding.weight], optimizer)
     with pytest.raises(RuntimeError, match=r"sparse gradients \(embedding.weight\)"):
         optimizer.step()
-    _assert_identical(_snapshot([weight, embedding.weight], optimizer), before)
+    assert_identical(_snapshot([weight, embedding.weight], optimizer), before)
 
 
 def test_layerwise_skips_only_the_parameter_with_a_nonfinite_gradient():
@@ -201,7 +185,7 @@ def test_a_nonfinite_weight_is_named_as_such_and_nothing_changes(nonfinite):
     with pytest.raises(FloatingPointError, match=r"weight second.weight is non-finite \(not its gradient\): the "
                                                  r"model is corrupted.*Restore a checkpoint"):
         optimizer.step()
-    _assert_identical(_snapshot(params, optimizer), before)
+    assert_identical(_snapshot(params, optimizer), before)
     assert optimizer.skipped_steps == 0
 
 
@@ -239,7 +223,7 @@ def test_a_run_skipping_more_than_max_consecutive_skips_in_a_row_stops(bound):
     assert skipped == bound
     assert f"non-finite gradient in second.weight: its update was skipped {bound + 1} times in a row, more than " \
            f"max_consecutive_skips={bound}" in error and "raise max_consecutive_skips (None: no bound)" in error
-    _assert_identical(_snapshot(params, optimizer), before)  # nothing ever updated
+    assert_identical(_snapshot(params, optimizer), before)  # nothing ever updated
 
 
 def test_the_default_bound_is_a_few_dozen_and_none_never_stops():

@@ -18,7 +18,7 @@ from lit_lowrank.inner.sgd import SGDInner
 from lit_lowrank.optim import lowrank as lowrank_module
 from lit_lowrank.transforms.int_weights import quantize_linear_weights
 from lit_lowrank.rules.galore import GaLoreRule
-from steps import seeded_grads, weights_and_bias
+from steps import assert_identical, seeded_grads, weights_and_bias
 
 
 class PluginFailure(RuntimeError):
@@ -35,22 +35,6 @@ def _everything(params, optimizer):
     schedules, counters), the stepped weights and the rank ledger."""
     return ([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict()),
             [i for i, p in enumerate(params) if p in optimizer.projectors], dict(optimizer.rank_ledger))
-
-
-def _assert_identical(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_identical(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_identical(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bit-equal, NaN padding included
-    else:
-        assert a == b
 
 
 def _fail_on_call(monkeypatch, cls, name, call, error=PluginFailure, after=False):
@@ -108,7 +92,7 @@ def test_failed_update_phase_is_undone_and_the_retry_equals_a_fresh_run(monkeypa
     seeded_grads(params, 10)
     with pytest.raises((RuntimeError, KeyboardInterrupt)):
         optimizer.step()
-    _assert_identical(_everything(params, optimizer), before)
+    assert_identical(_everything(params, optimizer), before)
 
     restore()
     optimizer.step()  # the same gradients, now without the failure
@@ -116,7 +100,7 @@ def test_failed_update_phase_is_undone_and_the_retry_equals_a_fresh_run(monkeypa
     for seed in [*range(good_steps), 10]:
         seeded_grads(fresh_params, seed)
         fresh.step()
-    _assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
+    assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
 
 
 def _two_dense_groups():
@@ -148,7 +132,7 @@ def test_ctrl_c_during_the_last_dense_update_completes_the_step_then_raises(monk
     for seed in (0, 1):
         seeded_grads(fresh_params, seed)
         fresh.step()
-    _assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
+    assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
 
 
 def test_ctrl_c_in_an_earlier_dense_group_is_undone(monkeypatch):
@@ -168,7 +152,7 @@ def test_ctrl_c_in_an_earlier_dense_group_is_undone(monkeypatch):
     seeded_grads(params, 1)
     with pytest.raises(KeyboardInterrupt):
         optimizer.step()
-    _assert_identical(_everything(params, optimizer), before)
+    assert_identical(_everything(params, optimizer), before)
 
 
 def test_a_failing_dense_inner_optimizer_undoes_the_low_rank_weights_stepped_before_it(monkeypatch):
@@ -183,14 +167,14 @@ def test_a_failing_dense_inner_optimizer_undoes_the_low_rank_weights_stepped_bef
     seeded_grads(params, 1)
     with pytest.raises(PluginFailure):
         optimizer.step()
-    _assert_identical(_everything(params, optimizer), before)
+    assert_identical(_everything(params, optimizer), before)
     restore()
     optimizer.step()
     fresh_params, fresh = _setup(**options)
     for seed in (0, 1):
         seeded_grads(fresh_params, seed)
         fresh.step()
-    _assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
+    assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
 
 
 def test_refresh_count_and_lazy_schedule_are_undone(monkeypatch):
@@ -204,7 +188,7 @@ def test_refresh_count_and_lazy_schedule_are_undone(monkeypatch):
     with pytest.raises(PluginFailure):
         optimizer.step()
     assert optimizer.refresh_count == refreshes
-    _assert_identical(_everything(params, optimizer), before)
+    assert_identical(_everything(params, optimizer), before)
 
 
 class Quantized(nn.Module):
@@ -242,11 +226,11 @@ def test_quantized_weights_are_restored_codes_scales_and_rounding_count(monkeypa
     model(torch.randn(8, 16, generator=torch.Generator().manual_seed(1))).square().mean().backward()
     with pytest.raises(PluginFailure):
         optimizer.step()
-    _assert_identical((_model_state(model), optimizer.state_dict()), before)
+    assert_identical((_model_state(model), optimizer.state_dict()), before)
     restore()
     optimizer.step()
     fresh_model, fresh = _quantized_run([0, 1])
-    _assert_identical((_model_state(model), optimizer.state_dict()), (_model_state(fresh_model), fresh.state_dict()))
+    assert_identical((_model_state(model), optimizer.state_dict()), (_model_state(fresh_model), fresh.state_dict()))
 
 
 def test_received_projections_survive_a_failed_step(monkeypatch):
@@ -267,4 +251,4 @@ def test_received_projections_survive_a_failed_step(monkeypatch):
         optimizer.step()
         return _everything(weights, optimizer)
 
-    _assert_identical(run(fail=True), run(fail=False))
+    assert_identical(run(fail=True), run(fail=False))
