@@ -22,8 +22,6 @@ import copy
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -39,53 +37,13 @@ from lit_lowrank.optim.layouts import View, check_layout, target_layout
 from lit_lowrank.optim.validation import (
     build, build_inner, build_rule, check_bases, check_batched, check_group, check_sharding, check_tensor_projector,
 )
-from lit_lowrank.optim.refresh_sharing import SharedRefresh, check_refresh_sharing_option, shareable, world_size
-from lit_lowrank.optim.sharding import LocalRows, RowShard, applies_bases_plainly, local, map_tensors
+from lit_lowrank.optim.placement import LowRankSlot, Placements, placement_of
+from lit_lowrank.optim.refresh_sharing import SharedRefresh, check_refresh_sharing_option, shares_refresh
+from lit_lowrank.optim.sharding import applies_bases_plainly, map_tensors
 from lit_lowrank.options import having
-from lit_lowrank.projectors.base import Projector, Side
-from lit_lowrank.rules.base import RuleInputs, UpdateRule
-from lit_lowrank.schedules.base import Schedule
+from lit_lowrank.projectors.base import Projector
+from lit_lowrank.rules.base import UpdateRule
 from lit_lowrank.transforms.base import stored_weight
-
-
-@dataclass
-class LowRankSlot:
-    """The per-weight objects that are not plain tensors (saved through their state dicts), the
-    view of the weight its components see (its matricization, for a conv kernel), and, for a
-    weight split by rows across ranks (FSDP2), this rank's share of it."""
-
-    projector: Projector
-    schedule: Schedule
-    view: View
-    shard: RowShard | None = None
-    warned_reshape: bool = False
-    """Whether the user was told that this weight's moments were reset for a basis of another shape."""
-
-    @property
-    def stacked(self) -> bool:
-        """Whether the weight is a stack of experts (E×m×n)."""
-        return len(self.view.shape) == 3
-
-    @cached_property
-    def applied(self) -> Projector | LocalRows:
-        """The projector as this rank applies it: itself, or cut to this rank's rows (experts);
-        made once per weight, as it reads the projector's current bases at each use."""
-        return self.projector if self.shard is None else LocalRows(self.projector, self.shard, self.stacked)
-
-    def local_view(self, tensor: Tensor) -> View:
-        """The view of this rank's part of the weight (``tensor``: its local rows or experts)."""
-        return self.view if self.shard is None else View(torch.Size((tensor.shape[0], *self.view.shape[1:])))
-
-    def state_split(self) -> tuple[int, int] | None:
-        """For a sharded weight: the axis along which its moments are split over the ranks and
-        that axis's full length: the experts E of a stack, R's m rows for a right projection,
-        else its n (left) or r (both) columns."""
-        if self.shard is None:
-            return None
-        if self.stacked or self.projector.side == Side.RIGHT:
-            return 0, self.view.shape[0]
-        right = self.projector.bases()[1]
-        return -1, self.view.shape[-1] if right is None else right.shape[-1]
 
 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8
@@ -205,8 +163,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         weights sharded by FSDP, what the step itself exchanged (:class:`RowShard`'s collectives);
         None without either."""
         self._received: dict[Tensor, Tensor] = {}
-        self._shards: dict[Tensor, RowShard] = {}
-        """This rank's share of each parameter split by rows across ranks (FSDP2)."""
+        """The projected gradients delivered through :meth:`receive` for the next step, by parameter."""
+        self._placements = Placements()
+        """Where each parameter lives (:mod:`~lit_lowrank.optim.placement`): whole on this rank, or
+        this rank's rows of a weight FSDP2 splits."""
         self.gradients_identical = False
         """Whether the gradients a step reads are the same on every rank (averaged by the
         ``ddp_lowrank`` strategy, the low-rank communication hook or layer-wise DDP, which set
@@ -224,7 +184,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         :func:`~lit_lowrank.optim.validation.check_group`), now rather than at the first step."""
         check_group(group)
         check_refresh_sharing_option(group["refresh_sharing"])
-        shards = check_sharding(group)
+        placements = {p: placement_of(p, check_sharding(group)) for p in group["params"]}
         if not group["lowrank"] and self._dense_inner(group) is None:  # torch's AdamW/Adam
             group["betas"] = ADAMW_BETAS if group["betas"] is None else group["betas"]
             group["eps"] = ADAMW_EPS if group["eps"] is None else group["eps"]
@@ -242,16 +202,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if plugins.get_projector(group["projector"]).projects_tensors:
                 check_tensor_projector(group)
             self._group_components(group)
-        meshes = [shard.mesh for shard in (*self._shards.values(), *shards.values())]
-        if any(mesh != meshes[0] for mesh in meshes):
-            raise ValueError("the parameters are sharded over different device meshes; shard every module with "
-                             "fully_shard over the same mesh")
-        self._shards.update(shards)
+        self._placements.admit(placements)
 
     def _refuse_partial_sharding(self) -> None:
         """Refuse a parameter held whole beside parameters FSDP shards: nothing would average
         its gradient over the ranks, so each rank would train its own copy."""
-        whole = next((p for p in self._params() if p not in self._shards), None) if self._shards else None
+        whole = self._placements.whole_beside_rows()
         if whole is not None:
             raise ValueError(f"{self._name(whole)} is whole on this rank while other parameters are sharded by FSDP, "
                              "so its gradient is not averaged over the ranks; apply fully_shard to the root module "
@@ -260,7 +216,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     @property
     def sharded(self) -> bool:
         """Whether some parameters are split by rows across ranks (FSDP2's ``fully_shard``)."""
-        return bool(self._shards)
+        return self._placements.sharded
 
     def _group_components(self, group: dict[str, Any]) -> tuple[InnerOptimizer, UpdateRule]:
         """The group's inner optimizer and rule, rebuilt whenever an option they are built from
@@ -298,7 +254,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                           ledger=self.rank_ledger)
         schedule = build("schedule", group, gap=group["update_gap"])
         schedule.set_position(*self._lowrank_position(p))
-        return LowRankSlot(projector, schedule, view, self._shards.get(p))
+        return LowRankSlot(projector, schedule, view, self._placements[p])
 
     def _lowrank_position(self, p: Tensor) -> tuple[int, int]:
         """``p``'s index among the optimizer's low-rank weights, in param-group order (the same on
@@ -339,7 +295,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._refuse_partial_sharding()
         except Exception:
             for p in group["params"]:
-                self._shards.pop(p, None)
+                self._placements.pop(p, None)
             self._components.pop(len(self.param_groups) - 1, None)
             self.param_groups.pop()
             raise
@@ -361,18 +317,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
                           "updated. If the model was sharded (fully_shard), wrapped or copied after the optimizer "
                           "was built, its parameters are new tensors: build the optimizer afterwards.",
                           RuntimeWarning, stacklevel=3)
-        sent = self._sharded_bytes()
+        sent = self._placements.sent()
         try:
             self._step_all(work, received)
         except BaseException:
             self._received = received  # a retried step uses them, as this one would have
             raise
-        if self._shards:
-            self.comm_bytes = self._sharded_bytes() - sent
+        if self.sharded:  # the step's own collectives are its traffic
+            self.comm_bytes = self._placements.sent() - sent
         return loss
-
-    def _sharded_bytes(self) -> int:
-        return sum(shard.sent for shard in self._shards.values())
 
     def receive_projections(self, lows: dict[Tensor, Tensor], *, accumulate: bool = False) -> None:
         """Projected gradients ``R`` the next :meth:`step` uses instead of projecting ``p.grad``
@@ -492,8 +445,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if (p in lows or slot is None or "step" not in state or slot.schedule.should_refresh(int(state["step"]))
                         or not applies_bases_plainly(type(slot.projector))):
                     continue
-                grad = slot.local_view(local(p))(l2_gradient(local(p.grad), local(p), group))
-                projected[p] = slot.applied.project(grad)
+                weight, grad = self._local(p)
+                projected[p] = slot.applied.project(slot.local_view(weight)(l2_gradient(grad, weight, group)))
         return projected
 
     def _admit_gradients(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor],
@@ -515,9 +468,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                "dense embedding (sparse=False) or give that parameter its own torch optimizer.")
         groups = {p: group for group, group_params in work for p in group_params}
         guarded = [p for p in params if groups[p]["nonfinite"] != "ignore"]
-        checked = [(p, projected.get(p, local(t)) if t is p.grad else local(t), local(t))
-                   for p in guarded for t in (lows.get(p), p.grad) if t is not None]
-        bad = self._agreed(first_nonfinite([t for _, t, _ in checked], [s for _, _, s in checked]), len(checked))
+        checked = [(p, projected.get(p, here) if t is p.grad else here, here)
+                   for p in guarded for t in (lows.get(p), p.grad) if t is not None
+                   for here in [self._placements[p].local(t)]]
+        bad = self._placements.agreed(first_nonfinite([t for _, t, _ in checked], [s for _, _, s in checked]),
+                                      len(checked))
         if bad is None:
             return True
         self._refuse_nonfinite_weight(guarded)
@@ -539,25 +494,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
                       RuntimeWarning, stacklevel=3)
         return False
 
-    def _agreed(self, bad: int | None, count: int) -> int | None:
-        """The first offender's index among ``count`` checked tensors: this rank's ``bad``, or, for
-        weights split over ranks (each checked its own rows), the first that any rank found."""
-        if not self._shards:
-            return bad
-        found = next(iter(self._shards.values())).least(count if bad is None else bad)
-        return None if found == count else found
-
     def _refuse_nonfinite_weight(self, params: list[Tensor]) -> None:
         """Raise if one of ``params`` holds NaN/inf itself: every later gradient would be
         non-finite too, so skipping steps could never recover (checked on a bad step only)."""
-        bad = next((i for i, p in enumerate(params) if first_nonfinite([float_weight(local(p))]) is not None), None)
-        bad = self._agreed(bad, len(params))
+        bad = next((i for i, p in enumerate(params) if first_nonfinite([float_weight(self._local(p)[0])]) is not None),
+                   None)
+        bad = self._placements.agreed(bad, len(params))
         if bad is not None:
             raise FloatingPointError(
                 f"weight {self._name(params[bad])} is non-finite (not its gradient): the model is corrupted (an fp16 "
                 "overflow, a faulty update or a corrupted checkpoint), and skipping steps cannot recover it; nothing "
                 "was updated. Restore a checkpoint saved before it (optim/skipped_steps shows when steps began to be "
                 "skipped), then lower lr, train in bf16 rather than fp16, or clip gradients.")
+
+    def _local(self, p: Tensor) -> tuple[Tensor, Tensor | None]:
+        """This rank's part of ``p`` and of its gradient (its placement's local tensors)."""
+        placement = self._placements[p]
+        return placement.local(p), placement.local(p.grad)
 
     def _name(self, p: Tensor) -> str:
         """``p``'s name in its group's ``names`` (``build_optimizer`` sets them), else its index."""
@@ -622,38 +575,30 @@ class LowRankOptimizer(torch.optim.Optimizer):
                         ) -> tuple[SharedRefresh, dict[Tensor, int]] | None:
         """The step's shared refreshes and each shared weight's index among them, or None when
         no weight due is shared (:meth:`_shares_refresh`)."""
-        chosen = [(p, slot) for p, slot, group in due if self._shares_refresh(slot, group)]
+        chosen = [(p, slot) for p, slot, group in due
+                  if shares_refresh(group, slot.projector, self.gradients_identical or slot.placement.identical_gradients)]
         if not chosen:
             return None
         costs = [slot.view.shape.numel() for _, slot in chosen]
-        sharing = SharedRefresh([slot.projector for _, slot in chosen], costs, local(chosen[0][0]).device)
+        sharing = SharedRefresh([slot.projector for _, slot in chosen], costs, self._local(chosen[0][0])[0].device)
         return sharing, {p: index for index, (p, _) in enumerate(chosen)}
-
-    def _shares_refresh(self, slot: LowRankSlot, group: dict[str, Any]) -> bool:
-        """Whether this weight's refresh is computed by one rank and sent to the others: see
-        :mod:`~lit_lowrank.optim.refresh_sharing` for ``refresh_sharing`` and when ``auto`` shares."""
-        mode = group.get("refresh_sharing", "auto")
-        if mode == "off" or world_size() < 2 or not shareable(slot.projector):
-            return False
-        return mode == "on" or slot.shard is not None or self.gradients_identical
 
     def _refresh_one(self, p: Tensor, slot: LowRankSlot, group: dict[str, Any], lows: dict[Tensor, Tensor],
                      shared: tuple[SharedRefresh, int] | None) -> None:
-        """Refresh ``p``'s projector from its whole gradient — unless another rank owns this
-        shared refresh (a sharded gradient is then gathered on its owner only: every rank of
-        the owner's shard group takes part). A shared refresh that fails is kept for the
-        exchange instead of raised."""
-        projector = slot.projector
-        values_unread = p in lows or (slot.shard is not None and not projector.needs_gradient)
+        """Refresh ``p``'s projector from its whole gradient ``G`` (``G + λW`` for coupled L2) —
+        unless another rank owns this shared refresh (a gradient split by rows is then gathered
+        on its owner only: every rank holding rows of it takes part). A shared refresh that
+        fails is kept for the exchange instead of raised."""
+        projector, placement = slot.projector, slot.placement
         mine = shared is None or shared[0].mine(shared[1])
-        if not mine and slot.shard is None:
+        if not mine and not placement.joins_gathers:
             return
-        if values_unread:
+        if p in lows or not placement.reads_gradient(projector):
             grad = shape_only(slot.view.shape, p)
-        elif shared is not None and slot.shard is not None:
-            grad = owner_gradient(p, slot, group, shared[0].owner[shared[1]])
         else:
-            grad = whole_gradient(p, slot, group)
+            weight, local_grad = self._local(p)
+            grad = slot.whole_gradient(l2_gradient(local_grad, weight, group),
+                                       None if shared is None else shared[0].owner[shared[1]])
         if not mine:
             return
         try:
@@ -693,7 +638,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         inner = self._dense_inner(group)
         if inner is not None:
             return self._inner_dense_step(group, params, inner, journal)
-        tensors = [local(p) for p in params]
+        tensors, grads = map(list, zip(*(self._local(p) for p in params)))
         fused = all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
         states = []
         for p, tensor in zip(params, tensors):
@@ -713,7 +658,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             states.append(state)
         beta1, beta2 = group["betas"]
         adam_functional(
-            tensors, [local(p.grad) for p in params], [s["exp_avg"] for s in states],
+            tensors, grads, [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
             foreach=None if fused else True, fused=fused or None, amsgrad=False, beta1=beta1,
             beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
@@ -736,13 +681,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         by_step: dict[int, list[tuple[Tensor, Tensor, dict]]] = defaultdict(list)
         for p in params:
             journal.entry(self.state, p)
-            state, weight = self.state[p], local(p)
+            state, (weight, grad) = self.state[p], self._local(p)
             journal.tensor(weight)
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(weight))
             state["step"] += 1
-            by_step[int(state["step"])].append((weight, l2_gradient(local(p.grad), weight, group), state))
+            by_step[int(state["step"])].append((weight, l2_gradient(grad, weight, group), state))
         decoupled = group.get("decoupled_weight_decay", True)
         for step, items in by_step.items():
             directions = inner.directions([grad for _, grad, _ in items], [s for _, _, s in items], step)
@@ -761,13 +706,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
             state, slot = self.state[p], self._slots[p]
             fresh = "step" not in state
             step = 0 if fresh else int(state["step"])
-            view = slot.local_view(local(p))
-            grads[p] = grad = None if p.grad is None else view(l2_gradient(local(p.grad), local(p), group))
+            weight, local_grad = self._local(p)
+            view = slot.local_view(weight)
+            grads[p] = grad = None if p.grad is None else view(l2_gradient(local_grad, weight, group))
             if p in lows:
                 low = l2_projection(lows[p], p, slot, group)
             else:
                 low = projected[p] if p in projected else slot.applied.project(grad)
-            part = state_part(slot, low)
+            part = slot.state_part(low)
             if p in old_bases:
                 self._after_refresh(old_bases[p], slot, state, inner, group, step, part)
             if fresh:
@@ -780,11 +726,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for step, items in by_step.items():
             directions = inner.directions([item[2] for item in items], [item[3] for item in items], step)
             for (p, low, _, state, slot, view), direction in zip(items, directions):
-                target = local(p)
+                target = self._local(p)[0]
                 record_weight(journal, p, target)
                 weight = float_weight(target)
                 with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
-                    rule.apply_(view.weight(weight), rule_inputs(slot, grads[p], low, direction, state),
+                    rule.apply_(view.weight(weight), slot.rule_inputs(grads[p], low, direction, state),
                                 step_size=lr * inner.step_size_factor(step))
                 if weight is not target:
                     stored_weight(p).store_(weight)
@@ -841,10 +787,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         across ranks (FSDP2) are DTensors of the whole, so that the checkpoint saves every rank's part."""
         state_dict = super().state_dict()
         packed = state_dict["state"]
-        for p, shard in self._shards.items():
+        for p, placement in self._placements.items():
             if (index := self._index[p]) in packed:
-                dim, size = self._state_split(p)
-                packed[index] = map_tensors(packed[index], lambda part: shard.distributed(part, dim, size))
+                packed[index] = placement.distributed(packed[index], self._state_split(p))
         for p, slot in self._slots.items():
             index = self._index[p]
             subspace = {"projector": slot.projector.state_dict(), "schedule": slot.schedule.state_dict()}
@@ -858,8 +803,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         state_dict["skip_streaks"] = {self._index[p]: streak for p, streak in self._skip_streaks.items()}
         return state_dict
 
-    def _state_split(self, p: Tensor) -> tuple[int, int]:
-        """For a sharded parameter: the axis its state tensors are split along, and its length."""
+    def _state_split(self, p: Tensor) -> tuple[int, int] | None:
+        """The axis ``p``'s state tensors are split along over the ranks, and its length: a dense
+        parameter's rows; None for a low-rank weight held whole."""
         slot = self._slots.get(p)
         return slot.state_split() if slot is not None else (0, p.shape[0])
 
@@ -897,10 +843,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._skip_streaks = {params[index]: streak for index, streak in streaks.items()}
         for index, saved in saved_state.items():
             p = params[index]
-            if (shard := self._shards.get(p)) is not None:
-                dim, size = self._state_split(p)
-                saved = map_tensors(saved, lambda value: shard.localize(value, dim, size))
-            self.state[p] = checkpoint.restore_state(saved, local(p), follows_param=not groups[p]["lowrank"])
+            saved = self._placements[p].localized(saved, self._state_split(p))
+            self.state[p] = checkpoint.restore_state(saved, self._local(p)[0], follows_param=not groups[p]["lowrank"])
 
     def _loaded_slots(self, subspaces: dict[int, dict], saved_state: dict[int, dict]) -> dict[Tensor, LowRankSlot]:
         """Projectors and schedules rebuilt from the checkpoint's ``subspace`` entries, after
@@ -958,45 +902,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return sizes
 
 
-def whole_gradient(p: Tensor, slot: LowRankSlot, group: dict[str, Any]) -> Tensor:
-    """``G`` (``G + λW`` for coupled L2) in the view's shape, whole: gathered from the ranks for
-    a weight split by rows (on refresh steps only)."""
-    grad = l2_gradient(local(p.grad), local(p), group)
-    return slot.view(grad if slot.shard is None else slot.shard.gather(grad, 0, slot.shard.shape[0]))
-
-
-def owner_gradient(p: Tensor, slot: LowRankSlot, group: dict[str, Any], owner: int) -> Tensor | None:
-    """:func:`whole_gradient` of a weight split by rows, gathered on global rank ``owner`` only
-    (None on the other ranks): the one rank that refreshes it under refresh sharing."""
-    grad = l2_gradient(local(p.grad), local(p), group)
-    whole = slot.shard.gather_to(grad, slot.shard.shape[0], owner)
-    return None if whole is None else slot.view(whole)
-
-
 def basis_shapes(bases: tuple[Tensor | None, ...]) -> tuple[tuple[int, ...] | None, ...]:
     """The shape of each basis (None for a side without one): what shapes a weight's moments."""
     return tuple(None if basis is None else tuple(basis.shape) for basis in bases)
-
-
-def state_part(slot: LowRankSlot, low: Tensor) -> Tensor:
-    """The part of ``R`` this rank keeps moments for: all of it, or for a sharded matrix whose
-    R is whole on every rank (left, both), its block of R's columns."""
-    if slot.shard is None or slot.stacked or slot.projector.side == Side.RIGHT:
-        return low
-    return low[..., slot.shard.columns(low.shape[-1])].contiguous()  # torch's fused Adam kernel takes dense tensors
-
-
-def rule_inputs(slot: LowRankSlot, grad: Tensor | None, low: Tensor, direction: Tensor, state: dict) -> RuleInputs:
-    """What the rule sees of a weight: for a sharded matrix, this rank's rows of ``G``, the whole
-    direction ``N`` (gathered from the ranks' column blocks), and the sums over the ranks; for a
-    sharded stack, this rank's whole experts (their norms are their own)."""
-    if slot.shard is None or slot.stacked:
-        return RuleInputs(grad, low, direction, slot.applied, state)
-    projector = slot.applied
-    if not projector.low_split:
-        direction = slot.shard.gather(direction, -1, low.shape[-1])
-    total = slot.shard.total
-    return RuleInputs(grad, low, direction, projector, state, total, total if projector.low_split else None)
 
 
 def shape_only(shape: torch.Size, like: Tensor) -> Tensor:

@@ -177,3 +177,14 @@ def _leaves(shape: Any) -> list[tuple]:
     if isinstance(shape, dict):
         return [leaf for value in shape.values() for leaf in _leaves(value)]
     return [shape] if isinstance(shape, tuple) and len(shape) == 4 and shape[0] == "tensor" else []
+
+
+def shares_refresh(group: dict[str, Any], projector: Projector, identical: bool) -> bool:
+    """Whether a weight's refresh is computed by one rank and sent to the others, given its
+    group's ``refresh_sharing``, its projector and whether its gradient is known to be the same
+    on every rank (``identical``: gathered rows of an FSDP2 weight, or averaged by the
+    optimizer's own communication): see the module's docstring for when ``auto`` shares."""
+    mode = group.get("refresh_sharing", "auto")
+    if mode == "off" or world_size() < 2 or not shareable(projector):
+        return False
+    return mode == "on" or identical
