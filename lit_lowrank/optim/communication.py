@@ -21,7 +21,7 @@ Plain PyTorch::
     ddp.register_comm_hook(LowRankCommunication(optimizer), lowrank_comm_hook)
 
 The averaged ``R`` goes to the optimizer's next :meth:`~LowRankOptimizer.step` (through
-:meth:`~LowRankOptimizer.receive_projections`), and ``p.grad`` holds its lift ``P R``, the
+:meth:`~LowRankOptimizer.receive`, the optimizer's gradient seam), and ``p.grad`` holds its lift ``P R``, the
 same on every rank. So anything that needs the full averaged gradient of a target weight
 between backward and step — global-norm clipping, fp16 gradient unscaling — cannot be used with
 it: the step refuses to read an ``R`` whose lift in ``p.grad`` was changed or cleared after
@@ -118,7 +118,7 @@ class LowRankCommunication:
         """Why this backward's projections would be wrong, if it is one more micro-batch of an
         accumulation (``R`` received and not yet stepped) whose lift cannot be re-projected exactly."""
         projectors = self.optimizer.projectors
-        for p in self.optimizer._received:
+        for p in self.optimizer.received:
             projector = projectors.get(p)
             if projector is not None and not reprojects_exactly(projector):
                 return (f"{self.optimizer._name(p)} accumulates gradients over several backward passes that each "
@@ -130,12 +130,12 @@ class LowRankCommunication:
 
     def _record_lifts(self) -> None:
         self._lifts = {p: (weakref.ref(p.grad), p.grad._version, _sample(p.grad).clone())
-                       for p in self.optimizer._received if p.grad is not None}
+                       for p in self.optimizer.received if p.grad is not None}
 
     def _changed_lift(self) -> Tensor | None:
         """A weight whose coming step reads its received ``R`` while ``p.grad`` is no longer the
         lift recorded after backward (cleared, replaced, changed in place), if any."""
-        watched = [p for p in self._lifts if p in self.optimizer._received]
+        watched = [p for p in self._lifts if p in self.optimizer.received]
         for p in watched:
             lift, version, _ = self._lifts[p]
             if p.grad is not lift() or p.grad._version != version:
@@ -228,7 +228,7 @@ def lowrank_comm_hook(state: LowRankCommunication, bucket: dist.GradBucket) -> t
 
     def unpack(future: torch.futures.Future) -> Tensor:
         reduced = future.value()[0]
-        offset, received = 0, {}
+        offset = 0
         for i, grad in enumerate(grads):
             if i in low:
                 continue
@@ -237,9 +237,8 @@ def lowrank_comm_hook(state: LowRankCommunication, bucket: dist.GradBucket) -> t
         for i, r in low.items():
             averaged = reduced[offset:offset + r.numel()].view_as(r).clone()
             offset += r.numel()
-            received[params[i]] = averaged
             grads[i].copy_(state.optimizer.lift(params[i], averaged))
-        state.optimizer.receive_projections(received)
+            state.optimizer.receive(params[i], averaged)
         return bucket.buffer()
 
     work = dist.all_reduce(payload, group=group, async_op=True)

@@ -229,7 +229,9 @@ class LayerwiseUpdates:
         self._finish_arrived()
 
     def _update(self, p: Tensor, low: Tensor | None) -> None:
-        self.optimizer.step_group(self._group(p), [p], lows=None if low is None else {p: low})
+        if low is not None:
+            self.optimizer.receive(p, low)  # the optimizer's gradient seam
+        self.optimizer.step_group(self._group(p), [p])
         p.grad = None
 
     def _finish_arrived(self, wait: bool = False) -> None:

@@ -327,13 +327,31 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self.comm_bytes = self._placements.sent() - sent
         return loss
 
+    def receive(self, p: Tensor, low: Tensor, *, accumulate: bool = False) -> None:
+        """The gradient seam: the one way a gradient reaches the optimizer other than ``p.grad``.
+
+        ``low`` is ``R`` (r×n, m×r or r×r as the projector shapes it), ``p``'s gradient already
+        projected on the basis of its coming step: :meth:`project` gives it, or the basis from
+        :meth:`upcoming_bases`; a step that refreshes the subspace needs the full gradient
+        instead (ask :meth:`needs_full_gradient` first). The next :meth:`step` — or
+        :meth:`step_group` of ``p`` in layer-wise mode — uses it in place of projecting
+        ``p.grad`` and steps ``p`` even without one; ``accumulate`` adds it to an ``R``
+        received before (micro-batches). Dropped by :meth:`zero_grad`; kept for a retry if
+        :meth:`step` fails. Its callers: the DDP communication hook (``R`` averaged over the
+        ranks, :mod:`~lit_lowrank.optim.communication`), :class:`~lit_lowrank.optim.layerwise.LayerwiseUpdates`
+        (``R`` accumulated and averaged per weight inside backward) and CompAct's layers (``R``
+        from compressed activations, :mod:`~lit_lowrank.transforms.compact`)."""
+        self._received[p] = self._received[p] + low if accumulate and p in self._received else low
+
     def receive_projections(self, lows: dict[Tensor, Tensor], *, accumulate: bool = False) -> None:
-        """Projected gradients ``R`` the next :meth:`step` uses instead of projecting ``p.grad``
-        (a communication hook averaged them over the ranks; CompAct's layers compute them from
-        compressed activations, summed over micro-batches with ``accumulate``); a parameter with
-        one is stepped even without ``p.grad``. Dropped by :meth:`zero_grad`."""
+        """:meth:`receive` for several weights: ``lows`` maps each to its ``R``."""
         for p, low in lows.items():
-            self._received[p] = self._received[p] + low if accumulate and p in self._received else low
+            self.receive(p, low, accumulate=accumulate)
+
+    @property
+    def received(self) -> frozenset[Tensor]:
+        """The weights whose ``R`` came through :meth:`receive` for the next step."""
+        return frozenset(self._received)
 
     def upcoming_bases(self, p: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The ``(L, Q)`` that the next step of ``p`` (a low-rank weight) will project with —
@@ -361,15 +379,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Update ``params`` (members of ``group`` that have gradients); layer-wise mode calls
         this with one parameter at a time.
 
-        ``lows`` gives, for low-rank params of a step that does not refresh their subspace
-        (:meth:`needs_full_gradient` is False), the projected gradient ``R`` to use instead of
-        projecting ``p.grad`` (which may then be None): layer-wise gradient accumulation sums
-        ``R`` over micro-batches instead of the full gradient. Refreshes are not shared across
+        A param whose ``R`` came through :meth:`receive` (for a step that does not refresh its
+        subspace) is stepped with it instead of projecting ``p.grad`` (which may then be None):
+        layer-wise gradient accumulation sums ``R`` over micro-batches instead of the full
+        gradient. ``lows`` (``{param: R}``) is the same delivery in the call. The ``R`` of
+        ``params`` are used up here, even if the step fails. Refreshes are not shared across
         ranks here: a weight's step runs while other weights' all-reduces are in flight, and a
         collective of its own would interleave with them differently on each rank.
         """
-        if params:
-            self._step_all([(group, params)], lows or {}, share_refreshes=False)
+        if not params:
+            return
+        self.receive_projections(lows or {})
+        received = {p: self._received.pop(p) for p in params if p in self._received}
+        self._step_all([(group, params)], received, share_refreshes=False)
 
     def _step_all(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor], *,
                   share_refreshes: bool = True) -> None:

@@ -9,7 +9,7 @@ basis its low-rank optimizer will use at this step, and in backward computes
     R = gᵀ z = G Q          (out×r; CompAct's compressed gradient Ĝ, its Fig. 2)
 
 which is exactly the projection the optimizer would form from G on ``side: right``; it hands R to
-the optimizer (:meth:`LowRankOptimizer.receive_projections`) and no m×n gradient is made. The
+the optimizer (:meth:`LowRankOptimizer.receive`, its gradient seam) and no m×n gradient is made. The
 input gradient ``g W`` needs no activation. The layer's saved activations shrink from tokens·in
 to tokens·r numbers. Q is the ``random`` projector's seeded Gaussian N(0, 1/r) (CompAct's
 projection), regenerated from (parameter index, refresh count) and refreshed every
@@ -94,7 +94,7 @@ class CompactLinear(nn.Linear):
         return CompactFunction.apply(x, self.weight, self.bias, basis, self._deliver)
 
     def _deliver(self, low: Tensor) -> None:
-        self._optimizer.receive_projections({self.weight: low}, accumulate=True)
+        self._optimizer.receive(self.weight, low, accumulate=True)
 
 
 def compact_linear_layers(model: nn.Module, targets: Sequence[str] | None = None,

@@ -98,8 +98,8 @@ class RecordingOptimizer:
     def upcoming_bases(self, weight):
         return None, self.basis
 
-    def receive_projections(self, lows, accumulate=False):
-        self.received.update(lows)
+    def receive(self, weight, low, accumulate=False):
+        self.received[weight] = low
 
 
 BF16_ROUNDOFF = 2.0 ** -8
