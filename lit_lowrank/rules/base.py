@@ -68,6 +68,11 @@ class UpdateRule(ABC):
     lifts only through the projector, and sums every norm over ``G``- and ``R``-shaped tensors
     across the ranks through ``inputs.reduce_grad`` and ``inputs.reduce_low``; the optimizer
     refuses sharded weights otherwise."""
+    lifts_only: bool = False
+    """Whether :meth:`apply_` changes ``param`` only by ``inputs.projector.add_back_(param, …)``
+    and never reads ``param``: the optimizer then runs it before any weight is written and makes
+    the recorded lifts last, so that a failed step is undone without copying the weight
+    (:mod:`lit_lowrank.optim.guard`); otherwise the weight is copied before :meth:`apply_`."""
     required_rank: int | None = None
     """The one subspace rank the rule works at (APOLLO-Mini: 1), or None for any; the optimizer
     refuses another rank when it is built."""

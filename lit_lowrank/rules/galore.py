@@ -16,6 +16,7 @@ class GaLoreRule(UpdateRule):
     batched = True
     shardable = True
     any_projection = True
+    lifts_only = True
 
     def apply_(self, param: Tensor, inputs: RuleInputs, *, step_size: float) -> None:
         inputs.projector.add_back_(param, inputs.direction, alpha=-step_size * self.scale)
