@@ -13,9 +13,13 @@ estimate. ``adamw8bit`` as a full-rank baseline is ``bitsandbytes.optim.AdamW8bi
 tensor of at least 4096 elements with uint8 moments and a float32 absmax per 256, smaller ones
 float32.
 
-Weights: every parameter in its dtype; Q-GaLore's target weights as INT8 codes with a float32
-scale and minimum per group of 256 (``QuantizedLinear``). Gradients: one per trainable
-parameter in its dtype; CompAct's targets hand the optimizer their ``R`` instead; layer-wise
+Weights: every parameter in its dtype; the target weights as the method's model transforms
+store them (:meth:`Transform.weight_bytes <lit_lowrank.transforms.Transform.weight_bytes>`:
+Q-GaLore's INT8 codes with a float32 scale and minimum per group). A transform that changes the
+parameters themselves (:attr:`~lit_lowrank.transforms.Transform.estimated_applied`:
+GradNormLoRP's ``g`` and ``V``) is estimated on a model holding it (:func:`estimate_model`
+prepares one). Gradients: one per trainable parameter in its dtype; a transform that hides the
+targets' gradients (CompAct's) hands the optimizer their ``R`` instead; layer-wise
 (optimizer step in the backward hook) only the largest one is alive at a time. Activations, the
 temporary dequantized/normalized weights and the CUDA context are not included (they depend on
 batch, sequence length and checkpointing).
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +39,6 @@ from lit_lowrank.optim.summary import LowRankSummary, summarize
 from lit_lowrank import transforms as model_transforms
 from lit_lowrank.methods import Method
 from lit_lowrank.plugins import get_method
-from lit_lowrank.transforms.weight_norm import apply_gradnorm
 
 LAYERWISE = "-layerwise"
 BASELINES = ("adamw", "adamw8bit")
@@ -44,12 +47,11 @@ BASELINES = ("adamw", "adamw8bit")
 
 @dataclass(frozen=True)
 class Formats:
-    """Block and group sizes of the formats the estimator counts itself (the library's and
-    bitsandbytes' defaults); the optimizer's own formats come from its components."""
+    """Block sizes of the full-rank ``adamw8bit`` baseline (bitsandbytes' defaults), which the
+    estimator counts itself; the optimizer's and the transforms' formats come from their components."""
 
     block_size: int = 256  # bitsandbytes AdamW8bit: elements per absmax
     min_8bit_size: int = 4096  # bitsandbytes AdamW8bit: smaller tensors keep float32 moments
-    weight_group: int = 256  # Q-GaLore's INT8 weights: values per scale and minimum
 
 
 @dataclass
@@ -97,8 +99,8 @@ def estimate(
     Raises:
         UnknownComponentError: for an unregistered method (the message lists them).
         ValueError: for a method whose state cannot be predicted on ``meta`` (see the module
-            docstring), or a ``weight-norm`` method on a model without it (its parameters differ;
-            the other transforms are counted here, on the plain model).
+            docstring), or a model lacking a transform of the method that is estimated applied
+            (:func:`applied_for_estimate`; the others are counted here, on the plain model).
     """
     recipe, layerwise = method(name)
     low_rank, dense = select_targets(model, targets, exclude)
@@ -108,12 +110,9 @@ def estimate(
         grads = [_nbytes(p) for p in trainable]
         states = {"moments": 0, "projectors": 0, "dense": sum(_full_rank_states(p, name, formats) for p in trainable)}
         return Estimate(weights, max(grads, default=0) if layerwise else sum(grads), states)
+    model_transforms.check(model, applied_for_estimate(recipe), repr(name))
     transforms = model_transforms.build(recipe.transforms)
-    model_transforms.check(model, {t.name: t.options for t in transforms if t.name == "weight-norm"}, repr(name))
-    bits = recipe.transforms.get("int-weights", {}).get("bits")
-    if bits is not None:  # INT8 codes instead of the target weights
-        weights += sum(int_bytes(p.numel(), bits, formats.weight_group, p.ndim) - _nbytes(p)
-                       for p in low_rank.values())
+    weights += sum(t.weight_bytes(p) - _nbytes(p) for t in transforms for p in low_rank.values())
     summary = predicted(model, recipe, name, rank=rank, targets=targets, exclude=exclude)
     if any(t.hides_gradients for t in transforms):  # a compressed layer's weight gets its R, not a gradient
         grads = [_nbytes(p) for p in dense.values()] + [row.predicted.low for row in summary.rows if row.reason is None]
@@ -142,12 +141,11 @@ def predicted(model: nn.Module, recipe: Method, name: object, *, rank: int, targ
     return summary
 
 
-def int_bytes(numel: int, bits: int, group: int, ndim: int) -> int:
-    """Bytes of the ``int`` quantizer's packed form: codes over whole groups (``8 // bits`` per
-    byte for 2/4/8 bits), float32 scale and minimum per group, int64 shape."""
-    groups = math.ceil(numel / group)
-    per_byte = 8 // bits if 8 % bits == 0 else 1
-    return math.ceil(groups * group / per_byte) + 8 * groups + 8 * ndim
+def applied_for_estimate(recipe: Method | None) -> dict[str, dict[str, Any]]:
+    """The transforms of ``recipe`` (``{name: options}``) that a model must hold to be estimated
+    (:attr:`~lit_lowrank.transforms.Transform.estimated_applied`); empty for a baseline (None)."""
+    built = model_transforms.build(recipe.transforms if recipe is not None else {})
+    return {t.name: t.options for t in built if t.estimated_applied}
 
 
 def _nbytes(p: torch.Tensor) -> int:
@@ -165,17 +163,24 @@ def _full_rank_states(p: nn.Parameter, name: object, formats: Formats) -> int:
     return 2 * (p.numel() + 4 * math.ceil(p.numel() / formats.block_size))
 
 
-def llama_on_meta(size: str, *, dtype: torch.dtype = torch.bfloat16, gradnorm: bool = False,
+def llama_on_meta(size: str, *, dtype: torch.dtype = torch.bfloat16,
+                  transforms: model_transforms.Transforms | None = None,
                   targets: Sequence[str] | None = DEFAULT_TARGETS) -> nn.Module:
-    """``LlamaForCausalLM`` of a named size (:data:`lit_lowrank.models.llama.LLAMA_SIZES`) on the meta device, in ``dtype``;
-    weight-normalized when ``gradnorm``."""
+    """``LlamaForCausalLM`` of a named size (:data:`lit_lowrank.models.llama.LLAMA_SIZES`) on the meta device, in ``dtype``,
+    holding ``transforms`` (``{name: options}``, applied to ``targets``)."""
     from transformers import LlamaForCausalLM
 
     from lit_lowrank.models.llama import llama_config
 
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(size)).to(dtype)
-    return apply_gradnorm(model, targets) if gradnorm else model
+    return model_transforms.prepare(model, transforms, targets)
+
+
+def estimate_model(size: str, name: str | Method, *, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The meta-device LLaMA of ``size`` that :func:`estimate` takes for method ``name``: holding
+    the method's transforms that are estimated applied (:func:`applied_for_estimate`)."""
+    return llama_on_meta(size, dtype=dtype, transforms=applied_for_estimate(method(name)[0]))
 
 
 def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:

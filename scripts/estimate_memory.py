@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from lit_lowrank import registered
-from lit_lowrank.memory import BASELINES, LAYERWISE, estimate, llama_on_meta, method
+from lit_lowrank.memory import BASELINES, LAYERWISE, applied_for_estimate, estimate, llama_on_meta, method
 from lit_lowrank.models.llama import GALORE_RANKS, LLAMA_SIZES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -41,8 +41,15 @@ def main(argv: list[str] | None = None) -> None:
 
     size = args.size
     rank = args.rank or GALORE_RANKS[size]
-    models = {gradnorm: llama_on_meta(size, dtype=DTYPES[args.dtype], gradnorm=gradnorm) for gradnorm in (False, True)}
-    n_params = sum(p.numel() for p in models[False].parameters())
+    models: dict[str, torch.nn.Module] = {}  # by the transforms a model must hold to be estimated
+
+    def model_for(recipe):
+        transforms = applied_for_estimate(recipe)
+        if repr(transforms) not in models:
+            models[repr(transforms)] = llama_on_meta(size, dtype=DTYPES[args.dtype], transforms=transforms)
+        return models[repr(transforms)]
+
+    n_params = sum(p.numel() for p in model_for(None).parameters())
     print(f"LLaMA-{size}: {n_params / 1e9:.2f}B params, {args.dtype}, rank {rank}; GiB, activations excluded")
     print("| method | weights | gradients | optimizer states | total |")
     print("|---|---:|---:|---:|---:|")
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         recipe = method(name)[0]
         try:
-            result = estimate(models[recipe is not None and "weight-norm" in recipe.transforms], name, rank=rank)
+            result = estimate(model_for(recipe), name, rank=rank)
         except ValueError as error:  # components that need real values (adaptive-rank)
             unknown.append(str(error))
             print(f"| {name} | unknown | unknown | unknown | unknown |")

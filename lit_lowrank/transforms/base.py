@@ -95,6 +95,10 @@ class Transform:
     """Its weights get no ``.grad`` (refused with clipping, fp16 scaling, layer-wise, low-rank DDP)."""
     tolerance: ClassVar[float] = 0.0
     """The largest relative change of the model's outputs that :meth:`apply` may cause (rounding)."""
+    estimated_applied: ClassVar[bool] = False
+    """The memory estimate needs a model holding it (it changes the parameters themselves, as
+    ``weight-norm``'s ``g`` and ``V``); otherwise the plain model is estimated, its targets counted
+    by :meth:`weight_bytes` (see :func:`lit_lowrank.memory.estimate`)."""
     adopts_modules: ClassVar[bool] = True
     """Whether an existing module may be transformed at Lightning setup (False: a transform that
     replaces parameters, which the user's ``configure_optimizers`` may have captured, must be
@@ -140,6 +144,11 @@ class Transform:
         """Give ``model`` back its plain layers, computing the same function; raises
         NotImplementedError where a transform cannot be undone."""
         raise NotImplementedError(f"transform {self.name!r} cannot be undone")
+
+    def weight_bytes(self, weight: Tensor) -> int:
+        """Bytes a target ``weight`` (any device, ``meta`` included; shape and dtype are read) takes
+        in a model holding the transform, for the memory estimate (default: the weight's own)."""
+        return weight.numel() * weight.element_size()
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Refuse optimizer ``options`` (a param group's or a config's) the transform cannot train

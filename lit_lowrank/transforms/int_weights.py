@@ -33,6 +33,8 @@ from lit_lowrank.transforms.base import Transform, attach_store
 _PREFIX = "weight_"  # buffers: weight_codes, weight_scales, weight_mins, weight_shape
 WEIGHT_ARGS = ("group_size", "stochastic")
 """The options of ``int-weights`` besides their width ``bits``."""
+GROUP_SIZE = 256
+"""Weight values sharing a scale and minimum unless ``group_size`` says otherwise (Q-GaLore's)."""
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -94,7 +96,7 @@ class QuantizedLinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8, group_size: int = 256,
+        self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8, group_size: int = GROUP_SIZE,
         stochastic: bool = True, seed: int = 0, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -202,7 +204,7 @@ class QuantizedLinear(nn.Module):
 
 
 def quantize_linear_weights(
-    model: nn.Module, targets: Sequence[str] | None = None, bits: int = 8, group_size: int = 256,
+    model: nn.Module, targets: Sequence[str] | None = None, bits: int = 8, group_size: int = GROUP_SIZE,
     stochastic: bool = True, exclude: Sequence[str] = (),
 ) -> list[str]:
     """Replace, in place, the target layers of :func:`lit_lowrank.select_targets` (same
@@ -296,6 +298,13 @@ class IntWeights(Transform):
 
     def undo(self, model: nn.Module) -> nn.Module:
         return dequantize_linear_weights(model)
+
+    def weight_bytes(self, weight: Tensor) -> int:
+        """Bytes of ``weight`` packed as the layers store it (codes, float32 scales and minima per
+        group, int64 shape), packed on the ``meta`` device: nothing is allocated."""
+        quantizer = IntQuantizer(bits=self.bits, group_size=self.layer_options.get("group_size", GROUP_SIZE))
+        packed = quantizer.quantize(torch.empty(weight.shape, device="meta"))
+        return sum(tensor.numel() * tensor.element_size() for tensor in packed.values())
 
     def describe(self) -> str:
         return f"{self.bits}-bit target weights"

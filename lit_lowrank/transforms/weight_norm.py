@@ -87,6 +87,7 @@ class WeightNorm(Transform):
     needs_whole_weights = True  # the norm of each output row needs the whole row
     tolerance = 1e-5
     adopts_modules = False
+    estimated_applied = True  # g and V replace each target weight
 
     def apply(self, model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> list[str]:
         before = {module for module in model.modules() if is_gradnorm(module)}

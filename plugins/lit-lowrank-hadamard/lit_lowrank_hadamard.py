@@ -107,6 +107,7 @@ class FreezeBias(Transform):
     every use). :meth:`undo` makes them trainable again. No options."""
 
     name = "freeze-bias"
+    estimated_applied = True  # the frozen biases get no gradient nor state: estimate a model holding it
 
     def apply(self, model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str]) -> list[str]:
         low_rank, _ = select_targets(model, targets, exclude)

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_lowrank import (DenseBasisProjector, InnerOptimizer, LowRankOptimizer, Side, UnknownComponentError,
                          UpdateRule, build_optimizer, hookimpl, plugins)
-from lit_lowrank.memory import BASELINES, estimate, llama_on_meta
+from lit_lowrank.memory import estimate, estimate_model, llama_on_meta
 from lit_lowrank import transforms
 from lit_lowrank.methods import Method
 from lit_lowrank.optim.factory import DEFAULT_EXCLUDE, DEFAULT_TARGETS
@@ -282,10 +282,8 @@ def test_docs_7b_table_is_the_estimators():
     table = lines[: next(i for i, line in enumerate(lines) if not line.startswith("|"))]
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[2:]]  # below the header
     assert len(rows) >= 10
-    models = {gradnorm: llama_on_meta("7b", gradnorm=gradnorm) for gradnorm in (False, True)}
     for name, *figures in rows:
-        gradnorm = name not in BASELINES and "weight-norm" in plugins.get_method(name.removesuffix("-layerwise")).transforms
-        result = estimate(models[gradnorm], name, rank=1024)
+        result = estimate(estimate_model("7b", name), name, rank=1024)
         expected = [result.weights, result.gradients, result.optimizer, result.total]
         assert figures == [f"{value / 2**30:.2f}" for value in expected], name
 
