@@ -17,17 +17,26 @@ qualified name and class (:func:`component_record`); a resume needs the same cla
 whichever names this run gives them (``lit_lowrank/plugins.py``), and refuses another class
 naming both. Checkpoints without the record compare the names, a qualified name matching the
 bare name it qualifies.
+
+:class:`CheckpointMapping` is the optimizer's ``state_dict``/``load_state_dict``: it maps each
+weight's state through its placement (distributed on save, localized on load) and runs these
+checks before anything changes.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
+import torch
 from torch import Tensor
 
 from lit_lowrank import plugins
+from lit_lowrank.optim.sharding import map_tensors
 from lit_lowrank.options import component_kinds, having
+
+if TYPE_CHECKING:
+    from lit_lowrank.optim.placement import LowRankSlot
 
 STATE_LAYOUT = having("state")
 """Options of low-rank groups whose saved state cannot carry over to another value."""
@@ -271,3 +280,130 @@ def restore_state(saved: dict[str, Any], param: Tensor, *, follows_param: bool) 
         else:
             restored[key] = value.to(device=param.device, copy=True)
     return restored
+
+
+class CheckpointMapping:
+    """A :class:`~lit_lowrank.optim.lowrank.LowRankOptimizer`'s state dict and its loading: the
+    projectors' and schedules' state beside torch's, each weight's state distributed over the
+    ranks by its placement on save and localized on load (:mod:`~lit_lowrank.optim.placement`),
+    and everything checked against this optimizer before anything changes (this module's
+    checks). Mixed into the optimizer, whose groups, slots and placements it reads."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, in which each low-rank weight's entry also holds ``"subspace"``: its
+        projector's and schedule's tensor-only state dicts, and each low-rank group ``"components"``:
+        its components' qualified names and classes (:func:`component_record`); plus
+        ``refresh_count``, ``skipped_steps`` and ``skip_streaks`` (updates skipped in a row, by parameter
+        index). What a resume needs sits under ``state`` and ``param_groups``, the only
+        keys torch's distributed checkpoint keeps (it then recounts ``refresh_count`` from the
+        projectors and restarts ``skipped_steps`` and ``skip_streaks``). The state tensors of a weight split by rows
+        across ranks (FSDP2) are DTensors of the whole, so that the checkpoint saves every rank's part."""
+        state_dict = super().state_dict()
+        packed = state_dict["state"]
+        for p, placement in self._placements.items():
+            if (index := self._index[p]) in packed:
+                packed[index] = placement.distributed(packed[index], self._state_split(p))
+        for p, slot in self._slots.items():
+            index = self._index[p]
+            subspace = {"projector": slot.projector.state_dict(), "schedule": slot.schedule.state_dict()}
+            # contiguous: torch's full-state broadcast sends a strided basis (a slice of U) scrambled
+            packed[index] = {**packed.get(index, {}), "subspace": map_tensors(subspace, Tensor.contiguous)}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            if group["lowrank"]:
+                saved[RECORD_KEY] = component_record(group)
+        state_dict["refresh_count"] = self.refresh_count
+        state_dict["skipped_steps"] = self.skipped_steps
+        state_dict["skip_streaks"] = {self._index[p]: streak for p, streak in self._skip_streaks.items()}
+        return state_dict
+
+    def _state_split(self, p: Tensor) -> tuple[int, int] | None:
+        """The axis ``p``'s state tensors are split along over the ranks, and its length: a dense
+        parameter's rows; None for a low-rank weight held whole."""
+        slot = self._slots.get(p)
+        return slot.state_split() if slot is not None else (0, p.shape[0])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, after checking that it fits (see
+        :mod:`lit_lowrank.optim.checkpoint`): groups, low-rank layout, every state tensor's and
+        projector basis's shape; options that shape the state must match, others take this
+        run's values (with a warning), ``lr``/``initial_lr`` the checkpoint's. State is keyed as
+        the saved groups list their parameters (indices, or torch's distributed checkpoint's
+        names); a sharded weight takes its rows or columns of saved DTensors or whole tensors.
+        Nothing changes if it raises."""
+        state_dict = dict(state_dict)
+        keys = [key for group in state_dict["param_groups"] for key in group["params"]]
+        position = {key: index for index, key in enumerate(keys)}
+        subspaces = {int(index): entry for index, entry in state_dict.pop("lowrank", {}).items()}  # earlier format
+        saved_state = {}
+        for key, entry in state_dict.get("state", {}).items():
+            entry = dict(entry)
+            if "subspace" in entry:
+                subspaces[position[key]] = entry.pop("subspace")
+            if entry:
+                saved_state[position[key]] = entry
+        state_dict["state"] = {keys[index]: entry for index, entry in saved_state.items()}
+        state_dict["param_groups"] = merge_groups(self.param_groups, state_dict["param_groups"],
+                                                             set(self.defaults))
+        slots = self._loaded_slots(subspaces, saved_state)
+        refresh_count = int(state_dict.pop("refresh_count", sum(slot.projector.refreshes for slot in slots.values())))
+        skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        streaks = {int(index): int(streak) for index, streak in state_dict.pop("skip_streaks", {}).items()}
+        super().load_state_dict(state_dict)
+        self._slots, self._components = slots, {}
+        self.refresh_count, self.skipped_steps = refresh_count, skipped_steps
+        groups = {p: group for group in self.param_groups for p in group["params"]}
+        params = self._params()
+        self._skip_streaks = {params[index]: streak for index, streak in streaks.items()}
+        for index, saved in saved_state.items():
+            p = params[index]
+            saved = self._placements[p].localized(saved, self._state_split(p))
+            self.state[p] = restore_state(saved, self._local(p)[0], follows_param=not groups[p]["lowrank"])
+
+    def _loaded_slots(self, subspaces: dict[int, dict], saved_state: dict[int, dict]) -> dict[Tensor, LowRankSlot]:
+        """Projectors and schedules rebuilt from the checkpoint's ``subspace`` entries, after
+        checking every saved state tensor's shape against its parameter (ValueError naming it)."""
+        params, slots = self._params(), {}
+        groups = {p: group for group in self.param_groups for p in group["params"]}
+        for index in sorted(set(subspaces) | set(saved_state)):
+            p = params[index]
+            group, name = groups[p], self._name(p)
+            if not group["lowrank"]:
+                if index in subspaces:
+                    raise ValueError(f"the checkpoint has a projector for {name}, which is dense here; use the "
+                                     "same targets/exclude as the run that saved it.")
+                check_state(name, saved_state[index], self._dense_fresh_state(p, group))
+                continue
+            if index not in subspaces:
+                raise ValueError(f"the checkpoint has optimizer state but no projector for {name}, which is "
+                                 "low-rank here; use the same targets/exclude as the run that saved it.")
+            slot = slots[p] = self._make_slot(p, group)
+            try:
+                slot.projector.load_state_dict(_to_device(subspaces[index]["projector"], p.device))
+                slot.schedule.load_state_dict(subspaces[index]["schedule"])
+                bases = slot.projector.bases()
+            except (KeyError, RuntimeError, TypeError, ValueError) as error:
+                raise ValueError(f"the checkpoint's projector/schedule state of {name} does not fit this "
+                                 f"optimizer's ({group['projector']}, {group['schedule']}): {error}") from error
+            low_shape = (core_shape(name, slot.view.shape, bases) if slot.projector.projects_tensors
+                         else projected_shape(name, slot.view.shape, *bases))
+            low = torch.zeros(low_shape, dtype=p.dtype)
+            if index in saved_state:
+                check_state(name, saved_state[index], self._group_components(group)[0].init_state(low))
+        return slots
+
+    def _dense_fresh_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """The layout of a dense param's state (on the meta device): the group's inner
+        optimizer's if it steps dense params (SGD, HF AdamW), else torch AdamW's two moments."""
+        like = torch.empty(p.shape, device="meta")
+        inner = self._dense_inner(group)
+        if inner is not None:
+            return inner.init_state(like)
+        return {key: like for key in ("exp_avg", "exp_avg_sq")}
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    return tree

@@ -22,7 +22,6 @@ import copy
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -33,26 +32,21 @@ from torch.optim.adam import adam as adam_functional
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import InnerOptimizer
 from lit_lowrank.optim import checkpoint
-from lit_lowrank.optim.guard import (
-    MAX_CONSECUTIVE_SKIPS, DeferredLifts, HeldInterrupt, StepJournal, first_nonfinite,
-)
+from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS, HeldInterrupt, StepJournal, first_nonfinite
+from lit_lowrank.optim.delivery import GradientDelivery, shape_only
 from lit_lowrank.optim.layouts import View, check_layout, target_layout
 from lit_lowrank.optim.validation import (
     build, build_inner, build_rule, check_bases, check_batched, check_group, check_sharding, check_tensor_projector,
 )
 from lit_lowrank.optim.placement import LowRankSlot, Placements, placement_of
 from lit_lowrank.optim.refresh_sharing import SharedRefresh, check_refresh_sharing_option, shares_refresh
-from lit_lowrank.optim.sharding import applies_bases_plainly, map_tensors
+from lit_lowrank.optim.sharding import applies_bases_plainly
 from lit_lowrank.options import having
 from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.base import UpdateRule
 from lit_lowrank.transforms.base import stored_weight
 
 
-Deferred = tuple[Tensor, DeferredLifts, Tensor, float, float, bool]
-"""A low-rank weight's update left for the apply phase: the parameter, its recorded lifts, the
-tensor written (its local part), η, λ (0 without decoupled decay) and whether the decay follows
-the update (``InnerOptimizer.decay_after_step``)."""
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8
 """torch AdamW's defaults: dense groups stepped by torch's AdamW whose ``betas``/``eps`` are unset."""
 COMPONENT_OPTIONS = having("builds")
@@ -63,7 +57,7 @@ def component_options(group: dict[str, Any]) -> dict[str, Any]:
     return {key: copy.deepcopy(group[key]) for key in COMPONENT_OPTIONS}
 
 
-class LowRankOptimizer(torch.optim.Optimizer):
+class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.optim.Optimizer):
     """AdamW whose ``lowrank=True`` param groups are updated in a low-rank subspace.
 
     Args:
@@ -334,48 +328,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self.comm_bytes = self._placements.sent() - sent
         return loss
 
-    def receive(self, p: Tensor, low: Tensor, *, accumulate: bool = False) -> None:
-        """The gradient seam: the one way a gradient reaches the optimizer other than ``p.grad``.
-
-        ``low`` is ``R`` (r×n, m×r or r×r as the projector shapes it), ``p``'s gradient already
-        projected on the basis of its coming step: :meth:`project` gives it, or the basis from
-        :meth:`upcoming_bases`; a step that refreshes the subspace needs the full gradient
-        instead (ask :meth:`needs_full_gradient` first). The next :meth:`step` — or
-        :meth:`step_group` of ``p`` in layer-wise mode — uses it in place of projecting
-        ``p.grad`` and steps ``p`` even without one; ``accumulate`` adds it to an ``R``
-        received before (micro-batches). Dropped by :meth:`zero_grad`; kept for a retry if
-        :meth:`step` fails. Its callers: the DDP communication hook (``R`` averaged over the
-        ranks, :mod:`~lit_lowrank.optim.communication`), :class:`~lit_lowrank.optim.layerwise.LayerwiseUpdates`
-        (``R`` accumulated and averaged per weight inside backward) and CompAct's layers (``R``
-        from compressed activations, :mod:`~lit_lowrank.transforms.compact`)."""
-        self._received[p] = self._received[p] + low if accumulate and p in self._received else low
-
-    def receive_projections(self, lows: dict[Tensor, Tensor], *, accumulate: bool = False) -> None:
-        """:meth:`receive` for several weights: ``lows`` maps each to its ``R``."""
-        for p, low in lows.items():
-            self.receive(p, low, accumulate=accumulate)
-
-    @property
-    def received(self) -> frozenset[Tensor]:
-        """The weights whose ``R`` came through :meth:`receive` for the next step."""
-        return frozenset(self._received)
-
-    def upcoming_bases(self, p: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """The ``(L, Q)`` that the next step of ``p`` (a low-rank weight) will project with —
-        after the refresh that step makes, if it makes one. Needs a projector that draws its basis
-        without the gradient (``Projector.needs_gradient = False``: ``random``)."""
-        slot = self._slots.get(p)
-        if slot is None:  # before p's first step: find its group once
-            group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
-            if group is None or not group["lowrank"]:
-                raise ValueError(f"{self._name(p) if group else 'the parameter'} is not a low-rank weight of this "
-                                 "optimizer")
-            slot = self._slot(p, group)
-        state = self.state.get(p, {})
-        if not slot.schedule.should_refresh(int(state["step"]) if "step" in state else 0):
-            return slot.projector.bases()
-        return slot.projector.preview(shape_only(slot.view.shape, p))
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._received.clear()
@@ -402,12 +354,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _step_all(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor], *,
                   share_refreshes: bool = True) -> None:
-        """One atomic step of ``work`` (groups and their params with gradients), in the phases of
-        :mod:`~lit_lowrank.optim.guard`: gradients are checked for all of them before anything
-        changes; then every update is computed (subspaces refreshed, moments updated, rules run),
-        recorded in a :class:`~lit_lowrank.optim.guard.StepJournal` that undoes it all if
-        anything fails (a component raising, Ctrl-C) before the error is re-raised; then the
-        weights are written, Ctrl-C held until the step is complete (:meth:`_write_weights`)."""
+        """One atomic step of ``work`` (groups and their params with gradients): gradients are
+        checked and subspaces refreshed for all of them before any moment or weight changes. If
+        anything then fails (a component raising, Ctrl-C), everything the step changed is put
+        back (:class:`~lit_lowrank.optim.guard.StepJournal`) and the error re-raised.
+
+        The largest group that torch's AdamW steps goes last, without copies of its weights and
+        moments (they would triple its memory): torch checks its inputs before changing any, and
+        a Ctrl-C during it is held until it is done, then raised (the step complete)."""
         if not work:
             return
         projected = self._screening_projections(work, lows)
@@ -416,49 +370,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
         journal, interrupt = StepJournal(), HeldInterrupt()
         last = max((index for index, (group, _) in enumerate(work) if self._torch_adamw(group)), default=None,
                    key=lambda index: sum(p.numel() for p in work[index][1]))
-        deferred: list[Deferred] = []
         try:
             self._record_subspaces(work, journal)
             old_bases = self._refresh_subspaces(work, lows, share_refreshes)
             for group, params in [item for index, item in enumerate(work) if index != last]:
                 if group["lowrank"]:
-                    self._lowrank_step(group, params, lows, projected, old_bases, journal, deferred)
+                    self._lowrank_step(group, params, lows, projected, old_bases, journal)
                 else:
                     self._dense_step(group, params, journal)
+            if last is not None:
+                with interrupt.held():
+                    self._dense_step(*work[last], journal, copies=False)
         except BaseException:
             journal.undo()
             raise
-        with interrupt.held():
-            self._write_weights(None if last is None else work[last], deferred, journal)
         if self._skip_streaks:  # an update ends its parameter's run of skipped ones
             for _, params in work:
                 for p in params:
                     self._skip_streaks.pop(p, None)
         interrupt.raise_held()
-
-    def _write_weights(self, last: tuple[dict[str, Any], list[Tensor]] | None,
-                       deferred: list[Deferred], journal: StepJournal) -> None:
-        """The apply phase: torch's AdamW on ``last``, the largest dense group, without copies
-        of its weights and moments (they would triple its memory; torch checks its inputs before
-        changing any, and a refusal undoes the step), then the deferred lifts of the low-rank
-        weights, each with its decoupled decay (``W ← (1 − ηλ) W − η U``), in place. A failure
-        of these in-place kernels (out of memory) leaves the step partly applied: RuntimeError."""
-        if last is not None:
-            try:
-                self._dense_step(*last, journal, copies=False)
-            except BaseException:
-                journal.undo()
-                raise
-        for index, (_, lifts, weight, lr, decay, after) in enumerate(deferred):
-            try:
-                with decoupled_decay(weight, lr, decay, after=after):
-                    lifts.write()
-            except Exception as error:
-                missed = ", ".join(self._name(item[0]) for item in deferred[index:])
-                raise RuntimeError(
-                    f"the step was partly applied: writing the updated weights failed ({error}) after every update "
-                    f"had been computed and the moments advanced; weights whose update was not written in full: "
-                    f"{missed}. Resume from a checkpoint (see lit_lowrank.optim.guard).") from error
 
     def _torch_adamw(self, group: dict[str, Any]) -> bool:
         """Whether torch's AdamW (or Adam, coupled L2) steps ``group``: a dense group whose inner
@@ -660,27 +590,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 raise
             shared[0].failed(error)
 
-    def needs_full_gradient(self, p: Tensor, group: dict[str, Any]) -> bool:
-        """Whether ``p``'s next step needs its full gradient, not only its projection ``R``: a
-        dense param, a rule that uses ``G`` (``UpdateRule.uses_gradient``: Fira, APOLLO), or a
-        step that refreshes the subspace (always the first)."""
-        if not group["lowrank"] or self._group_components(group)[1].uses_gradient:
-            return True
-        slot, state = self._slots.get(p), self.state.get(p, {})
-        if slot is None or "step" not in state:
-            return True
-        return slot.schedule.should_refresh(int(state["step"]))
-
-    def project(self, p: Tensor, grad: Tensor) -> Tensor:
-        """``R``: ``grad`` (``p``'s shape) projected on ``p``'s current subspace (after its first step)."""
-        slot = self._slots[p]
-        return slot.projector.project(slot.view(grad))
-
-    def lift(self, p: Tensor, low: Tensor) -> Tensor:
-        """``P R``: a projected gradient back in ``p``'s shape (after its first step)."""
-        slot = self._slots[p]
-        return slot.view.back(slot.projector.project_back(low), p)
-
     def _dense_step(self, group: dict[str, Any], params: list[Tensor], journal: StepJournal, *,
                     copies: bool = True) -> None:
         """Step a dense group, recording in ``journal`` what it changes: its weights and moments,
@@ -748,11 +657,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor],
                       projected: dict[Tensor, Tensor], old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None], journal: StepJournal,
-                      deferred: list[Deferred]) -> None:
-        """Compute the updates of a low-rank group (moments, directions, rules), recording in
-        ``journal`` what changes. A rule with ``lifts_only``, on a weight held as a float tensor
-        and a projector that lifts as the base class does, leaves its lifts in ``deferred`` for
-        :meth:`_write_weights`; any other is applied now, its weight copied first."""
+                      ) -> None:
         inner, rule = self._group_components(group)
         by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, dict, LowRankSlot, View]]] = defaultdict(list)
         grads = {}
@@ -782,12 +687,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
             directions = inner.directions([item[2] for item in items], [item[3] for item in items], step)
             for (p, low, _, state, slot, view), direction in zip(items, directions):
                 target = self._local(p)[0]
-                if rule.lifts_only and stored_weight(p) is None and applies_bases_plainly(type(slot.projector)):
-                    lifts = DeferredLifts(slot.applied, view.weight(target))
-                    inputs = replace(slot.rule_inputs(grads[p], low, direction, state), projector=lifts)
-                    rule.apply_(lifts.weight, inputs, step_size=lr * inner.step_size_factor(step))
-                    deferred.append((p, lifts, target, lr, decay if decoupled else 0.0, inner.decay_after_step))
-                    continue
                 record_weight(journal, p, target)
                 weight = float_weight(target)
                 with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
@@ -837,117 +736,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """The projector of each low-rank weight that has been stepped, by parameter."""
         return {p: slot.projector for p, slot in self._slots.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, in which each low-rank weight's entry also holds ``"subspace"``: its
-        projector's and schedule's tensor-only state dicts, and each low-rank group ``"components"``:
-        its components' qualified names and classes (:func:`checkpoint.component_record`); plus
-        ``refresh_count``, ``skipped_steps`` and ``skip_streaks`` (updates skipped in a row, by parameter
-        index). What a resume needs sits under ``state`` and ``param_groups``, the only
-        keys torch's distributed checkpoint keeps (it then recounts ``refresh_count`` from the
-        projectors and restarts ``skipped_steps`` and ``skip_streaks``). The state tensors of a weight split by rows
-        across ranks (FSDP2) are DTensors of the whole, so that the checkpoint saves every rank's part."""
-        state_dict = super().state_dict()
-        packed = state_dict["state"]
-        for p, placement in self._placements.items():
-            if (index := self._index[p]) in packed:
-                packed[index] = placement.distributed(packed[index], self._state_split(p))
-        for p, slot in self._slots.items():
-            index = self._index[p]
-            subspace = {"projector": slot.projector.state_dict(), "schedule": slot.schedule.state_dict()}
-            # contiguous: torch's full-state broadcast sends a strided basis (a slice of U) scrambled
-            packed[index] = {**packed.get(index, {}), "subspace": map_tensors(subspace, Tensor.contiguous)}
-        for saved, group in zip(state_dict["param_groups"], self.param_groups):
-            if group["lowrank"]:
-                saved[checkpoint.RECORD_KEY] = checkpoint.component_record(group)
-        state_dict["refresh_count"] = self.refresh_count
-        state_dict["skipped_steps"] = self.skipped_steps
-        state_dict["skip_streaks"] = {self._index[p]: streak for p, streak in self._skip_streaks.items()}
-        return state_dict
-
-    def _state_split(self, p: Tensor) -> tuple[int, int] | None:
-        """The axis ``p``'s state tensors are split along over the ranks, and its length: a dense
-        parameter's rows; None for a low-rank weight held whole."""
-        slot = self._slots.get(p)
-        return slot.state_split() if slot is not None else (0, p.shape[0])
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`, after checking that it fits (see
-        :mod:`lit_lowrank.optim.checkpoint`): groups, low-rank layout, every state tensor's and
-        projector basis's shape; options that shape the state must match, others take this
-        run's values (with a warning), ``lr``/``initial_lr`` the checkpoint's. State is keyed as
-        the saved groups list their parameters (indices, or torch's distributed checkpoint's
-        names); a sharded weight takes its rows or columns of saved DTensors or whole tensors.
-        Nothing changes if it raises."""
-        state_dict = dict(state_dict)
-        keys = [key for group in state_dict["param_groups"] for key in group["params"]]
-        position = {key: index for index, key in enumerate(keys)}
-        subspaces = {int(index): entry for index, entry in state_dict.pop("lowrank", {}).items()}  # earlier format
-        saved_state = {}
-        for key, entry in state_dict.get("state", {}).items():
-            entry = dict(entry)
-            if "subspace" in entry:
-                subspaces[position[key]] = entry.pop("subspace")
-            if entry:
-                saved_state[position[key]] = entry
-        state_dict["state"] = {keys[index]: entry for index, entry in saved_state.items()}
-        state_dict["param_groups"] = checkpoint.merge_groups(self.param_groups, state_dict["param_groups"],
-                                                             set(self.defaults))
-        slots = self._loaded_slots(subspaces, saved_state)
-        refresh_count = int(state_dict.pop("refresh_count", sum(slot.projector.refreshes for slot in slots.values())))
-        skipped_steps = int(state_dict.pop("skipped_steps", 0))
-        streaks = {int(index): int(streak) for index, streak in state_dict.pop("skip_streaks", {}).items()}
-        super().load_state_dict(state_dict)
-        self._slots, self._components = slots, {}
-        self.refresh_count, self.skipped_steps = refresh_count, skipped_steps
-        groups = {p: group for group in self.param_groups for p in group["params"]}
-        params = self._params()
-        self._skip_streaks = {params[index]: streak for index, streak in streaks.items()}
-        for index, saved in saved_state.items():
-            p = params[index]
-            saved = self._placements[p].localized(saved, self._state_split(p))
-            self.state[p] = checkpoint.restore_state(saved, self._local(p)[0], follows_param=not groups[p]["lowrank"])
-
-    def _loaded_slots(self, subspaces: dict[int, dict], saved_state: dict[int, dict]) -> dict[Tensor, LowRankSlot]:
-        """Projectors and schedules rebuilt from the checkpoint's ``subspace`` entries, after
-        checking every saved state tensor's shape against its parameter (ValueError naming it)."""
-        params, slots = self._params(), {}
-        groups = {p: group for group in self.param_groups for p in group["params"]}
-        for index in sorted(set(subspaces) | set(saved_state)):
-            p = params[index]
-            group, name = groups[p], self._name(p)
-            if not group["lowrank"]:
-                if index in subspaces:
-                    raise ValueError(f"the checkpoint has a projector for {name}, which is dense here; use the "
-                                     "same targets/exclude as the run that saved it.")
-                checkpoint.check_state(name, saved_state[index], self._dense_fresh_state(p, group))
-                continue
-            if index not in subspaces:
-                raise ValueError(f"the checkpoint has optimizer state but no projector for {name}, which is "
-                                 "low-rank here; use the same targets/exclude as the run that saved it.")
-            slot = slots[p] = self._make_slot(p, group)
-            try:
-                slot.projector.load_state_dict(_to_device(subspaces[index]["projector"], p.device))
-                slot.schedule.load_state_dict(subspaces[index]["schedule"])
-                bases = slot.projector.bases()
-            except (KeyError, RuntimeError, TypeError, ValueError) as error:
-                raise ValueError(f"the checkpoint's projector/schedule state of {name} does not fit this "
-                                 f"optimizer's ({group['projector']}, {group['schedule']}): {error}") from error
-            low_shape = (checkpoint.core_shape(name, slot.view.shape, bases) if slot.projector.projects_tensors
-                         else checkpoint.projected_shape(name, slot.view.shape, *bases))
-            low = torch.zeros(low_shape, dtype=p.dtype)
-            if index in saved_state:
-                checkpoint.check_state(name, saved_state[index], self._group_components(group)[0].init_state(low))
-        return slots
-
-    def _dense_fresh_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """The layout of a dense param's state (on the meta device): the group's inner
-        optimizer's if it steps dense params (SGD, HF AdamW), else torch AdamW's two moments."""
-        like = torch.empty(p.shape, device="meta")
-        inner = self._dense_inner(group)
-        if inner is not None:
-            return inner.init_state(like)
-        return {key: like for key in ("exp_avg", "exp_avg_sq")}
-
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state by role: ``moments`` (low-rank moments and rule state),
         ``projectors`` (bases, indices, packed bases, cached regenerable bases: ``resident_bytes``),
@@ -966,12 +754,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
 def basis_shapes(bases: tuple[Tensor | None, ...]) -> tuple[tuple[int, ...] | None, ...]:
     """The shape of each basis (None for a side without one): what shapes a weight's moments."""
     return tuple(None if basis is None else tuple(basis.shape) for basis in bases)
-
-
-def shape_only(shape: torch.Size, like: Tensor) -> Tensor:
-    """A stand-in gradient of ``shape`` with ``like``'s dtype and device and no storage of its own
-    (a broadcast scalar), for projectors that read only a gradient's shape."""
-    return torch.zeros((), dtype=like.dtype, device=like.device).expand(shape)
 
 
 def record_weight(journal: StepJournal, p: Tensor, target: Tensor) -> None:
@@ -1049,10 +831,3 @@ def _clone(tree: Any) -> Any:
         return {k: _clone(v) for k, v in tree.items()}
     return tree
 
-
-def _to_device(tree: Any, device: torch.device) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {k: _to_device(v, device) for k, v in tree.items()}
-    return tree
