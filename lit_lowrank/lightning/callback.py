@@ -7,10 +7,11 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from lit_lowrank.lightning.adoption import adopt_module, lowrank_callbacks
+from lit_lowrank.lightning.config_merge import adoption_config
+from lit_lowrank.lightning.optimizer_conversion import convert_optimizers
+from lit_lowrank.lightning.refusals import check_strategy, check_transform_trainer
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import (
-    adopt_module, adoption_config, check_strategy, check_transform_trainer, convert_optimizers, lowrank_callbacks,
-)
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 
 
@@ -20,7 +21,7 @@ class LowRankCallback(LowRankTelemetry):
         trainer = Trainer(callbacks=[LowRankCallback(rank=128, update_gap=200, scale=0.25)])
 
     Your AdamW, Adam or SGD is reproduced in low-rank space (see
-    :mod:`lit_lowrank.lightning.conversion`; anything else is refused unless you set ``inner``):
+    :mod:`lit_lowrank.lightning.optimizer_conversion`; anything else is refused unless you set ``inner``):
     its learning rates, weight decays, betas or momentum and your LR schedulers are kept; the
     target weights (by default the linear layers inside the model's repeated blocks, or
     ``targets``/``exclude`` name patterns; see :func:`lit_lowrank.select_targets`) are updated in

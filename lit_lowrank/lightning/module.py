@@ -9,9 +9,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lit_lowrank.lightning.adoption import config_callbacks
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.conversion import check_strategy, check_transform_trainer, config_callbacks
 from lit_lowrank.lightning.lr_schedule import warmup_decay
+from lit_lowrank.lightning.refusals import check_strategy, check_transform_trainer
 from lit_lowrank.lightning.tasks import CausalLM, Task
 from lit_lowrank.optim.sharding import shard_blocks
 from lit_lowrank.lightning.telemetry import LowRankTelemetry

@@ -19,9 +19,10 @@ from typing_extensions import override
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.module import LowRankModule
-from lit_lowrank.lightning.conversion import (
-    adopt_module, adoption_config, check_strategy, check_transform_trainer, convert_optimizers, lowrank_callbacks,
-)
+from lit_lowrank.lightning.adoption import adopt_module, lowrank_callbacks
+from lit_lowrank.lightning.config_merge import adoption_config
+from lit_lowrank.lightning.optimizer_conversion import convert_optimizers
+from lit_lowrank.lightning.refusals import check_strategy, check_transform_trainer
 from lit_lowrank.lightning.telemetry import LowRankTelemetry
 from lit_lowrank.optim.communication import sync_module_states
 from lit_lowrank.optim.lowrank import LowRankOptimizer

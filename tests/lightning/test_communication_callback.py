@@ -80,7 +80,7 @@ def test_config_refuses_unknown_and_disabled():
 
 
 def test_config_adds_the_callback():
-    from lit_lowrank.lightning.conversion import config_callbacks
+    from lit_lowrank.lightning.adoption import config_callbacks
 
     assert [type(c) for c in config_callbacks(LowRankConfig(communication="lowrank"))] == [
         LowRankCommunicationCallback]

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_lowrank.lightning import LowRankCallback, LowRankConfig, LowRankModule
-from lit_lowrank.lightning.conversion import check_strategy
+from lit_lowrank.lightning.refusals import check_strategy
 from ranks import free_port, requires_gloo
 
 HERE = Path(__file__).parent

@@ -13,7 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_lowrank import build_optimizer, plugins
 from lit_lowrank.lightning import DDPLowRankStrategy, FSDPLowRankStrategy, LowRankCallback, LowRankStrategy
-from lit_lowrank.lightning.conversion import adopt_module, adoption_config, check_strategy, convert_optimizers
+from lit_lowrank.lightning.adoption import adopt_module
+from lit_lowrank.lightning.config_merge import adoption_config
+from lit_lowrank.lightning.optimizer_conversion import convert_optimizers
+from lit_lowrank.lightning.refusals import check_strategy
 from lit_lowrank.transforms.weight_norm import apply_gradnorm
 
 COMPONENT_KEYS = ("projector", "side", "rule", "inner", "schedule", "on_refresh", "projector_args", "rule_args",

@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim import lr_scheduler as schedulers
 
 from lit_lowrank.lightning import LowRankConfig
-from lit_lowrank.lightning.conversion import convert_optimizers
+from lit_lowrank.lightning.optimizer_conversion import convert_optimizers
 
 STEPS = 12
 

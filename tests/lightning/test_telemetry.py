@@ -127,7 +127,7 @@ def test_the_summary_is_printed_at_fit_start(adoption, small_llama, caplog):
 def test_monitor_names_of_two_optimizers_of_one_class_survive_the_conversion():
     from lightning.pytorch.utilities.types import LRSchedulerConfig
 
-    from lit_lowrank.lightning.conversion import convert_optimizers
+    from lit_lowrank.lightning.optimizer_conversion import convert_optimizers
 
     model = UserClassifier()
     optimizers = [torch.optim.Adam(model.encoder.parameters()), torch.optim.Adam(model.head.parameters())]

@@ -14,7 +14,7 @@ from torch import nn
 from lit_lowrank import build_optimizer
 from lit_lowrank.transforms.compact import CompactLinear, bind_compact, compact_linear_layers
 from lit_lowrank.lightning import LowRankConfig
-from lit_lowrank.lightning.conversion import adopt_module
+from lit_lowrank.lightning.adoption import adopt_module
 from lit_lowrank.transforms.int_weights import QuantizedLinear, quantize_linear_weights
 from lit_lowrank.transforms.weight_norm import apply_gradnorm, is_gradnorm
 

@@ -240,7 +240,7 @@ class WholeRowsPlugin:
 def test_a_plugins_transform_needing_whole_weights_is_refused_under_sharded_weights(fresh_plugins):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lit_lowrank.lightning.conversion import check_strategy
+    from lit_lowrank.lightning.refusals import check_strategy
 
     plugins.register_plugin(WholeRowsPlugin(), name="whole-rows-plugin")
     plugins.register_plugin(MarkingPlugin(), name="marking-plugin")

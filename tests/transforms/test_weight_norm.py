@@ -174,7 +174,7 @@ def test_apply_twice_is_harmless():
 
 def test_existing_project_path_refuses_gradnorm_on_a_plain_model():
     from lit_lowrank.lightning import LowRankConfig
-    from lit_lowrank.lightning.conversion import convert_optimizers
+    from lit_lowrank.lightning.optimizer_conversion import convert_optimizers
 
     config = LowRankConfig(gradnorm=True, rank=4)
     plain = tiny_bert()

@@ -1,6 +1,7 @@
 """Turn the optimizers an existing LightningModule configured into :class:`LowRankOptimizer`\\ s
-that reproduce them in low-rank space, and rebind the LR schedulers that drove them. Shared by
-:class:`LowRankCallback` and the ``lowrank`` strategies.
+that reproduce them in low-rank space, and rebind the LR schedulers that drove them
+(:mod:`lit_lowrank.lightning.scheduler_rebinding`). Used by :class:`~lit_lowrank.lightning.adoption.Adoption`,
+for :class:`LowRankCallback` and the ``lowrank`` strategies.
 
 =========================  =============================================================
 user's optimizer           LowRankOptimizer group
@@ -21,35 +22,23 @@ the log line says what is not). ``maximize=True`` is always refused.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Callable
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 
 from lit_lowrank import plugins
 from lit_lowrank import transforms as model_transforms
-from lit_lowrank.lightning.communication import LowRankCommunicationCallback
 from lit_lowrank.lightning.config import LowRankConfig
-from lit_lowrank.lightning.gradient_readers import refuse_gradient_readers
-from lit_lowrank.lightning.layerwise import LayerwiseCallback
+from lit_lowrank.lightning.scheduler_rebinding import keep_monitor_names, rebind_scheduler
 from lit_lowrank.optim.layouts import LAYOUTS
 from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.optim.resolution import resolve
-from lit_lowrank.targets import no_targets_message, target_layouts
-from lit_lowrank.optim.validation import accepted, check_shardable
+from lit_lowrank.optim.validation import accepted
 from lit_lowrank.options import having
+from lit_lowrank.targets import no_targets_message, target_layouts
 from lit_lowrank.transforms.base import Transform
-
-OWNED_BY_MODULE = (*having("user"), "warmup", "min_lr_ratio", "lr_schedule")
-"""LowRankConfig fields an existing module's ``configure_optimizers`` owns (its optimizer and
-scheduler set them); setting them on the callback or strategy is an error."""
 
 _IMPLEMENTATION = ("foreach", "fused", "capturable")  # kernel choices: the maths is the same
 _REFUSED_FLAGS = {"amsgrad": "amsgrad=True (a running maximum of the second moment)",
@@ -75,97 +64,6 @@ CONVERSIONS: dict[type, tuple[Callable[[dict[str, Any]], dict[str, Any]], tuple[
 }
 """Supported optimizer classes (exactly, not subclasses): the function mapping one of its param
 groups to LowRankOptimizer group options, and the group keys it reproduces."""
-
-
-def adoption_config(config: LowRankConfig | None, options: dict[str, Any]) -> tuple[LowRankConfig, frozenset[str]]:
-    """The merged config of a callback/strategy and the fields chosen for the run: every keyword
-    in ``options``, every field of ``config`` that differs from its default, and every field the
-    config's ``method`` sets (a method's inner optimizer replaces the converted one, as
-    ``inner=`` written out does)."""
-    base = vars(config) if config is not None else {}
-    merged = LowRankConfig(**{**base, **options})
-    default = LowRankConfig()
-    changed = {f.name for f in dataclasses.fields(LowRankConfig)
-               if base and _plain(base[f.name]) != _plain(getattr(default, f.name))}
-    explicit = frozenset(changed | set(options))
-    owned = sorted(explicit & set(OWNED_BY_MODULE))
-    if owned:
-        raise ValueError(f"{owned} set on the low-rank callback/strategy, but an existing module's "
-                         "configure_optimizers owns them: set lr, betas, eps and weight_decay on your torch optimizer "
-                         "and the LR schedule with your own scheduler (or train with LowRankModule, which reads "
-                         "them from the config)")
-    return merged, explicit | resolve(merged.method, {}).chosen
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value  # YAML gives lists for tuple fields
-
-
-def adopt_module(module: nn.Module, config: LowRankConfig) -> None:
-    """Apply ``config``'s model transforms to a user's module, in place and once
-    (:func:`lit_lowrank.transforms.prepare`), except those that replace parameters the module's
-    ``configure_optimizers`` may hold (``weight-norm``): :func:`convert_optimizers` refuses a
-    module without them."""
-    if not config.enabled:
-        return
-    adoptable = {t.name: t.options for t in model_transforms.build(config.transforms) if t.adopts_modules}
-    model_transforms.prepare(module, adoptable, config.targets, config.exclude)
-
-
-def check_transform_trainer(trainer: pl.Trainer, config: LowRankConfig) -> None:
-    """Refuse what would read the weight gradients a transform hides (CompAct's layers hand the
-    optimizer ``R``): norm clipping (it would clip every other gradient by a norm without them)
-    and the fp16 scaler (it would not unscale ``R``)."""
-    for transform in model_transforms.build(config.transforms if config.enabled else None):
-        if transform.hides_gradients:
-            refuse_gradient_readers(
-                trainer, feature=f"transform {transform.name!r}", off=f"no {transform.name!r} in lowrank.transforms",
-                clipping=f"the weights {transform.name!r} transforms have no gradients to clip, and the others would "
-                         "be clipped by a norm without them",
-                scaling="the optimizer gets projected gradients that the fp16 scaler does not unscale")
-
-
-def check_strategy(strategy: pl.strategies.Strategy, config: LowRankConfig) -> None:
-    """Refuse what a sharding strategy cannot train: FSDP1 (``FSDPStrategy`` flattens the weights,
-    so no rank holds whole rows), and under ``ModelParallelStrategy`` (FSDP2, rows split over the
-    ranks) the options that need whole gradients or weights on every rank."""
-    if isinstance(strategy, FSDPStrategy):
-        raise ValueError("FSDPStrategy (FSDP1) flattens the weights and cuts them anywhere, so no rank holds whole "
-                         "rows of a gradient; use strategy='fsdp_lowrank' (FSDP2's fully_shard through Lightning's "
-                         "ModelParallelStrategy), see README 'Scaling out'")
-    if not isinstance(strategy, ModelParallelStrategy):
-        return
-    whole = [t.name for t in model_transforms.build(config.transforms) if t.needs_whole_weights]
-    unsharded = {"layerwise": config.layerwise, "communication: lowrank": config.communication == "lowrank",
-                 **{name: True for name in whole}}
-    refused = [name for name, wanted in unsharded.items() if wanted]
-    if refused:
-        raise ValueError(f"{refused} cannot be combined with sharded weights ({type(strategy).__name__}): each "
-                         "needs whole weights or gradients on every rank; turn them off or use strategy='ddp_lowrank' "
-                         "(see README 'Scaling out')")
-    check_shardable(vars(config))  # the method's components, before the model is set up
-
-
-def lowrank_callbacks(trainer: pl.Trainer, module: pl.LightningModule, config: LowRankConfig) -> list[Callback]:
-    """The validated callbacks ``config`` needs that the trainer lacks: :class:`LayerwiseCallback`
-    for ``layerwise``, else :class:`LowRankCommunicationCallback` for ``communication: lowrank``;
-    raises what their ``setup`` refuses (clipping, fp16, no DDP, ...)."""
-    wanted = config_callbacks(config)
-    callbacks = [c for c in wanted if not any(isinstance(t, type(c)) for t in trainer.callbacks)]
-    for callback in callbacks:
-        callback.setup(trainer, module, "fit")
-    return callbacks
-
-
-def config_callbacks(config: LowRankConfig) -> list[Callback]:
-    """Fresh instances of the callbacks ``config`` asks for (see :func:`lowrank_callbacks`)."""
-    if not config.enabled:
-        return []
-    if config.layerwise:
-        return [LayerwiseCallback(config.communication)]
-    if config.communication == "lowrank":
-        return [LowRankCommunicationCallback()]
-    return []
 
 
 def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer],
@@ -198,7 +96,7 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
     if not targets:
         raise ValueError(no_targets_message(module, config.targets, config.exclude))
     is_target = target_layouts(module, config.targets, config.exclude, include_frozen=True)
-    _keep_monitor_names(schedulers)
+    keep_monitor_names(schedulers)
     converted = []
     for optimizer in optimizers:
         if not any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
@@ -207,7 +105,7 @@ def convert_optimizers(module: nn.Module, optimizers: list[torch.optim.Optimizer
         new, group_map = _lowrank_copy(optimizer, targets, config, explicit, module, is_target)
         for scheduler_config in schedulers:
             if scheduler_config.scheduler.optimizer is optimizer:
-                _rebind(scheduler_config.scheduler, len(optimizer.param_groups), new, group_map)
+                rebind_scheduler(scheduler_config.scheduler, len(optimizer.param_groups), new, group_map)
         converted.append(new)
     _bind(module, [t for t in transforms if type(t).bind is not Transform.bind], converted)
     return converted
@@ -331,61 +229,3 @@ def _describe(optimizer: torch.optim.Optimizer) -> str:
     values = ", ".join(f"{k}={optimizer.defaults[k]}" for k in reproduced if k in optimizer.defaults
                        and (k == "lr" or optimizer.defaults[k] not in (0, False, None)))
     return f"{type(optimizer).__name__}({values})"
-
-
-def _keep_monitor_names(schedulers: list[LRSchedulerConfig]) -> None:
-    """Name each unnamed scheduler config as LearningRateMonitor would for the user's optimizer
-    (``lr-AdamW``, then ``lr-AdamW-1`` for a second AdamW), so its keys survive the conversion."""
-    seen: dict[type, int] = {}
-    for config in schedulers:
-        if config.name is None:
-            kind = type(config.scheduler.optimizer)
-            seen[kind] = seen.get(kind, 0) + 1
-            config.name = f"lr-{kind.__name__}" + (f"-{seen[kind] - 1}" if seen[kind] > 1 else "")
-
-
-PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
-"""The per-param-group lists of torch's LR schedulers (one entry per group, in group order)."""
-
-COMPOSITE = (torch.optim.lr_scheduler.SequentialLR, torch.optim.lr_scheduler.ChainedScheduler)
-"""Schedulers driving sub-schedulers (``_schedulers``), each bound to the optimizer itself."""
-
-
-def _rebind(scheduler: Any, old_groups: int, new: LowRankOptimizer, group_map: list[int]) -> None:
-    """Point ``scheduler`` (and the sub-schedulers of a :data:`COMPOSITE` one) at ``new``: its
-    per-group lists (:data:`PER_GROUP`) are re-indexed so new group ``i`` follows old group
-    ``group_map[i]``.
-
-    Raises:
-        ValueError: for a scheduler class outside torch holding another list with one entry per
-            old group while groups were split (it cannot be told whether that list is per group).
-    """
-    for sub in getattr(scheduler, "_schedulers", []) if isinstance(scheduler, COMPOSITE) else []:
-        _rebind(sub, old_groups, new, group_map)
-    split = group_map != list(range(old_groups))
-    for key, value in vars(scheduler).items():
-        if not isinstance(value, list) or len(value) != old_groups or key == "_schedulers":
-            continue
-        if key in PER_GROUP:
-            setattr(scheduler, key, [value[i] for i in group_map])
-        elif split and not type(scheduler).__module__.startswith("torch."):
-            raise ValueError(f"{type(scheduler).__name__}.{key} holds {old_groups} entries, one per param group of "
-                             f"the optimizer it drives, but the low-rank conversion splits those groups into "
-                             f"{len(group_map)}: put the target weights and the others in separate param groups of "
-                             "your optimizer (then no group is split)")
-    scheduler.optimizer = new
-    _track_step_calls(new)
-
-
-def _track_step_calls(optimizer: torch.optim.Optimizer) -> None:
-    # torch schedulers wrap optimizer.step at construction to check the call order (and warn
-    # "optimizer.step() has been overridden" otherwise); do the same for the new optimizer.
-    step = optimizer.step
-
-    @functools.wraps(step)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        optimizer._opt_called = True
-        return step(*args, **kwargs)
-
-    wrapper._wrapped_by_lr_sched = True
-    optimizer.step = wrapper
