@@ -22,6 +22,7 @@ import copy
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -32,7 +33,9 @@ from torch.optim.adam import adam as adam_functional
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import InnerOptimizer
 from lit_lowrank.optim import checkpoint
-from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS, HeldInterrupt, StepJournal, first_nonfinite
+from lit_lowrank.optim.guard import (
+    MAX_CONSECUTIVE_SKIPS, DeferredLifts, HeldInterrupt, StepJournal, first_nonfinite,
+)
 from lit_lowrank.optim.delivery import GradientDelivery, shape_only
 from lit_lowrank.optim.layouts import View, check_layout, target_layout
 from lit_lowrank.optim.validation import (
@@ -47,6 +50,10 @@ from lit_lowrank.rules.base import UpdateRule
 from lit_lowrank.transforms.base import stored_weight
 
 
+Deferred = tuple[Tensor, DeferredLifts, Tensor, float, float, bool]
+"""A low-rank weight's update left for the apply phase: the parameter, its recorded lifts, the
+tensor written (its local part), η, λ (0 without decoupled decay) and whether the decay follows
+the update (``InnerOptimizer.decay_after_step``)."""
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8
 """torch AdamW's defaults: dense groups stepped by torch's AdamW whose ``betas``/``eps`` are unset."""
 COMPONENT_OPTIONS = having("builds")
@@ -354,14 +361,12 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
 
     def _step_all(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor], *,
                   share_refreshes: bool = True) -> None:
-        """One atomic step of ``work`` (groups and their params with gradients): gradients are
-        checked and subspaces refreshed for all of them before any moment or weight changes. If
-        anything then fails (a component raising, Ctrl-C), everything the step changed is put
-        back (:class:`~lit_lowrank.optim.guard.StepJournal`) and the error re-raised.
-
-        The largest group that torch's AdamW steps goes last, without copies of its weights and
-        moments (they would triple its memory): torch checks its inputs before changing any, and
-        a Ctrl-C during it is held until it is done, then raised (the step complete)."""
+        """One atomic step of ``work`` (groups and their params with gradients), in the phases of
+        :mod:`~lit_lowrank.optim.guard`: gradients are checked for all of them before anything
+        changes; then every update is computed (subspaces refreshed, moments updated, rules run),
+        recorded in a :class:`~lit_lowrank.optim.guard.StepJournal` that undoes it all if
+        anything fails (a component raising, Ctrl-C) before the error is re-raised; then the
+        weights are written, Ctrl-C held until the step is complete (:meth:`_write_weights`)."""
         if not work:
             return
         projected = self._screening_projections(work, lows)
@@ -370,25 +375,49 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
         journal, interrupt = StepJournal(), HeldInterrupt()
         last = max((index for index, (group, _) in enumerate(work) if self._torch_adamw(group)), default=None,
                    key=lambda index: sum(p.numel() for p in work[index][1]))
+        deferred: list[Deferred] = []
         try:
             self._record_subspaces(work, journal)
             old_bases = self._refresh_subspaces(work, lows, share_refreshes)
             for group, params in [item for index, item in enumerate(work) if index != last]:
                 if group["lowrank"]:
-                    self._lowrank_step(group, params, lows, projected, old_bases, journal)
+                    self._lowrank_step(group, params, lows, projected, old_bases, journal, deferred)
                 else:
                     self._dense_step(group, params, journal)
-            if last is not None:
-                with interrupt.held():
-                    self._dense_step(*work[last], journal, copies=False)
         except BaseException:
             journal.undo()
             raise
+        with interrupt.held():
+            self._write_weights(None if last is None else work[last], deferred, journal)
         if self._skip_streaks:  # an update ends its parameter's run of skipped ones
             for _, params in work:
                 for p in params:
                     self._skip_streaks.pop(p, None)
         interrupt.raise_held()
+
+    def _write_weights(self, last: tuple[dict[str, Any], list[Tensor]] | None,
+                       deferred: list[Deferred], journal: StepJournal) -> None:
+        """The apply phase: torch's AdamW on ``last``, the largest dense group, without copies
+        of its weights and moments (they would triple its memory; torch checks its inputs before
+        changing any, and a refusal undoes the step), then the deferred lifts of the low-rank
+        weights, each with its decoupled decay (``W ← (1 − ηλ) W − η U``), in place. A failure
+        of these in-place kernels (out of memory) leaves the step partly applied: RuntimeError."""
+        if last is not None:
+            try:
+                self._dense_step(*last, journal, copies=False)
+            except BaseException:
+                journal.undo()
+                raise
+        for index, (_, lifts, weight, lr, decay, after) in enumerate(deferred):
+            try:
+                with decoupled_decay(weight, lr, decay, after=after):
+                    lifts.write()
+            except Exception as error:
+                missed = ", ".join(self._name(item[0]) for item in deferred[index:])
+                raise RuntimeError(
+                    f"the step was partly applied: writing the updated weights failed ({error}) after every update "
+                    f"had been computed and the moments advanced; weights whose update was not written in full: "
+                    f"{missed}. Resume from a checkpoint (see lit_lowrank.optim.guard).") from error
 
     def _torch_adamw(self, group: dict[str, Any]) -> bool:
         """Whether torch's AdamW (or Adam, coupled L2) steps ``group``: a dense group whose inner
@@ -657,7 +686,11 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor],
                       projected: dict[Tensor, Tensor], old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None], journal: StepJournal,
-                      ) -> None:
+                      deferred: list[Deferred]) -> None:
+        """Compute the updates of a low-rank group (moments, directions, rules), recording in
+        ``journal`` what changes. A rule with ``lifts_only``, on a weight held as a float tensor
+        and a projector that lifts as the base class does, leaves its lifts in ``deferred`` for
+        :meth:`_write_weights`; any other is applied now, its weight copied first."""
         inner, rule = self._group_components(group)
         by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, dict, LowRankSlot, View]]] = defaultdict(list)
         grads = {}
@@ -687,6 +720,12 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
             directions = inner.directions([item[2] for item in items], [item[3] for item in items], step)
             for (p, low, _, state, slot, view), direction in zip(items, directions):
                 target = self._local(p)[0]
+                if rule.lifts_only and stored_weight(p) is None and applies_bases_plainly(type(slot.projector)):
+                    lifts = DeferredLifts(slot.applied, view.weight(target))
+                    inputs = replace(slot.rule_inputs(grads[p], low, direction, state), projector=lifts)
+                    rule.apply_(lifts.weight, inputs, step_size=lr * inner.step_size_factor(step))
+                    deferred.append((p, lifts, target, lr, decay if decoupled else 0.0, inner.decay_after_step))
+                    continue
                 record_weight(journal, p, target)
                 weight = float_weight(target)
                 with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
