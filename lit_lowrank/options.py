@@ -33,6 +33,11 @@ MAX_CONSECUTIVE_SKIPS = 25
 """``max_consecutive_skips``' default: a run whose every update of a weight was skipped this many
 times in a row stops (see :mod:`lit_lowrank.optim.guard`)."""
 
+SEED_STRIDE = 2**32
+"""A weight's projector seed is its parameter index + ``projector_seed`` · ``SEED_STRIDE``: one
+run's weights draw apart (fewer than 2³² parameters), and so do runs of other ``projector_seed``\ s;
+0 keeps the parameter index (the draws of runs before the option)."""
+
 ROLES = ("method", "defining", "state", "builds", "dense", "user")
 
 
@@ -72,6 +77,7 @@ class LowRankOptions:
     nonfinite: str = option("skip", dense=True)
     max_consecutive_skips: int | None = option(MAX_CONSECUTIVE_SKIPS, dense=True)
     refresh_sharing: str = option("auto")
+    projector_seed: int = option(0, state=True)
 
 
 def names() -> tuple[str, ...]:

@@ -73,6 +73,9 @@ class LowRankConfig:
         refresh_sharing: Under data parallelism, each weight's subspace refresh computed by one
             rank and its bases broadcast (the same weights, bitwise): auto (ddp_lowrank,
             fsdp_lowrank), on (plain DDP) or off.
+        projector_seed: Which draws the random projections (random, rsvd's sketch) make: 0 keeps
+            the default draws, another integer gives the run other projections (one per run
+            seed, say); a checkpoint resumes only with its own value.
         warmup: Linear warm-up length: steps (an integer ≥ 1) or a fraction of the run (< 1).
         min_lr_ratio: The decay ends at min_lr_ratio · lr (0.1 in the GaLore papers' pretraining).
         lr_schedule: After warm-up: cosine decay (LLaMA pretraining), linear decay (the papers'
@@ -120,6 +123,7 @@ class LowRankConfig:
     nonfinite: str = "skip"
     max_consecutive_skips: int | None = MAX_CONSECUTIVE_SKIPS
     refresh_sharing: str = "auto"
+    projector_seed: int = 0
     warmup: float = 0.1
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"

@@ -44,7 +44,7 @@ from lit_lowrank.optim.validation import (
 from lit_lowrank.optim.placement import LowRankSlot, Placements, placement_of
 from lit_lowrank.optim.refresh_sharing import SharedRefresh, check_refresh_sharing_option, shares_refresh
 from lit_lowrank.optim.sharding import applies_bases_plainly
-from lit_lowrank.options import having
+from lit_lowrank.options import SEED_STRIDE, having
 from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.base import UpdateRule
 from lit_lowrank.transforms.base import stored_weight
@@ -104,6 +104,10 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
             known to be the same on every rank (FSDP2, or :attr:`gradients_identical` set by
             the ``ddp_lowrank`` strategy or the low-rank communication hook), ``on`` for plain
             torch DDP, ``off``. See :mod:`lit_lowrank.optim.refresh_sharing`.
+        projector_seed: which draws the random projections (``random``, ``rsvd``'s sketch, a
+            plugin's) make: each weight's projector is seeded with its parameter index +
+            ``projector_seed`` · 2³²; 0 (default) keeps the draws of earlier runs, another value
+            gives the run other projections (a checkpoint resumes only with its own value).
         is_target: for :meth:`add_param_group`: which parameters of a group given without a
             ``lowrank`` key are projected — True (2-D weights) or a layout name, falsy for dense
             (``build_optimizer`` passes its target selection).
@@ -138,6 +142,7 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
         nonfinite: str = "skip",
         max_consecutive_skips: int | None = MAX_CONSECUTIVE_SKIPS,
         refresh_sharing: str = "auto",
+        projector_seed: int = 0,
         is_target: Callable[[Tensor], bool] | None = None,
     ) -> None:
         self._is_target = is_target
@@ -148,6 +153,7 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
             projector_args=dict(projector_args or {}), rule_args=dict(rule_args or {}),
             inner_args=dict(inner_args or {}), schedule_args=dict(schedule_args or {}), nonfinite=nonfinite,
             max_consecutive_skips=max_consecutive_skips, refresh_sharing=refresh_sharing,
+            projector_seed=projector_seed,
         )
         super().__init__(params, defaults)
         self._slots: dict[Tensor, LowRankSlot] = {}
@@ -258,7 +264,8 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
                               f"{min(m, n)} (full rank, no memory saved for it).", stacklevel=4)
                 self._warned_ranks.add((m, n, rank))
             rank = min(m, n)
-        projector = build("projector", group, rank=rank, side=group["side"], seed=self._index[p],
+        seed = self._index[p] + group["projector_seed"] * SEED_STRIDE
+        projector = build("projector", group, rank=rank, side=group["side"], seed=seed,
                           ledger=self.rank_ledger)
         schedule = build("schedule", group, gap=group["update_gap"])
         schedule.set_position(*self._lowrank_position(p))

@@ -33,7 +33,7 @@ COMPONENTS = component_kinds()
 def check_group(group: Mapping[str, Any]) -> None:
     """Validate a param group's options (or a config's): AdamW's ``lr``, ``betas``, ``eps``,
     ``weight_decay``, ``nonfinite`` and ``max_consecutive_skips`` for every group; for ``lowrank``
-    groups also ``rank``, ``update_gap``, ``scale``, ``side``, ``on_refresh``, and a probe of each
+    groups also ``rank``, ``update_gap``, ``scale``, ``side``, ``on_refresh``, ``projector_seed``, and a probe of each
     component built from its name and ``*_args`` (so typos and unknown names fail now, not at the
     first step).
 
@@ -121,7 +121,8 @@ def check_adamw_options(group: Mapping[str, Any]) -> None:
 
 def check_lowrank_options(group: Mapping[str, Any]) -> None:
     """``rank`` and ``update_gap`` integers ≥ 1, ``scale`` finite > 0, ``side`` and
-    ``on_refresh`` known, component names strings and ``*_args`` mappings."""
+    ``on_refresh`` known, ``projector_seed`` an integer in [0, 2³¹), component names strings and ``*_args``
+    mappings."""
     for key, meaning in (("rank", "the subspace rank r, e.g. 128"),
                          ("update_gap", "steps between subspace refreshes, e.g. 200")):
         value = group[key]
@@ -136,12 +137,26 @@ def check_lowrank_options(group: Mapping[str, Any]) -> None:
         raise ValueError(f"side={group['side']!r}; expected one of {SIDE_POLICIES}")
     if group["on_refresh"] not in ON_REFRESH:
         raise ValueError(f"on_refresh={group['on_refresh']!r}; expected one of {ON_REFRESH}")
+    check_projector_seed(group.get("projector_seed", 0))
     for option in COMPONENTS:
         if not isinstance(group[option], str):
             raise TypeError(f"{option} must be a registered name (a string), got {group[option]!r}; "
                             "`python -m lit_lowrank plugins` lists them")
         if not isinstance(group[f"{option}_args"], Mapping):
             raise TypeError(f"{option}_args must be a mapping of keyword arguments, got {group[f'{option}_args']!r}")
+
+
+MAX_PROJECTOR_SEED = 2**31
+"""``projector_seed`` stays below it: index + seed · 2³² fits the int64 a checkpoint stores."""
+
+
+def check_projector_seed(seed: Any) -> None:
+    """``projector_seed`` an integer in [0, 2³¹) (see :data:`lit_lowrank.options.SEED_STRIDE`)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"projector_seed must be an integer, got {seed!r} ({type(seed).__name__}); it picks the "
+                        "random projections' draws (0: the default draws)")
+    if not 0 <= seed < MAX_PROJECTOR_SEED:
+        raise ValueError(f"projector_seed must be in [0, 2**31), got {seed}; use another such integer per run")
 
 
 def probe_components(group: Mapping[str, Any]) -> None:
