@@ -135,7 +135,8 @@ class LowRankCommunication:
     def _changed_lift(self) -> Tensor | None:
         """A weight whose coming step reads its received ``R`` while ``p.grad`` is no longer the
         lift recorded after backward (cleared, replaced, changed in place), if any."""
-        watched = [p for p in self._lifts if p in self.optimizer.received]
+        received = self.optimizer.received
+        watched = [p for p in self._lifts if p in received]
         for p in watched:
             lift, version, _ = self._lifts[p]
             if p.grad is not lift() or p.grad._version != version:
