@@ -21,7 +21,8 @@ A low-rank step needs (README 'Scaling out'):
 
 Each rank keeps its part of the state as plain tensors; :meth:`RowShard.distributed` hands a
 part out as a DTensor, so that torch's distributed checkpoint saves each rank's part and
-assembles full state dicts.
+assembles full state dicts. The optimizer reaches all of this through a weight's placement,
+:class:`~lit_lowrank.optim.placement.RowsOfWeight`, which wraps its :class:`RowShard`.
 """
 
 from __future__ import annotations
