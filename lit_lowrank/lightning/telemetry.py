@@ -32,8 +32,9 @@ class LowRankTelemetry(Callback):
     * ``optim/refreshes`` — subspace refreshes so far (low-rank optimizers only);
     * ``optim/skipped_steps`` — steps skipped for a non-finite gradient (``nonfinite: skip``);
     * ``optim/comm_bytes`` — bytes this rank all-reduced for the step's gradients, when
-      lit_lowrank communicates them (``communication: lowrank``, layer-wise under DDP), or what
-      the low-rank step exchanged itself for weights sharded by FSDP;
+      lit_lowrank communicates them (``communication: lowrank``, layer-wise under DDP), plus
+      what the low-rank step exchanged itself: for weights sharded by FSDP, and the projector
+      states broadcast under refresh sharing (alone under plain DDP: 0 on a step without one);
     * ``optim/layers/<param name>/{rank,refreshes}`` — each projected weight's rank and its own
       refresh (SVD) count, on the steps where some subspace was refreshed (adaptive rank and
       Q-GaLore's lazy schedule make these differ between layers).

@@ -172,10 +172,17 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
         """Updates skipped in a row, by parameter (only those with one at least): bounded by
         ``max_consecutive_skips``, reset by a good update."""
         self.comm_bytes: int | None = None
-        """Bytes this rank all-reduced for the gradients of the last step, counted by lit_lowrank's
-        own communication (:mod:`lit_lowrank.optim.communication`, layer-wise DDP), or, for
-        weights sharded by FSDP, what the step itself exchanged (:class:`RowShard`'s collectives);
-        None without either."""
+        """Bytes this rank exchanged for the last step: what it all-reduced for the gradients,
+        counted by lit_lowrank's own communication (:mod:`lit_lowrank.optim.communication`,
+        layer-wise DDP), plus what the step itself exchanged — for weights sharded by FSDP its
+        collectives (:class:`RowShard`'s), under refresh sharing the projector states broadcast
+        (:attr:`SharedRefresh.sent`: the payload of each broadcast, on every rank); None without
+        any of these."""
+        self._own_traffic_only = False
+        """Whether ``comm_bytes`` holds only what the steps exchanged themselves (no communication
+        of lit_lowrank counts the gradients): each step then sets it anew."""
+        self._refresh_sent = 0
+        """Bytes of the step's projector-state broadcasts (refresh sharing)."""
         self._received: dict[Tensor, Tensor] = {}
         """The projected gradients delivered through :meth:`receive` for the next step, by parameter."""
         self._placements = Placements()
@@ -332,15 +339,24 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
                           "updated. If the model was sharded (fully_shard), wrapped or copied after the optimizer "
                           "was built, its parameters are new tensors: build the optimizer afterwards.",
                           RuntimeWarning, stacklevel=3)
-        sent = self._placements.sent()
+        sent, self._refresh_sent = self._placements.sent(), 0
         try:
             self._step_all(work, received)
         except BaseException:
             self._received = received  # a retried step uses them, as this one would have
             raise
-        if self.sharded:  # the step's own collectives are its traffic
-            self.comm_bytes = self._placements.sent() - sent
+        self._count_traffic(self._placements.sent() - sent + self._refresh_sent)
         return loss
+
+    def _count_traffic(self, own: int) -> None:
+        """Set :attr:`comm_bytes` after a step that exchanged ``own`` bytes itself: ``own`` alone
+        where nothing else counts (FSDP's sharded weights; plain DDP with shared refreshes, 0 on a
+        step without any), else added to the gradients' bytes lit_lowrank's communication counted
+        for this step."""
+        if self.sharded or self._own_traffic_only or (own and self.comm_bytes is None):
+            self.comm_bytes, self._own_traffic_only = own, True
+        elif self.comm_bytes is not None:
+            self.comm_bytes += own
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -559,6 +575,7 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
                 self._refresh_one(p, slot, group, lows, None if index is None else (shared[0], index))
             if shared:
                 shared[0].exchange()
+                self._refresh_sent += shared[0].sent
         except BaseException:
             for p, saved in snapshots.items():
                 if p not in created:

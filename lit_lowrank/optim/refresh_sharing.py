@@ -130,6 +130,10 @@ class SharedRefresh:
         self.rank, self.ranks = dist.get_rank(), dist.get_world_size()
         self.owner = owners(costs, self.ranks)
         self.error: BaseException | None = None
+        self.sent = 0
+        """Bytes of the projector states broadcast (this rank's sent, the others' received): each
+        broadcast's payload, as ``comm_bytes`` counts an all-reduce's; the gather of the shapes
+        (pickled descriptions, not tensors) is not counted."""
 
     def mine(self, index: int) -> bool:
         """Whether this rank refreshes the ``index``-th projector (and nothing failed here yet)."""
@@ -164,6 +168,7 @@ class SharedRefresh:
             length = sum(torch.empty(s[1], dtype=s[2]).nbytes for i in shapes for s in _leaves(shapes[i]))
             data = torch.empty(length, dtype=torch.uint8, device=self.device)
         dist.broadcast(data, src=source)
+        self.sent += data.numel()  # uint8: one byte each
         if source == self.rank:
             return
         offset = 0
