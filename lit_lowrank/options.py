@@ -35,7 +35,7 @@ times in a row stops (see :mod:`lit_lowrank.optim.guard`)."""
 
 SEED_STRIDE = 2**32
 """A weight's projector seed is its parameter index + ``projector_seed`` · ``SEED_STRIDE``: one
-run's weights draw apart (fewer than 2³² parameters), and so do runs of other ``projector_seed``\ s;
+run's weights draw apart (fewer than 2³² parameters), and so do runs of other projector seeds;
 0 keeps the parameter index (the draws of runs before the option)."""
 
 ROLES = ("method", "defining", "state", "builds", "dense", "user")
