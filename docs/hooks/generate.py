@@ -113,13 +113,29 @@ def provenance(bench: Benchmark) -> str:
             f"`{bench.path}` at commit `{commit or 'uncommitted'}` ({date or 'not yet committed'}).")
 
 
-def best_convergence_rows() -> dict[str, dict[str, str]]:
-    """Per variant, the row of the lr with the lowest validation perplexity."""
+def seed_of(row: dict[str, str]) -> str:
+    """A convergence row's seed (rows from before the seed column: the demo's seed 0)."""
+    return row.get("seed") or "0"
+
+
+def best_convergence_rows(seed: str = "0") -> dict[str, dict[str, str]]:
+    """Per variant, the row of the lr with the lowest validation perplexity among its runs with
+    ``seed`` (default: the demo's 0, which every variant was run with)."""
     best: dict[str, dict[str, str]] = {}
     for row in read_csv(BENCHMARKS["convergence"].path):
-        if row["val_ppl"] and (row["variant"] not in best or float(row["val_ppl"]) < float(best[row["variant"]]["val_ppl"])):
+        if seed_of(row) != seed or not row["val_ppl"]:
+            continue
+        if row["variant"] not in best or float(row["val_ppl"]) < float(best[row["variant"]]["val_ppl"]):
             best[row["variant"]] = row
     return best
+
+
+def convergence_seeds() -> dict[str, list[str]]:
+    """The seeds each variant was run with, ascending."""
+    seeds: dict[str, set[str]] = {}
+    for row in read_csv(BENCHMARKS["convergence"].path):
+        seeds.setdefault(row["variant"], set()).add(seed_of(row))
+    return {variant: sorted(found, key=int) for variant, found in seeds.items()}
 
 
 def swept_lrs(variant: str) -> list[str]:
@@ -129,17 +145,43 @@ def swept_lrs(variant: str) -> list[str]:
 
 
 def convergence_table() -> str:
-    """Best lr per variant: perplexity and state against AdamW and AdamW-split."""
+    """Best lr per variant (and per seed, where a variant was run with several): perplexity and
+    state against AdamW and AdamW-split; then the seed-to-seed spread (:func:`seed_spread_table`)."""
     best = best_convergence_rows()
     adamw, split = float(best["adamw"]["val_ppl"]), float(best["adamw-split"]["val_ppl"])
     adamw_state = float(best["adamw"]["state_bytes"])
+    by_seed = {seed: best_convergence_rows(seed) for seeds in convergence_seeds().values() for seed in seeds}
     lines = ["| method | lr (of swept) | val ppl | × AdamW | × AdamW-split | state MB | × AdamW | wall s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for variant, row in best.items():
-        ppl, state = float(row["val_ppl"]), float(row["state_bytes"])
-        lines.append(f"| {variant} | {row['lr']} (of {', '.join(swept_lrs(variant))}) | {ppl:.1f} | {ppl / adamw:.3f} | "
-                     f"{ppl / split:.3f} | {state / 1e6:.2f} | {state / adamw_state:.3f} | {float(row['wall_s']):.0f} |")
-    return "\n".join(lines)
+    for variant, seeds in convergence_seeds().items():
+        for seed in seeds:
+            row = by_seed[seed][variant]
+            name = variant if len(seeds) == 1 else f"{variant} (seed {seed})"
+            ppl, state = float(row["val_ppl"]), float(row["state_bytes"])
+            lines.append(f"| {name} | {row['lr']} (of {', '.join(swept_lrs(variant))}) | {ppl:.1f} | {ppl / adamw:.3f} | "
+                         f"{ppl / split:.3f} | {state / 1e6:.2f} | {state / adamw_state:.3f} | {float(row['wall_s']):.0f} |")
+    spread = seed_spread_table()
+    return "\n".join(lines) + (f"\n\n{spread}" if spread else "")
+
+
+def seed_spread_table(reference: str = "galore") -> str:
+    """Per variant and lr run with several seeds: each seed's final validation loss, their mean,
+    their spread (max − min: the run-to-run noise) and the mean's difference from ``reference``'s
+    mean. Empty if no configuration was run with two seeds."""
+    losses: dict[tuple[str, str], dict[str, float]] = {}
+    for row in read_csv(BENCHMARKS["convergence"].path):
+        losses.setdefault((row["variant"], row["lr"]), {})[seed_of(row)] = float(row["val_loss"])
+    several = {key: found for key, found in losses.items() if len(found) > 1}
+    means = {key: sum(found.values()) / len(found) for key, found in several.items()}
+    baseline = [mean for (variant, _), mean in means.items() if variant == reference]
+    lines = [f"| method | lr | val loss by seed | mean | max − min | mean − {reference}'s mean |",
+             "|---|---:|---|---:|---:|---:|"]
+    for (variant, lr), found in several.items():
+        by_seed = ", ".join(f"{seed}: {loss:.4f}" for seed, loss in sorted(found.items(), key=lambda item: int(item[0])))
+        difference = f"{means[variant, lr] - baseline[0]:+.4f}" if len(baseline) == 1 else "—"
+        lines.append(f"| {variant} | {lr} | {by_seed} | {means[variant, lr]:.4f} | "
+                     f"{max(found.values()) - min(found.values()):.4f} | {difference} |")
+    return "\n".join(lines) if several else ""
 
 
 def scaling_table() -> str:
