@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lit_lowrank import plugins
 from lit_lowrank.optim.sharding import map_tensors
-from lit_lowrank.options import component_kinds, having
+from lit_lowrank.options import component_kinds, defaults, having
 
 if TYPE_CHECKING:
     from lit_lowrank.optim.placement import LowRankSlot
@@ -148,6 +148,8 @@ def merge_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]], opt
             check_components(label, now, record)
         relevant = options if now["lowrank"] else set(DENSE_OPTIONS)
         for key in sorted(relevant - set(SCHEDULER_OWNED)):
+            if key not in then and now["lowrank"] and key in STATE_LAYOUT:
+                then[key] = defaults((key,))[key]  # saved before the option existed: with its default
             if key not in then or _same_option(key, then[key], now[key], record):
                 continue
             if now["lowrank"] and key in STATE_LAYOUT:

@@ -86,3 +86,16 @@ def test_a_checkpoint_resumes_only_with_its_own_seed():
     with pytest.raises(ValueError, match=r"saved with projector_seed=3, this optimizer has 4.*Resume with "
                                          r"projector_seed: 3"):
         other.load_state_dict(state)
+
+
+def test_a_checkpoint_from_before_the_option_resumes_only_with_the_default():
+    """Its projectors hold the default draws' seeds: another projector_seed would not apply to them."""
+    _, saved = stepped(0)
+    state = copy.deepcopy(saved.state_dict())
+    for group in state["param_groups"]:
+        del group["projector_seed"]
+    _, other = stepped(2)
+    with pytest.raises(ValueError, match=r"saved with projector_seed=0, this optimizer has 2"):
+        other.load_state_dict(copy.deepcopy(state))
+    _, default = stepped(None)
+    default.load_state_dict(state)
