@@ -12,8 +12,10 @@ does: the refresh time is the difference of their medians over ``--steps`` steps
 first step that builds the state). A step on 2 ranks is timed on each rank between barriers and
 the slower rank's time counts; beside the wall time, the CPU time of the slower rank's process
 (on a machine shared with other work, what their load does not stretch). Rows: 1 rank; 2 ranks, every rank refreshing every weight
-(``refresh_sharing: off``); 2 ranks sharing (``on``). The last column is the refresh time over
-the 1-rank row's, for each.
+(``refresh_sharing: off``); 2 ranks sharing (``on``). The ``× 1 rank`` columns are the refresh
+time over the 1-rank row's. ``refresh MB`` is what a step refreshing every weight exchanged on
+each rank (the optimizer's ``comm_bytes``: with sharing, every projector's state broadcast by its
+owner — an r·min(m, n) basis per weight; none without).
 """
 
 from __future__ import annotations
@@ -68,13 +70,16 @@ def llama_with_gradients(size: str) -> torch.nn.Module:
 
 
 def measure(size: str, projector: str, sharing: str, steps: int, distributed: bool) -> dict[str, float]:
-    """Steady step, refreshing step and refresh time (seconds; wall and CPU) of GaLore with ``projector``."""
+    """Steady step, refreshing step and refresh time (seconds; wall and CPU) of GaLore with
+    ``projector``, and the bytes a refreshing step exchanged (``comm_bytes``; 0 when not counted)."""
     model = llama_with_gradients(size)
     result = {}
     for name, gap in (("refreshing", 1), ("steady", NEVER)):
         optimizer = build_optimizer(model, rank=128, update_gap=gap, scale=0.25, lr=0.01, projector=projector,
                                     refresh_sharing=sharing)
         result[name], result[f"{name} cpu"] = timed_steps(optimizer, steps, distributed)
+        if name == "refreshing":
+            result["refresh bytes"] = optimizer.comm_bytes or 0
     result["refresh"] = result["refreshing"] - result["steady"]
     result["refresh cpu"] = result["refreshing cpu"] - result["steady cpu"]
     return result
@@ -109,14 +114,15 @@ def run(world_size: int, args: argparse.Namespace) -> dict[tuple[str, str], dict
 
 def table(single: dict[tuple[str, str], dict[str, float]], double: dict[tuple[str, str], dict[str, float]]) -> str:
     lines = ["| projector | ranks | refresh_sharing | steady step ms | refreshing step ms | refresh ms | × 1 rank "
-             "| refresh CPU ms | × 1 rank |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| refresh CPU ms | × 1 rank | refresh MB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (projector, _), one in single.items():
         rows = [(1, "—", one)] + [(2, sharing, double[projector, sharing]) for sharing in ("off", "on")]
         for ranks, sharing, result in rows:
             lines.append(f"| {projector} | {ranks} | {sharing} | {result['steady'] * 1e3:.0f} | "
                          f"{result['refreshing'] * 1e3:.0f} | {result['refresh'] * 1e3:.0f} | "
                          f"{result['refresh'] / one['refresh']:.2f} | {result['refresh cpu'] * 1e3:.0f} | "
-                         f"{result['refresh cpu'] / one['refresh cpu']:.2f} |")
+                         f"{result['refresh cpu'] / one['refresh cpu']:.2f} | "
+                         f"{result['refresh bytes'] / 1e6:.2f} |")
     return "\n".join(lines)
 
 
