@@ -325,6 +325,20 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
         ratio_ms = r["ms"] / base["ms"] if base else float("nan")
         ratio_mib = r["mib"] / base["mib"] if base else float("nan")
         print(f"| {name} | {r['ms']:.1f} | {ratio_ms:.2f} | {r['refresh_ms']:.0f} | {r['mib']:.1f} | {ratio_mib:.3f} |")
+    print_fixed_costs(results)
+
+
+def print_fixed_costs(results: dict[str, dict[str, float]]) -> None:
+    """GaLore's step against its peer's, and the non-finite guard's share of it — (galore −
+    galore-unguarded) / galore — where those rows were measured (with ``--interleave``, in one run)."""
+    galore = results.get("galore")
+    if galore is None:
+        return
+    if "galore-torch" in results:
+        print(f"galore / galore-torch: {galore['ms'] / results['galore-torch']['ms']:.2f}×")
+    if "galore-unguarded" in results:
+        guard = (galore["ms"] - results["galore-unguarded"]["ms"]) / galore["ms"]
+        print(f"non-finite guard: {100 * guard:.1f} % of galore's step")
 
 
 if __name__ == "__main__":
