@@ -16,53 +16,50 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, StrategyRegistry
 from typing_extensions import override
 
+from lit_lowrank.lightning.adoption import Adoption
 from lit_lowrank.lightning.config import LowRankConfig
 from lit_lowrank.lightning.layerwise import LayerwiseCallback
 from lit_lowrank.lightning.module import LowRankModule
-from lit_lowrank.lightning.adoption import adopt_module, lowrank_callbacks
-from lit_lowrank.lightning.config_merge import adoption_config
-from lit_lowrank.lightning.optimizer_conversion import convert_optimizers
-from lit_lowrank.lightning.refusals import check_strategy, check_transform_trainer
-from lit_lowrank.lightning.telemetry import LowRankTelemetry
+from lit_lowrank.lightning.refusals import check_module_options
 from lit_lowrank.optim.communication import sync_module_states
 from lit_lowrank.optim.lowrank import LowRankOptimizer
 
 
 class _LowRankOptimizers:
-    """Mixin: before setup, apply the model transforms of the config (``transforms``); after
-    the wrapped strategy built the module's optimizers, convert them (and log
-    :class:`LowRankTelemetry` unless the trainer already does; add
-    :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback` for ``layerwise=True`` and
+    """Mixin: adopt the module through :class:`~lit_lowrank.lightning.adoption.Adoption`, as
+    :class:`~lit_lowrank.lightning.LowRankCallback` does, from the strategy's own hooks: before
+    setup, refuse what the strategy cannot train and apply the model transforms of the config
+    (``transforms``); after the wrapped strategy built the module's optimizers, add the callbacks
+    the run needs (:class:`~lit_lowrank.lightning.LowRankTelemetry` unless the trainer already logs it;
+    :class:`~lit_lowrank.lightning.layerwise.LayerwiseCallback` for ``layerwise=True``,
     :class:`~lit_lowrank.lightning.communication.LowRankCommunicationCallback` for
-    ``communication="lowrank"``)."""
+    ``communication="lowrank"``) and convert the optimizers. A
+    :class:`~lit_lowrank.lightning.LowRankModule` is trained with its own ``lowrank`` section."""
 
+    adoption: Adoption
     lowrank: LowRankConfig
-    explicit: frozenset[str]
+    """The config of the run: the adoption's, or a LowRankModule's own."""
+
+    def _adopt_with(self, config: LowRankConfig | None, options: dict[str, Any]) -> None:
+        self.adoption = Adoption(config, options)
+        self.lowrank = self.adoption.config
 
     @override
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)  # type: ignore[misc]
         if isinstance(model, LowRankModule):  # it builds its own LowRankOptimizer from its lowrank section
-            if self.explicit:
-                raise ValueError(f"{sorted(self.explicit)} set on strategy={self.strategy_name!r}, but LowRankModule "
-                                 "takes its optimizer from its own lowrank section: set them there")
+            check_module_options(self.strategy_name, self.adoption.explicit)
             self.lowrank = model.lowrank
             return
-        if self.lowrank.enabled:
-            check_strategy(self, self.lowrank)
-        adopt_module(model, self.lowrank)  # before configure_optimizers and checkpoint restoring
+        self.adoption.prepare(self, model)  # before configure_optimizers and checkpoint restoring
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)  # type: ignore[misc]
         if isinstance(self.lightning_module, LowRankModule):
             return  # its optimizer and callbacks come from its own config
-        check_transform_trainer(trainer, self.lowrank)
-        self.optimizers = convert_optimizers(self.lightning_module, self.optimizers,
-                                             self.lr_scheduler_configs, self.lowrank, self.explicit)
-        if not any(isinstance(callback, LowRankTelemetry) for callback in trainer.callbacks):
-            trainer.callbacks.append(LowRankTelemetry())
-        trainer.callbacks.extend(lowrank_callbacks(trainer, self.lightning_module, self.lowrank))
+        trainer.callbacks.extend(self.adoption.callbacks(trainer, self.lightning_module))
+        self.adoption.convert(self, self.lightning_module)
 
 
 class LowRankStrategy(_LowRankOptimizers, SingleDeviceStrategy):
@@ -82,7 +79,7 @@ class LowRankStrategy(_LowRankOptimizers, SingleDeviceStrategy):
                  **options: Any) -> None:
         device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
         super().__init__(device=device)
-        self.lowrank, self.explicit = adoption_config(lowrank, options)
+        self._adopt_with(lowrank, options)
 
 
 class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
@@ -102,7 +99,7 @@ class DDPLowRankStrategy(_LowRankOptimizers, DDPStrategy):
     def __init__(self, lowrank: LowRankConfig | None = None, ddp_kwargs: dict[str, Any] | None = None,
                  **options: Any) -> None:
         super().__init__(**(ddp_kwargs or {}))
-        self.lowrank, self.explicit = adoption_config(lowrank, options)
+        self._adopt_with(lowrank, options)
 
     def reduces_in_backward(self) -> bool:
         """Whether layer-wise hooks reduce the gradients (then the model is not DDP-wrapped)."""
@@ -158,7 +155,7 @@ class FSDPLowRankStrategy(_LowRankOptimizers, ModelParallelStrategy):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend)
-        self.lowrank, self.explicit = adoption_config(lowrank, options)
+        self._adopt_with(lowrank, options)
 
     @override
     def setup_environment(self) -> None:
