@@ -27,7 +27,9 @@ holds (moments, bases, quantization scales), excluding scalar step counters.
 
 ``--interleave`` steps every method's optimizer on one model in turn, one step each per round,
 so that the load of other work on a shared machine falls on all of them alike (methods without a
-model transform only); the ratios of one such run are the comparison to quote.
+model transform only); the ratios of one such run are the comparison to quote. Where the
+``galore``, ``galore-torch`` and ``galore-unguarded`` rows are measured, GaLore's step over
+galore-torch's and the non-finite guard's share of GaLore's step are printed after the table.
 
 ``--cycle`` times instead every step of GaLore's first two refresh cycles (``--gap`` T, default
 200) for each of ``--projectors`` (``svd``, ``rsvd`` and ``svd-warm`` where registered), with
