@@ -18,7 +18,8 @@ GaLore with ``schedule_args: {stagger: true}``) run at GaLore's best lr. The bes
 validation loss is reported; a best lr at the edge of its sweep got the next value added.
 
 ``--seed`` sets the runs' ``seed_everything`` (default 0, the demo's: the rows without a seed
-were run with it). A variant run with several seeds gets a table row and a curve per seed, and
+were run with it): the model's initialisation; the data order keeps its own seed (the data
+module's ``seed``). A variant run with several seeds gets a table row and a curve per seed, and
 ``table.md`` a second table: each seed's final validation loss, their mean and spread (the
 run-to-run noise) and the mean's difference from GaLore's mean.
 
@@ -272,14 +273,16 @@ def label(row: dict[str, Any], seeds: dict[str, set[int]]) -> str:
 
 def best_runs(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The run with the lowest final validation loss of each variant and seed, by :func:`label`
-    (failed runs never win)."""
+    (failed runs never win); the variants in the order of their first row, each one's seeds
+    ascending."""
     seeds = seeds_of(rows)
     best: dict[str, dict[str, Any]] = {}
     for row in finite(rows):
         name = label(row, seeds)
         if name not in best or float(row["val_loss"]) < float(best[name]["val_loss"]):
             best[name] = row
-    return best
+    first = {variant: index for index, variant in reversed(list(enumerate(row["variant"] for row in rows)))}
+    return dict(sorted(best.items(), key=lambda item: (first[item[1]["variant"]], row_seed(item[1]))))
 
 
 def reference_ppl(rows: list[dict[str, Any]], variant: str) -> float:
@@ -399,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (the demo's 300)")
     parser.add_argument("--lrs", type=float, nargs="+", help="these learning rates instead of each variant's sweep")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help="seed_everything of the runs (the demo's 0); another seed measures run-to-run noise")
+                        help="seed_everything of the runs: the initialisation (the demo's 0; the data order has its own seed); "
+                             "another seed measures the run-to-run noise")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (2: a 2-core machine)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "convergence")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)

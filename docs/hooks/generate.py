@@ -78,8 +78,8 @@ class Benchmark:
 BENCHMARKS = {
     "convergence": Benchmark(
         "bench/convergence/results.csv", "python scripts/bench_convergence.py",
-        "the demo run (tiny LLaMA, 300 steps of 16 × 128 tokens of Shakespeare, seed 0), best lr per method "
-        "by final validation loss; one thread per run, two runs in parallel"),
+        "the demo run (tiny LLaMA, 300 steps of 16 × 128 tokens of Shakespeare, seed 0 unless a row names "
+        "another), best lr per method by final validation loss; one thread per run, two runs in parallel"),
     "scaling": Benchmark(
         "bench/scaling/scaling.csv", "python scripts/bench_scaling.py",
         "optimizer step (median of 5 steady-state steps, no refresh) and measured state, LLaMA shapes, "
