@@ -117,7 +117,7 @@ def cli_args(name: str, lr: float, steps: int, out: Path, seed: int = DEFAULT_SE
     return args
 
 
-def run_one(name: str, lr: float, steps: int, out: Path, seed: int) -> None:
+def run_one(name: str, lr: float, steps: int, out: Path, seed: int = DEFAULT_SEED) -> None:
     """Train one configuration in this process (``--run-one``)."""
     import torch
 
