@@ -222,7 +222,8 @@ def with_compact_projections(model: nn.Module, optimizer: torch.optim.Optimizer)
     lows = {p: torch.randn(p.shape[0], min(rank, *p.shape), dtype=p.dtype, device=p.device) * 1e-3 for p in compact}
 
     def step() -> None:
-        optimizer.receive_projections(lows)
+        for p, low in lows.items():
+            optimizer.receive(p, low)
         optimizer.step()
 
     return step

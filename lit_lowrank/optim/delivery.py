@@ -79,11 +79,6 @@ class GradientDelivery:
         from compressed activations, :mod:`~lit_lowrank.transforms.compact`)."""
         self._received[p] = self._received[p] + low if accumulate and p in self._received else low
 
-    def receive_projections(self, lows: dict[Tensor, Tensor], *, accumulate: bool = False) -> None:
-        """:meth:`receive` for several weights: ``lows`` maps each to its ``R``."""
-        for p, low in lows.items():
-            self.receive(p, low, accumulate=accumulate)
-
     @property
     def received(self) -> frozenset[Tensor]:
         """The weights whose ``R`` came through :meth:`receive` for the next step."""

@@ -363,22 +363,19 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
         self._received.clear()
 
     @torch.no_grad()
-    def step_group(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor] | None = None,
-                   ) -> None:
+    def step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Update ``params`` (members of ``group`` that have gradients); layer-wise mode calls
         this with one parameter at a time.
 
         A param whose ``R`` came through :meth:`receive` (for a step that does not refresh its
         subspace) is stepped with it instead of projecting ``p.grad`` (which may then be None):
         layer-wise gradient accumulation sums ``R`` over micro-batches instead of the full
-        gradient. ``lows`` (``{param: R}``) is the same delivery in the call. The ``R`` of
-        ``params`` are used up here, even if the step fails. Refreshes are not shared across
-        ranks here: a weight's step runs while other weights' all-reduces are in flight, and a
-        collective of its own would interleave with them differently on each rank.
+        gradient. The ``R`` of ``params`` are used up here, even if the step fails. Refreshes are
+        not shared across ranks here: a weight's step runs while other weights' all-reduces are in
+        flight, and a collective of its own would interleave with them differently on each rank.
         """
         if not params:
             return
-        self.receive_projections(lows or {})
         received = {p: self._received.pop(p) for p in params if p in self._received}
         self._step_all([(group, params)], received, share_refreshes=False)
 

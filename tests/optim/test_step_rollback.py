@@ -234,7 +234,7 @@ def test_quantized_weights_are_restored_codes_scales_and_rounding_count(monkeypa
 
 
 def test_received_projections_survive_a_failed_step(monkeypatch):
-    """Projected gradients handed over with ``receive_projections`` (a communication hook, CompAct)
+    """Projected gradients handed over with ``receive`` (a communication hook, CompAct)
     are used by the retried step as by an uninterrupted one."""
     def run(fail):
         torch.manual_seed(0)
@@ -242,7 +242,7 @@ def test_received_projections_survive_a_failed_step(monkeypatch):
         optimizer = LowRankOptimizer([{"params": weights, "lowrank": True}], rank=3, projector="random", side="right")
         generator = torch.Generator().manual_seed(0)
         for p in weights:  # the first step refreshes: a random basis, drawn without the gradient
-            optimizer.receive_projections({p: torch.randn(12, 3, generator=generator)})
+            optimizer.receive(p, torch.randn(12, 3, generator=generator))
         if fail:
             restore = _fail_on_call(monkeypatch, GaLoreRule, "apply_", 3)
             with pytest.raises(PluginFailure):
