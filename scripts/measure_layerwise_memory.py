@@ -73,13 +73,23 @@ def _measured(backward, device: torch.device) -> int:
 
 def cpu_peak(prof: profile) -> int:
     """Largest running sum of the profiler's CPU allocation (+) and free (−) events."""
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
+    for event in sorted(_cpu_memory_events(prof), key=lambda e: e.start_ns()):
         live += event.nbytes()
         peak = max(peak, live)
     return peak
+
+
+def cpu_left(prof: profile) -> int:
+    """Bytes the profiler saw allocated and not freed (the sum of its CPU memory events): 0 for
+    a backward that returns all it took, unless some memory was freed on a thread the profiler
+    does not follow (a process group's worker)."""
+    return sum(e.nbytes() for e in _cpu_memory_events(prof))
+
+
+def _cpu_memory_events(prof: profile) -> list:
+    return [e for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
 
 
 def gradient_bytes(model: nn.Module) -> dict[str, int]:

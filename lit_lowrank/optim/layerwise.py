@@ -30,8 +30,8 @@ would all-reduce after the hooks stepped; start every rank from the same weights
 e.g. with :func:`~lit_lowrank.optim.communication.sync_module_states`). On the window's last
 micro-batch, a parameter launches an asynchronous all-reduce of what its step needs — ``R_acc + R``
 where the step can take ``R`` and ``communication="lowrank"``, else its full gradient — and is
-stepped when it arrives, in launch order, while backward goes on; the end of backward waits for
-the rest. Every rank issues the same all-reduces in the same order, so a parameter that gets a
+stepped when it arrives, in launch order, while backward goes on (the payload's memory is freed
+right after that step, by the stepping thread); the end of backward waits for the rest. Every rank issues the same all-reduces in the same order, so a parameter that gets a
 gradient in a window on some ranks must get one on all of them (DDP's ``find_unused_parameters``
 has no counterpart): at the first gradient of a window's last backward, before any all-reduce of
 it, the ranks sum one "has a gradient this window" flag per parameter (the autograd engine tells
@@ -183,6 +183,7 @@ class LayerwiseUpdates:
         counts = torch.tensor(has_gradient, dtype=torch.int32, device=params[0].device)
         dist.all_reduce(counts, group=self.process_group)
         partly = [(p, has) for p, has, count in zip(params, has_gradient, counts.tolist()) if 0 < count < self._world]
+        _release(counts)
         if partly:
             names = ", ".join(f"{self.optimizer._name(p)} ({'has one' if has else 'none'} on this rank)"
                               for p, has in partly)
@@ -245,6 +246,7 @@ class LayerwiseUpdates:
             work.wait()
             self._in_flight.popleft()
             self._update(p, low)
+            _release(payload)
 
     def _end_backward(self) -> None:
         self._end_queued = False
@@ -270,6 +272,16 @@ class LayerwiseUpdates:
         low_rank = sum(t.numel() * t.element_size() for t in self._lows.values())
         full = sum(p.grad.numel() * p.grad.element_size() for p in self._pending if p.grad is not None)
         return {"low_rank": low_rank, "full": full}
+
+
+def _release(payload: Tensor) -> None:
+    """Free the memory of ``payload``, an all-reduced ``R`` or gradient whose parameter was just
+    stepped with it, now and on this thread. The process group's work still references a
+    completed all-reduce's tensor (gloo's: often for more than 10 ms after ``wait()``) and
+    would free it later on its worker thread: past the ``bucket_cap_mb`` accounting, and unseen
+    by ``torch.profiler``'s memory events, which follow the profiled thread. FSDP frees its
+    all-gather buffers the same way."""
+    payload.untyped_storage().resize_(0)
 
 
 def _will_get_gradient(p: Tensor) -> bool:
