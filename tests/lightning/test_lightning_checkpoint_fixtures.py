@@ -6,23 +6,10 @@ those the old code reached resuming the same checkpoint."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "checkpoints"
-
-
-def _fixture_module():
-    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fixtures = _fixture_module()
+from checkpoint_fixtures import FIXTURES, fixtures
 
 
 def test_every_lightning_recipe_has_its_fixture():

@@ -7,27 +7,13 @@ reach those weights exactly (``torch.equal``)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from lit_lowrank import build_optimizer
 from lit_lowrank import transforms as model_transforms
 from lit_lowrank.plugins import get_method
-
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "checkpoints"
-
-
-def _fixture_module():
-    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fixtures = _fixture_module()
+from checkpoint_fixtures import FIXTURES, fixtures
 
 
 def _resumed(name: str, saved: dict) -> torch.nn.Module:
