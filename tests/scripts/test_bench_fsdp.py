@@ -38,8 +38,12 @@ def test_measured_traffic_and_state(bench):
     left = 4 * layers * 2 * rank * ff + 8  # R all-reduced and N all-gathered for each down_proj; the NaN check
     assert results["galore"]["bytes"] == left
     # refresh_sharing (auto under FSDP): each weight's G is gathered on its owner only, so a rank
-    # sends or receives the other rank's half of the rows of every target, not the whole m×n
-    assert results["galore"]["refresh_bytes"] == left + 4 * layers * (4 * hidden * hidden + 3 * hidden * ff) // 2
+    # sends or receives the other rank's half of the rows of every target, not the whole m×n; then
+    # the owner broadcasts each target's basis (r × min(m, n) = r × hidden floats) and its two
+    # int64 counters
+    gathered = 4 * layers * (4 * hidden * hidden + 3 * hidden * ff) // 2
+    broadcast = 7 * layers * (4 * rank * hidden + 16)
+    assert results["galore"]["refresh_bytes"] == left + gathered + broadcast
     norms = 4 * 7 * layers  # the limiter's norm of each target, every step
     assert results["apollo"]["bytes"] == results["apollo"]["refresh_bytes"] == left + norms  # a seeded basis: no gather
     assert results["galore"]["state"] < results["adamw"]["state"]
