@@ -13,8 +13,9 @@ backward (FSDP's all-gathers and reduce-scatter) and optimizer step; times are m
 of the first step (a refresh). ``state`` is rank 0's optimizer state (its part of the moments
 and the whole bases); ``optimizer MiB`` what the low-rank step exchanged itself
 (``optimizer.comm_bytes``, counted at :class:`~lit_lowrank.optim.sharding.RowShard`'s collectives:
-a refresh's all-gather of G, the all-reduce of a left projection's R and the all-gather of its N,
-the limiter's norms, the ranks' agreement on non-finite gradients).
+a refresh's gather of G on its owner and the owner's broadcast of the new basis (refresh
+sharing), the all-reduce of a left projection's R and the all-gather of its N, the limiter's
+norms, the ranks' agreement on non-finite gradients).
 
 On paper, per step amortized over T = 200: the refresh's all-gather of each target's gradient,
 plus ``r·n`` numbers all-reduced and all-gathered per left-projected target every step, against
