@@ -86,10 +86,11 @@ class StepClock:
 def test_the_cycle_is_steps_t_to_2t_minus_1_and_the_steady_step_1_to_t_minus_1(bench, monkeypatch):
     model = bench.prepared_model("tiny", "galore", torch.float32, "cpu")
     monkeypatch.setattr(bench, "Clock", StepClock)
-    gap = 4
+    gap = 5
     result = bench.measure_cycle(model, bench.cycle_factory("svd", False, gap), gap)
-    steady, cycle = range(1, gap), range(gap, 2 * gap)
-    assert result["steady_ms"] == pytest.approx(1e3 * sum(steady) / len(steady))  # odd count: median = mean
+    steady, cycle = [1, 2, 3, 4], range(gap, 2 * gap)
+    assert result["steady_ms"] == pytest.approx(1e3 * 2.5)  # the median of steps 1 … 4
+    assert result["steady_mean_ms"] == pytest.approx(1e3 * sum(steady) / len(steady))
     assert result["worst_ms"] == pytest.approx(1e3 * (2 * gap - 1))
     assert result["amortized_ms"] == pytest.approx(1e3 * sum(cycle) / gap)
     assert result["median_ms"] == pytest.approx(1e3 * statistics.median(cycle))
