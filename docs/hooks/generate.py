@@ -87,8 +87,7 @@ BENCHMARKS = {
     "optim": Benchmark(
         "bench/optim/llama60m.csv", "python scripts/bench_optim.py",
         "LLaMA-60M shape (58.1 M parameters), rank 128, T = 200, α 0.25, fp32, 2 threads, the same fixed "
-        "gradients for every method, median of 10 steady-state steps after 3",
-        commit="58dadac", date="2026-11-23"),
+        "gradients for every method, median of 10 steady-state steps after 3"),
 }
 
 
