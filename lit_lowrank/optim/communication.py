@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lit_lowrank.optim.lowrank import LowRankOptimizer
+from lit_lowrank.transforms.base import gradient_hidden
 
 # no `from __future__ import annotations`: DDP checks the hook's annotations as objects
 
@@ -70,6 +71,10 @@ class LowRankCommunication:
     no longer matches ``p.grad``: a lift changed or cleared after backward (gradient clipping,
     ``GradScaler``), or re-projected through a basis that is not orthonormal (several backward
     passes without ``no_sync``).
+
+    Raises:
+        ValueError: at construction, for an optimizer of FSDP-sharded weights, or one stepping
+            weights whose transform hides their gradients (``compact``).
     """
 
     def __init__(self, optimizer: LowRankOptimizer, process_group: Any = None) -> None:
@@ -78,6 +83,7 @@ class LowRankCommunication:
         if optimizer.sharded:
             raise ValueError("low-rank communication is a DDP comm hook, and this optimizer's weights are sharded by "
                              "FSDP (which reduce-scatters their gradients itself)")
+        refuse_hidden_gradients(optimizer)
         if process_group is None:  # averaged over every rank: refresh_sharing auto may share
             optimizer.gradients_identical = True
         self.optimizer = optimizer
@@ -181,6 +187,18 @@ class LowRankCommunication:
         size = tensor.numel() * tensor.element_size()
         self.sent_bytes[kind] += size
         self.optimizer.comm_bytes += size
+
+
+def refuse_hidden_gradients(optimizer: LowRankOptimizer) -> None:
+    """Refuse an optimizer stepping a weight whose transform hides its gradient (CompAct's layers
+    hand it ``R`` in backward): the hook all-reduces gradients, and that weight has none, so its
+    update would be this rank's own."""
+    hidden = [optimizer._name(p) for group in optimizer.param_groups for p in group["params"] if gradient_hidden(p)]
+    if hidden:
+        raise ValueError(f"{hidden} are stepped without a .grad: a model transform that hides their gradients (the "
+                         "'compact' transform's layers) hands the optimizer their R during backward, which "
+                         "lowrank_comm_hook never sees, so no rank would average it. Train these weights in a single "
+                         "process without DDP, or use a method without such a transform")
 
 
 def _sample(grad: Tensor) -> Tensor:
