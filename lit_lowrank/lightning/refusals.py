@@ -5,7 +5,7 @@ read the gradients a model transform hides, options a :class:`LowRankModule` tak
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lit_lowrank import transforms as model_transforms
 from lit_lowrank.lightning.config import LowRankConfig
@@ -14,13 +14,16 @@ from lit_lowrank.optim.validation import check_shardable
 
 
 def check_strategy(strategy: pl.strategies.Strategy, config: LowRankConfig) -> None:
-    """Refuse what a sharding strategy cannot train: FSDP1 (``FSDPStrategy`` flattens the weights,
-    so no rank holds whole rows), and under ``ModelParallelStrategy`` (FSDP2, rows split over the
-    ranks) the options that need whole gradients or weights on every rank."""
+    """Refuse what a data-parallel or sharding strategy cannot train: FSDP1 (``FSDPStrategy``
+    flattens the weights, so no rank holds whole rows), under DDP the transforms it cannot
+    replicate (:func:`check_replicable`), and under ``ModelParallelStrategy`` (FSDP2, rows split
+    over the ranks) the options that need whole gradients or weights on every rank."""
     if isinstance(strategy, FSDPStrategy):
         raise ValueError("FSDPStrategy (FSDP1) flattens the weights and cuts them anywhere, so no rank holds whole "
                          "rows of a gradient; use strategy='fsdp_lowrank' (FSDP2's fully_shard through Lightning's "
                          "ModelParallelStrategy), see README 'Scaling out'")
+    if isinstance(strategy, DDPStrategy):
+        check_replicable(config)
     if not isinstance(strategy, ModelParallelStrategy):
         return
     whole = [t.name for t in model_transforms.build(config.transforms) if t.needs_whole_weights]
@@ -32,6 +35,19 @@ def check_strategy(strategy: pl.strategies.Strategy, config: LowRankConfig) -> N
                          "needs whole weights or gradients on every rank; turn them off or use strategy='ddp_lowrank' "
                          "(see README 'Scaling out')")
     check_shardable(vars(config))  # the method's components, before the model is set up
+
+
+def check_replicable(config: LowRankConfig) -> None:
+    """Refuse, under DDP, a transform whose weights DDP cannot broadcast when it wraps the model
+    (``int-weights``' handles have no storage): torch would fail inside its constructor with an
+    error that names no fix."""
+    unreplicable = [t.name for t in model_transforms.build(config.transforms if config.enabled else None)
+                    if not t.replicable]
+    if unreplicable:
+        raise ValueError(f"transform(s) {unreplicable} cannot be trained under DDP: torch's DistributedDataParallel "
+                         "broadcasts every weight when it wraps the model, and these weights have no storage of their "
+                         "own; train in one process (strategy='lowrank', devices=1), or pick a method without them "
+                         "(galore-8bit keeps 8-bit moments beside float weights)")
 
 
 def check_transform_trainer(trainer: pl.Trainer, config: LowRankConfig) -> None:

@@ -93,6 +93,9 @@ class Transform:
     cannot share the targets."""
     hides_gradients: ClassVar[bool] = False
     """Its weights get no ``.grad`` (refused with clipping, fp16 scaling, layer-wise, low-rank DDP)."""
+    replicable: ClassVar[bool] = True
+    """torch's ``DistributedDataParallel`` can broadcast its weights when it wraps the model
+    (False: weights with no storage of their own, refused under Lightning's DDP strategies)."""
     tolerance: ClassVar[float] = 0.0
     """The largest relative change of the model's outputs that :meth:`apply` may cause (rounding)."""
     estimated_applied: ClassVar[bool] = False

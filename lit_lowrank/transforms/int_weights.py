@@ -278,6 +278,7 @@ class IntWeights(Transform):
     option_names = ("bits", *WEIGHT_ARGS)
     changes_targets = True
     needs_whole_weights = True
+    replicable = False  # DDP's start-up broadcast cannot write a stride-0 handle
 
     def __init__(self, **options: Any) -> None:
         check_weight_options(options.get("bits", 8), {k: v for k, v in options.items() if k != "bits"})

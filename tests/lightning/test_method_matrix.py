@@ -148,3 +148,17 @@ def test_the_yaml_config_builds_what_build_optimizer_builds(method):
     adopt_module(reference_net, config)
     reference = build_optimizer(reference_net, method=method, **rank)
     assert _plain(lowrank_components(built)) == _plain(lowrank_components(reference))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["callback", "ddp_lowrank"])
+def test_int_weights_under_ddp_stop_with_the_fix_before_torch_wraps_the_model(path):
+    """Q-GaLore's INT8 weights under DDP: torch's wrapper would fail broadcasting their handles
+    (an error naming no fix); the run stops at setup with one that does."""
+    extra = {"strategy": "ddp", "devices": 1} if path == "callback" else {}
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", **PATHS[path](method="q-galore", rank=4),
+                         **extra)
+    data = DataLoader(TensorDataset(torch.randn(8, 16), torch.randint(0, 2, (8,))), batch_size=8)
+    with pytest.raises(ValueError, match=r"\['int-weights'\] cannot be trained under DDP"):
+        trainer.fit(UserModule(), data)

@@ -111,3 +111,26 @@ def test_the_ddp_hook_trains_the_method_build_optimizer_builds(method, world_of_
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
         torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-6 * value.abs().max().item(), msg=key)
+
+
+@requires_gloo
+@pytest.mark.parametrize("method", sorted(plugins.registered("methods")))
+def test_lightnings_ddp_refuses_a_method_exactly_when_torch_cannot_wrap_its_model(method, world_of_one):
+    """The Lightning DDP column: ``ddp_lowrank`` with ``method=m`` is refused before the model is
+    wrapped exactly when ``DistributedDataParallel`` (its start-up broadcast) fails on a model
+    holding m's transforms — with an error naming the fix instead of torch's."""
+    from lit_lowrank.lightning import DDPLowRankStrategy
+    from lit_lowrank.lightning.refusals import check_strategy
+
+    net, _ = prepared(method)
+    try:
+        DistributedDataParallel(net)
+        torch_error = None
+    except RuntimeError as error:
+        torch_error = error
+    strategy = DDPLowRankStrategy(method=method)
+    if torch_error is None:
+        check_strategy(strategy, strategy.lowrank)
+        return
+    with pytest.raises(ValueError, match=r"cannot be trained under DDP.*strategy='lowrank'"):
+        check_strategy(strategy, strategy.lowrank)
