@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lit_lowrank.optim.lowrank import LowRankOptimizer
-from lit_lowrank.transforms.base import gradient_hidden
+from lit_lowrank.transforms.base import gradient_hidden, stored_weight
 
 # no `from __future__ import annotations`: DDP checks the hook's annotations as objects
 
@@ -266,7 +266,10 @@ def lowrank_comm_hook(state: LowRankCommunication, bucket: dist.GradBucket) -> t
 
 def sync_module_states(module: torch.nn.Module, process_group: Any = None, src: int = 0) -> None:
     """Broadcast ``module``'s parameters and buffers from rank ``src``, as DDP does when it wraps a
-    model: for layer-wise updates under data parallel, where the model is not wrapped."""
+    model: for layer-wise updates under data parallel, where the model is not wrapped. A weight
+    stored in another format (INT8 weights) is synced through the buffers that store it; its
+    parameter is a handle with no storage to write."""
     with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
+        params = [p for p in module.parameters() if stored_weight(p) is None]
+        for tensor in [*params, *module.buffers()]:
             dist.broadcast(tensor, src=src, group=process_group)
