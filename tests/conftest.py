@@ -40,6 +40,16 @@ def own_distributed_env():
             os.environ[name] = value
 
 
+@pytest.fixture(autouse=True)
+def no_process_group_left():
+    """Each test ends without a default process group: a ``Trainer.fit`` refused during setup
+    under a DDP strategy leaves the one it initialized, and the next test to start one would fail
+    ("initialize the default process group twice")."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.fixture
 def fresh_plugins(monkeypatch):
     """Built-ins only (no entry points), rebuilt for this test and restored afterwards."""
