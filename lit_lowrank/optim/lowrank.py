@@ -713,7 +713,7 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
         and a projector that lifts as the base class does, leaves its lifts in ``deferred`` for
         :meth:`_write_weights`; any other is applied now, its weight copied first."""
         inner, rule = self._group_components(group)
-        by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, dict, LowRankSlot, View]]] = defaultdict(list)
+        by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor, dict, LowRankSlot, View]]] = defaultdict(list)
         grads = {}
         for p in params:
             journal.entry(self.state, p)
@@ -734,13 +734,12 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(part))
             state["step"] += 1
-            by_step[step + 1].append((p, low, part, state, slot, view))
+            by_step[step + 1].append((p, weight, low, part, state, slot, view))
         lr, decay = group["lr"], group["weight_decay"]
         decoupled = group.get("decoupled_weight_decay", True)
         for step, items in by_step.items():
-            directions = inner.directions([item[2] for item in items], [item[3] for item in items], step)
-            for (p, low, _, state, slot, view), direction in zip(items, directions):
-                target = self._local(p)[0]
+            directions = inner.directions([item[3] for item in items], [item[4] for item in items], step)
+            for (p, target, low, _, state, slot, view), direction in zip(items, directions):
                 if rule.lifts_only and stored_weight(p) is None and applies_bases_plainly(type(slot.projector)):
                     lifts = DeferredLifts(slot.applied, view.weight(target))
                     inputs = replace(slot.rule_inputs(grads[p], low, direction, state), projector=lifts)
