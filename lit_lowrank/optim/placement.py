@@ -201,20 +201,32 @@ def placement_of(p: Tensor, shards: dict[Tensor, RowShard]) -> Placement:
 
 class Placements(dict):
     """Every parameter's placement, by parameter, with what concerns them all: one mesh, the
-    agreement of the ranks, the bytes their collectives sent."""
+    agreement of the ranks, the bytes their collectives sent. The placements of rows split over
+    ranks are also kept apart (:attr:`rows`), so that a step's questions about them all do not
+    scan every parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[Tensor, RowsOfWeight] = {}
 
     @property
     def sharded(self) -> bool:
         """Whether some parameters are split by rows across ranks."""
-        return any(placement.sharded for placement in self.values())
+        return bool(self.rows)
 
     def admit(self, found: dict[Tensor, Placement]) -> None:
         """Add a group's placements, refusing rows split over another device mesh than the others'."""
-        meshes = [placement.mesh for placement in (*self.values(), *found.values()) if placement.sharded]
+        rows = {p: placement for p, placement in found.items() if placement.sharded}
+        meshes = [placement.mesh for placement in (*self.rows.values(), *rows.values())]
         if any(mesh != meshes[0] for mesh in meshes):
             raise ValueError("the parameters are sharded over different device meshes; shard every module with "
                              "fully_shard over the same mesh")
         self.update(found)
+        self.rows.update(rows)
+
+    def pop(self, p: Tensor, default: Any = None) -> Placement | None:
+        self.rows.pop(p, None)
+        return super().pop(p, default)
 
     def whole_beside_rows(self) -> Tensor | None:
         """A parameter held whole while others are split by rows (nothing would average its
@@ -226,13 +238,13 @@ class Placements(dict):
     def agreed(self, bad: int | None, count: int) -> int | None:
         """The first offender's index among ``count`` checked tensors: this rank's ``bad``, or,
         for weights split over ranks (each checked its own rows), the first any rank found."""
-        agreement = next((placement for placement in self.values() if placement.sharded), WHOLE)
+        agreement = next(iter(self.rows.values()), WHOLE)
         found = agreement.least(count if bad is None else bad)
         return None if found == count else found
 
     def sent(self) -> int:
         """Bytes the placements' collectives sent so far."""
-        return sum(placement.sent for placement in self.values())
+        return sum(placement.sent for placement in self.rows.values())
 
 
 @dataclass
