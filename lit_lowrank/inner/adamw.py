@@ -20,6 +20,7 @@ class AdamInner(InnerOptimizer):
     not part of the inner update: the optimizer applies it to the full weight.
     """
 
+    fails_only_out_of_memory = True
     linear_state = ("exp_avg",)
     batched = True
     elementwise = True

@@ -38,6 +38,7 @@ class HFAdamInner(InnerOptimizer):
     work the same way).
     """
 
+    fails_only_out_of_memory = True
     linear_state = ("exp_avg",)
     batched = True
     elementwise = True

@@ -37,6 +37,13 @@ class InnerOptimizer(ABC):
     """Whether each entry of ``N`` depends only on the same entry of ``R`` and of the state (Adam,
     SGD, Lion), so a rank may step its block of a weight sharded by FSDP alone; the optimizer
     refuses sharded weights otherwise."""
+    fails_only_out_of_memory: bool = False
+    """Whether :meth:`directions` raises nothing on valid inputs but running out of memory (it
+    runs torch kernels on its inputs and state, no checks of its own) and updates each tensor on
+    its own (a step may call it with its tensors in two batches). A rule with
+    ``UpdateRule.lifts_only`` then has the moments advanced in the step's apply phase, once the
+    weights are written (:mod:`lit_lowrank.optim.deferred`), instead of copied first so that a
+    failed step can be undone; validate options in ``__init__``."""
     steps_dense: bool = False
     """Dense groups naming this inner optimizer are stepped by it on their full gradients
     (``W ← W − η · step_size_factor(t) · N``) instead of by torch's AdamW: an optimizer family

@@ -26,6 +26,7 @@ class LionInner(InnerOptimizer):
     State: ``exp_avg`` (R's shape) — ``r·max(m, n)`` per weight with ``side: std``.
     """
 
+    fails_only_out_of_memory = True
     linear_state = ("exp_avg",)
     batched = True
     elementwise = True

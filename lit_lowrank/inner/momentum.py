@@ -25,6 +25,7 @@ class MomentumInner(InnerOptimizer):
     State: ``exp_avg`` (R's shape).
     """
 
+    fails_only_out_of_memory = True
     linear_state = ("exp_avg",)
     batched = True
     elementwise = True

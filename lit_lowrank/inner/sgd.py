@@ -25,6 +25,7 @@ class SGDInner(InnerOptimizer):
     State: ``momentum_buffer`` (R's shape) when μ > 0, nothing otherwise.
     """
 
+    fails_only_out_of_memory = True
     steps_dense = True
     batched = True
     elementwise = True

@@ -27,19 +27,23 @@ Once the gradients are admitted, a step runs in two phases.
    the moments and rule state (r×n), the step counters, the optimizer's counters, and the
    weights a rule or dense group writes during this phase (copied: a rule without
    ``UpdateRule.lifts_only``, a weight kept in another format — int-weights — and dense groups
-   other than the largest). A rule with ``lifts_only`` (GaLore's) writes no weight here: its
-   lifts ``W ← W − η α P N`` are recorded (:class:`DeferredLifts`, holding the r×n directions
-   and the bases, not an m×n update) for the next phase, and its weights are never copied. If
-   anything fails (an exception, or Ctrl-C), the journal puts back everything recorded, newest
-   first, and the error propagates: the step left nothing changed, bitwise.
+   other than the largest). A rule with ``lifts_only`` (GaLore's) writes no weight here, and its
+   weights are never copied (:mod:`lit_lowrank.optim.deferred`): its lifts ``W ← W − η α P N``
+   are recorded for the next phase; or, where its inner optimizer ``fails_only_out_of_memory``
+   (Adam, SGD, Lion) and the weight is neither started nor refreshed this step, the moment
+   update and the rule move to the next phase as well, and only the step counter is recorded
+   (the moments are not copied). If anything fails (an exception, or Ctrl-C), the journal puts
+   back everything recorded, newest first, and the error propagates: the step left nothing
+   changed, bitwise.
 2. *Apply* — with Ctrl-C held (:class:`HeldInterrupt`) until the step is complete: torch's
    AdamW on the largest dense group (not copied: torch checks its inputs before it changes
    anything, and a refusal still undoes the whole step), then the recorded lifts, each decoupled
-   decay ``W ← (1 − ηλ) W`` and ``addmm_`` in place. These kernels raise nothing on valid
-   inputs; the one failure left is running out of memory inside one (an allocator's workspace).
-   That is not undone: the step is then *partly applied* — the weights already written keep
-   their update, the moments of every weight are advanced — and a ``RuntimeError`` names the
-   weights whose update was not written, so that the run is resumed from a checkpoint.
+   decay ``W ← (1 − ηλ) W`` and ``addmm_`` in place, then the moved moment updates and their
+   lifts. These kernels raise nothing on valid inputs; the one failure left is running out of
+   memory inside one (an allocator's workspace, a direction's buffer). That is not undone: the
+   step is then *partly applied* — the weights already written keep their update, moments may
+   have advanced — and a ``RuntimeError`` names the weights whose update was not written, so
+   that the run is resumed from a checkpoint.
 """
 
 from __future__ import annotations
@@ -55,7 +59,6 @@ import torch
 from torch import Tensor
 
 from lit_lowrank.options import MAX_CONSECUTIVE_SKIPS
-from lit_lowrank.projectors.base import Projector
 
 NONFINITE = ("skip", "raise", "ignore")
 
@@ -163,51 +166,6 @@ class StepJournal:
         """Put back everything recorded, newest first."""
         while self._undo:
             self._undo.pop()()
-
-
-class DeferredLifts:
-    """A weight's projector as a rule with ``UpdateRule.lifts_only`` sees it in the compute phase:
-    ``add_back_(weight, N, α)`` records the lift ``W += α · lift(N)`` with the bases as they are
-    now, and :meth:`write` applies the recorded lifts in the apply phase (no copy of ``W``: if the
-    step fails before, ``W`` was never written). Everything else, lifts into other tensors
-    included, is the projector's own.
-
-    Args:
-        projector: the weight's projector as this rank applies it; one whose ``add_back_`` is
-            :meth:`Projector.add_back_ <lit_lowrank.projectors.base.Projector.add_back_>`
-            (``addmm_``/``baddbmm_`` with its bases), so that the lift is exact with bases held.
-        weight: the tensor the rule is handed as ``param`` (the weight's view, m×n or E×m×n).
-    """
-
-    def __init__(self, projector: Any, weight: Tensor) -> None:
-        self._projector, self.weight = projector, weight
-        self._lifts: list[tuple[HeldBases, Tensor, float]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._projector, name)
-
-    def add_back_(self, target: Tensor, low: Tensor, alpha: float) -> Tensor:
-        if target is not self.weight:
-            return self._projector.add_back_(target, low, alpha)
-        self._lifts.append((HeldBases(*self._projector.bases()), low, alpha))
-        return target
-
-    def write(self) -> None:
-        """Apply the recorded lifts to the weight, in order (``addmm_`` in place)."""
-        for bases, low, alpha in self._lifts:
-            bases.add_back_(self.weight, low, alpha)
-
-
-class HeldBases:
-    """Bases ``(L, Q)`` kept as a lift was recorded, applied as the base projector applies its own."""
-
-    def __init__(self, left: Tensor | None, right: Tensor | None) -> None:
-        self._bases = (left, right)
-
-    def bases(self) -> tuple[Tensor | None, Tensor | None]:
-        return self._bases
-
-    add_back_ = Projector.add_back_
 
 
 class HeldInterrupt:

@@ -33,9 +33,8 @@ from torch.optim.adam import adam as adam_functional
 from lit_lowrank import plugins
 from lit_lowrank.inner.base import InnerOptimizer
 from lit_lowrank.optim import checkpoint
-from lit_lowrank.optim.guard import (
-    MAX_CONSECUTIVE_SKIPS, DeferredLifts, HeldInterrupt, StepJournal, first_nonfinite,
-)
+from lit_lowrank.optim.deferred import DeferredLifts, LaterUpdates, LowRankUpdate, decoupled_decay
+from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS, HeldInterrupt, StepJournal, first_nonfinite
 from lit_lowrank.optim.delivery import GradientDelivery, shape_only
 from lit_lowrank.optim.layouts import View, check_layout, target_layout
 from lit_lowrank.optim.validation import (
@@ -396,48 +395,56 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
         last = max((index for index, (group, _) in enumerate(work) if self._torch_adamw(group)), default=None,
                    key=lambda index: sum(p.numel() for p in work[index][1]))
         deferred: list[Deferred] = []
+        later: list[LaterUpdates] = []
         try:
             self._record_subspaces(work, journal)
             old_bases = self._refresh_subspaces(work, lows, share_refreshes)
             for group, params in [item for index, item in enumerate(work) if index != last]:
                 if group["lowrank"]:
-                    self._lowrank_step(group, params, lows, projected, old_bases, journal, deferred)
+                    self._lowrank_step(group, params, lows, projected, old_bases, journal, deferred, later)
                 else:
                     self._dense_step(group, params, journal)
         except BaseException:
             journal.undo()
             raise
         with interrupt.held():
-            self._write_weights(None if last is None else work[last], deferred, journal)
+            self._write_weights(None if last is None else work[last], deferred, later, journal)
         if self._skip_streaks:  # an update ends its parameter's run of skipped ones
             for _, params in work:
                 for p in params:
                     self._skip_streaks.pop(p, None)
         interrupt.raise_held()
 
-    def _write_weights(self, last: tuple[dict[str, Any], list[Tensor]] | None,
-                       deferred: list[Deferred], journal: StepJournal) -> None:
+    def _write_weights(self, last: tuple[dict[str, Any], list[Tensor]] | None, deferred: list[Deferred],
+                       later: list[LaterUpdates], journal: StepJournal) -> None:
         """The apply phase: torch's AdamW on ``last``, the largest dense group, without copies
         of its weights and moments (they would triple its memory; torch checks its inputs before
-        changing any, and a refusal undoes the step), then the deferred lifts of the low-rank
-        weights, each with its decoupled decay (``W ← (1 − ηλ) W − η U``), in place. A failure
-        of these in-place kernels (out of memory) leaves the step partly applied: RuntimeError."""
+        changing any, and a refusal undoes the step); then the recorded lifts of the low-rank
+        weights, each with its decoupled decay (``W ← (1 − ηλ) W − η U``), in place; then the
+        ``later`` updates (moments advanced, weights written). A failure of these in-place kernels
+        (out of memory) leaves the step partly applied: RuntimeError."""
         if last is not None:
             try:
                 self._dense_step(*last, journal, copies=False)
             except BaseException:
                 journal.undo()
                 raise
-        for index, (_, lifts, weight, lr, decay, after) in enumerate(deferred):
-            try:
+        written: set[Tensor] = set()
+        try:
+            for p, lifts, weight, lr, decay, after in deferred:
                 with decoupled_decay(weight, lr, decay, after=after):
                     lifts.write()
-            except Exception as error:
-                missed = ", ".join(self._name(item[0]) for item in deferred[index:])
-                raise RuntimeError(
-                    f"the step was partly applied: writing the updated weights failed ({error}) after every update "
-                    f"had been computed and the moments advanced; weights whose update was not written in full: "
-                    f"{missed}. Resume from a checkpoint (see lit_lowrank.optim.guard).") from error
+                written.add(p)
+            for updates in later:
+                for p in updates.write():
+                    written.add(p)
+        except Exception as error:
+            order = [item[0] for item in deferred] + [update.p for updates in later for update in updates.updates]
+            missed = ", ".join(self._name(p) for p in order if p not in written)
+            raise RuntimeError(
+                f"the step was partly applied: writing the updated weights failed ({error}) after every update "
+                f"had been computed; weights whose update was not written in full: {missed}. Resume from a "
+                "checkpoint (see lit_lowrank.optim.guard).") from error
 
     def _torch_adamw(self, group: dict[str, Any]) -> bool:
         """Whether torch's AdamW (or Adam, coupled L2) steps ``group``: a dense group whose inner
@@ -707,22 +714,30 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], lows: dict[Tensor, Tensor],
                       projected: dict[Tensor, Tensor], old_bases: dict[Tensor, tuple[Tensor | None, Tensor | None] | None], journal: StepJournal,
-                      deferred: list[Deferred]) -> None:
+                      deferred: list[Deferred], later: list[LaterUpdates]) -> None:
         """Compute the updates of a low-rank group (moments, directions, rules), recording in
-        ``journal`` what changes. A rule with ``lifts_only``, on a weight held as a float tensor
-        and a projector that lifts as the base class does, leaves its lifts in ``deferred`` for
-        :meth:`_write_weights`; any other is applied now, its weight copied first."""
+        ``journal`` what changes. A rule with ``lifts_only``, on a weight held whole as a float
+        tensor and a projector that lifts as the base class does, writes last: its lifts go to
+        ``deferred`` for :meth:`_write_weights`; and where its inner optimizer
+        ``fails_only_out_of_memory`` and the step neither starts nor refreshes the weight, its
+        moments are advanced there too (``later``), so they are not copied. Any other rule is
+        applied now, its weight copied first."""
         inner, rule = self._group_components(group)
-        by_step: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor, dict, LowRankSlot, View]]] = defaultdict(list)
-        grads = {}
+        by_step: dict[int, list[LowRankUpdate]] = defaultdict(list)
         for p in params:
-            journal.entry(self.state, p)
-            state, slot = self.state[p], self._slots[p]
-            fresh = "step" not in state
+            slot, fresh = self._slots[p], "step" not in self.state.get(p, {})
+            lifts = rule.lifts_only and stored_weight(p) is None and applies_bases_plainly(type(slot.projector))
+            moments_later = (lifts and inner.fails_only_out_of_memory and not fresh and p not in old_bases
+                             and not slot.placement.sharded)
+            if moments_later:
+                journal.tensor(self.state[p]["step"])  # nothing else of its state changes before the apply phase
+            else:
+                journal.entry(self.state, p)  # before self.state[p] makes an entry
+            state = self.state[p]
             step = 0 if fresh else int(state["step"])
             weight, local_grad = self._local(p)
             view = slot.local_view(weight)
-            grads[p] = grad = None if p.grad is None else view(l2_gradient(local_grad, weight, group))
+            grad = None if p.grad is None else view(l2_gradient(local_grad, weight, group))
             if p in lows:
                 low = l2_projection(lows[p], p, slot, group)
             else:
@@ -734,25 +749,30 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(inner.init_state(part))
             state["step"] += 1
-            by_step[step + 1].append((p, weight, low, part, state, slot, view))
-        lr, decay = group["lr"], group["weight_decay"]
-        decoupled = group.get("decoupled_weight_decay", True)
-        for step, items in by_step.items():
-            directions = inner.directions([item[3] for item in items], [item[4] for item in items], step)
-            for (p, target, low, _, state, slot, view), direction in zip(items, directions):
-                if rule.lifts_only and stored_weight(p) is None and applies_bases_plainly(type(slot.projector)):
-                    lifts = DeferredLifts(slot.applied, view.weight(target))
-                    inputs = replace(slot.rule_inputs(grads[p], low, direction, state), projector=lifts)
-                    rule.apply_(lifts.weight, inputs, step_size=lr * inner.step_size_factor(step))
-                    deferred.append((p, lifts, target, lr, decay if decoupled else 0.0, inner.decay_after_step))
+            by_step[step + 1].append(LowRankUpdate(p, weight, view, slot, state, grad, low, part, lifts, moments_later))
+        decay = group["weight_decay"] if group.get("decoupled_weight_decay", True) else 0.0
+        for step, updates in by_step.items():
+            now = [update for update in updates if not update.moments_later]
+            if len(now) < len(updates):
+                later.append(LaterUpdates(inner, rule, step, group["lr"], decay,
+                                          [update for update in updates if update.moments_later]))
+            if not now:
+                continue
+            directions = inner.directions([update.part for update in now], [update.state for update in now], step)
+            for update, direction in zip(now, directions):
+                if update.lifts:
+                    lifts = DeferredLifts(update.slot.applied, update.view.weight(update.target))
+                    inputs = replace(update.inputs(direction), projector=lifts)
+                    rule.apply_(lifts.weight, inputs, step_size=group["lr"] * inner.step_size_factor(step))
+                    deferred.append((update.p, lifts, update.target, group["lr"], decay, inner.decay_after_step))
                     continue
-                record_weight(journal, p, target)
-                weight = float_weight(target)
-                with decoupled_decay(weight, lr, decay if decoupled else 0.0, after=inner.decay_after_step):
-                    rule.apply_(view.weight(weight), slot.rule_inputs(grads[p], low, direction, state),
-                                step_size=lr * inner.step_size_factor(step))
-                if weight is not target:
-                    stored_weight(p).store_(weight)
+                record_weight(journal, update.p, update.target)
+                weight = float_weight(update.target)
+                with decoupled_decay(weight, group["lr"], decay, after=inner.decay_after_step):
+                    rule.apply_(update.view.weight(weight), update.inputs(direction),
+                                step_size=group["lr"] * inner.step_size_factor(step))
+                if weight is not update.target:
+                    stored_weight(update.p).store_(weight)
 
     def _after_refresh(self, old: tuple[Tensor | None, Tensor | None] | None, slot: LowRankSlot, state: dict,
                        inner: InnerOptimizer, group: dict[str, Any], step: int, low: Tensor) -> None:
@@ -833,17 +853,6 @@ def float_weight(p: Tensor) -> Tensor:
     ``store.store_(weight)`` re-quantizes after the update."""
     store = stored_weight(p)
     return p if store is None else store.float_weight()
-
-
-@contextmanager
-def decoupled_decay(weight: Tensor, lr: float, decay: float, *, after: bool) -> Iterator[None]:
-    """Decoupled weight decay around an update: ``W ← (1 − ηλ) W`` before it (torch's AdamW), or
-    ``W ← W − ηλ W`` on the updated weight after it (``after``: HF ``transformers.AdamW``)."""
-    if decay and not after:
-        weight.mul_(1 - lr * decay)
-    yield
-    if decay and after:
-        weight.add_(weight, alpha=-lr * decay)
 
 
 def l2_gradient(grad: Tensor | None, p: Tensor, group: dict[str, Any]) -> Tensor | None:

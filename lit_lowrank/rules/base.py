@@ -70,9 +70,11 @@ class UpdateRule(ABC):
     refuses sharded weights otherwise."""
     lifts_only: bool = False
     """Whether :meth:`apply_` changes ``param`` only by ``inputs.projector.add_back_(param, …)``
-    and never reads ``param``: the optimizer then runs it before any weight is written and makes
-    the recorded lifts last, so that a failed step is undone without copying the weight
-    (:mod:`lit_lowrank.optim.guard`); otherwise the weight is copied before :meth:`apply_`."""
+    and never reads ``param``, and raises nothing on valid inputs: the optimizer then writes its
+    lifts last, so that a failed step is undone without copying the weight — with an inner
+    optimizer that ``fails_only_out_of_memory``, it runs :meth:`apply_` itself in the step's apply
+    phase, after the moments are advanced there (:mod:`lit_lowrank.optim.deferred`); otherwise
+    the weight is copied before :meth:`apply_`."""
     required_rank: int | None = None
     """The one subspace rank the rule works at (APOLLO-Mini: 1), or None for any; the optimizer
     refuses another rank when it is built."""

@@ -1,8 +1,11 @@
 """A rule with ``UpdateRule.lifts_only`` (GaLore's) has its weights written last, in the apply
-phase of :mod:`lit_lowrank.optim.guard`, without a copy of them: the update is bitwise the one
-applied at once; a failure before the writes restores weights, moments and projectors bitwise;
-Ctrl-C during the writes is held until the step is complete; a failure inside them (out of
-memory) is reported as a partly applied step, naming the weights not written."""
+phase of :mod:`lit_lowrank.optim.guard`, without a copy of them — and, with an inner optimizer
+that ``fails_only_out_of_memory``, on a step that neither starts nor refreshes a weight, its
+moments advanced there too, without a copy of them (:mod:`lit_lowrank.optim.deferred`): the
+update is bitwise the one applied at once; a failure before the writes restores weights, moments
+and projectors bitwise; Ctrl-C during the writes is held until the step is complete; a failure
+inside them (out of memory) is reported as a partly applied step, naming the weights not
+written."""
 
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import torch
 from torch import nn
 
 from lit_lowrank import LowRankOptimizer
-from lit_lowrank.optim.guard import DeferredLifts, StepJournal
+from lit_lowrank.optim.deferred import DeferredLifts, HeldBases, LaterUpdates
+from lit_lowrank.optim.guard import StepJournal
+from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.fira import FiraRule
 from lit_lowrank.rules.galore import GaLoreRule
 from steps import assert_identical, seeded_grads, weights_and_bias
@@ -90,16 +95,18 @@ class Failure(RuntimeError):
 
 @pytest.mark.parametrize("good_steps", [1, 2], ids=["plain-step", "refresh-step"])
 def test_a_failure_after_the_lifts_are_recorded_restores_everything(monkeypatch, good_steps):
-    """GaLore's group records its lifts (moments advanced, a refresh on the second step), then
-    the Fira group's rule fails: the GaLore weight was never written, and the moments, steps and
-    projectors come back bitwise."""
+    """GaLore's group is computed (on the refresh step its moments advanced and its lifts
+    recorded; on the plain step its moment update left for the apply phase), then the Fira
+    group's rule fails: nothing was written, and the moments, steps and projectors come back
+    bitwise."""
     params, optimizer = _two_groups()
     for seed in range(good_steps):
         seeded_grads(params, seed)
         optimizer.step()
     before = _everything(params, optimizer)
-    recorded = []
-    monkeypatch.setattr(DeferredLifts, "write", lambda self: recorded.append(self))
+    written = []
+    monkeypatch.setattr(DeferredLifts, "write", lambda self: written.append(self))
+    monkeypatch.setattr(LaterUpdates, "write", lambda self: written.append(self) or iter(()))
 
     def fail(self, param, inputs, *, step_size):
         raise Failure("fira fails")
@@ -108,59 +115,90 @@ def test_a_failure_after_the_lifts_are_recorded_restores_everything(monkeypatch,
     seeded_grads(params, 5)
     with pytest.raises(Failure):
         optimizer.step()
-    assert recorded == []
+    assert written == []
     assert_identical(_everything(params, optimizer), before)
 
 
-def test_ctrl_c_while_the_weights_are_written_completes_the_step_then_raises(monkeypatch):
+def _patch_lifts(monkeypatch, lift):
+    """Route every lift of the apply phase (recorded ones, and the rule's own there) through
+    ``lift(original, *args)``; returns the calls made."""
+    calls, original = [], Projector.add_back_
+
+    def patched(*args, **kwargs):
+        calls.append(args)
+        return lift(original, len(calls), *args, **kwargs)
+
+    monkeypatch.setattr(Projector, "add_back_", patched)
+    monkeypatch.setattr(HeldBases, "add_back_", patched)
+    return calls
+
+
+def _fresh_run(seeds):
+    params, optimizer = weights_and_bias(SHAPES)
+    for seed in seeds:
+        seeded_grads(params, seed)
+        optimizer.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("good_steps", [1, 2], ids=["plain-step", "refresh-step"])
+def test_ctrl_c_while_the_weights_are_written_completes_the_step_then_raises(monkeypatch, good_steps):
     """A real SIGINT as the first weight is written is held: every weight gets its update (the
     step equals an uninterrupted one), then KeyboardInterrupt is raised."""
-    params, optimizer = weights_and_bias(SHAPES)
-    seeded_grads(params, 0)
-    optimizer.step()
-    original, calls = DeferredLifts.write, []
+    params, optimizer = _fresh_run(range(good_steps))
 
-    def interrupted(self):
-        calls.append(self)
-        if len(calls) == 1:
+    def interrupted(original, call, *args, **kwargs):
+        if call == 1:
             signal.raise_signal(signal.SIGINT)
-        original(self)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(DeferredLifts, "write", interrupted)
-    seeded_grads(params, 1)
+    calls = _patch_lifts(monkeypatch, interrupted)
+    seeded_grads(params, good_steps)
     with pytest.raises(KeyboardInterrupt):
         optimizer.step()
     assert len(calls) == 3
-    fresh_params, fresh = weights_and_bias(SHAPES)
-    for seed in (0, 1):
-        seeded_grads(fresh_params, seed)
-        fresh.step()
+    monkeypatch.undo()
+    fresh_params, fresh = _fresh_run(range(good_steps + 1))
     assert_identical(_everything(params, optimizer), _everything(fresh_params, fresh))
 
 
-def test_out_of_memory_while_writing_reports_a_partly_applied_step(monkeypatch):
+@pytest.mark.parametrize("good_steps", [1, 2], ids=["plain-step", "refresh-step"])
+def test_out_of_memory_while_writing_reports_a_partly_applied_step(monkeypatch, good_steps):
     """The one failure the apply phase does not undo: the second weight's write runs out of
     memory (after its decay). The first weight keeps its update, the third its values, and the
     error names the weights whose update was not written in full."""
-    params, optimizer = weights_and_bias(SHAPES)
-    seeded_grads(params, 0)
-    optimizer.step()
+    params, optimizer = _fresh_run(range(good_steps))
     before = [p.detach().clone() for p in params]
-    fresh_params, fresh = weights_and_bias(SHAPES)
-    for seed in (0, 1):
-        seeded_grads(fresh_params, seed)
-        fresh.step()
-    original, calls = DeferredLifts.write, []
+    fresh_params, _ = _fresh_run(range(good_steps + 1))
 
-    def out_of_memory(self):
-        calls.append(self)
-        if len(calls) == 2:
+    def out_of_memory(original, call, *args, **kwargs):
+        if call == 2:
             raise torch.OutOfMemoryError("out of memory")
-        original(self)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(DeferredLifts, "write", out_of_memory)
-    seeded_grads(params, 1)
+    _patch_lifts(monkeypatch, out_of_memory)
+    seeded_grads(params, good_steps)
     with pytest.raises(RuntimeError, match=r"partly applied.*not written in full: b\.weight, c\.weight\. Resume"):
         optimizer.step()
     assert_identical(params[0].detach(), fresh_params[0].detach())
     assert_identical(params[2].detach(), before[2])
+
+
+def test_a_plain_step_copies_no_moment(monkeypatch):
+    """GaLore with Adam on a step that neither starts nor refreshes a weight: the journal copies
+    the step counters only (0-dim), no moment and no weight; on a refresh step the moments are
+    copied (a refresh may rotate or reset them)."""
+    params, optimizer = weights_and_bias(SHAPES)
+    seeded_grads(params, 0)
+    optimizer.step()
+    copied = _recorded_tensors(monkeypatch)
+    entries, original_entry = [], StepJournal.entry
+    monkeypatch.setattr(StepJournal, "entry", lambda self, mapping, key: (entries.append(key),
+                                                                           original_entry(self, mapping, key)))
+    seeded_grads(params, 1)
+    optimizer.step()
+    assert all(tensor.ndim == 0 for tensor in copied) and len(copied) >= 3
+    assert not any(key is weight for key in entries for weight in params[:3])
+    seeded_grads(params, 2)
+    optimizer.step()  # refreshes
+    assert sum(key is weight for key in entries for weight in params[:3]) == 3

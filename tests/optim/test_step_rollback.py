@@ -37,10 +37,18 @@ def _everything(params, optimizer):
             [i for i, p in enumerate(params) if p in optimizer.projectors], dict(optimizer.rank_ledger))
 
 
+PROMISES = {"apply_": "lifts_only", "directions": "fails_only_out_of_memory"}
+"""What a component that may fail in ``apply_``/``directions`` cannot declare: these let the
+optimizer run it in the step's apply phase (:mod:`lit_lowrank.optim.deferred`), where a failure
+is reported, not undone."""
+
+
 def _fail_on_call(monkeypatch, cls, name, call, error=PluginFailure, after=False):
     """Make ``cls.name`` raise ``error`` on its ``call``-th call (1-based): before doing anything,
-    or ``after`` it did its work (its in-place changes made)."""
+    or ``after`` it did its work (its in-place changes made). The class no longer makes the
+    promise (:data:`PROMISES`) that it never fails."""
     original, calls = getattr(cls, name), []
+    monkeypatch.setattr(cls, PROMISES[name], False)
 
     def failing(self, *args, **kwargs):
         calls.append(1)
