@@ -17,6 +17,8 @@ from typing import Any, Iterator
 from torch import Tensor
 
 from lit_lowrank.inner.base import InnerOptimizer
+from lit_lowrank.optim.layouts import View
+from lit_lowrank.optim.placement import LowRankSlot
 from lit_lowrank.projectors.base import Projector
 from lit_lowrank.rules.base import RuleInputs, UpdateRule
 
@@ -40,8 +42,8 @@ class LowRankUpdate:
 
     p: Tensor
     target: Tensor
-    view: Any
-    slot: Any
+    view: View
+    slot: LowRankSlot
     state: dict
     grad: Tensor | None
     low: Tensor
