@@ -24,6 +24,12 @@ echo "== LLaMA-1B, bf16"
 python scripts/bench_optim.py --device cuda --dtype bf16 --size 1b \
     --methods adamw adamw-fused galore-torch galore galore-8bit apollo apollo-mini q-galore
 
+echo "== refresh without the spike, LLaMA-1B bf16: GaLore against galore-torch in one run, the guard's share"
+python scripts/bench_optim.py --device cuda --dtype bf16 --size 1b --interleave \
+    --methods galore-torch galore galore-unguarded --steps 15
+echo "== a full refresh cycle at 1B: worst step, amortized refresh (svd, rsvd, svd-warm; staggered or not)"
+python scripts/bench_optim.py --device cuda --dtype bf16 --size 1b --cycle
+
 echo "== how cost grows with size and rank"
 python scripts/bench_scaling.py --device cuda --out bench/scaling-cuda
 
