@@ -57,7 +57,8 @@ RESERVED_STATE_KEYS = ("step",)
 def check_projector(cls: type, **options: Any) -> None:
     """Bases of the promised shape at every refresh (L m×r', Q n×r', 1 ≤ r' ≤ rank: never wider
     than ``rank``, never another outer dimension), orthonormal where ``cls.orthonormal`` (a
-    quantized basis: within the quantizer's own error of the unquantized one), finite;
+    quantized basis: within the quantizer's own error of the unquantized one), finite, and held
+    as copies (no basis or ``state_dict`` tensor sharing the gradient's storage);
     ``project``/``project_back`` shapes; a ``state_dict`` of tensors only, round-tripping to
     identical bases; a ``batched`` projector's stacks projected slice by slice as each matrix
     alone; a tensor projector's per-mode bases of a 4-D kernel; with ``needs_gradient = False``,
@@ -89,6 +90,7 @@ def _check_matrix_projector(cls: type, options: dict[str, Any], shape: tuple[int
         previewed = None if cls.needs_gradient else projector.preview(grad)
         projector.refresh(grad)
         _check_bases(projector, grad, rank, f"{where}, refresh {count}")
+        _expect_projector_copies(projector, grad, f"{where}, refresh {count}")
         _expect(previewed is None or _same(previewed, projector.bases()), f"{where}, refresh {count}",
                 "needs_gradient = False, but the bases after refresh differ from what preview() gave before it")
         if count == 1 and projector.orthonormal:
@@ -198,6 +200,7 @@ def _check_stack(cls: type, options: dict[str, Any]) -> None:
         stack = _randn((3, 12, 7), dtype)
         stacked = construct(cls, options, rank=RANK, side="std", seed=5)
         stacked.refresh(stack)
+        _expect_projector_copies(stacked, stack, where)
         wanted = {Side.LEFT: (12, None), Side.RIGHT: (None, 7), Side.BOTH: (12, 7)}[stacked.side]
         for label, basis, rows in zip(("L", "Q"), stacked.bases(), wanted):
             problem = basis_problem(basis, rows, RANK, (3,))
@@ -219,6 +222,7 @@ def _check_tensor(cls: type, options: dict[str, Any]) -> None:
         grad = _randn((6, 5, 3, 3), dtype)
         projector = construct(cls, options, rank=RANK, side="std", seed=5)
         projector.refresh(grad)
+        _expect_projector_copies(projector, grad, where)
         bases = projector.bases()
         _expect(len(bases) == grad.ndim, where, f"{len(bases)} bases for {grad.ndim} modes")
         for mode, basis in enumerate(bases):
@@ -264,13 +268,14 @@ def check_quantizer(cls: type, **options: Any) -> None:
 
 # ---------------------------------------------------------------------------- update rules
 def check_update_rule(cls: type, **options: Any) -> None:
-    """``apply_`` changes the weight in place by a finite step of its shape, on every shape and
-    dtype, leaves ``state["step"]`` (the optimizer's counter) alone and keeps state the
-    checkpoint carries; with ``uses_gradient = False`` the same step without the gradient; a
-    ``batched`` rule steps each slice of a stack as that weight alone; a ``shardable`` rule
-    steps each rank's rows of a weight as the whole; an ``any_projection`` rule steps a kernel
-    through a tensor projector without reading its side; ``state_layout`` declares the tensors
-    ``apply_`` keeps; and a bitwise resume (rule state included)."""
+    """``apply_`` changes the weight in place by a finite step of its shape, on every shape and dtype,
+    leaves ``state["step"]`` (the optimizer's counter) alone and keeps state the checkpoint carries,
+    as copies (none sharing storage with ``inputs.grad``, ``inputs.low``, ``inputs.direction`` or
+    the weight); with ``uses_gradient = False`` the same step without the gradient; a ``batched``
+    rule steps each slice of a stack as that weight alone; a ``shardable`` rule steps each rank's
+    rows of a weight as the whole; an ``any_projection`` rule steps a kernel through a tensor
+    projector without reading its side; ``state_layout`` declares the tensors ``apply_`` keeps; and
+    a bitwise resume (rule state included)."""
     for shape in SHAPES:
         for dtype in DTYPES:
             where = f"{cls.__name__} on a {shape[0]}×{shape[1]} {dtype} weight"
@@ -337,10 +342,13 @@ def _apply_rule(rule: Any, weight: Tensor, grad: Tensor | None, projector: Any, 
     state: dict[str, Any] = {"step": torch.zeros(())}  # as the optimizer keeps it
     for count in (1, 2):
         state["step"] += 1
-        rule.apply_(weight, RuleInputs(grad, low, low.sign(), projector, state), step_size=1e-2)
+        inputs = RuleInputs(grad, low, low.sign(), projector, state)
+        rule.apply_(weight, inputs, step_size=1e-2)
         _expect(isinstance(state.get("step"), Tensor) and state["step"].item() == count, where,
                 "apply_ changed state['step'], the optimizer's step counter; keep the rule's own state under "
                 "other keys")
+        _expect_no_reference(state, "state", {"inputs.grad": inputs.grad, "inputs.low": inputs.low,
+                                              "inputs.direction": inputs.direction, "param": weight}, where)
     return weight, state
 
 
@@ -512,12 +520,13 @@ def _run_threads(ranks: list[_RankRows]) -> list[_RankRows]:
 
 # ---------------------------------------------------------------------------- inner optimizers
 def check_inner_optimizer(cls: type, **options: Any) -> None:
-    """Directions shaped like ``R`` and finite, one per ``R`` of a list, each as that ``R``
-    alone; state without the optimizer's keys (``step``) that survives ``torch.save`` and
-    continues bitwise; ``rotate`` by identity maps leaving the moments unchanged; an
-    ``elementwise`` optimizer's directions of a matrix equal to those of its pieces, and
-    commuting with a permutation; a ``batched`` optimizer's stack stepped as each slice alone;
-    one that ``steps_dense`` taking 1-D and 4-D gradients; and a bitwise resume across a refresh with ``on_refresh: rotate``."""
+    """Directions shaped like ``R`` and finite, one per ``R`` of a list, each as that ``R`` alone;
+    state without the optimizer's keys (``step``), holding no reference to an ``R`` it was handed,
+    that survives ``torch.save`` and continues bitwise; ``rotate`` by identity maps leaving the
+    moments unchanged; an ``elementwise`` optimizer's directions of a matrix equal to those of its
+    pieces, and commuting with a permutation; a ``batched`` optimizer's stack stepped as each slice
+    alone; one that ``steps_dense`` taking 1-D and 4-D gradients; and a bitwise resume across a
+    refresh with ``on_refresh: rotate``."""
     resolved = with_quantizer_class(options)
     for shape in SHAPES:
         for dtype in DTYPES:
@@ -543,6 +552,7 @@ def _check_inner_on(cls: type, options: dict[str, Any], shape: tuple[int, int], 
             "under 'step' in the same dict; name your state otherwise")
     for step, low in enumerate(lows[:2], start=1):
         directions = inner.directions([low], [state], step)
+        _expect_no_reference(state, "state", {"low": low}, where)
         _expect(len(directions) == 1, where, f"{len(directions)} directions for one R")
         _expect(directions[0].shape == low.shape, where, f"a direction of shape {tuple(directions[0].shape)}")
         _expect(torch.isfinite(directions[0]).all(), where, "a non-finite direction")
@@ -881,6 +891,46 @@ def _expect_state(state: dict[str, Any], where: str, what: str) -> None:
             _expect(isinstance(value, (Tensor, numbers.Number)), where,
                     f"{what} holds {type(value).__name__} under {key!r}; per-weight state holds tensors, Python "
                     "numbers or dicts of them")
+
+
+def _expect_projector_copies(projector: Any, grad: Tensor, where: str) -> None:
+    """After ``refresh(grad)``, neither ``state_dict()`` nor ``bases()`` holds ``grad`` or a view of it."""
+    _expect_no_reference(projector.state_dict(), "state_dict()", {"grad": grad}, where)
+    _expect_no_reference(tuple(projector.bases()), "bases()", {"grad": grad}, where)
+
+
+def _expect_no_reference(held: Any, label: str, handed: dict[str, Tensor | None], where: str) -> None:
+    """No tensor in ``held`` (a nested dict or tuple, named ``label``) shares storage with a
+    tensor it was ``handed`` (by name): the caller overwrites or frees those after the call (the
+    next backward accumulates into ``.grad`` in place; layer-wise DDP frees each all-reduced ``R``
+    after its step), so a kept reference would read other values or freed memory."""
+    names = {_storage(tensor): name for name, tensor in handed.items() if tensor is not None}
+    names.pop(None, None)
+    for key, tensor in _held_tensors(held, label):
+        name = names.get(_storage(tensor))
+        _expect(name is None, where, f"{key} shares storage with {name}, the tensor it was handed: it keeps a "
+                f"reference, which changes or is freed after the call (in-place gradient accumulation, layer-wise "
+                f"DDP); keep a copy: {name}.clone()")
+
+
+def _held_tensors(tree: Any, label: str) -> Iterator[tuple[str, Tensor]]:
+    """Each tensor in a nested dict / tuple / list, with its path (``state['moments']['m']``)."""
+    if isinstance(tree, Tensor):
+        yield label, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _held_tensors(value, f"{label}[{key!r}]")
+    elif isinstance(tree, (tuple, list)):
+        for index, value in enumerate(tree):
+            yield from _held_tensors(value, f"{label}[{index}]")
+
+
+def _storage(tensor: Tensor) -> int | None:
+    """The address of ``tensor``'s storage, the same for every view of it; None for a meta tensor
+    or an empty storage (nothing to share)."""
+    if tensor.device.type == "meta" or tensor.untyped_storage().nbytes() == 0:
+        return None
+    return tensor.untyped_storage().data_ptr()
 
 
 def _same(a: Any, b: Any) -> bool:

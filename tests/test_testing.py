@@ -15,6 +15,7 @@ from lit_lowrank.projectors.base import Side
 from lit_lowrank.projectors.random import RandomProjector
 from lit_lowrank.projectors.svd import SVDProjector
 from lit_lowrank.quantizers.int import IntQuantizer
+from lit_lowrank.rules.base import RuleInputs
 from lit_lowrank.rules.galore import GaLoreRule
 from lit_lowrank.schedules.base import Schedule
 from lit_lowrank.schedules.fixed import FixedGap
@@ -111,6 +112,50 @@ class StalePreview(RandomProjector):
             self.refreshes -= 1
 
 
+class PreviousGradientProjector(SVDProjector):
+    """Keeps the gradient of its last refresh (to compare the next one with) as the tensor handed."""
+
+    def __init__(self, rank, **kwargs):
+        super().__init__(rank, **kwargs)
+        self.previous = torch.zeros(0)
+
+    def _refresh(self, grad):
+        super()._refresh(grad)
+        self.previous = grad
+
+    def state_dict(self):
+        return {**super().state_dict(), "previous": self.previous}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.previous = state["previous"]
+
+
+class GradientRowsProjector(SVDProjector):
+    """Gives as its right basis the transposed first rows of the gradient, kept as a view of it."""
+
+    orthonormal = False
+
+    def __init__(self, rank, **kwargs):
+        super().__init__(rank, **kwargs)
+        self.rows = torch.zeros(0)
+
+    def _refresh(self, grad):
+        super()._refresh(grad)
+        self.rows = grad[..., : self.rank, :]
+
+    def bases(self):
+        left, right = super().bases()
+        return left, None if right is None else self.rows.mT
+
+    def state_dict(self):
+        return {**super().state_dict(), "rows": self.rows.clone()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.rows = state["rows"]
+
+
 class LossyQuantizer(IntQuantizer):
     """Packs a string beside its tensors."""
 
@@ -185,6 +230,15 @@ class MatrixOnlySGD(SGDInner):
 
     def directions(self, lows, states, step):
         return [d / d.norm(dim=-2, keepdim=True).clamp(min=1e-12) for d in super().directions(lows, states, step)]
+
+
+class LastRAdam(AdamInner):
+    """Keeps the R of its last step in its state as the tensor handed, not a copy."""
+
+    def directions(self, lows, states, step):
+        for low, state in zip(lows, states):
+            state["last"] = low
+        return super().directions(lows, states, step)
 
 
 class FrozenRule(GaLoreRule):
@@ -275,12 +329,16 @@ class PythonIntSchedule(FixedGap):
     (testing.check_projector, CountingProjector, "state_dict\\(\\) holds {'count': 'int'}; it must hold tensors only"),
     (testing.check_projector, PeekingRandom, "needs_gradient = False, but its bases depend on the gradient's values"),
     (testing.check_projector, StalePreview, "refresh 1: needs_gradient = False, but the bases after refresh differ"),
+    (testing.check_projector, PreviousGradientProjector, "state_dict\\(\\)\\['previous'\\] shares storage with grad, "
+                                                         "the tensor it was handed.*keep a copy: grad.clone\\(\\)"),
+    (testing.check_projector, GradientRowsProjector, "bases\\(\\)\\[1\\] shares storage with grad.*keep a copy"),
     (testing.check_quantizer, LossyQuantizer, "dict of tensors"),
     (testing.check_quantizer, ZeroQuantizer, "round trip does not follow its input \\(cosine similarity 0.00"),
     (testing.check_inner_optimizer, ForgetfulAdam, "continues differently"),
     (testing.check_inner_optimizer, FirstDirectionOnly, "directions per step for 5 R: a weight would not be updated"),
     (testing.check_inner_optimizer, StepCountingAdam, "init_state uses the key\\(s\\) \\['step'\\]"),
     (testing.check_inner_optimizer, NamedAdam, "holds str under 'kind'"),
+    (testing.check_inner_optimizer, LastRAdam, "state\\['last'\\] shares storage with low.*copy: low.clone\\(\\)"),
     (testing.check_inner_optimizer, RowNormalizedSGD, "column blocks differ from those of the whole"),
     (testing.check_inner_optimizer, PositionalSGD, "depends on its position; set elementwise = False"),
     (testing.check_inner_optimizer, StackNormalizedSGD, "stepped otherwise than the same matrix alone"),
@@ -301,6 +359,49 @@ class PythonIntSchedule(FixedGap):
 def test_a_broken_component_fails_naming_the_problem(check, component, problem):
     with pytest.raises(AssertionError, match=problem):
         check(component)
+
+
+KEPT = {
+    "inputs.grad": lambda param, inputs: inputs.grad,
+    "inputs.low": lambda param, inputs: inputs.low[..., :1],  # a view counts as the tensor
+    "inputs.direction": lambda param, inputs: inputs.direction,
+    "param": lambda param, inputs: param[0],
+    "a copy of N": lambda param, inputs: inputs.direction.clone(),
+}
+"""What :class:`KeepingRule` keeps, by the name of the tensor it comes from."""
+
+
+class KeepingRule(GaLoreRule):
+    """Keeps in its state, nested, ``KEPT[kept]``: a tensor it was handed, a view of one, or a
+    copy of ``N``, as declared; otherwise GaLore's step."""
+
+    uses_gradient = True  # KEPT may read G
+    lifts_only = False  # and the weight
+
+    def __init__(self, scale=1.0, *, kept="a copy of N"):
+        super().__init__(scale)
+        self.kept = kept
+
+    def apply_(self, param, inputs, *, step_size):
+        super().apply_(param, inputs, step_size=step_size)
+        inputs.state["previous"] = {"kept": KEPT[self.kept](param, inputs)}
+
+    def state_layout(self, grad, low, projector):
+        kept = KEPT[self.kept](grad, RuleInputs(grad, low, low, projector, {}))
+        return {"previous": {"kept": kept.clone()}}
+
+
+@pytest.mark.parametrize("kept", ["inputs.grad", "inputs.low", "inputs.direction", "param"])
+def test_a_rule_keeping_a_tensor_it_was_handed_fails(kept):
+    """Layer-wise DDP frees R after the step and the next backward writes G in place: a rule's
+    state keeps copies, not the tensors (or views of them) ``apply_`` was handed."""
+    problem = f"state\\['previous'\\]\\['kept'\\] shares storage with {kept}, the tensor it was handed"
+    with pytest.raises(AssertionError, match=f"{problem}.*keep a copy: {kept}.clone\\(\\)"):
+        testing.check_update_rule(KeepingRule, kept=kept)
+
+
+def test_a_rule_keeping_a_copy_of_what_it_was_handed_passes():
+    testing.check_update_rule(KeepingRule, kept="a copy of N")
 
 
 def test_python_numbers_in_per_weight_state_pass_as_the_guide_says():
