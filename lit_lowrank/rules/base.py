@@ -21,7 +21,9 @@ class RuleInputs:
         low: its projection ``R`` (r×n, m×r or r×r).
         direction: the inner optimizer's output ``N`` (R's shape).
         projector: the weight's projector (its ``side`` says which axis was projected).
-        state: the weight's optimizer state; rules may keep tensors here (they are checkpointed).
+        state: the weight's optimizer state; rules may keep tensors here (they are checkpointed),
+            copies, never ``grad``, ``low``, ``direction`` or views of them (they change or are
+            freed after the step; ``check_update_rule`` refuses a rule that keeps one).
             ``state["step"]`` (a 0-dim float tensor) is the 1-based number of this step.
         reduce_grad: for a weight split by rows across ranks (FSDP), where ``grad`` and
             ``param`` are this rank's rows: sums a partial result over those rows (a squared
