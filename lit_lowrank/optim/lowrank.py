@@ -559,47 +559,36 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
 
     def _refresh_subspaces(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor],
                            share: bool = True) -> dict[Tensor, tuple[Tensor | None, Tensor | None] | None]:
-        """Refresh every projector due this step, before anything else changes; if one fails
-        (an SVD that does not converge), restore those already refreshed and re-raise. Under
-        refresh sharing (:mod:`~lit_lowrank.optim.refresh_sharing`) each shared weight is refreshed
-        by one rank and its projector's state sent to the others (unless ``share`` is False: a
-        layer-wise step); a failure on any rank is raised on every rank.
+        """Refresh every projector due this step, before anything else changes (a refresh that
+        fails — an SVD that does not converge — is undone with the rest of the step: the journal
+        of :meth:`_step_all` recorded each projector due and each slot made, in
+        :meth:`_record_subspaces`). Under refresh sharing
+        (:mod:`~lit_lowrank.optim.refresh_sharing`) each shared weight is refreshed by one rank and
+        its projector's state sent to the others (unless ``share`` is False: a layer-wise step); a
+        failure on any rank is raised on every rank.
 
         Returns ``{param: its bases before the refresh (None at the first)}`` for the refreshed ones.
         """
-        old_bases, snapshots, created = {}, {}, set()
-        try:
-            due = self._due_refreshes(work, lows, created)
-            for p, slot, group in due:
-                snapshots[p] = _clone(slot.projector.state_dict())
-                old_bases[p] = slot.projector.bases() if slot.projector.refreshes else None
-            shared = self._shared_refresh(due) if share else None
-            for p, slot, group in due:
-                index = shared[1].get(p) if shared else None
-                self._refresh_one(p, slot, group, lows, None if index is None else (shared[0], index))
-            if shared:
-                shared[0].exchange()
-                self._refresh_sent += shared[0].sent
-        except BaseException:
-            for p, saved in snapshots.items():
-                if p not in created:
-                    self._slots[p].projector.load_state_dict(saved)
-            for p in created:
-                self._slots.pop(p, None)  # None: its projector failed to build
-            raise
+        due = self._due_refreshes(work, lows)
+        old_bases = {p: slot.projector.bases() if slot.projector.refreshes else None for p, slot, _ in due}
+        shared = self._shared_refresh(due) if share else None
+        for p, slot, group in due:
+            index = shared[1].get(p) if shared else None
+            self._refresh_one(p, slot, group, lows, None if index is None else (shared[0], index))
+        if shared:
+            shared[0].exchange()
+            self._refresh_sent += shared[0].sent
         return old_bases
 
     def _due_refreshes(self, work: list[tuple[dict[str, Any], list[Tensor]]], lows: dict[Tensor, Tensor],
-                       created: set[Tensor]) -> list[tuple[Tensor, LowRankSlot, dict[str, Any]]]:
+                       ) -> list[tuple[Tensor, LowRankSlot, dict[str, Any]]]:
         """The low-rank weights whose schedule refreshes them this step, with their slots (made
-        now for a first step: added to ``created``) and groups, in parameter order."""
+        now for a first step) and groups, in parameter order."""
         due = []
         for group, params in work:
             if not group["lowrank"]:
                 continue
             for p in params:
-                if p not in self._slots:
-                    created.add(p)
                 slot, state = self._slot(p, group), self.state.get(p, {})
                 if not slot.schedule.should_refresh(int(state["step"]) if "step" in state else 0):
                     continue
@@ -889,13 +878,3 @@ def tensor_bytes(value: Any) -> int:
     if isinstance(value, Tensor) and value.ndim > 0:
         return value.numel() * value.element_size()
     return 0
-
-
-def _clone(tree: Any) -> Any:
-    """A copy of a (nested) dict of tensors that later in-place updates cannot reach."""
-    if isinstance(tree, Tensor):
-        return tree.clone()
-    if isinstance(tree, dict):
-        return {k: _clone(v) for k, v in tree.items()}
-    return tree
-

@@ -17,7 +17,9 @@ from torch import Tensor
 
 from lit_lowrank import plugins
 from lit_lowrank.options import component_kinds
-from lit_lowrank.optim.guard import MAX_CONSECUTIVE_SKIPS, check_max_consecutive_skips, check_nonfinite_option
+from lit_lowrank.optim.guard import (
+    MAX_CONSECUTIVE_SKIPS, check_max_consecutive_skips, check_nonfinite_option, first_nonfinite,
+)
 from lit_lowrank.optim.sharding import RowShard, applies_bases_plainly
 from lit_lowrank.projectors.base import SIDE_POLICIES, Projector, Side
 from lit_lowrank.quantizers.base import QuantizerProbeError
@@ -339,7 +341,7 @@ def basis_problem(basis: Tensor | None, rows: int | None, rank: int, batch: tupl
         return "None"
     if basis.ndim < 2 or basis.shape[:-2] not in (batch, ()) or basis.shape[-2] != rows or not 1 <= basis.shape[-1] <= rank:
         return f"a {tuple(basis.shape)} tensor"
-    if not torch.isfinite(basis).all():
+    if first_nonfinite([basis]) is not None:
         return "non-finite values (NaN or inf)"
     return None
 
