@@ -274,8 +274,9 @@ def check_update_rule(cls: type, **options: Any) -> None:
     the weight); with ``uses_gradient = False`` the same step without the gradient; a ``batched``
     rule steps each slice of a stack as that weight alone; a ``shardable`` rule steps each rank's
     rows of a weight as the whole; an ``any_projection`` rule steps a kernel through a tensor
-    projector without reading its side; ``state_layout`` declares the tensors ``apply_`` keeps; and
-    a bitwise resume (rule state included)."""
+    projector without reading its side; a ``lifts_only`` rule changes the weight only through
+    ``projector.add_back_`` and never reads it; ``state_layout`` declares the tensors ``apply_``
+    keeps; and a bitwise resume (rule state included)."""
     for shape in SHAPES:
         for dtype in DTYPES:
             where = f"{cls.__name__} on a {shape[0]}×{shape[1]} {dtype} weight"
@@ -297,6 +298,8 @@ def check_update_rule(cls: type, **options: Any) -> None:
         _check_rule_rows(cls, options)
     if cls.any_projection:
         _check_any_projection(cls, options)
+    if cls.lifts_only:
+        _check_lifts_only(cls, options)
     _check_resume("rule", cls, options)
 
 
@@ -395,6 +398,55 @@ def _check_any_projection(cls: type, options: dict[str, Any]) -> None:
                              "only through project_back/add_back_, or set any_projection = False") from error
     _expect(weight.shape == before.shape and torch.isfinite(weight).all(), where, "a non-finite or reshaped weight")
     _expect(not torch.equal(weight, before), where, "apply_ left the weight unchanged")
+
+
+def _check_lifts_only(cls: type, options: dict[str, Any]) -> None:
+    """A ``lifts_only`` rule, handed a projector that records the lifts into the weight instead
+    of writing them: on a finite weight, the weight is left bitwise as it was (written only
+    through ``add_back_``) and a lift is recorded; on a weight of NaN, every lifted direction is
+    finite (the weight is never read)."""
+    where = f"{cls.__name__} (lifts_only = True) on a 12×7 float64 weight"
+    rule = construct(cls, options, scale=0.25)
+    grad = _randn((12, 7), torch.float64)
+    projector = _svd(rule, grad)
+    finite = _randn((12, 7), torch.float64, seed=1)
+    before = finite.clone()
+    lifts = _recorded_lifts(rule, finite, grad, projector, where)
+    _expect(torch.equal(finite, before), where, "apply_ wrote the weight other than through projector.add_back_; "
+            "set lifts_only = False")
+    _expect(bool(lifts), where, "apply_ never lifted into the weight through projector.add_back_")
+    lifts = _recorded_lifts(rule, torch.full_like(grad, float("nan")), grad, projector, where)
+    _expect(all(bool(lift.isfinite().all()) for lift in lifts), where,
+            "a lifted direction holds the NaN of a weight of NaN: apply_ reads the weight; set lifts_only = False")
+
+
+def _recorded_lifts(rule: Any, weight: Tensor, grad: Tensor, projector: Any, where: str) -> list[Tensor]:
+    """The directions ``rule.apply_`` lifts into ``weight`` (recorded, not written)."""
+    recorder = _LiftRecorder(projector, weight)
+    low = projector.project(grad)
+    try:
+        rule.apply_(weight, RuleInputs(grad, low, low.sign(), recorder, {"step": torch.ones(())}), step_size=1e-2)
+    except Exception as error:
+        raise AssertionError(f"{where}: apply_ raised {error!r}; a lifts_only rule never reads the weight and "
+                             "raises nothing on valid inputs (or set lifts_only = False)") from error
+    return recorder.lifts
+
+
+class _LiftRecorder:
+    """A projector whose ``add_back_`` into ``weight`` records the direction instead of writing it;
+    everything else is the projector's own."""
+
+    def __init__(self, projector: Any, weight: Tensor) -> None:
+        self.whole, self.weight, self.lifts = projector, weight, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.whole, name)
+
+    def add_back_(self, target: Tensor, low: Tensor, alpha: float) -> Tensor:
+        if target is not self.weight:
+            return self.whole.add_back_(target, low, alpha)
+        self.lifts.append(low.clone())
+        return target
 
 
 class _SideRead(Exception):

@@ -404,6 +404,34 @@ def test_a_rule_keeping_a_copy_of_what_it_was_handed_passes():
     testing.check_update_rule(KeepingRule, kept="a copy of N")
 
 
+class WritingGaLoreRule(GaLoreRule):
+    """Declares ``lifts_only`` but adds the lifted step to the weight itself."""
+
+    def apply_(self, param, inputs, *, step_size):
+        param.add_(inputs.projector.project_back(inputs.direction), alpha=-step_size * self.scale)
+
+
+class ReadingGaLoreRule(GaLoreRule):
+    """Declares ``lifts_only`` but scales its lift by the weight's norm (a whole-matrix norm:
+    neither ``batched`` nor ``shardable``)."""
+
+    batched = shardable = False
+
+    def apply_(self, param, inputs, *, step_size):
+        inputs.projector.add_back_(param, inputs.direction * param.norm(), alpha=-step_size * self.scale)
+
+
+@pytest.mark.parametrize("rule, problem", [
+    (WritingGaLoreRule, "wrote the weight other than through projector.add_back_"),
+    (ReadingGaLoreRule, "holds the NaN of a weight of NaN: apply_ reads the weight"),
+], ids=["writes", "reads"])
+def test_a_rule_breaking_its_lifts_only_promise_fails(rule, problem):
+    """``lifts_only`` lets the optimizer run ``apply_`` last without copying the weight: a rule
+    declaring it must write only through ``add_back_`` and never read the weight."""
+    with pytest.raises(AssertionError, match=f"lifts_only = True.*{problem}"):
+        testing.check_update_rule(rule)
+
+
 def test_python_numbers_in_per_weight_state_pass_as_the_guide_says():
     """docs/plugins.md: per-weight state may hold Python numbers; they checkpoint and resume."""
 
