@@ -55,6 +55,13 @@ class LowRankUpdate:
         """What the rule sees, with the direction ``N``."""
         return self.slot.rule_inputs(self.grad, self.low, direction, self.state)
 
+    def apply_rule(self, rule: UpdateRule, inner: InnerOptimizer, direction: Tensor, step: int, lr: float,
+                   decay: float, weight: Tensor) -> None:
+        """``rule.apply_`` on ``weight`` (``target``, or a float copy of a stored one) with the
+        direction ``N`` of step ``step``, inside decoupled decay ``λ`` (0 without)."""
+        with decoupled_decay(weight, lr, decay, after=inner.decay_after_step):
+            rule.apply_(self.view.weight(weight), self.inputs(direction), step_size=lr * inner.step_size_factor(step))
+
 
 @dataclass
 class LaterUpdates:
@@ -73,10 +80,8 @@ class LaterUpdates:
         """Advance the moments and write each weight, yielding its parameter once written."""
         directions = self.inner.directions([update.part for update in self.updates],
                                            [update.state for update in self.updates], self.step)
-        step_size = self.lr * self.inner.step_size_factor(self.step)
         for update, direction in zip(self.updates, directions):
-            with decoupled_decay(update.target, self.lr, self.decay, after=self.inner.decay_after_step):
-                self.rule.apply_(update.view.weight(update.target), update.inputs(direction), step_size=step_size)
+            update.apply_rule(self.rule, self.inner, direction, self.step, self.lr, self.decay, update.target)
             yield update.p
 
 

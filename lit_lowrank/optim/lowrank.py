@@ -21,9 +21,8 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -757,9 +756,7 @@ class LowRankOptimizer(GradientDelivery, checkpoint.CheckpointMapping, torch.opt
                     continue
                 record_weight(journal, update.p, update.target)
                 weight = float_weight(update.target)
-                with decoupled_decay(weight, group["lr"], decay, after=inner.decay_after_step):
-                    rule.apply_(update.view.weight(weight), update.inputs(direction),
-                                step_size=group["lr"] * inner.step_size_factor(step))
+                update.apply_rule(rule, inner, direction, step, group["lr"], decay, weight)
                 if weight is not update.target:
                     stored_weight(update.p).store_(weight)
 
